@@ -1,0 +1,271 @@
+"""Typed run configuration: dataclasses loaded from YAML recipes and ``key=value`` overrides.
+
+A recipe file holds any subset of the sections below; omitted fields keep their defaults.
+Unknown keys are errors (with the list of valid keys), never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from asg.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    """Which data to train and evaluate on (``name`` is a key of ``asg.data.DATASETS``)."""
+
+    name: str = "digits"
+    root: str | None = None  # dataset root; for ``digits`` the render cache (default ~/.cache/asg)
+    image_size: int = 64
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    num_workers: int = 0
+    source_val_fraction: float = 0.1  # synthetic images held out for source-val model selection
+    split_seed: int = 0  # seed of the source-val split (kept apart from the training seed)
+    # digits benchmark
+    num_train: int = 6000  # synthetic digits rendered (before the source-val split)
+    # per-evaluation cap on each evaluation set (class-balanced subset); None = whole set
+    eval_max_per_set: int | None = None
+    # generic list files / image folders (``listfile`` and ``imagefolder`` datasets)
+    train_list: str | None = None
+    eval_lists: dict[str, str] = field(default_factory=dict)
+    num_classes: int | None = None
+    class_names: list[str] | None = None
+
+
+@dataclass
+class ModelConfig:
+    """Backbone (a key of ``asg.models.BACKBONES``) and where its ImageNet weights come from."""
+
+    backbone: str = "efficientnet_lite0"
+    weights: str = "imagenet"  # "imagenet" (packaged or cached), "none", or a .pth/.safetensors path
+    hidden_dim: int = 512  # task head: feat -> hidden -> ReLU -> classes, as in ASG
+    channels_last: bool = True
+
+
+@dataclass
+class MethodConfig:
+    """Training objective (a key of ``asg.methods.METHODS``) and its weights."""
+
+    name: str = "asg"
+    kl_weight: float = 0.1  # lambda of ASG proxy guidance
+    l2sp_alpha: float = 0.01  # alpha of L2-SP
+    teacher_cache: bool = False  # cache teacher logits per training sample (only if no augmentation)
+
+
+@dataclass
+class OptimConfig:
+    """SGD with layer-group learning rates and the ASG schedule (spec 4.3)."""
+
+    lr: float = 1e-4  # learning rate of the new head; backbone groups get lr * backbone_lr_mult
+    backbone_lr_mult: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    sgd: str = "torch"  # "torch" | "lr_in_momentum" (the official VisDA variant)
+    schedule: str = "warmup_poly_floor"  # | "warmup_poly" | "constant"
+    warmup_steps: int = 100
+    poly_power: float = 0.9
+    floor_at: float = 0.8  # the poly factor stops decaying at this fraction of training
+    max_grad_norm: float | None = None  # gradient-norm guard; None = off (as the official code)
+    bn_mode: str = "frozen"  # "frozen" (model.eval() while training, as official) | "train"
+
+
+@dataclass
+class TrainConfig:
+    """Length, seeds, evaluation and checkpoint cadence, device."""
+
+    steps: int = 600
+    seed: int = 0
+    eval_every: int = 100
+    checkpoint_every: int = 200
+    log_every: int = 10
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    amp: bool = False  # bf16 autocast on CUDA
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation protocol; every result line says which of these was used."""
+
+    tta_flip: bool = False  # horizontal-flip TTA with sigmoid averaging (official VisDA eval)
+    selection: str = "last"  # checkpoint reported as the headline: "last" | "source-val" | "oracle"
+    oracle_set: str | None = None  # real set used by "oracle" selection (default: first real set)
+
+
+@dataclass
+class L2OConfig:
+    """The learned layer-wise learning-rate controller (spec 3)."""
+
+    policy: str | None = None  # policy weights for lr_controller=l2o
+    window_rule: str = "intended"  # "intended" | "released"
+    min_steps: int = 10
+    steps_per_epoch: int | None = None  # epoch length for the released window rule (default: data)
+    carry_hidden: bool = True  # carry LSTM state between decisions (paper); False = released code
+    sample_actions: bool = True  # sample (as released) or take the most likely scale
+    kl_cap: float | None = None  # cap lambda*KL (GTA5 L2O script uses 9)
+    # meta-training
+    episodes: int = 20
+    episode_steps: int = 300
+    num_steps: int = 5  # decisions per REINFORCE update
+    gamma: float = 0.0
+    lr_meta: float = 7e-4
+    baseline: bool = False  # moving-average reward baseline
+    baseline_momentum: float = 0.9
+    entropy_coef: float = 0.0
+    reward: str = "neg_train_loss"  # key of asg.l2o.REWARDS
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    lr_controller: str = "fixed"  # "fixed" | "random" | "random-init" | "l2o"
+    l2o: L2OConfig = field(default_factory=L2OConfig)
+    name: str = ""  # run name (defaults to the recipe file's stem)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert ``value`` against the annotation ``tp``; raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _from_dict(tp, value, prefix=f"{key}.")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _, vt = typing.get_args(tp)
+        return {str(k): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is Any or (isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        return value
+    raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s}; valid keys here: {', '.join(prefix + n for n in names)}"
+        )
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build a Config from nested dicts (as read from YAML), checking keys and types."""
+    return _from_dict(Config, data or {})
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=0.01)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: cannot parse value ({exc})") from None
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML recipe (or the defaults when ``path`` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist (recipes live in configs/)")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        data.setdefault("name", path.stem)
+    cfg = config_from_dict(apply_overrides(data, list(overrides or [])))
+    validate(cfg)
+    return cfg
+
+
+_CHOICES = {
+    "optim.sgd": ("torch", "lr_in_momentum"),
+    "optim.schedule": ("warmup_poly_floor", "warmup_poly", "constant"),
+    "optim.bn_mode": ("frozen", "train"),
+    "eval.selection": ("last", "source-val", "oracle"),
+    "lr_controller": ("fixed", "random", "random-init", "l2o"),
+    "l2o.window_rule": ("intended", "released"),
+}
+
+
+def validate(cfg: Config) -> None:
+    """Check choice fields and simple ranges; raise ConfigError naming the key."""
+    flat = {
+        "optim.sgd": cfg.optim.sgd,
+        "optim.schedule": cfg.optim.schedule,
+        "optim.bn_mode": cfg.optim.bn_mode,
+        "eval.selection": cfg.eval.selection,
+        "lr_controller": cfg.lr_controller,
+        "l2o.window_rule": cfg.l2o.window_rule,
+    }
+    for key, value in flat.items():
+        if value not in _CHOICES[key]:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(_CHOICES[key])}")
+    if cfg.train.steps <= 0:
+        raise ConfigError("train.steps must be positive")
+    if not 0.0 <= cfg.data.source_val_fraction < 1.0:
+        raise ConfigError("data.source_val_fraction must be in [0, 1)")
+    if cfg.lr_controller == "l2o" and not cfg.l2o.policy:
+        raise ConfigError("lr_controller=l2o needs l2o.policy=PATH (a policy from `asg l2o train`)")
