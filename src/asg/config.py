@@ -59,6 +59,7 @@ class MethodConfig:
     kl_weight: float = 0.1  # lambda of ASG proxy guidance
     l2sp_alpha: float = 0.01  # alpha of L2-SP
     teacher_cache: bool = False  # cache teacher logits per training sample (only if no augmentation)
+    kl_cap: float | None = None  # cap lambda*KL at this value (the GTA5 L2O script uses 9); None = off
 
 
 @dataclass
@@ -99,6 +100,7 @@ class EvalConfig:
     tta_flip: bool = False  # horizontal-flip TTA with sigmoid averaging (official VisDA eval)
     selection: str = "last"  # checkpoint reported as the headline: "last" | "source-val" | "oracle"
     oracle_set: str | None = None  # real set used by "oracle" selection (default: first real set)
+    retention: bool = True  # ImageNet retention on the real photos shipped with scikit-image/-learn
 
 
 @dataclass
@@ -111,7 +113,6 @@ class L2OConfig:
     steps_per_epoch: int | None = None  # epoch length for the released window rule (default: data)
     carry_hidden: bool = True  # carry LSTM state between decisions (paper); False = released code
     sample_actions: bool = True  # sample (as released) or take the most likely scale
-    kl_cap: float | None = None  # cap lambda*KL (GTA5 L2O script uses 9)
     # meta-training
     episodes: int = 20
     episode_steps: int = 300
@@ -221,20 +222,46 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def recipe_path(name: str | Path) -> Path:
+    """A recipe file: an existing path, or the name of a recipe shipped in ``asg/recipes`` (= ``configs/``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = Path(__file__).parent / "recipes" / (path.name if path.suffix else f"{path.name}.yaml")
+    if shipped.is_file():
+        return shipped
+    available = ", ".join(sorted(p.stem for p in shipped.parent.glob("*.yaml")))
+    raise ConfigError(f"config file {name} does not exist; shipped recipes: {available}")
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """Read a YAML recipe; ``inherit: other.yaml`` (relative to the file) is merged underneath it."""
+    path = recipe_path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    parent = data.pop("inherit", None)
+    if parent:
+        base = read_recipe(path.parent / parent)
+        base.pop("name", None)
+        data = _deep_merge(base, data)
+    data.setdefault("name", path.stem)
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML recipe (or the defaults when ``path`` is None) and apply overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist (recipes live in configs/)")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-        data.setdefault("name", path.stem)
+    """Load a YAML recipe (or the defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    data: dict[str, Any] = read_recipe(path) if path is not None else {}
     cfg = config_from_dict(apply_overrides(data, list(overrides or [])))
     validate(cfg)
     return cfg

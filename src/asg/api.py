@@ -1,0 +1,91 @@
+"""The Python API: the same operations as the CLI, returning Python objects."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from asg.config import Config, load_config
+from asg.errors import AsgError
+
+
+def default_run_dir(cfg: Config) -> Path:
+    return Path("runs") / (cfg.name or "run")
+
+
+def train(config: str | Path | Config, overrides: list[str] | None = None, out: str | Path | None = None,
+          resume: bool = False, quiet: bool = False):
+    """Train a recipe (path or Config) into ``out`` (default ``runs/<name>``); returns a ``TrainResult``.
+
+    With ``resume=True`` the run folder's saved config is used and training continues exactly.
+    """
+    from asg.engine.trainer import Trainer
+
+    if resume:
+        if out is None:
+            cfg = config if isinstance(config, Config) else load_config(config, overrides)
+            out = default_run_dir(cfg)
+        saved = Path(out) / "config.yaml"
+        if not saved.is_file():
+            raise AsgError(f"cannot resume: {saved} does not exist (is {out} a run folder?)")
+        cfg = load_config(saved, overrides)
+    else:
+        cfg = config if isinstance(config, Config) else load_config(config, overrides)
+        out = out if out is not None else default_run_dir(cfg)
+    return Trainer(cfg, out, resume=resume, quiet=quiet).run()
+
+
+CHECKPOINTS = {"last": "last.safetensors", "source-val": "best_source_val.safetensors",
+               "oracle": "best_oracle.safetensors"}
+
+
+def evaluate(run_dir: str | Path, checkpoint: str = "last", tta_flip: bool | None = None,
+             overrides: list[str] | None = None, show_progress: bool = True) -> dict[str, Any]:
+    """Evaluate a run folder's checkpoint on every evaluation set (full sets, no subsetting).
+
+    ``checkpoint`` is ``last``, ``source-val``, ``oracle`` or a path to a ``.safetensors`` file. The result
+    names the checkpoint, the TTA and each set, with accuracy, mean per-class accuracy and confusion matrices.
+    """
+    from asg.data import build_data
+    from asg.engine.checkpoint import load_weights
+    from asg.engine.evaluate import evaluate as evaluate_set
+    from asg.models import build_model
+    from asg.utils import resolve_device
+
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    path = run_dir / CHECKPOINTS[checkpoint] if checkpoint in CHECKPOINTS else Path(checkpoint)
+    tta = cfg.eval.tta_flip if tta_flip is None else tta_flip
+    data = build_data(cfg.data)
+    device = resolve_device(cfg.train.device)
+    model = build_model(cfg.model, data.num_classes)
+    load_weights(model, path)
+    model.to(device)
+    sets = {}
+    for name, ds in data.eval_sets.items():
+        r = evaluate_set(model, ds, data.num_classes, batch_size=cfg.data.eval_batch_size, tta_flip=tta,
+                         device=device, desc=f"eval {name}", show_progress=show_progress,
+                         channels_last=cfg.model.channels_last)
+        sets[name] = {**r.to_dict(), "confusion": r.confusion.tolist(), "n": int(r.confusion.sum()),
+                      "role": "source-val" if name == data.source_val_name else "real"}
+    if checkpoint == "oracle":
+        note = "oracle: checkpoint chosen with real test labels; an upper bound, not a valid protocol"
+    else:
+        note = ""
+    result = {"run": str(run_dir), "checkpoint": checkpoint, "checkpoint_file": str(path), "tta_flip": tta,
+              "class_names": data.class_names, "sets": sets, "note": note}
+    return result
+
+
+def save_evaluation(result: dict[str, Any], out_dir: Path) -> Path:
+    """Write ``eval_<checkpoint>[_tta].json`` and confusion-matrix plots into ``out_dir``."""
+    from asg.engine.report import plot_confusion
+
+    tag = Path(result["checkpoint"]).stem.replace("-", "_") + ("_tta" if result["tta_flip"] else "")
+    path = out_dir / f"eval_{tag}.json"
+    path.write_text(json.dumps(result, indent=1))
+    for name, r in result["sets"].items():
+        plot_confusion(r["confusion"], result["class_names"], out_dir / f"confusion_{tag}_{name}.png",
+                       title=f"{name} ({result['checkpoint']}, tta_flip={result['tta_flip']})")
+    return path

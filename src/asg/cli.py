@@ -1,0 +1,135 @@
+"""The ``asg`` command: a thin layer over ``asg.api``; user errors print one message, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from asg.errors import AsgError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML recipe (configs/*.yaml) or a packaged recipe name")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set optim.lr=0.01 (repeatable)")
+    p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<recipe name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="asg", description="Automated synthetic-to-real generalization (ASG).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model from a recipe")
+    _add_config_args(p)
+
+    p = sub.add_parser("evaluate", help="evaluate a run's checkpoint on its evaluation sets")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--checkpoint", default="last", help="last | source-val | oracle | PATH.safetensors")
+    tta = p.add_mutually_exclusive_group()
+    tta.add_argument("--tta-flip", dest="tta_flip", action="store_true", default=None,
+                     help="horizontal-flip TTA with sigmoid averaging (official VisDA protocol)")
+    tta.add_argument("--no-tta-flip", dest="tta_flip", action="store_false")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the run's config, e.g. --set data.root=/new/path")
+
+    p = sub.add_parser("demo", help="the embedded synthetic-to-real digits benchmark")
+    p.add_argument("--quick", action="store_true", help="a short version (about 3 minutes on 2 CPU cores)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default runs/demo or runs/demo-quick)")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds per method")
+    p.add_argument("--methods", default=None, help="comma-separated subset of the demo's methods")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override every demo run's config, e.g. --set train.device=cuda")
+
+    p = sub.add_parser("data", help="dataset tools")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    c = dsub.add_parser("check", help="check a dataset's layout and list files")
+    c.add_argument("name", help="visda17 | listfile")
+    c.add_argument("root", help="dataset root (or the list file for 'listfile')")
+    c.add_argument("--verify-images", action="store_true", help="also open every image (slow)")
+
+    p = sub.add_parser("l2o", help="learning-to-optimize: the layer-wise learning-rate policy")
+    lsub = p.add_subparsers(dest="l2o_command", required=True)
+    t = lsub.add_parser("train", help="meta-train a policy on synthetic data only")
+    _add_config_args(t)
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from asg.api import train
+
+    result = train(args.config, args.overrides, out=args.out, resume=args.resume)
+    last = result.selections.get("last", {})
+    print(f"\nrun folder: {result.out_dir}")
+    for rule, sel in result.selections.items():
+        accs = ", ".join(f"{k} {100 * v['mean_class_acc']:.1f}" for k, v in sel["metrics"].items()
+                         if "mean_class_acc" in v)
+        print(f"  [{rule} @ step {sel['step']}, tta_flip={sel['tta_flip']}] mean-class acc %: {accs}")
+    return 0 if last or not result.history else 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from asg.api import evaluate, save_evaluation
+
+    result = evaluate(args.run_dir, args.checkpoint, args.tta_flip, args.overrides)
+    path = save_evaluation(result, args.run_dir)
+    print(f"checkpoint {result['checkpoint']} ({result['checkpoint_file']}), tta_flip={result['tta_flip']}")
+    if result["note"]:
+        print(result["note"])
+    print(f"{'set':<16}{'role':<12}{'n':>7}{'acc %':>9}{'mean-class %':>14}")
+    for name, r in result["sets"].items():
+        print(f"{name:<16}{r['role']:<12}{r['n']:>7}{100 * r['acc']:>9.2f}{100 * r['mean_class_acc']:>14.2f}")
+    print(f"wrote {path}")
+    return 0
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    from asg.data import check_dataset
+
+    report = check_dataset(args.name, args.root, verify_images=args.verify_images)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from asg.demo import run_demo
+
+    methods = args.methods.split(",") if args.methods else None
+    report = run_demo(out=args.out, quick=args.quick, seeds=args.seeds, methods=methods, overrides=args.overrides)
+    print(json.dumps(report["table"], indent=1) if "--json" in sys.argv else report["markdown_table"])
+    print(f"\nreport: {report['out_dir']}/report.md")
+    return 0
+
+
+def _l2o_train(args: argparse.Namespace) -> int:
+    from asg.config import load_config
+    from asg.l2o.meta import meta_train
+
+    cfg = load_config(args.config, args.overrides)
+    out = args.out or Path("runs") / (cfg.name or "l2o")
+    policy = meta_train(cfg, out, resume=args.resume)
+    print(f"policy: {policy}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handlers = {"train": _train, "evaluate": _evaluate, "demo": _demo}
+    try:
+        if args.command == "data":
+            return _data_check(args)
+        if args.command == "l2o":
+            return _l2o_train(args)
+        return handlers[args.command](args)
+    except AsgError as exc:
+        print(f"asg: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("asg: interrupted; continue with the same command and --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

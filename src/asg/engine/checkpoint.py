@@ -1,0 +1,60 @@
+"""Atomic checkpoint files: model weights in safetensors, trainer state in a weights-only torch file."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from asg.errors import AsgError, WeightsError
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``: a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(state, tmp))
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load a safetensors file written by ``save_weights``; clear error on missing file or key mismatch."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"checkpoint {path} does not exist")
+    state = load_file(str(path))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise WeightsError(
+            f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]} "
+            "(was it trained with another backbone or number of classes?)"
+        )
+
+
+def save_state(state: dict[str, Any], path: Path) -> None:
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """Load trainer state without executing pickled code (``weights_only=True``)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise AsgError(f"cannot resume: {path} does not exist (no checkpoint was written in this run folder)") from None
+    except Exception as exc:  # corrupt or foreign file
+        raise AsgError(f"cannot read checkpoint state {path}: {exc}") from None

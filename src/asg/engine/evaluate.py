@@ -1,0 +1,105 @@
+"""Classification evaluation: accuracy, mean per-class accuracy (the VisDA metric), confusion, flip TTA."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from asg.utils import progress
+
+
+@dataclass
+class EvalResult:
+    """Metrics of one model on one set. ``confusion[i, j]`` counts true class i predicted as j."""
+
+    confusion: np.ndarray  # [C, C] int64
+
+    @property
+    def acc(self) -> float:
+        return float(np.trace(self.confusion) / max(self.confusion.sum(), 1))
+
+    @property
+    def per_class(self) -> list[float | None]:
+        """Recall per class; None for a class with no samples in the set."""
+        totals = self.confusion.sum(axis=1)
+        return [float(self.confusion[i, i] / t) if t else None for i, t in enumerate(totals)]
+
+    @property
+    def mean_class_acc(self) -> float:
+        """Mean of per-class accuracies over the classes present in the set (VisDA-17 protocol)."""
+        present = [a for a in self.per_class if a is not None]
+        return float(np.mean(present)) if present else 0.0
+
+    def to_dict(self) -> dict:
+        return {"acc": self.acc, "mean_class_acc": self.mean_class_acc, "per_class": self.per_class}
+
+
+def confusion_matrix(labels: Tensor, preds: Tensor, num_classes: int) -> np.ndarray:
+    """labels, preds: [N] int -> [C, C] counts."""
+    idx = labels.long() * num_classes + preds.long()
+    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes).numpy()
+
+
+def predict_scores(model: nn.Module, x: Tensor, tta_flip: bool) -> Tensor:
+    """Class scores [B, C]. With ``tta_flip``: mean of sigmoid(logits) over the image and its mirror,
+    as the official VisDA evaluation; without: the logits."""
+    logits = model(x).logits.float()
+    if not tta_flip:
+        return logits
+    flipped = model(torch.flip(x, dims=[3])).logits.float()
+    return (torch.sigmoid(logits) + torch.sigmoid(flipped)) / 2
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    num_classes: int,
+    *,
+    batch_size: int = 128,
+    tta_flip: bool = False,
+    device: torch.device | str = "cpu",
+    num_workers: int = 0,
+    desc: str = "eval",
+    show_progress: bool = True,
+    channels_last: bool = False,
+) -> EvalResult:
+    """Evaluate ``model`` (returns ``ModelOutput``) on ``dataset`` of (image [3,H,W], label)."""
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    for x, y in progress(loader, desc=desc, enabled=show_progress, leave=False):
+        x = x.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        preds = predict_scores(model, x, tta_flip).argmax(dim=1).cpu()
+        confusion += confusion_matrix(y, preds, num_classes)
+    model.train(was_training)
+    return EvalResult(confusion)
+
+
+@torch.no_grad()
+def imagenet_retention(model: nn.Module, teacher: nn.Module, photos: Tensor, batch_size: int = 16) -> dict[str, float]:
+    """How much ImageNet knowledge the trained model kept, measured on real photos [N, 3, H, W] in [0, 1].
+
+    Returns the top-1 agreement between the model's (frozen) ImageNet head and the teacher, and the mean
+    KL(p_teacher || p_model) over the photos.
+    """
+    from asg.methods import kl_teacher_student
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    agree, kl_sum = 0, 0.0
+    for i in range(0, len(photos), batch_size):
+        x = photos[i : i + batch_size].to(device)
+        student, target = model(x).imagenet_logits.float(), teacher(x).float()
+        agree += int((student.argmax(1) == target.argmax(1)).sum())
+        kl_sum += float(kl_teacher_student(target, student)) * len(x)
+    model.train(was_training)
+    return {"top1_agreement": agree / len(photos), "kl": kl_sum / len(photos)}

@@ -1,0 +1,27 @@
+"""ASG proxy guidance (spec 2.1): CE + lambda * KL(teacher || student) over the 1000 ImageNet classes.
+
+The student's ImageNet logits come from the frozen ImageNet head on the trained features; the teacher is a
+frozen ImageNet copy seeing the same synthetic batch. Temperature 1, batch-mean, no ImageNet images.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from asg.errors import ConfigError
+from asg.methods.base import LossOutput, MethodBase, cross_entropy, kl_teacher_student
+
+
+class ASG(MethodBase):
+    needs_teacher = True
+
+    def loss(self, out, labels: Tensor, teacher_logits: Tensor | None) -> LossOutput:
+        if teacher_logits is None:
+            raise ConfigError("method asg needs the teacher's logits; the training loop did not provide them")
+        task = cross_entropy(out.logits, labels)
+        kl = kl_teacher_student(teacher_logits, out.imagenet_logits)
+        weight = self.cfg.kl_weight
+        if self.cfg.kl_cap is not None and float(weight * kl) > self.cfg.kl_cap:
+            weight = self.cfg.kl_cap / float(kl)  # lambda_eff * KL <= cap, as the official GTA5 L2O script
+        total = task + weight * kl
+        return LossOutput(total, {"task_loss": task.detach(), "kl": kl.detach()})

@@ -1,0 +1,95 @@
+import numpy as np
+import pytest
+import torch
+
+from asg.config import OptimConfig, load_config
+from asg.engine.evaluate import EvalResult, confusion_matrix, predict_scores
+from asg.engine.optim import LRInMomentumSGD, build_optimizer
+from asg.engine.sampler import EpochBatchSampler
+from asg.engine.schedule import build_schedule, warmup_poly_floor
+from asg.errors import ConfigError
+
+
+def test_schedule_values_at_key_steps():
+    T = 1000
+    assert warmup_poly_floor(0, T) == pytest.approx(0.01)
+    assert warmup_poly_floor(100, T) == pytest.approx((1 - 100 / T) ** 0.9)
+    assert warmup_poly_floor(800, T) == pytest.approx(0.2**0.9)
+    assert warmup_poly_floor(T, T) == pytest.approx(0.2**0.9)  # floored after 0.8 T
+    assert warmup_poly_floor(50, T) == pytest.approx((0.01 + 0.99 * 0.25) * (1 - 0.05) ** 0.9)
+    assert build_schedule(OptimConfig(schedule="constant"), T)(500) == 1.0
+    assert build_schedule(OptimConfig(schedule="warmup_poly"), T)(900) == pytest.approx(0.1**0.9)
+
+
+def test_mean_per_class_accuracy_on_hand_made_confusion():
+    cm = np.array([[8, 2, 0], [0, 1, 1], [0, 0, 0]])  # class 2 absent from the set
+    r = EvalResult(cm)
+    assert r.acc == pytest.approx(9 / 12)
+    assert r.per_class == [0.8, 0.5, None]
+    assert r.mean_class_acc == pytest.approx(0.65)
+    got = confusion_matrix(torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 1, 0]), 3)
+    assert got.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 0]]
+
+
+class _Model(torch.nn.Module):
+    """Logits = mean of the left half minus mean of the right half (class 0) and its negative."""
+
+    def forward(self, x):
+        w = x.shape[3] // 2
+        d = x[..., :w].mean(dim=(1, 2, 3)) - x[..., w:].mean(dim=(1, 2, 3))
+
+        class O:
+            logits = torch.stack([d, -d], dim=1)
+
+        return O()
+
+
+def test_flip_tta_averages_sigmoids_of_image_and_mirror():
+    x = torch.zeros(1, 3, 4, 4)
+    x[..., :2] = 1.0  # bright left half
+    plain = predict_scores(_Model(), x, tta_flip=False)
+    assert plain.argmax(1).item() == 0
+    tta = predict_scores(_Model(), x, tta_flip=True)
+    # the mirror has the opposite logits, so the sigmoid average is exactly 0.5 for both classes
+    assert torch.allclose(tta, torch.full_like(tta, 0.5))
+    d = 1.0
+    expected = (torch.sigmoid(torch.tensor([d, -d])) + torch.sigmoid(torch.tensor([-d, d]))) / 2
+    assert torch.allclose(tta[0], expected)
+
+
+def test_lr_in_momentum_sgd_folds_lr_into_velocity():
+    p = torch.nn.Parameter(torch.tensor([1.0]))
+    opt = LRInMomentumSGD([p], lr=0.1, momentum=0.9)
+    p.grad = torch.tensor([1.0])
+    opt.step()  # buf = 0.1
+    assert p.item() == pytest.approx(0.9)
+    opt.param_groups[0]["lr"] = 0.0
+    opt.step()  # buf = 0.9 * 0.1 + 0 -> the group still moves at lr 0
+    assert p.item() == pytest.approx(0.9 - 0.09)
+
+
+def test_layer_groups_get_backbone_multiplier():
+    groups = [("stem", [torch.nn.Parameter(torch.zeros(1))]), ("head", [torch.nn.Parameter(torch.zeros(1))])]
+    opt = build_optimizer(groups, OptimConfig(lr=0.01, backbone_lr_mult=0.1))
+    assert [g["base_lr"] for g in opt.param_groups] == pytest.approx([0.001, 0.01])
+    assert [g["name"] for g in opt.param_groups] == ["stem", "head"]
+
+
+def test_sampler_resumes_mid_epoch_with_identical_batches():
+    full = list(EpochBatchSampler(10, 3, seed=7, total_steps=9))
+    tail = list(EpochBatchSampler(10, 3, seed=7, start_step=5, total_steps=9))
+    assert full[5:] == tail
+    assert sorted(sum(full[:4], [])) == list(range(10))  # one epoch = a permutation, last batch partial
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="optim.lrr"):
+        load_config(None, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="train.steps"):
+        load_config(None, ["train.steps=abc"])
+    with pytest.raises(ConfigError, match="lr_controller"):
+        load_config(None, ["lr_controller=magic"])
+    bad = tmp_path / "r.yaml"
+    bad.write_text("optim: {lr: 0.1}\nmodle: {}\n")
+    with pytest.raises(ConfigError, match="modle"):
+        load_config(bad)
