@@ -109,7 +109,7 @@ class Trainer:
         load_weights(self.model, self.out_dir / "last.safetensors")
         self.optimizer.load_state_dict(state["optimizer"])
         self.controller.load_state_dict(state["controller"])
-        self.step, self.scales = state["step"], list(state["scales"])
+        self.step, self.scales = state["step"], [float(s) for s in state["scales"]]
         self.best = json.loads(state["best"])
         self.history = json.loads(state["history"])
         torch.set_rng_state(state["torch_rng"])

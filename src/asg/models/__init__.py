@@ -1,0 +1,27 @@
+"""Networks: ImageNet-pretrained backbones (EfficientNet-Lite, ResNet), the ASG classifier and its teacher."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+from asg.models.backbones import BACKBONES, Backbone, build_backbone
+from asg.models.classifier import ASGClassifier, ModelOutput, Teacher, build_model, make_teacher
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet class names in index order (from ``asg/resources/imagenet_classes.txt``)."""
+    text = resources.files("asg").joinpath("resources/imagenet_classes.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+__all__ = [
+    "ASGClassifier",
+    "BACKBONES",
+    "Backbone",
+    "ModelOutput",
+    "Teacher",
+    "build_backbone",
+    "build_model",
+    "imagenet_class_names",
+    "make_teacher",
+]

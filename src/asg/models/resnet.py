@@ -1,0 +1,75 @@
+"""ResNet-50/101 backbones (torchvision architecture; weights from torch's local hub cache or a file).
+
+Layer groups are spec 3.2's: ``conv1``, ``bn1`` (the stem BN alone), ``layer1`` ... ``layer4`` (each with its
+own BNs and downsample branch). Features: global average pool of layer4 (D = 2048); ``imagenet_head`` = ``fc``.
+Input normalisation: ImageNet mean/std. Weight files may use torchvision's or timm's key layout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from asg.errors import WeightsError
+from asg.models.backbones import Backbone, load_state_dict_file
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# torchvision IMAGENET1K_V1 weights (the ones ASG used): current file name first, then the legacy name
+CACHE_FILES = {
+    "resnet50": ("resnet50-0676ba61.pth", "resnet50-19c8e357.pth"),
+    "resnet101": ("resnet101-63fe2227.pth", "resnet101-5d3b4d8f.pth"),
+}
+_URL = "https://download.pytorch.org/models/"
+
+
+class ResNetBackbone(Backbone):
+    """torchvision ResNet without its head in the feature path; D = 2048."""
+
+    def __init__(self, arch: str) -> None:
+        super().__init__(2048, 224, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        net = getattr(torchvision.models, arch)(weights=None)
+        self.arch = arch
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.imagenet_head: nn.Linear = net.fc
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return x.mean(dim=(2, 3))
+
+    def group_modules(self) -> list[tuple[str, list[nn.Module]]]:
+        names = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
+        return [(name, [getattr(self, name)]) for name in names]
+
+    def translate_key(self, key: str) -> str:
+        """torchvision / timm layout (head ``fc``) -> own layout (head ``imagenet_head``)."""
+        return "imagenet_head." + key[3:] if key.startswith("fc.") else key
+
+
+def cached_weights_path(arch: str) -> Path:
+    """The torchvision ImageNet weight file for ``arch`` in torch's hub cache; WeightsError if absent."""
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    for name in CACHE_FILES[arch]:
+        if (folder / name).is_file():
+            return folder / name
+    name = CACHE_FILES[arch][0]
+    raise WeightsError(
+        f"ImageNet weights for {arch} not found: put {_URL}{name} at {folder / name} "
+        f"(torch hub cache; set TORCH_HOME to move it), or pass model.weights=PATH to a .pth/.safetensors file "
+        f"(torchvision or timm layout). Nothing is downloaded."
+    )
+
+
+def resnet(arch: str, weights: str = "imagenet") -> ResNetBackbone:
+    """Build ``resnet50`` / ``resnet101`` with weights 'imagenet' (local cache), 'none' or a file path."""
+    backbone = ResNetBackbone(arch)
+    if weights == "none":
+        return backbone
+    path = cached_weights_path(arch) if weights == "imagenet" else weights
+    backbone.load_weights(load_state_dict_file(path), source=str(path))
+    return backbone

