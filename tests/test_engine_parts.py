@@ -38,10 +38,10 @@ class _Model(torch.nn.Module):
         w = x.shape[3] // 2
         d = x[..., :w].mean(dim=(1, 2, 3)) - x[..., w:].mean(dim=(1, 2, 3))
 
-        class O:
+        class Out:
             logits = torch.stack([d, -d], dim=1)
 
-        return O()
+        return Out()
 
 
 def test_flip_tta_averages_sigmoids_of_image_and_mirror():

@@ -19,8 +19,11 @@ def test_step_moves_backbone_and_head_but_not_teacher_or_imagenet_head(tiny_bund
         assert torch.equal(v, teacher0[k]), f"teacher changed: {k}"
     for k, v in _snapshot(trainer.model.imagenet_head).items():
         assert torch.equal(v, head0[k]), f"ImageNet head changed: {k}"
-    moved_backbone = [k for k, v in _snapshot(trainer.model.backbone).items()
-                      if v.is_floating_point() and not torch.equal(v, backbone0[k]) and "imagenet" not in k]
+    moved_backbone = [
+        k
+        for k, v in _snapshot(trainer.model.backbone).items()
+        if v.is_floating_point() and not torch.equal(v, backbone0[k]) and "imagenet" not in k
+    ]
     assert moved_backbone, "no backbone weight moved"
     assert all(not torch.equal(v, task0[k]) for k, v in _snapshot(trainer.model.head).items())
 
@@ -75,8 +78,16 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_bundle, tiny_
 
 def test_run_folder_contents(tiny_bundle, tiny_config, tmp_path):
     result = Trainer(tiny_config(), tmp_path, data=tiny_bundle, quiet=True).run()
-    for name in ("config.yaml", "versions.json", "results.jsonl", "summary.json", "done", "last.safetensors",
-                 "best_source_val.safetensors", "best_oracle.safetensors"):
+    for name in (
+        "config.yaml",
+        "versions.json",
+        "results.jsonl",
+        "summary.json",
+        "done",
+        "last.safetensors",
+        "best_source_val.safetensors",
+        "best_oracle.safetensors",
+    ):
         assert (tmp_path / name).exists(), name
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert [row["step"] for row in result.history] == [2, 4]

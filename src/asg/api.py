@@ -14,8 +14,13 @@ def default_run_dir(cfg: Config) -> Path:
     return Path("runs") / (cfg.name or "run")
 
 
-def train(config: str | Path | Config, overrides: list[str] | None = None, out: str | Path | None = None,
-          resume: bool = False, quiet: bool = False):
+def train(
+    config: str | Path | Config,
+    overrides: list[str] | None = None,
+    out: str | Path | None = None,
+    resume: bool = False,
+    quiet: bool = False,
+):
     """Train a recipe (path or Config) into ``out`` (default ``runs/<name>``); returns a ``TrainResult``.
 
     With ``resume=True`` the run folder's saved config is used and training continues exactly.
@@ -36,12 +41,20 @@ def train(config: str | Path | Config, overrides: list[str] | None = None, out: 
     return Trainer(cfg, out, resume=resume, quiet=quiet).run()
 
 
-CHECKPOINTS = {"last": "last.safetensors", "source-val": "best_source_val.safetensors",
-               "oracle": "best_oracle.safetensors"}
+CHECKPOINTS = {
+    "last": "last.safetensors",
+    "source-val": "best_source_val.safetensors",
+    "oracle": "best_oracle.safetensors",
+}
 
 
-def evaluate(run_dir: str | Path, checkpoint: str = "last", tta_flip: bool | None = None,
-             overrides: list[str] | None = None, show_progress: bool = True) -> dict[str, Any]:
+def evaluate(
+    run_dir: str | Path,
+    checkpoint: str = "last",
+    tta_flip: bool | None = None,
+    overrides: list[str] | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
     """Evaluate a run folder's checkpoint on every evaluation set (full sets, no subsetting).
 
     ``checkpoint`` is ``last``, ``source-val``, ``oracle`` or a path to a ``.safetensors`` file. The result
@@ -64,17 +77,36 @@ def evaluate(run_dir: str | Path, checkpoint: str = "last", tta_flip: bool | Non
     model.to(device)
     sets = {}
     for name, ds in data.eval_sets.items():
-        r = evaluate_set(model, ds, data.num_classes, batch_size=cfg.data.eval_batch_size, tta_flip=tta,
-                         device=device, desc=f"eval {name}", show_progress=show_progress,
-                         channels_last=cfg.model.channels_last)
-        sets[name] = {**r.to_dict(), "confusion": r.confusion.tolist(), "n": int(r.confusion.sum()),
-                      "role": "source-val" if name == data.source_val_name else "real"}
+        r = evaluate_set(
+            model,
+            ds,
+            data.num_classes,
+            batch_size=cfg.data.eval_batch_size,
+            tta_flip=tta,
+            device=device,
+            desc=f"eval {name}",
+            show_progress=show_progress,
+            channels_last=cfg.model.channels_last,
+        )
+        sets[name] = {
+            **r.to_dict(),
+            "confusion": r.confusion.tolist(),
+            "n": int(r.confusion.sum()),
+            "role": "source-val" if name == data.source_val_name else "real",
+        }
     if checkpoint == "oracle":
         note = "oracle: checkpoint chosen with real test labels; an upper bound, not a valid protocol"
     else:
         note = ""
-    result = {"run": str(run_dir), "checkpoint": checkpoint, "checkpoint_file": str(path), "tta_flip": tta,
-              "class_names": data.class_names, "sets": sets, "note": note}
+    result = {
+        "run": str(run_dir),
+        "checkpoint": checkpoint,
+        "checkpoint_file": str(path),
+        "tta_flip": tta,
+        "class_names": data.class_names,
+        "sets": sets,
+        "note": note,
+    }
     return result
 
 
@@ -86,6 +118,10 @@ def save_evaluation(result: dict[str, Any], out_dir: Path) -> Path:
     path = out_dir / f"eval_{tag}.json"
     path.write_text(json.dumps(result, indent=1))
     for name, r in result["sets"].items():
-        plot_confusion(r["confusion"], result["class_names"], out_dir / f"confusion_{tag}_{name}.png",
-                       title=f"{name} ({result['checkpoint']}, tta_flip={result['tta_flip']})")
+        plot_confusion(
+            r["confusion"],
+            result["class_names"],
+            out_dir / f"confusion_{tag}_{name}.png",
+            title=f"{name} ({result['checkpoint']}, tta_flip={result['tta_flip']})",
+        )
     return path

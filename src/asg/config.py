@@ -100,6 +100,7 @@ class EvalConfig:
     tta_flip: bool = False  # horizontal-flip TTA with sigmoid averaging (official VisDA eval)
     selection: str = "last"  # checkpoint reported as the headline: "last" | "source-val" | "oracle"
     oracle_set: str | None = None  # real set used by "oracle" selection (default: first real set)
+    full_eval_selected: bool = True  # re-evaluate source-val/oracle checkpoints on the full sets at the end
     retention: bool = True  # ImageNet retention on the real photos shipped with scikit-image/-learn
 
 

@@ -44,8 +44,13 @@ def _train_one(recipe: str, overrides: list[str], out_dir: Path, data) -> dict[s
     return json.loads((out_dir / "summary.json").read_text())
 
 
-def run_demo(out: str | Path | None = None, quick: bool = False, seeds: int | None = None,
-             methods: list[str] | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+def run_demo(
+    out: str | Path | None = None,
+    quick: bool = False,
+    seeds: int | None = None,
+    methods: list[str] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> dict[str, Any]:
     """Train and evaluate each demo method over ``seeds`` seeds; write report.md/report.json and plots."""
     from asg.data import build_data
 
@@ -81,18 +86,29 @@ def build_report(summaries: list[dict], out_dir: Path, quick: bool, wall_s: floa
     class_names = summaries[0]["class_names"]
     for s in summaries:
         last = s["selections"]["last"]
-        metrics = {k: {"mean_class_acc": v["mean_class_acc"], "acc": v["acc"]} if "acc" in v else v
-                   for k, v in last["metrics"].items()}
-        runs.append({"method": s["label"], "seed": s["seed"], "selection": "last", "step": last["step"],
-                     "tta_flip": last["tta_flip"], "metrics": metrics,
-                     "oracle": _brief(s["selections"].get("oracle")),
-                     "source_val": _brief(s["selections"].get("source-val"))})
+        metrics = {
+            k: {"mean_class_acc": v["mean_class_acc"], "acc": v["acc"]} if "acc" in v else v
+            for k, v in last["metrics"].items()
+        }
+        runs.append(
+            {
+                "method": s["label"],
+                "seed": s["seed"],
+                "selection": "last",
+                "step": last["step"],
+                "tta_flip": last["tta_flip"],
+                "metrics": metrics,
+                "oracle": _brief(s["selections"].get("oracle")),
+                "source_val": _brief(s["selections"].get("source-val")),
+            }
+        )
         per_class.setdefault(s["label"], []).append(last["metrics"]["mnist5k"]["per_class"])
         hist = _read_history(out_dir / "runs" / f"{s['label']}_seed{s['seed']}" / "results.jsonl")
         for row in hist:
             for set_name, m in row["metrics"].items():
                 curves.setdefault(s["label"], {}).setdefault(set_name, {}).setdefault(row["step"], []).append(
-                    m["mean_class_acc"])
+                    m["mean_class_acc"]
+                )
     table = {}
     for label in labels:
         rows = [r for r in runs if r["method"] == label]
@@ -106,28 +122,50 @@ def build_report(summaries: list[dict], out_dir: Path, quick: bool, wall_s: floa
             if vals:
                 entry[f"real_photos_{key}"] = _mean_std(vals)
         for set_name in ("mnist5k", "uci_digits"):
-            vals = [r["oracle"]["metrics"][set_name] for r in rows if r["oracle"] and set_name in r["oracle"]["metrics"]]
+            vals = [
+                r["oracle"]["metrics"][set_name] for r in rows if r["oracle"] and set_name in r["oracle"]["metrics"]
+            ]
             if vals:
                 entry[f"oracle_{set_name}"] = _mean_std(vals)
         entry["seeds"] = len(rows)
         table[label] = entry
-    mean_curves = {label: {k: sorted((step, float(np.mean(v))) for step, v in d.items()) for k, d in sets.items()}
-                   for label, sets in curves.items()}
+    mean_curves = {
+        label: {k: sorted((step, float(np.mean(v))) for step, v in d.items()) for k, d in sets.items()}
+        for label, sets in curves.items()
+    }
     plots = []
     for set_name in SETS:
         path = out_dir / f"curve_{set_name}.png"
-        plot_curves({label: mean_curves[label].get(set_name, []) for label in labels}, path,
-                    title=f"{set_name}: mean-class accuracy during training (mean over seeds)",
-                    ylabel="mean-class accuracy (%)")
+        plot_curves(
+            {label: mean_curves[label].get(set_name, []) for label in labels},
+            path,
+            title=f"{set_name}: mean-class accuracy during training (mean over seeds)",
+            ylabel="mean-class accuracy (%)",
+        )
         plots.append(path.name)
     bars = out_dir / "per_class_mnist5k.png"
-    plot_per_class({label: list(np.mean(np.asarray(v, dtype=float), axis=0)) for label, v in per_class.items()},
-                   class_names, bars, title="MNIST-5k per-class accuracy (last checkpoint, mean over seeds)")
+    plot_per_class(
+        {label: list(np.mean(np.asarray(v, dtype=float), axis=0)) for label, v in per_class.items()},
+        class_names,
+        bars,
+        title="MNIST-5k per-class accuracy (last checkpoint, mean over seeds)",
+    )
     plots.append(bars.name)
-    report = {"protocol": {"selection": "last", "tta_flip": runs[0]["tta_flip"] if runs else False,
-                           "metric": "mean per-class accuracy", "eval_sets": "full sets at the last step",
-                           "quick": quick, "settings": settings},
-              "wall_time_s": round(wall_s, 1), "runs": runs, "table": table, "curves": mean_curves, "plots": plots}
+    report = {
+        "protocol": {
+            "selection": "last",
+            "tta_flip": runs[0]["tta_flip"] if runs else False,
+            "metric": "mean per-class accuracy",
+            "eval_sets": "full sets at the last step",
+            "quick": quick,
+            "settings": settings,
+        },
+        "wall_time_s": round(wall_s, 1),
+        "runs": runs,
+        "table": table,
+        "curves": mean_curves,
+        "plots": plots,
+    }
     report["markdown_table"] = markdown_table(table)
     (out_dir / "report.json").write_text(json.dumps(report, indent=1))
     (out_dir / "report.md").write_text(_markdown(report))
@@ -138,8 +176,11 @@ def build_report(summaries: list[dict], out_dir: Path, quick: bool, wall_s: floa
 def _brief(sel: dict | None) -> dict | None:
     if not sel:
         return None
-    return {"step": sel["step"], "selected_on": sel.get("selected_on"),
-            "metrics": {k: v["mean_class_acc"] for k, v in sel["metrics"].items() if "mean_class_acc" in v}}
+    return {
+        "step": sel["step"],
+        "selected_on": sel.get("selected_on"),
+        "metrics": {k: v["mean_class_acc"] for k, v in sel["metrics"].items() if "mean_class_acc" in v},
+    }
 
 
 def _read_history(path: Path) -> list[dict]:
@@ -155,12 +196,16 @@ def _fmt(ms: tuple[float, float] | None, scale: float = 100.0, digits: int = 1) 
 
 
 def markdown_table(table: dict) -> str:
-    lines = ["| method | seeds | synthetic (held-out) | MNIST-5k | UCI digits | ImageNet top-1 agreement | ImageNet KL |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | seeds | synthetic (held-out) | MNIST-5k | UCI digits | ImageNet top-1 agreement | ImageNet KL |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for label, e in table.items():
-        lines.append(f"| {label} | {e['seeds']} | {_fmt(e.get('synthetic'))} | {_fmt(e.get('mnist5k'))} | "
-                     f"{_fmt(e.get('uci_digits'))} | {_fmt(e.get('real_photos_top1_agreement'))} | "
-                     f"{_fmt(e.get('real_photos_kl'), 1.0, 3)} |")
+        lines.append(
+            f"| {label} | {e['seeds']} | {_fmt(e.get('synthetic'))} | {_fmt(e.get('mnist5k'))} | "
+            f"{_fmt(e.get('uci_digits'))} | {_fmt(e.get('real_photos_top1_agreement'))} | "
+            f"{_fmt(e.get('real_photos_kl'), 1.0, 3)} |"
+        )
     return "\n".join(lines)
 
 
@@ -173,11 +218,11 @@ def _markdown(report: dict) -> str:
     return f"""# asg demo: synthetic -> real digits
 
 Mean per-class accuracy (%) as mean ± std over seeds, **last checkpoint** (no early stopping), full
-evaluation sets, tta_flip={p['tta_flip']}. ImageNet retention: top-1 agreement (%) and KL(teacher ‖ model) of
+evaluation sets, tta_flip={p["tta_flip"]}. ImageNet retention: top-1 agreement (%) and KL(teacher ‖ model) of
 the frozen ImageNet head against the frozen teacher on the real photos shipped with scikit-image and scikit-learn.
-Wall time {report['wall_time_s'] / 60:.1f} min; settings: `{' '.join(p['settings'])}`.
+Wall time {report["wall_time_s"] / 60:.1f} min; settings: `{" ".join(p["settings"])}`.
 
-{report['markdown_table']}
+{report["markdown_table"]}
 
 Oracle selection (the best evaluation step chosen **with the real test labels**: an upper bound, not a valid
 protocol; each set selected on MNIST-5k):

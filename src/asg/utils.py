@@ -35,8 +35,14 @@ def versions() -> dict[str, str]:
 
     import asg
 
-    out = {"python": sys.version.split()[0], "platform": platform.platform(), "asg": asg.__version__,
-           "torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": np.__version__}
+    out = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "asg": asg.__version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+    }
     if torch.cuda.is_available():
         out["cuda"] = str(torch.version.cuda)
         out["gpu"] = torch.cuda.get_device_name(0)

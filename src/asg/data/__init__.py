@@ -1,0 +1,51 @@
+"""Datasets: every one yields ``(FloatTensor [3, H, W] RGB in [0, 1], int label)`` at ``cfg.image_size``.
+
+``build_data(cfg)`` returns a :class:`DataBundle` (synthetic train set, held-out synthetic split, real test sets).
+Registered benchmarks (``DATASETS``): ``digits`` (embedded, offline), ``visda17``, ``listfile``, ``imagefolder``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from asg.config import DataConfig
+from asg.data.bundle import DataBundle, LabeledSubset, balanced_subset, split_source_val, stratified_split
+from asg.data.check import CheckReport, check_dataset
+from asg.data.digits import build_digits
+from asg.data.listfile import ImageFolderDataset, ListFileDataset, build_imagefolder, build_listfile
+from asg.data.photos import real_photos
+from asg.data.visda17 import build_visda17
+from asg.errors import ConfigError
+
+DATASETS: dict[str, Callable[[DataConfig], DataBundle]] = {
+    "digits": build_digits,
+    "visda17": build_visda17,
+    "listfile": build_listfile,
+    "imagefolder": build_imagefolder,
+}
+
+
+def build_data(cfg: DataConfig) -> DataBundle:
+    """Build ``cfg.name``'s bundle with full evaluation sets.
+
+    ``cfg.eval_max_per_set`` is not applied here: the caller caps per evaluation with :func:`balanced_subset`.
+    """
+    if cfg.name not in DATASETS:
+        raise ConfigError(f"data.name: unknown dataset {cfg.name!r}; valid names: {', '.join(DATASETS)}")
+    return DATASETS[cfg.name](cfg)
+
+
+__all__ = [
+    "DATASETS",
+    "CheckReport",
+    "DataBundle",
+    "ImageFolderDataset",
+    "LabeledSubset",
+    "ListFileDataset",
+    "balanced_subset",
+    "build_data",
+    "check_dataset",
+    "real_photos",
+    "split_source_val",
+    "stratified_split",
+]

@@ -43,7 +43,9 @@ def build_optimizer(groups: list[tuple[str, list[nn.Parameter]]], cfg: OptimConf
     for i, (name, params) in enumerate(groups):
         is_head = i == len(groups) - 1
         base = cfg.lr if is_head else cfg.lr * cfg.backbone_lr_mult
-        param_groups.append({"params": [p for p in params if p.requires_grad], "lr": base, "base_lr": base, "name": name})
+        param_groups.append(
+            {"params": [p for p in params if p.requires_grad], "lr": base, "base_lr": base, "name": name}
+        )
     if cfg.sgd == "lr_in_momentum":
         return LRInMomentumSGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)

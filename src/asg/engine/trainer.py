@@ -146,12 +146,23 @@ class Trainer:
             elif (self.out_dir / "state.pt").exists():
                 raise AsgError(f"{self.out_dir} holds a run already: pass --resume to continue it, or choose --out")
             self._open_run_dir()
-        sampler = EpochBatchSampler(len(self.data.train), cfg.data.batch_size, cfg.train.seed, self.step, cfg.train.steps)
-        loader = DataLoader(IndexedDataset(self.data.train), batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                            generator=torch.Generator())  # keeps the global RNG untouched (exact resume)
+        sampler = EpochBatchSampler(
+            len(self.data.train), cfg.data.batch_size, cfg.train.seed, self.step, cfg.train.steps
+        )
+        loader = DataLoader(
+            IndexedDataset(self.data.train),
+            batch_sampler=sampler,
+            num_workers=cfg.data.num_workers,
+            generator=torch.Generator(),
+        )  # keeps the global RNG untouched (exact resume)
         window: dict[str, float] = {}
-        bar = progress(loader, desc=cfg.name or "train", enabled=cfg.train.progress and not self.quiet,
-                       total=len(sampler), initial=0)
+        bar = progress(
+            loader,
+            desc=cfg.name or "train",
+            enabled=cfg.train.progress and not self.quiet,
+            total=len(sampler),
+            initial=0,
+        )
         t0 = time.time()
         for x, y, idx in bar:
             logs = self._train_step(x, y, idx)
@@ -217,8 +228,12 @@ class Trainer:
     def _control(self, logs: dict[str, float]) -> None:
         w = self.model.last_layer_weight.detach()
         stats = StepStats(
-            step=self.step + 1, total_steps=self.cfg.train.steps, task_loss=logs["task_loss"],
-            kl=logs.get("kl", 0.0), last_weight_mean=float(w.mean()), last_weight_std=float(w.std()),
+            step=self.step + 1,
+            total_steps=self.cfg.train.steps,
+            task_loss=logs["task_loss"],
+            kl=logs.get("kl", 0.0),
+            last_weight_mean=float(w.mean()),
+            last_weight_std=float(w.std()),
             steps_per_epoch=self.cfg.l2o.steps_per_epoch or self.steps_per_epoch,
         )
         new = self.controller.after_step(stats)
@@ -246,9 +261,18 @@ class Trainer:
     def _eval_all(self, sets: dict[str, Any]) -> dict[str, EvalResult]:
         show = self.cfg.train.progress and not self.quiet
         return {
-            name: evaluate(self.model, ds, self.num_classes, batch_size=self.cfg.data.eval_batch_size,
-                           tta_flip=self.cfg.eval.tta_flip, device=self.device, num_workers=self.cfg.data.num_workers,
-                           desc=f"eval {name}", show_progress=show, channels_last=self.cfg.model.channels_last)
+            name: evaluate(
+                self.model,
+                ds,
+                self.num_classes,
+                batch_size=self.cfg.data.eval_batch_size,
+                tta_flip=self.cfg.eval.tta_flip,
+                device=self.device,
+                num_workers=self.cfg.data.num_workers,
+                desc=f"eval {name}",
+                show_progress=show,
+                channels_last=self.cfg.model.channels_last,
+            )
             for name, ds in sets.items()
         }
 
@@ -257,9 +281,12 @@ class Trainer:
             return
         results = self._eval_all(self._eval_sets)
         row = {
-            "step": self.step, "elapsed_s": round(elapsed, 1), "tta_flip": self.cfg.eval.tta_flip,
+            "step": self.step,
+            "elapsed_s": round(elapsed, 1),
+            "tta_flip": self.cfg.eval.tta_flip,
             "eval_max_per_set": self.cfg.data.eval_max_per_set,
-            "scales": list(self.scales), "metrics": {k: r.to_dict() for k, r in results.items()},
+            "scales": list(self.scales),
+            "metrics": {k: r.to_dict() for k, r in results.items()},
         }
         self.history.append(row)
         if self.out_dir is not None:
@@ -306,15 +333,22 @@ class Trainer:
         return total / max(n, 1)
 
     def _finish(self) -> TrainResult:
-        result = TrainResult(history=self.history, out_dir=self.out_dir,
-                             controller_history=list(getattr(self.controller, "history", [])))
+        result = TrainResult(
+            history=self.history, out_dir=self.out_dir, controller_history=list(getattr(self.controller, "history", []))
+        )
         if self.out_dir is None:
             return result
         result.selections = self._selections()
-        summary = {"name": self.cfg.name, "method": self.cfg.method.name, "seed": self.cfg.train.seed,
-                   "steps": self.cfg.train.steps, "selections": result.selections,
-                   "controller_history": result.controller_history,
-                   "class_names": self.data.class_names, "source_val_set": self.data.source_val_name}
+        summary = {
+            "name": self.cfg.name,
+            "method": self.cfg.method.name,
+            "seed": self.cfg.train.seed,
+            "steps": self.cfg.train.steps,
+            "selections": result.selections,
+            "controller_history": result.controller_history,
+            "class_names": self.data.class_names,
+            "source_val_set": self.data.source_val_name,
+        }
         text = json.dumps(summary, indent=1)
         atomic_write(self.out_dir / "summary.json", lambda tmp: Path(tmp).write_text(text))
         self.writer.close()
@@ -327,22 +361,31 @@ class Trainer:
         out: dict[str, dict[str, Any]] = {}
         last_metrics = self._eval_all(self.data.eval_sets) if full_needed else None
         out["last"] = {
-            "step": self.step, "checkpoint": "last.safetensors",
-            "metrics": {k: r.to_dict() for k, r in last_metrics.items()} if last_metrics
-            else self.history[-1]["metrics"] if self.history else {},
+            "step": self.step,
+            "checkpoint": "last.safetensors",
+            "metrics": {k: r.to_dict() for k, r in last_metrics.items()}
+            if last_metrics
+            else self.history[-1]["metrics"]
+            if self.history
+            else {},
         }
         if last_metrics:
             out["last"]["confusion"] = {k: r.confusion.tolist() for k, r in last_metrics.items()}
         live = copy.deepcopy(self.model.state_dict())
         for rule, info in self.best.items():
             ckpt = self.out_dir / f"best_{rule.replace('-', '_')}.safetensors"
-            load_weights(self.model, ckpt)
-            metrics = self._eval_all(self.data.eval_sets)
-            out[rule] = {"step": info["step"], "checkpoint": ckpt.name, "selected_on": info["set"],
-                         "metrics": {k: r.to_dict() for k, r in metrics.items()}}
+            out[rule] = {"step": info["step"], "checkpoint": ckpt.name, "selected_on": info["set"]}
+            if self.cfg.eval.full_eval_selected or not full_needed:
+                load_weights(self.model, ckpt)
+                metrics = {k: r.to_dict() for k, r in self._eval_all(self.data.eval_sets).items()}
+            else:  # the in-training evaluation of that step, on the capped subsets (labelled)
+                metrics = next(row["metrics"] for row in self.history if row["step"] == info["step"])
+                out[rule]["eval_max_per_set"] = self.cfg.data.eval_max_per_set
+            out[rule]["metrics"] = metrics
             if rule == "oracle":
                 out[rule]["note"] = "oracle: chosen with real test labels; an upper bound, not a valid protocol"
-            self._add_retention(out[rule])
+            if self.cfg.eval.full_eval_selected or not full_needed:
+                self._add_retention(out[rule])
         self.model.load_state_dict(live)
         self._add_retention(out["last"])
         for sel in out.values():

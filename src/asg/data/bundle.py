@@ -1,0 +1,115 @@
+"""The object every benchmark builds: training set, evaluation sets and class names, plus split helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from asg.errors import DataError
+
+
+@dataclass
+class DataBundle:
+    """Datasets of one benchmark. Each yields ``(FloatTensor [3, H, W] in [0, 1], int label)``.
+
+    ``eval_sets`` holds the held-out synthetic split (key ``source_val_name``, if any) and the real test sets.
+    ``has_augmentation`` is True when a training sample differs per access (teacher outputs can't be cached).
+    """
+
+    train: Dataset
+    eval_sets: dict[str, Dataset]
+    source_val_name: str | None
+    class_names: list[str]
+    has_augmentation: bool = False
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def real_set_names(self) -> list[str]:
+        """Evaluation sets other than the synthetic source-val split, in insertion order."""
+        return [name for name in self.eval_sets if name != self.source_val_name]
+
+    def summary(self) -> dict[str, int]:
+        """Number of images per set, e.g. ``{"train": 5400, "synthetic": 600, "mnist5k": 5000}``."""
+        return {"train": len(self.train), **{k: len(v) for k, v in self.eval_sets.items()}}  # type: ignore[arg-type]
+
+
+class LabeledSubset(Dataset):
+    """``dataset[indices]`` that keeps a ``labels`` array (torch's Subset drops it)."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int] | np.ndarray) -> None:
+        self.dataset = dataset
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.labels = np.asarray(dataset.labels, dtype=np.int64)[self.indices]  # type: ignore[attr-defined]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.dataset[int(self.indices[i])]
+
+
+def stratified_split(labels: Sequence[int] | np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices per class into (keep, held_out) with ``round(fraction * n_c)`` held out of each class.
+
+    Deterministic for ``seed``; a class with a single image stays in ``keep``. Both outputs are sorted.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if not 0.0 <= fraction < 1.0:
+        raise DataError(f"source_val_fraction must be in [0, 1), got {fraction}")
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7919]))
+    held: list[np.ndarray] = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        n_held = min(int(round(fraction * len(idx))), len(idx) - 1)
+        if n_held > 0:
+            held.append(rng.permutation(idx)[:n_held])
+    held_out = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
+    keep = np.setdiff1d(np.arange(len(labels)), held_out)
+    return keep, held_out
+
+
+def split_source_val(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
+    """(train part, held-out part or None when ``fraction`` is 0 or nothing could be held out)."""
+    if fraction <= 0:
+        return dataset, None
+    keep, held_out = stratified_split(dataset.labels, fraction, seed)  # type: ignore[attr-defined]
+    if len(held_out) == 0:
+        return dataset, None
+    return LabeledSubset(dataset, keep), LabeledSubset(dataset, held_out)
+
+
+def balanced_subset(ds: Dataset, max_items: int, seed: int = 0) -> Dataset:
+    """At most ``max_items`` items, as equal per class as the class sizes allow; deterministic for ``seed``.
+
+    Classes are drawn round-robin from per-class shuffles (a small class gives all it has, the others fill up).
+    Returns ``ds`` itself when it already has ``<= max_items`` items; the result keeps ``.labels``.
+    """
+    labels = np.asarray(ds.labels, dtype=np.int64)  # type: ignore[attr-defined]
+    if max_items <= 0:
+        raise DataError(f"balanced_subset: max_items must be positive, got {max_items}")
+    if len(labels) <= max_items:
+        return ds
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 104729]))
+    pools = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    sizes = np.array([len(p) for p in pools])
+    # water-filling: the largest per-class quota q with sum(min(size, q)) <= max_items, then spread the rest
+    quota = np.zeros(len(pools), dtype=np.int64)
+    remaining = max_items
+    while remaining > 0:
+        open_classes = np.flatnonzero(quota < sizes)
+        take = max(remaining // len(open_classes), 1)
+        for c in open_classes:
+            add = min(take, sizes[c] - quota[c], remaining)
+            quota[c] += add
+            remaining -= add
+            if remaining == 0:
+                break
+    chosen = np.sort(np.concatenate([p[:q] for p, q in zip(pools, quota)]))
+    return LabeledSubset(ds, chosen)

@@ -1,0 +1,58 @@
+import json
+
+import yaml
+
+from asg.cli import main
+
+
+def _recipe(tmp_path):
+    recipe = {
+        "inherit": "digits_base.yaml",
+        "data": {
+            "root": str(tmp_path / "cache"),
+            "num_train": 200,
+            "image_size": 32,
+            "batch_size": 16,
+            "eval_max_per_set": 40,
+        },
+        "method": {"name": "asg", "kl_weight": 1.0},
+        "train": {"steps": 4, "eval_every": 2, "checkpoint_every": 2, "progress": False},
+        "eval": {"retention": True, "full_eval_selected": False},
+    }
+    from asg.config import recipe_path
+
+    path = tmp_path / "tiny.yaml"
+    recipe["inherit"] = str(recipe_path("digits_base"))
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_cli_train_then_evaluate_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(_recipe(tmp_path)), "--out", str(out), "--set", "train.seed=3"]) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["train"]["seed"] == 3 and saved["method"]["name"] == "asg"
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]
+    assert set(rows[0]["metrics"]) == {"synthetic", "mnist5k", "uci_digits"}
+    summary = json.loads((out / "summary.json").read_text())
+    last = summary["selections"]["last"]
+    assert set(last["metrics"]["real_photos"]) == {"top1_agreement", "kl"}
+    assert (out / "done").exists()
+
+    assert main(["evaluate", str(out), "--checkpoint", "source-val", "--tta-flip"]) == 0
+    printed = capsys.readouterr().out
+    assert "tta_flip=True" in printed and "mnist5k" in printed
+    result = json.loads((out / "eval_source_val_tta.json").read_text())
+    assert result["sets"]["mnist5k"]["n"] == 5000  # evaluate uses the full sets
+    assert (out / "confusion_source_val_tta_mnist5k.png").exists()
+
+
+def test_cli_errors_are_one_clear_line(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("asg: error:") and "missing.yaml" in err and "Traceback" not in err
+    assert main(["train", "--config", str(_recipe(tmp_path)), "--set", "method.name=magic"]) == 2
+    assert "magic" in capsys.readouterr().err
+    assert main(["train", "--config", str(_recipe(tmp_path)), "--set", "model.weights=/no/such.pth"]) == 2
+    assert "/no/such.pth" in capsys.readouterr().err
