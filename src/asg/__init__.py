@@ -1,2 +1,3 @@
 """ASG: automated synthetic-to-real generalization."""
+
 __version__ = "0.1.0"

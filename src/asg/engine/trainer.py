@@ -346,6 +346,7 @@ class Trainer:
             "steps": self.cfg.train.steps,
             "selections": result.selections,
             "controller_history": result.controller_history,
+            "group_names": [name for name, _ in self.groups],
             "class_names": self.data.class_names,
             "source_val_set": self.data.source_val_name,
         }

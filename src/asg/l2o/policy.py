@@ -184,13 +184,20 @@ def _read_state(path: Path) -> dict[str, Tensor]:
     return state
 
 
+def resolve_policy_path(path: str | Path) -> Path:
+    """An existing file, or the name of a policy shipped in ``asg/resources/policies`` (e.g. ``digits_lite0``)."""
+    path = Path(path)
+    shipped = Path(__file__).parent.parent / "resources" / "policies" / f"{path.stem}.safetensors"
+    return path if path.is_file() or not shipped.is_file() or path.parent != Path(".") else shipped
+
+
 def load_policy(path: str | Path, num_groups: int | None) -> LRPolicy:
     """Load a policy (.safetensors, or a torch state dict such as the released ``policy_*.pth``).
 
     ``num_groups=None`` takes the group count from the file. Raises WeightsError if the file is missing,
     unreadable, or built for another architecture or group count.
     """
-    path = Path(path)
+    path = resolve_policy_path(path)
     if not path.is_file():
         raise WeightsError(f"policy file {path} does not exist (train one with `asg l2o train`)")
     state = _read_state(path)
