@@ -75,7 +75,7 @@ def run_variant(method: str, cached: bool, device: str, steps: int) -> dict:
 
 
 def main() -> None:
-    device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
+    device = next((a for a in sys.argv[1:] if not a.startswith("--")), "cpu")
     steps = 20
     results = {name: run_variant(m, c, device, steps) for name, (m, c) in VARIANTS.items()}
     erm = results["erm"]
@@ -95,13 +95,14 @@ def main() -> None:
         "ratios_vs_erm": ratios,
         "target": "teacher forward adds at most 35% to an ERM step (asg_live_teacher step_time_ratio <= 1.35)",
     }
-    try:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from bench_l2o import controller_overhead
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_l2o import controller_overhead, meta_episode_time
 
-        out["l2o"] = controller_overhead()
-    except ImportError:
-        pass
+    l2o = controller_overhead()
+    l2o["overhead_vs_erm_step"] = l2o["controller_s_per_step"] / erm["step_s_median"]
+    if device == "cpu" and "--no-meta" not in sys.argv:
+        l2o.update(meta_episode_time())
+    out["l2o"] = l2o
     path = Path(__file__).parent / "results.json"
     path.write_text(json.dumps(out, indent=1))
     for name, r in results.items():
@@ -109,8 +110,7 @@ def main() -> None:
             f"{name:<20} step {1000 * r['step_s_median']:7.1f} ms  peak {r['peak_mem_mib']:7.0f} MiB  "
             f"ratio {ratios[name]['step_time_ratio']:.3f} time, {ratios[name]['peak_mem_ratio']:.3f} memory"
         )
-    if "l2o" in out:
-        print("l2o:", json.dumps(out["l2o"]))
+    print("l2o:", json.dumps(out["l2o"]))
     print(f"wrote {path}")
 
 

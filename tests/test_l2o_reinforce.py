@@ -115,3 +115,26 @@ def test_rewards():
         REWARDS["neg_heldout_loss"](cur, RewardContext(prev, 0.1, None))
     with pytest.raises(ConfigError, match="neg_train_loss"):
         get_reward("accuracy")
+
+
+def test_normalised_advantages_learn_from_tiny_rewards():
+    """Rewards of order 1e-3 (like a window's loss drop) still teach the policy when advantages are normalised."""
+    import torch
+
+    from asg.l2o.policy import SCALES, LRPolicy
+    from asg.l2o.reinforce import Reinforce
+
+    torch.manual_seed(0)
+    policy = LRPolicy(2)
+    learner = Reinforce(policy, lr_meta=0.02, baseline=True, normalize=True, num_steps=5)
+    obs = torch.zeros(1, 7)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        for _ in range(5):
+            scales, _, log_prob, entropy, _ = policy.act(obs, None, generator=g)
+            learner.add(log_prob, entropy, -1e-3 * sum(abs(s - 1.0) for s in scales))
+        learner.update()
+    logits, _, _ = policy(obs, None)
+    probs = torch.softmax(logits, dim=-1)
+    top = [SCALES.index(0.9), SCALES.index(1.0)]
+    assert float(probs[:, top].sum(dim=-1).min()) > 0.5  # uniform would give 2/11

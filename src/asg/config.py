@@ -122,6 +122,7 @@ class L2OConfig:
     lr_meta: float = 7e-4
     baseline: bool = False  # moving-average reward baseline
     baseline_momentum: float = 0.9
+    normalize_advantage: bool = False  # divide advantages by a moving std of the returns (not in the release)
     entropy_coef: float = 0.0
     reward: str = "neg_train_loss"  # key of asg.l2o.REWARDS
     seed: int = 0

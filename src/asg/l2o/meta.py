@@ -135,7 +135,8 @@ def meta_train(
         torch.manual_seed(cfg.l2o.seed)
         policy = LRPolicy(len(group_names))
     lc = cfg.l2o
-    learner = Reinforce(policy, lc.lr_meta, lc.gamma, lc.num_steps, lc.entropy_coef, lc.baseline, lc.baseline_momentum)
+    learner = Reinforce(policy, lc.lr_meta, lc.gamma, lc.num_steps, lc.entropy_coef, lc.baseline, lc.baseline_momentum,
+                        normalize=lc.normalize_advantage)
     history_path = out_dir / "meta_history.jsonl"
     start = 0
     if resume:
