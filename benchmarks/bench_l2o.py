@@ -33,8 +33,9 @@ def meta_episode_time(episode_steps: int = 300) -> dict:
     from asg.config import load_config
     from asg.l2o.meta import meta_train
 
-    cfg = load_config("digits_l2o_meta", ["l2o.episodes=1", f"l2o.episode_steps={episode_steps}",
-                                          "train.progress=false"])
+    cfg = load_config(
+        "digits_l2o_meta", ["l2o.episodes=1", f"l2o.episode_steps={episode_steps}", "train.progress=false"]
+    )
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         meta_train(cfg, Path(tmp) / "meta", quiet=True)

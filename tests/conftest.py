@@ -24,6 +24,15 @@ class RandomImages(Dataset):
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny tensors: a single intra-op thread avoids contention on shared CPUs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def tiny_bundle():
     return DataBundle(
         train=RandomImages(48, seed=0),

@@ -56,3 +56,14 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
     assert "magic" in capsys.readouterr().err
     assert main(["train", "--config", str(_recipe(tmp_path)), "--set", "model.weights=/no/such.pth"]) == 2
     assert "/no/such.pth" in capsys.readouterr().err
+
+
+def test_cli_data_check_reports_file_and_line(tmp_path, capsys):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "validation").mkdir()
+    (tmp_path / "train" / "image_list.txt").write_text("a.png 0\nb.png x\n")
+    (tmp_path / "validation" / "image_list.txt").write_text("")
+    assert main(["data", "check", "visda17", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert f"{tmp_path}/train/image_list.txt:2" in out and "FAILED" in out
+    assert "a.png" in out  # the missing image is named

@@ -27,13 +27,7 @@ from asg.l2o.policy import SCALES
 GROUPS = ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc_new"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a single intra-op thread avoids contention on shared CPUs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def stats(step: int, total: int, spe: int = 50, loss: float | None = None) -> StepStats:

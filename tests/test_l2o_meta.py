@@ -15,14 +15,7 @@ from asg.l2o.meta import meta_train
 from asg.l2o.plots import plot_meta_rewards, plot_scale_schedule
 from asg.models import build_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small CPU models: one intra-op thread is much faster than two contending ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Untouchable(Dataset):

@@ -10,14 +10,7 @@ import torch
 from asg.errors import WeightsError
 from asg.l2o.policy import SCALES, LRPolicy, load_policy, save_policy
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a single intra-op thread avoids contention on shared CPUs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def official_state_dict(num_groups: int = 7) -> dict[str, torch.Tensor]:

@@ -11,13 +11,7 @@ from asg.l2o.reinforce import Reinforce, discounted_returns
 BEST = SCALES.index(0.7)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a single intra-op thread avoids contention on shared CPUs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_discounted_returns():

@@ -7,8 +7,13 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-_API = {"load_config": "asg.config", "train": "asg.api", "evaluate": "asg.api", "run_demo": "asg.demo",
-        "meta_train": "asg.l2o.meta"}
+_API = {
+    "load_config": "asg.config",
+    "train": "asg.api",
+    "evaluate": "asg.api",
+    "run_demo": "asg.demo",
+    "meta_train": "asg.l2o.meta",
+}
 
 
 def __getattr__(name: str):

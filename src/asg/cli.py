@@ -10,16 +10,13 @@ from pathlib import Path
 from asg.errors import AsgError
 
 
+def _add_set(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML recipe (configs/*.yaml) or a packaged recipe name")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set optim.lr=0.01 (repeatable)",
-    )
+    _add_set(p, "override a config field, e.g. --set optim.lr=0.01 (repeatable)")
     p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<recipe name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 
@@ -43,28 +40,14 @@ def _parser() -> argparse.ArgumentParser:
         help="horizontal-flip TTA with sigmoid averaging (official VisDA protocol)",
     )
     tta.add_argument("--no-tta-flip", dest="tta_flip", action="store_false")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override the run's config, e.g. --set data.root=/new/path",
-    )
+    _add_set(p, "override the run's config, e.g. --set data.root=/new/path")
 
     p = sub.add_parser("demo", help="the embedded synthetic-to-real digits benchmark")
     p.add_argument("--quick", action="store_true", help="a short version (about 3 minutes on 2 CPU cores)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/demo or runs/demo-quick)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds per method")
     p.add_argument("--methods", default=None, help="comma-separated subset of the demo's methods")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override every demo run's config, e.g. --set train.device=cuda",
-    )
+    _add_set(p, "override every demo run's config, e.g. --set train.device=cuda")
 
     p = sub.add_parser("data", help="dataset tools")
     dsub = p.add_subparsers(dest="data_command", required=True)

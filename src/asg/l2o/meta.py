@@ -26,10 +26,11 @@ import yaml
 from torch import nn
 
 from asg.config import Config, config_to_dict
+from asg.engine.checkpoint import atomic_write
 from asg.errors import AsgError, TrainingDiverged
 from asg.l2o.controllers import L2OController
 from asg.l2o.plots import plot_meta_rewards, plot_scale_schedule
-from asg.l2o.policy import LRPolicy, atomic_write, save_policy
+from asg.l2o.policy import LRPolicy, save_policy
 from asg.l2o.reinforce import Reinforce
 from asg.l2o.rewards import get_reward
 
@@ -135,8 +136,16 @@ def meta_train(
         torch.manual_seed(cfg.l2o.seed)
         policy = LRPolicy(len(group_names))
     lc = cfg.l2o
-    learner = Reinforce(policy, lc.lr_meta, lc.gamma, lc.num_steps, lc.entropy_coef, lc.baseline, lc.baseline_momentum,
-                        normalize=lc.normalize_advantage)
+    learner = Reinforce(
+        policy,
+        lc.lr_meta,
+        lc.gamma,
+        lc.num_steps,
+        lc.entropy_coef,
+        lc.baseline,
+        lc.baseline_momentum,
+        normalize=lc.normalize_advantage,
+    )
     history_path = out_dir / "meta_history.jsonl"
     start = 0
     if resume:

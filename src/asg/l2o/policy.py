@@ -6,9 +6,6 @@ Module names are chosen so that ``state_dict()`` keys equal those of the release
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -16,6 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from asg.engine.checkpoint import atomic_write
 from asg.errors import WeightsError
 
 NUM_STATS = 5  # task loss, KL, progress, last-weight mean, last-weight std
@@ -143,19 +141,6 @@ class LRPolicy(nn.Module):
         entropy = -(logp_all.exp() * logp_all).sum(-1).mean()
         scales = [SCALES[int(a)] for a in actions]
         return scales, actions, log_prob, entropy, new_hidden
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` then rename onto ``path``, so a crash never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_policy(policy: LRPolicy, path: str | Path) -> None:

@@ -101,8 +101,12 @@ class Reinforce:
 
     def state_dict(self) -> dict[str, Any]:
         """Optimizer, baseline and update count (a pending rollout is not saved: resume is per episode)."""
-        return {"optimizer": self.optimizer.state_dict(), "baseline": self.baseline, "updates": self.updates,
-                "return_var": self.return_var}
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "baseline": self.baseline,
+            "updates": self.updates,
+            "return_var": self.return_var,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
