@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -67,14 +66,13 @@ def _train(args: argparse.Namespace) -> int:
     from asg.api import train
 
     result = train(args.config, args.overrides, out=args.out, resume=args.resume)
-    last = result.selections.get("last", {})
     print(f"\nrun folder: {result.out_dir}")
     for rule, sel in result.selections.items():
         accs = ", ".join(
             f"{k} {100 * v['mean_class_acc']:.1f}" for k, v in sel["metrics"].items() if "mean_class_acc" in v
         )
         print(f"  [{rule} @ step {sel['step']}, tta_flip={sel['tta_flip']}] mean-class acc %: {accs}")
-    return 0 if last or not result.history else 0
+    return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -105,7 +103,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     methods = args.methods.split(",") if args.methods else None
     report = run_demo(out=args.out, quick=args.quick, seeds=args.seeds, methods=methods, overrides=args.overrides)
-    print(json.dumps(report["table"], indent=1) if "--json" in sys.argv else report["markdown_table"])
+    print(report["markdown_table"])
     print(f"\nreport: {report['out_dir']}/report.md")
     return 0
 
