@@ -68,6 +68,7 @@ class Trainer:
         self.method.setup(self.model)
         self.groups = self.model.layer_groups()
         self.optimizer = build_optimizer(self.groups, cfg.optim)
+        self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.schedule = build_schedule(cfg.optim, cfg.train.steps)
         self.steps_per_epoch = math.ceil(len(self.data.train) / cfg.data.batch_size)
         if controller is None:
@@ -214,9 +215,8 @@ class Trainer:
             self._diverged("loss", {k: float(v) for k, v in lo.logs.items()})
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm is not None else float("inf")
-        grad_norm = float(nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = float(nn.utils.clip_grad_norm_(self.trainable, max_norm))
         if not math.isfinite(grad_norm):
             self._diverged("gradient norm", {"grad_norm": grad_norm})
         self.optimizer.step()
