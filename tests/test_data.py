@@ -63,7 +63,7 @@ def test_list_file_reads_entries_and_skips_comments(tmp_path):
     ("bad", "num_classes", "why"),
     [
         ("b.png", None, "expected '<path> <label>'"),
-        ("b.png 1 extra", None, "expected '<path> <label>'"),
+        ("b.png 1 extra", None, "'extra' (the last field) is not an integer"),  # the label is the last field
         ("b.png cat", None, "not an integer"),
         ("b.png 5", 5, "out of range"),
         ("b.png -1", None, "out of range"),

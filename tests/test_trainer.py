@@ -68,9 +68,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_bundle, tiny_
         return lo
 
     monkeypatch.setattr(trainer.method, "loss", poisoned)
-    with pytest.raises(TrainingDiverged, match="step 3") as err:
+    with pytest.raises(TrainingDiverged, match="step 4") as err:  # the 4th step's forward
         trainer.run()
-    assert "last.safetensors" in str(err.value)
+    assert "step 2" in str(err.value) and "checkpoint.json" in str(err.value)
     saved = load_file(tmp_path / "last.safetensors")
     assert all(torch.isfinite(v).all() for v in saved.values() if v.is_floating_point())
     assert not (tmp_path / "done").exists()
@@ -87,6 +87,7 @@ def test_run_folder_contents(tiny_bundle, tiny_config, tmp_path):
         "last.safetensors",
         "best_source_val.safetensors",
         "best_oracle.safetensors",
+        "checkpoint.json",
     ):
         assert (tmp_path / name).exists(), name
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))

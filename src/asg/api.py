@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from asg.config import Config, load_config
-from asg.errors import AsgError
+from asg.errors import AsgError, WeightsError
 
 
 def default_run_dir(cfg: Config) -> Path:
@@ -15,7 +15,7 @@ def default_run_dir(cfg: Config) -> Path:
 
 
 def train(
-    config: str | Path | Config,
+    config: str | Path | Config | None,
     overrides: list[str] | None = None,
     out: str | Path | None = None,
     resume: bool = False,
@@ -23,12 +23,16 @@ def train(
 ):
     """Train a recipe (path or Config) into ``out`` (default ``runs/<name>``); returns a ``TrainResult``.
 
-    With ``resume=True`` the run folder's saved config is used and training continues exactly.
+    With ``resume=True`` the run folder's saved config plus ``overrides`` is used and training continues
+    exactly; ``config`` then only names the default folder (it may be None when ``out`` is given). Changed
+    optimizer, schedule and length settings are applied from the restored step on; others are refused.
     """
     from asg.engine.trainer import Trainer
 
     if resume:
         if out is None:
+            if config is None:
+                raise AsgError("resume needs the run folder (--out) or the recipe that named it (--config)")
             cfg = config if isinstance(config, Config) else load_config(config, overrides)
             out = default_run_dir(cfg)
         saved = Path(out) / "config.yaml"
@@ -36,6 +40,8 @@ def train(
             raise AsgError(f"cannot resume: {saved} does not exist (is {out} a run folder?)")
         cfg = load_config(saved, overrides)
     else:
+        if config is None:
+            raise AsgError("training needs a recipe (--config)")
         cfg = config if isinstance(config, Config) else load_config(config, overrides)
         out = out if out is not None else default_run_dir(cfg)
     return Trainer(cfg, out, resume=resume, quiet=quiet).run()
@@ -67,11 +73,19 @@ def evaluate(
     from asg.utils import resolve_device
 
     run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml", overrides)
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise AsgError(f"{run_dir} is not a run folder: {saved} does not exist (pass the --out folder of `asg train`)")
+    cfg = load_config(saved, overrides)
+    if checkpoint not in CHECKPOINTS and not checkpoint.endswith(".safetensors"):
+        raise AsgError(f"checkpoint {checkpoint!r}: use {', '.join(CHECKPOINTS)} or the path of a .safetensors file")
     path = run_dir / CHECKPOINTS[checkpoint] if checkpoint in CHECKPOINTS else Path(checkpoint)
+    if not path.is_file():
+        found = ", ".join(sorted(f.name for f in run_dir.glob("*.safetensors"))) or "none"
+        raise WeightsError(f"checkpoint {path} does not exist (checkpoints in {run_dir}: {found})")
     tta = cfg.eval.tta_flip if tta_flip is None else tta_flip
+    device = resolve_device(cfg.train.device)  # before the (slow) data, so a missing GPU fails at once
     data = build_data(cfg.data)
-    device = resolve_device(cfg.train.device)
     model = build_model(cfg.model, data.num_classes)
     load_weights(model, path)
     model.to(device)
@@ -110,13 +124,20 @@ def evaluate(
     return result
 
 
-def save_evaluation(result: dict[str, Any], out_dir: Path) -> Path:
-    """Write ``eval_<checkpoint>[_tta].json`` and confusion-matrix plots into ``out_dir``."""
+def save_evaluation(result: dict[str, Any], out_dir: str | Path) -> Path:
+    """Write ``eval_<checkpoint>[_tta].json`` (atomically) and confusion-matrix plots into ``out_dir``.
+
+    ``out_dir`` is created if needed; an OSError (e.g. a read-only folder) is left to the caller.
+    """
+    from asg.engine.checkpoint import atomic_write
     from asg.engine.report import plot_confusion
 
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     tag = Path(result["checkpoint"]).stem.replace("-", "_") + ("_tta" if result["tta_flip"] else "")
     path = out_dir / f"eval_{tag}.json"
-    path.write_text(json.dumps(result, indent=1))
+    text = json.dumps(result, indent=1)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     for name, r in result["sets"].items():
         plot_confusion(
             r["confusion"],

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from asg.errors import AsgError
+from asg.errors import AsgError, ConfigError
+
+if TYPE_CHECKING:
+    from asg.config import Config
 
 
 def _add_set(p: argparse.ArgumentParser, help: str) -> None:
@@ -14,10 +21,16 @@ def _add_set(p: argparse.ArgumentParser, help: str) -> None:
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="YAML recipe (configs/*.yaml) or a packaged recipe name")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="YAML recipe (configs/*.yaml) or a packaged recipe name; not needed with --resume --out",
+    )
     _add_set(p, "override a config field, e.g. --set optim.lr=0.01 (repeatable)")
     p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<recipe name>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last checkpoint and saved config"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     tta.add_argument("--no-tta-flip", dest="tta_flip", action="store_false")
     _add_set(p, "override the run's config, e.g. --set data.root=/new/path")
+    p.add_argument("--out", type=Path, default=None, help="folder for the results (default: the run folder)")
 
     p = sub.add_parser("demo", help="the embedded synthetic-to-real digits benchmark")
     p.add_argument("--quick", action="store_true", help="a short version (about 3 minutes on 2 CPU cores)")
@@ -62,9 +76,34 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train(args: argparse.Namespace) -> int:
-    from asg.api import train
+def _check_config_args(args: argparse.Namespace, command: str, default_out: Callable[[Config], Path]) -> None:
+    """``--config`` is needed unless ``--resume --out``; with ``--resume`` say what ``--config`` is used for.
 
+    ``default_out(cfg)`` is the run folder a recipe's config names when ``--out`` is absent.
+    """
+    if args.config is None:
+        if args.resume and args.out is not None:
+            return
+        raise ConfigError(f"asg {command} needs --config RECIPE (or --resume --out RUN_FOLDER to continue a run)")
+    if not args.resume:
+        return
+    if args.out is not None:
+        note = f"--resume continues {args.out} with its saved config.yaml; --config {args.config} is ignored"
+    else:
+        from asg.config import load_config
+
+        folder = default_out(load_config(args.config, args.overrides))
+        note = (
+            f"--resume continues {folder} with its saved config.yaml; --config {args.config} is only used to find "
+            "the run folder (default runs/<name>)"
+        )
+    print(f"asg: note: {note}", file=sys.stderr)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from asg.api import default_run_dir, train
+
+    _check_config_args(args, "train", default_run_dir)
     result = train(args.config, args.overrides, out=args.out, resume=args.resume)
     print(f"\nrun folder: {result.out_dir}")
     for rule, sel in result.selections.items():
@@ -79,13 +118,20 @@ def _evaluate(args: argparse.Namespace) -> int:
     from asg.api import evaluate, save_evaluation
 
     result = evaluate(args.run_dir, args.checkpoint, args.tta_flip, args.overrides)
-    path = save_evaluation(result, args.run_dir)
     print(f"checkpoint {result['checkpoint']} ({result['checkpoint_file']}), tta_flip={result['tta_flip']}")
     if result["note"]:
         print(result["note"])
     print(f"{'set':<16}{'role':<12}{'n':>7}{'acc %':>9}{'mean-class %':>14}")
     for name, r in result["sets"].items():
         print(f"{name:<16}{r['role']:<12}{r['n']:>7}{100 * r['acc']:>9.2f}{100 * r['mean_class_acc']:>14.2f}")
+    out = args.out if args.out is not None else args.run_dir
+    try:
+        path = save_evaluation(result, out)
+    except OSError as exc:
+        raise AsgError(
+            f"cannot write the evaluation: the folder {out} is not writable ({exc.strerror or exc}); "
+            "pass --out DIR to write it elsewhere"
+        ) from None
     print(f"wrote {path}")
     return 0
 
@@ -108,15 +154,61 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _l2o_default_out(cfg: Config) -> Path:
+    return Path("runs") / (cfg.name or "l2o")
+
+
 def _l2o_train(args: argparse.Namespace) -> int:
     from asg.config import load_config
     from asg.l2o.meta import meta_train
 
-    cfg = load_config(args.config, args.overrides)
-    out = args.out or Path("runs") / (cfg.name or "l2o")
+    _check_config_args(args, "l2o train", _l2o_default_out)
+    if args.resume:
+        out = args.out if args.out is not None else _l2o_default_out(load_config(args.config, args.overrides))
+        saved = out / "config.yaml"
+        if not saved.is_file():
+            raise AsgError(f"cannot resume: {saved} does not exist (is {out} an `asg l2o train` folder?)")
+        cfg = load_config(saved, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
+        out = args.out if args.out is not None else _l2o_default_out(cfg)
     policy = meta_train(cfg, out, resume=args.resume)
     print(f"policy: {policy}")
     return 0
+
+
+# errno -> what to do; an OSError with one of these (or with a file name) is reported in one line
+_OS_HINTS = {
+    errno.ENOSPC: "the disk is full: free some space or choose another --out",
+    errno.EDQUOT: "the disk quota is exceeded: free some space or choose another --out",
+    errno.EACCES: "permission denied: choose another --out (a folder you can write)",
+    errno.EPERM: "operation not permitted: choose another --out (a folder you can write)",
+    errno.EROFS: "the file system is read-only: choose another --out",
+    errno.EFBIG: "the file exceeds the file size limit (ulimit -f or the file system's): raise it or use another disk",
+}
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def _os_error_line(exc: OSError) -> str | None:
+    """One line for an OSError about a file or the disk; None for others (they are bugs: re-raised)."""
+    hint = _OS_HINTS.get(exc.errno) if exc.errno is not None else None
+    if exc.filename is None and hint is None:
+        return None
+    reason = exc.strerror or str(exc)
+    if exc.filename is not None:
+        verb = "write" if exc.errno in _WRITE_ERRNOS else "read" if exc.errno == errno.ENOENT else "write/read"
+        reason = f"cannot {verb} {exc.filename}: {reason}"
+    return f"{reason} ({hint})" if hint else reason
+
+
+def _error_line(exc: AsgError) -> str:
+    """The message of ``exc``; for one re-raised from a DataLoader worker (torch puts the worker's traceback in
+    the message) only the original message, without the ``asg.errors.DataError: `` prefix."""
+    text = str(exc)
+    if "\nOriginal Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    return re.sub(rf"^(?:[\w.]+\.)?{re.escape(type(exc).__name__)}: ", "", last)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,7 +221,13 @@ def main(argv: list[str] | None = None) -> int:
             return _l2o_train(args)
         return handlers[args.command](args)
     except AsgError as exc:
-        print(f"asg: error: {exc}", file=sys.stderr)
+        print(f"asg: error: {_error_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # last line of defence: a full disk, a read-only folder, a missing file
+        line = _os_error_line(exc)
+        if line is None:
+            raise
+        print(f"asg: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("asg: interrupted; continue with the same command and --resume", file=sys.stderr)

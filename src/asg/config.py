@@ -7,8 +7,10 @@ Unknown keys are errors (with the list of valid keys), never silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,9 @@ class DataConfig:
     eval_lists: dict[str, str] = field(default_factory=dict)
     num_classes: int | None = None
     class_names: list[str] | None = None
+    # an image that is missing, empty or cannot be decoded: "error" stops with its path; "skip" leaves it out
+    # and lists it in the run folder's skipped_images.txt
+    on_bad_image: str = "error"
 
 
 @dataclass
@@ -91,6 +96,9 @@ class TrainConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     amp: bool = False  # bf16 autocast on CUDA
     progress: bool = True
+    # stop when a step's loss exceeds this factor times the loss scale seen so far (its running mean, or the
+    # mean of the first steps if larger); catches finite explosions that a NaN check misses. None = off
+    loss_explosion_factor: float | None = 1000.0
 
 
 @dataclass
@@ -205,7 +213,10 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` overrides (values parsed as YAML) to a nested dict."""
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a nested dict.
+
+    A mapping value is merged into an existing section (``optim={lr: 0.1}`` keeps the other ``optim`` keys).
+    """
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=0.01)")
@@ -220,7 +231,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[parts[-1]] = value
+        last = parts[-1]
+        if isinstance(value, dict) and isinstance(node.get(last), dict):
+            node[last] = _deep_merge(node[last], value)
+        else:
+            node[last] = value
     return data
 
 
@@ -276,25 +291,74 @@ _CHOICES = {
     "eval.selection": ("last", "source-val", "oracle"),
     "lr_controller": ("fixed", "random", "random-init", "l2o"),
     "l2o.window_rule": ("intended", "released"),
+    "data.on_bad_image": ("error", "skip"),
+}
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")  # the accepted values of train.device
+
+_POSITIVE = (lambda v: v > 0, "positive")
+_NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+
+# key -> (check, what the value must be); a value of None ("off" / "not set") is not checked
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **dict.fromkeys(
+        (
+            "train.steps",
+            "train.eval_every",
+            "train.checkpoint_every",
+            "train.log_every",
+            "data.batch_size",
+            "data.eval_batch_size",
+            "data.image_size",
+            "data.num_train",
+            "data.eval_max_per_set",
+            "model.hidden_dim",
+            "optim.lr",
+            "optim.max_grad_norm",
+            "method.kl_cap",
+            "l2o.episodes",
+            "l2o.episode_steps",
+            "l2o.num_steps",
+        ),
+        _POSITIVE,
+    ),
+    **dict.fromkeys(
+        (
+            "data.num_workers",
+            "optim.weight_decay",
+            "optim.backbone_lr_mult",
+            "optim.warmup_steps",
+            "method.kl_weight",
+            "method.l2sp_alpha",
+        ),
+        _NON_NEGATIVE,
+    ),
+    "data.source_val_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optim.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optim.floor_at": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "train.loss_explosion_factor": (lambda v: v > 1, "> 1 (or null to turn the check off)"),
 }
 
 
+def _get(cfg: Config, key: str) -> Any:
+    """The value of a dotted config key, e.g. ``optim.lr``."""
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def validate(cfg: Config) -> None:
-    """Check choice fields and simple ranges; raise ConfigError naming the key."""
-    flat = {
-        "optim.sgd": cfg.optim.sgd,
-        "optim.schedule": cfg.optim.schedule,
-        "optim.bn_mode": cfg.optim.bn_mode,
-        "eval.selection": cfg.eval.selection,
-        "lr_controller": cfg.lr_controller,
-        "l2o.window_rule": cfg.l2o.window_rule,
-    }
-    for key, value in flat.items():
-        if value not in _CHOICES[key]:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(_CHOICES[key])}")
-    if cfg.train.steps <= 0:
-        raise ConfigError("train.steps must be positive")
-    if not 0.0 <= cfg.data.source_val_fraction < 1.0:
-        raise ConfigError("data.source_val_fraction must be in [0, 1)")
+    """Check choice fields and ranges (tables ``_CHOICES`` and ``_RANGES``); raise ConfigError naming the key."""
+    for key, choices in _CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+    for key, (check, must) in _RANGES.items():
+        value = _get(cfg, key)
+        if value is not None and not check(value):
+            raise ConfigError(f"{key} must be {must}, got {value!r} (fix the recipe or pass --set {key}=VALUE)")
+    if not DEVICE_PATTERN.fullmatch(cfg.train.device):
+        raise ConfigError(f"train.device: {cfg.train.device!r} is not a device; use auto, cpu, cuda or cuda:N")
     if cfg.lr_controller == "l2o" and not cfg.l2o.policy:
         raise ConfigError("lr_controller=l2o needs l2o.policy=PATH (a policy from `asg l2o train`)")

@@ -16,6 +16,7 @@ import numpy as np
 
 from asg.config import load_config
 from asg.engine.report import plot_curves, plot_per_class
+from asg.engine.rundir import RunDir
 
 # method label -> (recipe, extra overrides)
 DEMO_METHODS: dict[str, tuple[str, list[str]]] = {
@@ -46,7 +47,7 @@ def _train_one(recipe: str, overrides: list[str], out_dir: Path, data) -> dict[s
 
     if (out_dir / "done").exists():
         return json.loads((out_dir / "summary.json").read_text())
-    resume = (out_dir / "state.pt").exists()
+    resume = RunDir(out_dir).has_checkpoint()
     cfg = load_config(out_dir / "config.yaml" if resume else recipe, overrides)
     Trainer(cfg, out_dir, data=data, resume=resume).run()
     return json.loads((out_dir / "summary.json").read_text())
@@ -60,10 +61,16 @@ def run_demo(
     overrides: list[str] | tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Train and evaluate each demo method over ``seeds`` seeds; write report.md/report.json and plots."""
+    out_dir = Path(out) if out is not None else Path("runs") / ("demo-quick" if quick else "demo")
+    with RunDir(out_dir):  # one demo per folder at a time
+        return _run_demo(out_dir, quick, seeds, methods, overrides)
+
+
+def _run_demo(
+    out_dir: Path, quick: bool, seeds: int | None, methods: list[str] | None, overrides: list[str] | tuple[str, ...]
+) -> dict[str, Any]:
     from asg.data import build_data
 
-    out_dir = Path(out) if out is not None else Path("runs") / ("demo-quick" if quick else "demo")
-    out_dir.mkdir(parents=True, exist_ok=True)
     seeds = seeds if seeds is not None else (1 if quick else 3)
     methods = methods or list(DEMO_METHODS)
     unknown = [m for m in methods if m not in DEMO_METHODS]

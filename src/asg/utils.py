@@ -11,6 +11,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from asg.config import DEVICE_PATTERN
+from asg.errors import AsgError, ConfigError
+
 
 def progress(it: Iterable, desc: str = "", enabled: bool = True, **kwargs) -> Iterable:
     """A tqdm progress bar (to stderr), or the bare iterable when disabled."""
@@ -24,9 +27,25 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device of ``train.device`` (auto | cpu | cuda | cuda:N); AsgError if the GPU is not there."""
+    if not DEVICE_PATTERN.fullmatch(name):
+        raise ConfigError(f"train.device: {name!r} is not a device; use auto, cpu, cuda or cuda:N")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise AsgError(
+                f"train.device={name} but no CUDA GPU is visible (torch.cuda.is_available() is False); "
+                "use train.device=auto or cpu"
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise AsgError(
+                f"train.device={name} but only {count} CUDA GPU(s) are visible (cuda:0 to cuda:{count - 1}); "
+                "use train.device=cuda or a visible index"
+            )
+    return device
 
 
 def versions() -> dict[str, str]:

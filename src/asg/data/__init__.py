@@ -2,6 +2,8 @@
 
 ``build_data(cfg)`` returns a :class:`DataBundle` (synthetic train set, held-out synthetic split, real test sets).
 Registered benchmarks (``DATASETS``): ``digits`` (embedded, offline), ``visda17``, ``listfile``, ``imagefolder``.
+Before training: :func:`warn_bundle` (one-class training set, ...) and :func:`check_bundle_files` (missing or
+empty files, ``data.on_bad_image``); during training: :func:`set_skip_log` and :func:`collate_skip_none`.
 """
 
 from __future__ import annotations
@@ -9,9 +11,19 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from asg.config import DataConfig
-from asg.data.bundle import DataBundle, LabeledSubset, balanced_subset, split_source_val, stratified_split
+from asg.data.bundle import (
+    DataBundle,
+    DataWarning,
+    LabeledSubset,
+    balanced_subset,
+    split_source_val,
+    stratified_split,
+    warn_bundle,
+)
 from asg.data.check import CheckReport, check_dataset
 from asg.data.digits import build_digits
+from asg.data.files import SKIPPED_FILE, check_bundle_files, collate_skip_none, set_skip_log
+from asg.data.images import FileImageDataset, open_image
 from asg.data.listfile import ImageFolderDataset, ListFileDataset, build_imagefolder, build_listfile
 from asg.data.photos import real_photos
 from asg.data.visda17 import build_visda17
@@ -37,15 +49,23 @@ def build_data(cfg: DataConfig) -> DataBundle:
 
 __all__ = [
     "DATASETS",
+    "SKIPPED_FILE",
     "CheckReport",
     "DataBundle",
+    "DataWarning",
+    "FileImageDataset",
     "ImageFolderDataset",
     "LabeledSubset",
     "ListFileDataset",
     "balanced_subset",
     "build_data",
+    "check_bundle_files",
     "check_dataset",
+    "collate_skip_none",
+    "open_image",
     "real_photos",
+    "set_skip_log",
     "split_source_val",
     "stratified_split",
+    "warn_bundle",
 ]

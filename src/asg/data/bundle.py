@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -10,6 +11,10 @@ import torch
 from torch.utils.data import Dataset
 
 from asg.errors import DataError
+
+
+class DataWarning(UserWarning):
+    """A dataset that trains but is probably not what was meant (emitted by :func:`warn_bundle`)."""
 
 
 @dataclass
@@ -38,6 +43,41 @@ class DataBundle:
     def summary(self) -> dict[str, int]:
         """Number of images per set, e.g. ``{"train": 5400, "synthetic": 600, "mnist5k": 5000}``."""
         return {"train": len(self.train), **{k: len(v) for k, v in self.eval_sets.items()}}  # type: ignore[arg-type]
+
+    def warnings(self) -> list[str]:
+        """One-line problems of the training set that do not stop training (one class only, classes without images).
+
+        Reads only ``train.labels`` (no image is opened); a training set without ``labels`` gives no warnings.
+        """
+        labels = getattr(self.train, "labels", None)
+        if labels is None or len(labels) == 0:
+            return []
+        present = set(np.unique(np.asarray(labels, dtype=np.int64)).tolist())
+        names = self.class_names
+        out = []
+        if len(present) == 1:
+            (c,) = present
+            name = names[c] if 0 <= c < len(names) else str(c)
+            out.append(
+                f"the training set has images of one class only ({name!r}): training accuracy reaches a meaningless "
+                f"100%; check the training labels"
+            )
+        absent = [names[c] for c in range(len(names)) if c not in present]
+        if absent and len(present) > 1:
+            shown = ", ".join(absent[:10]) + (f" (+{len(absent) - 10} more)" if len(absent) > 10 else "")
+            out.append(f"class(es) {shown} have no training image: the model cannot learn them")
+        return out
+
+
+def warn_bundle(bundle: DataBundle) -> list[str]:
+    """Emit each of ``bundle.warnings()`` with ``warnings.warn(msg, DataWarning)``; returns the messages.
+
+    Call once after building the data and before training (the trainer and ``asg`` CLI show them on stderr).
+    """
+    messages = bundle.warnings()
+    for msg in messages:
+        warnings.warn(msg, DataWarning, stacklevel=2)
+    return messages
 
 
 class LabeledSubset(Dataset):

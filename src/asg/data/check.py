@@ -1,21 +1,29 @@
-"""``asg data check``: validate a dataset's files without training (list syntax, labels, missing images).
+"""``asg data check``: validate a dataset's files without training (list syntax, labels, missing/empty images).
 
-Existence is checked with one directory listing per folder; pixels are only decoded with ``verify_images``.
+Each file is checked with one ``os.stat`` (missing, empty); pixels are only decoded with ``verify_images``.
 """
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from asg.data import visda17
-from asg.data.listfile import open_image, parse_list_file
+from asg.data.files import file_problem
+from asg.data.images import IMG_EXTENSIONS, list_images, open_image
+from asg.data.listfile import LIST_LAYOUT, class_folders, parse_list_file, split_folders
 from asg.errors import ConfigError, DataError
 
 MAX_LISTED = 5  # examples quoted per kind of problem
+# summary counts shown by CheckReport.format, in this order
+COUNTED = (
+    ("missing_images", "missing"),
+    ("empty_files", "empty"),
+    ("unreadable_images", "unreadable"),
+    ("bad_lines", "bad lines"),
+)
 
 
 @dataclass
@@ -36,12 +44,14 @@ class CheckReport:
         for split, s in self.summary.items():
             if not isinstance(s, dict):
                 continue
-            lo, hi = s.get("label_range") or ("-", "-")
-            line = f"  {split}: {s.get('images', 0):,} images, labels {lo}..{hi}"
-            line += f", {s.get('missing_images', 0):,} missing"
-            if "unreadable_images" in s:
-                line += f", {s['unreadable_images']:,} unreadable"
-            out.append(line + f", {s.get('bad_lines', 0):,} bad lines")
+            line = f"  {split}: {s.get('images', 0):,} images"
+            if "label_range" in s:
+                lo, hi = s["label_range"] or ("-", "-")
+                line += f", labels {lo}..{hi}"
+            for key, word in COUNTED:
+                if key in s:
+                    line += f", {s[key]:,} {word}"
+            out.append(line)
             if s.get("per_class"):
                 out.append("    " + ", ".join(f"{k} {v:,}" for k, v in s["per_class"].items()))
         return "\n".join(out)
@@ -70,27 +80,28 @@ def check_list(
         return {"list": str(list_path), "images": 0}
     base = Path(root) if root is not None else parsed.path.parent
     report.errors.extend(_quote(parsed.errors, f"bad lines in {parsed.path}", len(parsed.errors)))
-    listings: dict[Path, set[str] | None] = {}
+    if not parsed.paths and not parsed.errors:
+        report.errors.append(f"list file {parsed.path} has no entries; {LIST_LAYOUT}")
     missing: list[str] = []
+    unusable: list[str] = []  # empty (0 bytes) or not a regular file
     unreadable: list[str] = []
     for rel, line in zip(parsed.paths, parsed.lines):
         path = base / rel
-        if path.parent not in listings:
-            try:
-                listings[path.parent] = set(os.listdir(path.parent))
-            except OSError:
-                listings[path.parent] = None
-        names = listings[path.parent]
-        if names is None or path.name not in names:
+        why = file_problem(path)
+        if why == "missing":
             missing.append(f"{path} (listed at {parsed.path}:{line})")
+        elif why is not None:
+            unusable.append(f"{path}: {why} (listed at {parsed.path}:{line})")
         elif verify_images:
             try:
                 open_image(path, where=f"{parsed.path}:{line}")
             except DataError as exc:
                 unreadable.append(str(exc))
-    if missing:
-        report.errors.append(f"{len(missing):,} of {len(parsed.paths):,} images listed in {parsed.path} are missing:")
-        report.errors.extend("  " + m for m in _quote(missing, "missing images", len(missing)))
+    n = len(parsed.paths)
+    for found, what in ((missing, "missing"), (unusable, "empty or not files")):
+        if found:
+            report.errors.append(f"{len(found):,} of {n:,} images listed in {parsed.path} are {what}:")
+            report.errors.extend("  " + m for m in _quote(found, f"{what} images", len(found)))
     report.errors.extend(_quote(unreadable, f"unreadable images in {parsed.path}", len(unreadable)))
     counts = Counter(parsed.labels)
     n_cls = num_classes if num_classes is not None else (max(counts) + 1 if counts else 0)
@@ -103,6 +114,7 @@ def check_list(
         "images": len(parsed.paths),
         "bad_lines": len(parsed.errors),
         "missing_images": len(missing),
+        "empty_files": len(unusable),
         "label_range": [min(counts), max(counts)] if counts else None,
         "per_class": {names[c] if c < len(names) else str(c): counts.get(c, 0) for c in range(max(n_cls, 0))},
     }
@@ -141,11 +153,85 @@ def check_listfile(list_path: str | Path, verify_images: bool = False, num_class
     return report
 
 
-CHECKS = {"visda17": check_visda17, "listfile": check_listfile}
+def check_folder(
+    report: CheckReport, folder: Path, class_names: list[str] | None = None, verify_images: bool = False
+) -> dict[str, Any]:
+    """Check one ``folder/<class>/**/<image>`` split, appending to ``report``; returns its summary.
+
+    ``class_names``: the training classes an evaluation split's folders must be among (None for the train split).
+    """
+    classes = class_folders(folder)
+    unknown = sorted(set(classes) - set(class_names)) if class_names is not None else []
+    if unknown:
+        report.errors.append(f"{folder}: class folder(s) {unknown} are not among the training classes {class_names}")
+    loose = [p.name for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(IMG_EXTENSIONS)]
+    if loose:
+        report.warnings.append(f"{folder}: {len(loose):,} image(s) outside class folders are ignored, e.g. {loose[0]}")
+    per_class: dict[str, int] = {}
+    bad: list[str] = []
+    unreadable: list[str] = []
+    for name in classes:
+        files = list_images(folder / name)
+        per_class[name] = len(files)
+        if not files:
+            report.warnings.append(f"{folder / name}: class folder holds no images")
+        for path in files:
+            why = file_problem(path)
+            if why is not None:
+                bad.append(f"{path}: {why}")
+            elif verify_images:
+                try:
+                    open_image(path)
+                except DataError as exc:
+                    unreadable.append(str(exc))
+    total = sum(per_class.values())
+    if total == 0:
+        report.errors.append(
+            f"image folder {folder} holds no images ({', '.join(IMG_EXTENSIONS)}); "
+            f"expected {folder}/<class_name>/<images>"
+        )
+    if bad:
+        report.errors.append(f"{len(bad):,} of {total:,} images in {folder} are empty or not files:")
+        report.errors.extend("  " + b for b in _quote(bad, "empty files", len(bad)))
+    report.errors.extend(_quote(unreadable, f"unreadable images in {folder}", len(unreadable)))
+    summary: dict[str, Any] = {"folder": str(folder), "images": total, "empty_files": len(bad), "per_class": per_class}
+    if verify_images:
+        summary["unreadable_images"] = len(unreadable)
+    return summary
+
+
+def check_imagefolder(root: str | Path, verify_images: bool = False) -> CheckReport:
+    """Check an ``imagefolder`` dataset: ``root/train/<class>/...`` plus every other subfolder as an evaluation
+    split (as ``build_imagefolder`` reads it), or, without ``root/train``, ``root/<class>/...`` as a single split.
+
+    Errors: no images in a split, empty (0-byte) files, unknown class folders, undecodable images
+    (``verify_images``). Warnings: empty class folders, images outside class folders.
+    """
+    root = Path(root)
+    report = CheckReport(title=f"image folder check of {root}")
+    if not root.is_dir():
+        report.errors.append(
+            f"image folder {root} does not exist; expected {root}/train/<class>/<images> plus test folders "
+            f"{root}/<split>/<class>/<images>, or {root}/<class>/<images>"
+        )
+        report.ok = False
+        return report
+    layered = (root / "train").is_dir()
+    splits = {"train": root / "train", **split_folders(root)} if layered else {root.name: root}
+    train_classes = class_folders(root / "train") if layered else None
+    for name, folder in splits.items():
+        report.summary[name] = check_folder(report, folder, None if folder == root / "train" else train_classes,
+                                            verify_images)  # fmt: skip
+    report.ok = not report.errors
+    return report
+
+
+CHECKS = {"visda17": check_visda17, "listfile": check_listfile, "imagefolder": check_imagefolder}
 
 
 def check_dataset(name: str, root: str, verify_images: bool = False) -> CheckReport:
-    """Check dataset ``name`` ("visda17": its root folder; "listfile": a list file path) without training."""
+    """Check dataset ``name`` without training: "visda17" and "imagefolder" take the root folder,
+    "listfile" the list file."""
     if name not in CHECKS:
         raise ConfigError(f"no check for dataset {name!r}; checks exist for: {', '.join(CHECKS)}")
     return CHECKS[name](root, verify_images=verify_images)

@@ -1,33 +1,35 @@
 """Generic datasets: ``<relative/path> <label>`` list files and class-subfolder image trees.
 
 Both yield ``(FloatTensor [3, S, S] RGB in [0, 1], int)`` and expose ``labels`` without opening any image.
-Every problem is a :class:`DataError` that names the file (and the list line) to fix.
+Every problem is a :class:`DataError` that names the file (and the list line) to fix; with
+``on_bad_image="skip"`` an undecodable image yields ``None`` instead (see :mod:`asg.data.images`).
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from asg.config import DataConfig
 from asg.data.bundle import DataBundle, split_source_val
+from asg.data.images import (
+    IMG_EXTENSIONS,
+    FileImageDataset,
+    Transform,
+    check_bad_image_mode,
+    list_images,
+)
 from asg.data.transforms import ResizeCrop
 from asg.errors import ConfigError, DataError
 
-IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 LIST_LAYOUT = (
     "expected a text file with one '<relative/path/to/image> <integer label>' per line "
-    "(blank lines and '#' comments are skipped; paths are relative to the list file's folder unless a root is given)"
+    "(the label is the last field, so paths may contain spaces; blank lines and '#' comments are skipped; "
+    "paths are relative to the list file's folder unless a root is given)"
 )
-
-Transform = Callable[[Image.Image], torch.Tensor]
 
 
 @dataclass
@@ -56,7 +58,7 @@ def parse_list_file(list_path: str | Path, num_classes: int | None = None, stric
         if not line or line.startswith("#"):
             continue
         error = None
-        parts = line.split()
+        parts = line.rsplit(None, 1)  # the label is the last field: the path may contain spaces
         if len(parts) != 2:
             error = f"{list_path}:{lineno}: expected '<path> <label>', got {line!r}"
         else:
@@ -64,7 +66,7 @@ def parse_list_file(list_path: str | Path, num_classes: int | None = None, stric
                 label = int(parts[1])
             except ValueError:
                 label = None
-                error = f"{list_path}:{lineno}: label {parts[1]!r} is not an integer (line {line!r})"
+                error = f"{list_path}:{lineno}: label {parts[1]!r} (the last field) is not an integer (line {line!r})"
             if label is not None and (label < 0 or (num_classes is not None and label >= num_classes)):
                 allowed = f"[0, {num_classes})" if num_classes is not None else ">= 0"
                 error = f"{list_path}:{lineno}: label {label} is out of range {allowed} (line {line!r})"
@@ -81,20 +83,7 @@ def parse_list_file(list_path: str | Path, num_classes: int | None = None, stric
     return out
 
 
-def open_image(path: str | Path, where: str = "") -> Image.Image:
-    """Open and decode an image fully (RGB or L); DataError names the file and ``where`` it was listed."""
-    suffix = f" (listed at {where})" if where else ""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("L") if img.mode in ("1", "L") else img.convert("RGB")
-    except FileNotFoundError:
-        raise DataError(f"image file {path} does not exist{suffix}") from None
-    except Exception as exc:  # PIL raises many types for corrupt/truncated files
-        raise DataError(f"cannot read image {path}{suffix}: {type(exc).__name__}: {exc}") from None
-
-
-class ListFileDataset(Dataset):
+class ListFileDataset(FileImageDataset):
     """Images named by a list file; labels are read eagerly, pixels lazily.
 
     Args:
@@ -102,6 +91,7 @@ class ListFileDataset(Dataset):
         root: folder the paths are relative to (default: the list file's folder).
         transform: ``PIL.Image -> Tensor``; default resizes/crops to ``image_size`` -> [3, S, S] in [0, 1].
         num_classes: labels must lie in ``[0, num_classes)`` when given.
+        on_bad_image: "error" raises on an undecodable image; "skip" returns None for it (see FileImageDataset).
     """
 
     def __init__(
@@ -111,6 +101,7 @@ class ListFileDataset(Dataset):
         transform: Transform | None = None,
         num_classes: int | None = None,
         image_size: int = 224,
+        on_bad_image: str = "error",
     ) -> None:
         parsed = parse_list_file(list_path, num_classes=num_classes, strict=True)
         self.list_path = parsed.path
@@ -119,6 +110,7 @@ class ListFileDataset(Dataset):
         self.lines = np.asarray(parsed.lines, dtype=np.int64)
         self.labels = np.asarray(parsed.labels, dtype=np.int64)
         self.transform = transform if transform is not None else ResizeCrop(image_size)
+        self.on_bad_image = check_bad_image_mode(on_bad_image)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -126,16 +118,15 @@ class ListFileDataset(Dataset):
     def image_path(self, i: int) -> Path:
         return self.root / self.paths[i]
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        img = open_image(self.image_path(i), where=f"{self.list_path}:{self.lines[i]}")
-        return self.transform(img), int(self.labels[i])
+    def where(self, i: int) -> str:
+        return f"{self.list_path}:{self.lines[i]}"
 
 
-class ImageFolderDataset(Dataset):
+class ImageFolderDataset(FileImageDataset):
     """``root/<class_name>/**/<image>`` like torchvision's ImageFolder, with [0, 1] output and clear errors.
 
     ``class_names`` fixes the label order (default: sorted subfolders); a subfolder not in it is an error,
-    a class without a folder is allowed (a test set may lack classes).
+    a class without a folder is allowed (a test set may lack classes). ``on_bad_image`` as in ListFileDataset.
     """
 
     def __init__(
@@ -144,11 +135,12 @@ class ImageFolderDataset(Dataset):
         class_names: list[str] | None = None,
         transform: Transform | None = None,
         image_size: int = 224,
+        on_bad_image: str = "error",
     ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"image folder {self.root} does not exist; expected {self.root}/<class_name>/<images>")
-        folders = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        folders = class_folders(self.root)
         self.class_names = list(class_names) if class_names is not None else folders
         unknown = sorted(set(folders) - set(self.class_names))
         if unknown:
@@ -156,15 +148,7 @@ class ImageFolderDataset(Dataset):
         self.paths: list[Path] = []
         labels: list[int] = []
         for label, name in enumerate(self.class_names):
-            folder = self.root / name
-            if not folder.is_dir():
-                continue
-            files = sorted(
-                Path(d) / f
-                for d, _, fs in os.walk(folder, followlinks=True)
-                for f in fs
-                if f.lower().endswith(IMG_EXTENSIONS)
-            )
+            files = list_images(self.root / name) if (self.root / name).is_dir() else []
             self.paths.extend(files)
             labels.extend([label] * len(files))
         if not self.paths:
@@ -174,12 +158,37 @@ class ImageFolderDataset(Dataset):
             )
         self.labels = np.asarray(labels, dtype=np.int64)
         self.transform = transform if transform is not None else ResizeCrop(image_size)
+        self.on_bad_image = check_bad_image_mode(on_bad_image)
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(open_image(self.paths[i])), int(self.labels[i])
+    def image_path(self, i: int) -> Path:
+        return self.paths[i]
+
+
+def class_folders(root: Path) -> list[str]:
+    """Sorted names of the non-hidden subfolders of ``root`` (the classes of an image folder)."""
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def split_folders(root: Path) -> dict[str, Path]:
+    """Evaluation folders of an ``imagefolder`` root: every non-hidden subfolder except ``train``, by name."""
+    return {name: root / name for name in class_folders(root) if name != "train"}
+
+
+def _check_class_ids(list_path: str | Path, labels: np.ndarray) -> int:
+    """Number of classes of a training list whose labels must be exactly 0..K-1 (no id without an image)."""
+    present = np.unique(labels)
+    k = int(present[-1]) + 1
+    gaps = np.setdiff1d(np.arange(k), present).tolist()
+    if gaps:
+        shown = ", ".join(map(str, gaps[:10])) + (f" (+{len(gaps) - 10} more)" if len(gaps) > 10 else "")
+        raise DataError(
+            f"{list_path}: class id(s) {shown} have no training image (labels run 0..{k - 1}); fix the labels, "
+            f"or set data.num_classes (and data.class_names) if classes without training images are intended"
+        )
+    return k
 
 
 def _class_names(cfg: DataConfig, inferred: int | None) -> list[str]:
@@ -201,8 +210,10 @@ def build_listfile(cfg: DataConfig) -> DataBundle:
     if not cfg.train_list:
         raise ConfigError("data.name=listfile needs data.train_list=PATH (lines '<relative/path> <label>')")
     n_cfg = cfg.num_classes if cfg.num_classes is not None else (len(cfg.class_names) if cfg.class_names else None)
-    train = ListFileDataset(cfg.train_list, root=cfg.root, num_classes=n_cfg, image_size=cfg.image_size)
-    class_names = _class_names(cfg, int(train.labels.max()) + 1)
+    train = ListFileDataset(
+        cfg.train_list, root=cfg.root, num_classes=n_cfg, image_size=cfg.image_size, on_bad_image=cfg.on_bad_image
+    )
+    class_names = _class_names(cfg, None if n_cfg is not None else _check_class_ids(train.list_path, train.labels))
     train_part, held_out = split_source_val(train, cfg.source_val_fraction, cfg.split_seed)
     eval_sets: dict[str, Dataset] = {}
     if held_out is not None:
@@ -210,7 +221,9 @@ def build_listfile(cfg: DataConfig) -> DataBundle:
     for name, path in cfg.eval_lists.items():
         if name in eval_sets:
             raise ConfigError(f"data.eval_lists: the name {name!r} is reserved for the synthetic held-out split")
-        eval_sets[name] = ListFileDataset(path, root=cfg.root, num_classes=len(class_names), image_size=cfg.image_size)
+        eval_sets[name] = ListFileDataset(
+            path, root=cfg.root, num_classes=len(class_names), image_size=cfg.image_size, on_bad_image=cfg.on_bad_image
+        )
     return DataBundle(train_part, eval_sets, "source_val" if held_out is not None else None, class_names)
 
 
@@ -223,20 +236,22 @@ def build_imagefolder(cfg: DataConfig) -> DataBundle:
     if not cfg.root:
         raise ConfigError("data.name=imagefolder needs data.root=DIR holding train/<class>/... and test folders")
     root = Path(cfg.root)
-    train = ImageFolderDataset(root / "train", class_names=cfg.class_names, image_size=cfg.image_size)
+    train = ImageFolderDataset(
+        root / "train", class_names=cfg.class_names, image_size=cfg.image_size, on_bad_image=cfg.on_bad_image
+    )
     class_names = train.class_names
     if cfg.num_classes is not None and cfg.num_classes != len(class_names):
         raise ConfigError(f"data.num_classes={cfg.num_classes} but {root / 'train'} has {len(class_names)} classes")
     if cfg.eval_lists:
         folders = {name: root / path for name, path in cfg.eval_lists.items()}  # an absolute path stays absolute
     else:
-        folders = {
-            p.name: p for p in sorted(root.iterdir()) if p.is_dir() and p.name != "train" and not p.name.startswith(".")
-        }
+        folders = split_folders(root)
     train_part, held_out = split_source_val(train, cfg.source_val_fraction, cfg.split_seed)
     eval_sets: dict[str, Dataset] = {} if held_out is None else {"source_val": held_out}
     for name, folder in folders.items():
         if name in eval_sets:
             raise ConfigError(f"eval set name {name!r} is reserved for the synthetic held-out split")
-        eval_sets[name] = ImageFolderDataset(folder, class_names=class_names, image_size=cfg.image_size)
+        eval_sets[name] = ImageFolderDataset(
+            folder, class_names=class_names, image_size=cfg.image_size, on_bad_image=cfg.on_bad_image
+        )
     return DataBundle(train_part, eval_sets, "source_val" if held_out is not None else None, class_names)

@@ -46,8 +46,9 @@ def build_visda17(cfg: DataConfig) -> DataBundle:
     """Train on ``train/`` minus a per-class held-out "source_val" split; test on ``validation/`` ("visda17_val")."""
     if not cfg.root:
         raise ConfigError(f"data.name=visda17 needs data.root=DIR\n{expected_tree('DIR')}")
-    train = ListFileDataset(list_path(cfg.root, "train"), num_classes=len(CLASSES), image_size=cfg.image_size)
-    real = ListFileDataset(list_path(cfg.root, "validation"), num_classes=len(CLASSES), image_size=cfg.image_size)
+    n, size, bad = len(CLASSES), cfg.image_size, cfg.on_bad_image
+    train = ListFileDataset(list_path(cfg.root, "train"), num_classes=n, image_size=size, on_bad_image=bad)
+    real = ListFileDataset(list_path(cfg.root, "validation"), num_classes=n, image_size=size, on_bad_image=bad)
     train_part, held_out = split_source_val(train, cfg.source_val_fraction, cfg.split_seed)
     eval_sets = {} if held_out is None else {"source_val": held_out}
     eval_sets["visda17_val"] = real

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -21,6 +22,8 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb") as f:  # on disk before the rename, so a power cut cannot leave an empty file
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -33,17 +36,44 @@ def save_weights(model: nn.Module, path: Path) -> None:
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
-    """Load a safetensors file written by ``save_weights``; clear error on missing file or key mismatch."""
+    """Load a safetensors file written by ``save_weights`` into ``model``.
+
+    Raises WeightsError (one line, naming the file) when it is missing, unreadable, corrupt or truncated, or
+    does not fit the model (other keys or shapes: another backbone, head size or number of classes).
+    """
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"checkpoint {path} does not exist")
-    state = load_file(str(path))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        state = load_file(str(path))
+    except OSError as exc:
+        raise WeightsError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    except SafetensorError as exc:
+        detail = " ".join(str(exc).split())
+        raise WeightsError(f"cannot read checkpoint {path}: the file is corrupt or truncated ({detail})") from None
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
     if missing or unexpected:
         raise WeightsError(
             f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]} "
             "(was it trained with another backbone or number of classes?)"
         )
+    wrong = [k for k in own if tuple(own[k].shape) != tuple(state[k].shape)]
+    if wrong:
+        shapes = "; ".join(
+            f"{k} is {list(state[k].shape)} in the file but {list(own[k].shape)} in the model" for k in wrong[:3]
+        )
+        cause = (
+            "another number of classes or model.hidden_dim"
+            if all(k.startswith("head.") for k in wrong)
+            else "another backbone (model.backbone)"
+        )
+        raise WeightsError(
+            f"{path} does not fit the model: {len(wrong)} tensor(s) differ in shape: {shapes} "
+            f"(was it trained with {cause}?)"
+        )
+    model.load_state_dict(state)
 
 
 def save_state(state: dict[str, Any], path: Path) -> None:

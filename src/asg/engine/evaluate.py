@@ -71,9 +71,15 @@ def evaluate(
     """Evaluate ``model`` (returns ``ModelOutput``) on ``dataset`` of (image [3,H,W], label)."""
     was_training = model.training
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    from asg.data import collate_skip_none
+
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_skip_none)  # fmt: skip
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
-    for x, y in progress(loader, desc=desc, enabled=show_progress, leave=False):
+    for batch in progress(loader, desc=desc, enabled=show_progress, leave=False):
+        if batch is None:  # every image of the batch was skipped (data.on_bad_image=skip)
+            continue
+        x, y = batch
         x = x.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

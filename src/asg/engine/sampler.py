@@ -41,7 +41,7 @@ class EpochBatchSampler(Sampler[list[int]]):
 
 
 class IndexedDataset(Dataset):
-    """Wraps a dataset to also return the sample index: ``(image, label, index)``."""
+    """Wraps a dataset to also return the sample index: ``(image, label, index)``, or None for a skipped image."""
 
     def __init__(self, base: Dataset) -> None:
         self.base = base
@@ -50,5 +50,5 @@ class IndexedDataset(Dataset):
         return len(self.base)  # type: ignore[arg-type]
 
     def __getitem__(self, i: int):
-        x, y = self.base[i]
-        return x, y, i
+        item = self.base[i]
+        return None if item is None else (*item, i)

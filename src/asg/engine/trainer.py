@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,11 +16,22 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
-from asg.config import Config, config_to_dict
-from asg.data import DataBundle, balanced_subset, build_data
-from asg.engine.checkpoint import atomic_write, load_state, load_weights, save_state, save_weights
+from asg.config import Config, config_to_dict, load_config
+from asg.data import (
+    DataBundle,
+    balanced_subset,
+    build_data,
+    check_bundle_files,
+    collate_skip_none,
+    set_skip_log,
+    warn_bundle,
+)
+from asg.engine.checkpoint import load_weights
 from asg.engine.evaluate import EvalResult, evaluate, imagenet_retention
+from asg.engine.guards import LossGuard, non_finite_tensors
 from asg.engine.optim import build_optimizer
+from asg.engine.resume import check_resume_changes
+from asg.engine.rundir import RunDir
 from asg.engine.sampler import EpochBatchSampler, IndexedDataset
 from asg.engine.schedule import build_schedule
 from asg.errors import AsgError, TrainingDiverged
@@ -43,6 +55,7 @@ class Trainer:
     """Train ``cfg`` into ``out_dir`` (None: in memory only, as meta-training episodes do).
 
     Pass ``data``/``model``/``controller`` to reuse objects built elsewhere; otherwise they come from ``cfg``.
+    ``check_files`` stats every image file before training (``data.on_bad_image`` says what a bad one does).
     """
 
     def __init__(
@@ -55,12 +68,18 @@ class Trainer:
         controller: LRController | None = None,
         quiet: bool = False,
         resume: bool = False,
+        check_files: bool = True,
     ) -> None:
         self.cfg, self.quiet, self.resume = cfg, quiet, resume
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.run_dir = RunDir(self.out_dir) if self.out_dir is not None else None
         seed_everything(cfg.train.seed)
         self.device = resolve_device(cfg.train.device)
         self.data = data if data is not None else build_data(cfg.data)
+        self.skipped: list[str] = []
+        if check_files:
+            self.data, self.skipped = check_bundle_files(self.data, cfg.data.on_bad_image)
+            warn_bundle(self.data)  # e.g. a single-class training set trains to a meaningless 100%
         self.num_classes = self.data.num_classes
         self.model = (model if model is not None else build_model(cfg.model, self.num_classes)).to(self.device)
         self.teacher: Teacher = make_teacher(self.model).to(self.device)
@@ -82,9 +101,14 @@ class Trainer:
         self.use_cache = cfg.method.teacher_cache and self.method.needs_teacher and not self.data.has_augmentation
         self.teacher_cache: torch.Tensor | None = None
         self.cached: torch.Tensor | None = None
+        self.loss_guard = LossGuard(cfg.train.loss_explosion_factor)
         self.step = 0
+        self.elapsed0 = 0.0  # seconds trained before a resume
         self.history: list[dict[str, Any]] = []
-        self.best: dict[str, dict[str, Any]] = {}
+        self.best: dict[str, dict[str, Any]] = {}  # rule -> {step, score, set, file, sha256}
+        self.committed_step: int | None = None  # step of the checkpoint on disk
+        self._pending_eval = False  # restored at an evaluation step whose evaluation did not finish
+        self._last_batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
         self.writer = None
         self._eval_sets = self._curve_sets()
 
@@ -94,59 +118,131 @@ class Trainer:
         sets = self.data.eval_sets
         return {k: balanced_subset(v, cap, seed=0) if cap and len(v) > cap else v for k, v in sets.items()}
 
+    def _say(self, text: str) -> None:
+        if not self.quiet:
+            print(text, file=sys.stderr)
+
     def _open_run_dir(self) -> None:
-        assert self.out_dir is not None
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        text = yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False)
-        atomic_write(self.out_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
-        atomic_write(self.out_dir / "versions.json", lambda tmp: Path(tmp).write_text(json.dumps(versions(), indent=1)))
+        """Refuse a finished or foreign run, restore or clear leftovers, write config, versions, skipped list."""
+        rd = self.run_dir
+        assert rd is not None
+        if rd.exists("done") and self.resume:
+            raise AsgError(f"{rd.path} already finished (remove its 'done' file or use another --out)")
+        if self.resume:
+            self._restore()
+        elif rd.has_checkpoint() or rd.exists("done"):
+            raise AsgError(f"{rd.path} holds a run already: pass --resume to continue it, or choose another --out")
+        else:
+            removed = rd.clear_leftovers()
+            if removed:
+                self._say(f"asg: note: {rd.path} held an earlier run that stopped before its first checkpoint; "
+                          f"removed its {', '.join(removed)} and starting afresh")  # fmt: skip
+        rd.write_text("config.yaml", yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
+        rd.write_text("versions.json", json.dumps(versions(), indent=1))
+        skip_log = rd.path / "skipped_images.txt"
+        if self.skipped:
+            rd.write_text(skip_log.name, "".join(line + "\n" for line in self.skipped))
+            self._say(f"asg: warning: skipped {len(self.skipped)} bad image(s) (data.on_bad_image=skip); "
+                      f"see {skip_log}")  # fmt: skip
+        if self.cfg.data.on_bad_image == "skip":
+            set_skip_log(self.data, skip_log)
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(self.out_dir / "tb"))
+        # purge_step drops events logged after the restored checkpoint by the run that crashed
+        self.writer = SummaryWriter(str(rd.path / "tb"), purge_step=self.step + 1 if self.resume else None)
 
     def _restore(self) -> None:
-        assert self.out_dir is not None
-        state = load_state(self.out_dir / "state.pt")
-        load_weights(self.model, self.out_dir / "last.safetensors")
+        rd = self.run_dir
+        assert rd is not None
+        manifest, state, weights = rd.load_checkpoint()
+        step = int(manifest["step"])
+        if (rd.path / "config.yaml").is_file():
+            changes = check_resume_changes(load_config(rd.path / "config.yaml"), self.cfg, step)
+            if changes:
+                listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+                self._say(f"asg: note: resuming with changed settings, applied from step {step} on: {listed}")
+                rd.append_row({"step": step, "changes": {k: list(v) for k, v in changes.items()}}, "resumes.jsonl")
+        load_weights(self.model, weights)
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, settings in zip(self.optimizer.param_groups, fresh):
+            group.update(settings)  # the config given now decides rates, momentum and decay (resume obeys)
         self.controller.load_state_dict(state["controller"])
-        self.step, self.scales = state["step"], [float(s) for s in state["scales"]]
-        self.best = json.loads(state["best"])
-        self.history = json.loads(state["history"])
+        self.step, self.scales = step, [float(s) for s in state["scales"]]
+        self.committed_step = step
+        self.loss_guard.load_state_dict(state["loss_guard"])
+        self.elapsed0 = float(state.get("elapsed_s", 0.0))
         torch.set_rng_state(state["torch_rng"])
         if state.get("teacher_cache") is not None:
             self.teacher_cache, self.cached = state["teacher_cache"], state["cached"]
-        if not self.quiet:
-            print(f"resumed {self.out_dir} at step {self.step}/{self.cfg.train.steps}")
+        self.best = dict(manifest.get("best", {}))
+        evaluated = manifest.get("evaluated_through")
+        self.history = rd.truncate_rows(lambda row: evaluated is not None and row["step"] <= evaluated)
+        rd.sync_files(manifest)
+        self._pending_eval = self._is_eval_step(step) and (evaluated is None or evaluated < step)
+        self._say(f"resumed {rd.path} at step {self.step}/{self.cfg.train.steps}")
 
-    def _save(self) -> None:
-        if self.out_dir is None:
+    def _save(self, elapsed: float) -> None:
+        """Check the weights, then commit a checkpoint of this step (before it is evaluated)."""
+        if self.run_dir is None:
             return
-        save_weights(self.model, self.out_dir / "last.safetensors")
+        self._check_before_save()
         state = {
-            "step": self.step,
             "scales": torch.tensor(self.scales),
             "optimizer": self.optimizer.state_dict(),
             "controller": self.controller.state_dict(),
-            "best": json.dumps(self.best),
-            "history": json.dumps(self.history),
+            "loss_guard": self.loss_guard.state_dict(),
+            "elapsed_s": elapsed,
             "torch_rng": torch.get_rng_state(),
             "teacher_cache": self.teacher_cache,
             "cached": self.cached,
         }
-        save_state(state, self.out_dir / "state.pt")
+        evaluated = self.history[-1]["step"] if self.history else None
+        self.run_dir.save_checkpoint(self.step, self.model.state_dict(), state, self.best, evaluated)
+        self.committed_step = self.step
+
+    def _check_before_save(self) -> None:
+        """Refuse to checkpoint weights that are non-finite or whose loss on the last batch has exploded."""
+        bad = non_finite_tensors(self.model)
+        if bad:
+            self._diverged("non-finite weights", {"tensors": len(bad)}, f" (first: {bad[0]})", step=self.step)
+        if self._last_batch is None:
+            return
+        x, y, teacher_logits = self._last_batch
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad(), self._autocast():
+            loss = float(self.method.loss(self.model(x), y, teacher_logits).loss)
+        self.model.train(was_training)
+        if self.loss_guard.exploded(loss):
+            self._diverged("exploded loss of the weights to be saved", {"loss": loss, "scale": self.loss_guard.scale},
+                           step=self.step)  # fmt: skip
+
+    def _is_eval_step(self, step: int) -> bool:
+        return step % self.cfg.train.eval_every == 0 or step == self.cfg.train.steps
+
+    def _autocast(self) -> torch.autocast:
+        amp = self.cfg.train.amp and self.device.type == "cuda"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
+        """Train to ``cfg.train.steps``; with a run folder, hold its lock for the whole run."""
+        if self.run_dir is None:
+            return self._run()
+        with self.run_dir:
+            try:
+                self._open_run_dir()
+                return self._run()
+            finally:
+                if self.writer is not None:
+                    self.writer.close()
+
+    def _run(self) -> TrainResult:
         cfg = self.cfg
-        if self.out_dir is not None:
-            if (self.out_dir / "done").exists() and self.resume:
-                raise AsgError(f"{self.out_dir} already finished (remove its 'done' file or use another --out)")
-            if self.resume:
-                self._restore()
-            elif (self.out_dir / "state.pt").exists():
-                raise AsgError(f"{self.out_dir} holds a run already: pass --resume to continue it, or choose --out")
-            self._open_run_dir()
+        t0 = time.time() - self.elapsed0
+        if self._pending_eval:
+            self._evaluate_and_log(time.time() - t0)
         sampler = EpochBatchSampler(
             len(self.data.train), cfg.data.batch_size, cfg.train.seed, self.step, cfg.train.steps
         )
@@ -154,6 +250,7 @@ class Trainer:
             IndexedDataset(self.data.train),
             batch_sampler=sampler,
             num_workers=cfg.data.num_workers,
+            collate_fn=collate_skip_none,
             generator=torch.Generator(),
         )  # keeps the global RNG untouched (exact resume)
         window: dict[str, float] = {}
@@ -164,9 +261,10 @@ class Trainer:
             total=len(sampler),
             initial=0,
         )
-        t0 = time.time()
-        for x, y, idx in bar:
-            logs = self._train_step(x, y, idx)
+        for batch in bar:
+            if batch is None:
+                raise AsgError(f"every image in the batch of step {self.step + 1} was unreadable (skipped_images.txt)")
+            logs = self._train_step(*batch)
             self.step += 1
             for k, v in logs.items():
                 window[k] = window.get(k, 0.0) + v
@@ -177,10 +275,10 @@ class Trainer:
                 self._log_scalars(means)
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(loss=f"{means['loss']:.3f}")
-            if self.step % cfg.train.eval_every == 0 or self.step == cfg.train.steps:
-                self._evaluate_and_log(time.time() - t0)
             if self.step % cfg.train.checkpoint_every == 0 or self.step == cfg.train.steps:
-                self._save()
+                self._save(time.time() - t0)  # before evaluating: a bad evaluation image cannot cost the step
+            if self._is_eval_step(self.step):
+                self._evaluate_and_log(time.time() - t0)
         return self._finish()
 
     def _teacher_logits(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor | None:
@@ -205,23 +303,28 @@ class Trainer:
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         if cfg.model.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        amp = cfg.train.amp and self.device.type == "cuda"
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+        with self._autocast():
             teacher_logits = self._teacher_logits(x, idx)
             out = self.model(x)
             lo = self.method.loss(out, y, teacher_logits)
         loss = lo.loss
-        if not torch.isfinite(loss):
-            self._diverged("loss", {k: float(v) for k, v in lo.logs.items()})
+        loss_value = float(loss.detach())
+        if self.loss_guard.exploded(loss_value):
+            what = "non-finite loss"
+            if math.isfinite(loss_value):
+                what = f"exploding loss ({self.loss_guard.factor:g} x its scale {self.loss_guard.scale:.4g})"
+            self._diverged(what, {"loss": loss_value, **{k: float(v) for k, v in lo.logs.items()}})
+        self.loss_guard.update(loss_value)
+        self._last_batch = (x, y, teacher_logits)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm is not None else float("inf")
         grad_norm = float(nn.utils.clip_grad_norm_(self.trainable, max_norm))
         if not math.isfinite(grad_norm):
-            self._diverged("gradient norm", {"grad_norm": grad_norm})
+            self._diverged("non-finite gradient norm", {"grad_norm": grad_norm})
         self.optimizer.step()
         logs = {k: float(v) for k, v in lo.logs.items()}
-        logs.update(loss=float(loss.detach()), grad_norm=grad_norm)
+        logs.update(loss=loss_value, grad_norm=grad_norm)
         self._control(logs)
         return logs
 
@@ -240,12 +343,20 @@ class Trainer:
         if new is not None:
             self.scales = list(new)
 
-    def _diverged(self, what: str, values: dict[str, float]) -> None:
-        last = self.out_dir / "last.safetensors" if self.out_dir else None
-        kept = f"the last good checkpoint {last} is kept" if last and last.exists() else "no checkpoint was written yet"
+    def _diverged(self, what: str, values: dict[str, float], detail: str = "", step: int | None = None) -> None:
+        """Raise TrainingDiverged for ``what`` at ``step`` (default: the step being taken)."""
+        if self.run_dir is None:
+            kept = "nothing is saved (in-memory run)"
+        elif self.committed_step is not None:
+            manifest = self.run_dir.manifest_path
+            kept = f"the last good checkpoint (step {self.committed_step}, {manifest}) is kept"
+        else:
+            kept = "no checkpoint was written yet"
         raise TrainingDiverged(
-            f"non-finite {what} at step {self.step} ({', '.join(f'{k}={v:.4g}' for k, v in values.items())}); "
-            f"training stopped and {kept}. Lower optim.lr or method.kl_weight, or set optim.max_grad_norm."
+            f"{what} at step {self.step + 1 if step is None else step} "
+            f"({', '.join(f'{k}={v:.4g}' for k, v in values.items())}){detail}; "
+            f"training stopped and {kept}. Lower optim.lr or method.kl_weight, or set optim.max_grad_norm "
+            "(a resume applies them: --resume --set optim.lr=...)"
         )
 
     # ------------------------------------------------------------------ logging and evaluation
@@ -289,13 +400,15 @@ class Trainer:
             "metrics": {k: r.to_dict() for k, r in results.items()},
         }
         self.history.append(row)
-        if self.out_dir is not None:
-            with open(self.out_dir / "results.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            for name, r in results.items():
-                self.writer.add_scalar(f"eval/{name}/mean_class_acc", r.mean_class_acc, self.step)
-                self.writer.add_scalar(f"eval/{name}/acc", r.acc, self.step)
-            self._track_best(results)
+        if self.run_dir is None:
+            return
+        self.run_dir.append_row(row)
+        for name, r in results.items():
+            self.writer.add_scalar(f"eval/{name}/mean_class_acc", r.mean_class_acc, self.step)
+            self.writer.add_scalar(f"eval/{name}/acc", r.acc, self.step)
+        self._track_best(results)
+        if self.committed_step == self.step:  # the checkpoint of this step now counts its evaluation
+            self.run_dir.update_manifest(best=self.best, evaluated_through=self.step)
 
     def _track_best(self, results: dict[str, EvalResult]) -> None:
         """Keep the weights of the best source-val step and of the best step on the oracle real set."""
@@ -304,8 +417,9 @@ class Trainer:
                 continue
             score = results[set_name].mean_class_acc
             if rule not in self.best or score > self.best[rule]["score"]:
-                self.best[rule] = {"step": self.step, "score": score, "set": set_name}
-                save_weights(self.model, self.out_dir / f"best_{rule.replace('-', '_')}.safetensors")
+                tag = f"best_{rule.replace('-', '_')}_step_{self.step:07d}"
+                entry = self.run_dir.write_weights(tag, self.model.state_dict(), self.step)
+                self.best[rule] = {**entry, "score": score, "set": set_name}
 
     @property
     def oracle_set(self) -> str | None:
@@ -336,7 +450,7 @@ class Trainer:
         result = TrainResult(
             history=self.history, out_dir=self.out_dir, controller_history=list(getattr(self.controller, "history", []))
         )
-        if self.out_dir is None:
+        if self.run_dir is None:
             return result
         result.selections = self._selections()
         summary = {
@@ -350,10 +464,8 @@ class Trainer:
             "class_names": self.data.class_names,
             "source_val_set": self.data.source_val_name,
         }
-        text = json.dumps(summary, indent=1)
-        atomic_write(self.out_dir / "summary.json", lambda tmp: Path(tmp).write_text(text))
-        self.writer.close()
-        (self.out_dir / "done").write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+        self.run_dir.write_text("summary.json", json.dumps(summary, indent=1))
+        self.run_dir.write_text("done", time.strftime("%Y-%m-%d %H:%M:%S\n"))
         return result
 
     def _selections(self) -> dict[str, dict[str, Any]]:
@@ -374,10 +486,10 @@ class Trainer:
             out["last"]["confusion"] = {k: r.confusion.tolist() for k, r in last_metrics.items()}
         live = copy.deepcopy(self.model.state_dict())
         for rule, info in self.best.items():
-            ckpt = self.out_dir / f"best_{rule.replace('-', '_')}.safetensors"
-            out[rule] = {"step": info["step"], "checkpoint": ckpt.name, "selected_on": info["set"]}
+            export = f"best_{rule.replace('-', '_')}.safetensors"
+            out[rule] = {"step": info["step"], "checkpoint": export, "selected_on": info["set"]}
             if self.cfg.eval.full_eval_selected or not full_needed:
-                load_weights(self.model, ckpt)
+                load_weights(self.model, self.run_dir.path / info["file"])
                 metrics = {k: r.to_dict() for k, r in self._eval_all(self.data.eval_sets).items()}
             else:  # the in-training evaluation of that step, on the capped subsets (labelled)
                 metrics = next(row["metrics"] for row in self.history if row["step"] == info["step"])

@@ -27,6 +27,7 @@ from torch import nn
 
 from asg.config import Config, config_to_dict
 from asg.engine.checkpoint import atomic_write
+from asg.engine.rundir import RunDir
 from asg.errors import AsgError, TrainingDiverged
 from asg.l2o.controllers import L2OController
 from asg.l2o.plots import plot_meta_rewards, plot_scale_schedule
@@ -105,12 +106,18 @@ def meta_train(
     ``data`` (a ``DataBundle``) and ``model`` (the initial task model) default to ``build_data(cfg.data)`` and
     ``build_model(cfg.model, num_classes)``. ``resume`` continues after the last finished episode.
     """
+    with RunDir(out_dir) as run_dir:  # one process per folder; the lock goes with the process
+        return _meta_train(cfg, run_dir, resume, data, model, quiet)
+
+
+def _meta_train(cfg: Config, run_dir: RunDir, resume: bool, data: Any, model: nn.Module | None, quiet: bool) -> Path:
     from torch.utils.tensorboard import SummaryWriter
 
+    from asg.data import check_bundle_files
     from asg.engine.trainer import Trainer
     from asg.utils import progress
 
-    out_dir = Path(out_dir)
+    out_dir = run_dir.path
     state_path, final_path = out_dir / "meta_state.pt", out_dir / "policy.safetensors"
     if resume and (out_dir / "done").exists():
         raise AsgError(f"{out_dir} already finished meta-training ({final_path}); choose another --out")
@@ -125,6 +132,9 @@ def meta_train(
 
         data = build_data(cfg.data)
     bundle = synthetic_only(data, keep_source_val=cfg.l2o.reward == "neg_heldout_loss")
+    bundle, skipped = check_bundle_files(bundle, cfg.data.on_bad_image)  # once, not per episode
+    if skipped:
+        run_dir.write_text("skipped_images.txt", "".join(line + "\n" for line in skipped))
     if model is None:
         from asg.models import build_model
 
@@ -157,15 +167,12 @@ def meta_train(
         learner.load_state_dict(state["learner"])
         torch.set_rng_state(state["torch_rng"])
         start = int(state["episode"])
-        rows = [json.loads(line) for line in history_path.read_text().splitlines() if line.strip()]
-        rows = [r for r in rows if r["episode"] <= start]  # drop rows of an episode that did not finish
-        history_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        # drop rows of an episode that did not finish
+        run_dir.truncate_rows(lambda r: r["episode"] <= start, history_path.name)
     else:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        history_path.write_text("")
-        text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-        atomic_write(out_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
-    writer = SummaryWriter(str(out_dir / "tb"))
+        run_dir.write_text(history_path.name, "")
+        run_dir.write_text("config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    writer = SummaryWriter(str(out_dir / "tb"), purge_step=start + 1 if resume else None)
 
     bar = progress(
         range(start, lc.episodes),
@@ -195,6 +202,7 @@ def meta_train(
                 model=copy.deepcopy(base_model),
                 controller=ctrl,
                 quiet=True,
+                check_files=False,
             )
             result = trainer.run()
             learner.update()  # flush a partial rollout (normally done by the controller at the last step)
@@ -207,8 +215,7 @@ def meta_train(
         row = _summarise(ctrl, ep + 1, info)
         last_history = ctrl.history
         save_policy(policy, out_dir / "policies" / f"episode_{ep + 1:03d}.safetensors")
-        with open(history_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        run_dir.append_row(row, history_path.name)
         _log_tb(writer, row)
         state = {
             "policy": policy.state_dict(),

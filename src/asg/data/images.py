@@ -1,0 +1,125 @@
+"""Reading image files: decoding (EXIF orientation, 16-bit gray), and the base class of file-backed datasets.
+
+A :class:`FileImageDataset` exposes ``labels`` [N] and ``image_path(i)`` without opening any image. With
+``on_bad_image="skip"`` an item that fails to decode is returned as ``None`` (drop it with
+``asg.data.files.collate_skip_none``) and its line ``PATH: reason`` is appended to ``skip_log``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+from asg.errors import ConfigError, DataError
+
+IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+BAD_IMAGE_MODES = ("error", "skip")
+WIDE_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I")  # 16-bit (or 32-bit int) grayscale
+
+Transform = Callable[[Image.Image], torch.Tensor]
+
+
+class ImageReadError(DataError):
+    """An image that is missing or cannot be decoded; ``path`` and ``reason`` feed the skip log."""
+
+    def __init__(self, message: str, path: str | Path, reason: str) -> None:
+        super().__init__(message)
+        self.path, self.reason = Path(path), reason
+
+
+def wide_gray_to_l(img: Image.Image) -> Image.Image:
+    """16-bit gray ("I;16*", or "I" with max <= 65535) -> "L" as ``round(v * 255 / 65535)``.
+
+    An "I" image with larger values is scaled by its own maximum instead; negative values become 0.
+    """
+    arr = np.asarray(img).astype(np.float64)
+    top = max(65535.0, float(arr.max(initial=0.0)))
+    return Image.fromarray(np.rint(np.clip(arr, 0.0, None) * (255.0 / top)).astype(np.uint8))
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """Decode ``path`` fully, upright (EXIF orientation applied), as "L" (gray) or "RGB". Raises what PIL raises."""
+    with Image.open(path) as img:
+        img.load()
+        with contextlib.suppress(Exception):  # a malformed EXIF block: the pixels are fine, keep them as stored
+            ImageOps.exif_transpose(img, in_place=True)
+        if img.mode in WIDE_GRAY_MODES:
+            return wide_gray_to_l(img)
+        return img.convert("L") if img.mode in ("1", "L") else img.convert("RGB")
+
+
+def open_image(path: str | Path, where: str = "") -> Image.Image:
+    """:func:`read_image`; an :class:`ImageReadError` (a DataError) names the file and ``where`` it was listed."""
+    suffix = f" (listed at {where})" if where else ""
+    try:
+        return read_image(path)
+    except FileNotFoundError:
+        raise ImageReadError(f"image file {path} does not exist{suffix}", path, f"does not exist{suffix}") from None
+    except Exception as exc:  # PIL raises many types for corrupt/truncated files
+        why = f"{type(exc).__name__}: {exc}"
+        msg = f"cannot read image {path}{suffix}: {why}"
+        raise ImageReadError(msg, path, f"cannot decode{suffix}: {why}") from None
+
+
+def check_bad_image_mode(mode: str) -> str:
+    """``mode`` if it is "error" or "skip", else a ConfigError."""
+    if mode not in BAD_IMAGE_MODES:
+        raise ConfigError(f"data.on_bad_image must be one of {', '.join(BAD_IMAGE_MODES)}, got {mode!r}")
+    return mode
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files (by extension) anywhere under ``folder``, symlinks followed, sorted."""
+    return sorted(
+        Path(d) / f for d, _, fs in os.walk(folder, followlinks=True) for f in fs if f.lower().endswith(IMG_EXTENSIONS)
+    )
+
+
+class FileImageDataset(Dataset):
+    """Base of datasets whose items are image files. Subclasses set ``labels``, ``transform`` and ``image_path``.
+
+    Items are ``(FloatTensor [3, S, S] in [0, 1], int)``; ``None`` for an undecodable image when
+    ``on_bad_image == "skip"`` (the line ``PATH: reason`` is appended to ``skip_log``, or warned when unset).
+    The log file is opened in append mode per write, so DataLoader worker processes can share it.
+    """
+
+    labels: np.ndarray
+    transform: Transform
+    on_bad_image: str = "error"
+    skip_log: Path | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def image_path(self, i: int) -> Path:
+        raise NotImplementedError
+
+    def where(self, i: int) -> str:
+        """Where item ``i`` is listed (``FILE:LINE``), or "" when it is not listed anywhere."""
+        return ""
+
+    def log_skipped(self, line: str) -> None:
+        """Record one skipped image (``PATH: reason``) in ``skip_log``."""
+        if self.skip_log is None:
+            warnings.warn(f"skipped bad image {line}", stacklevel=2)
+            return
+        with open(self.skip_log, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
+        try:
+            img = open_image(self.image_path(i), where=self.where(i))
+        except ImageReadError as exc:
+            if self.on_bad_image != "skip":
+                raise
+            self.log_skipped(f"{exc.path}: {exc.reason}")
+            return None
+        return self.transform(img), int(self.labels[i])

@@ -1,0 +1,295 @@
+"""Runs that cannot be corrupted: lock, consistent checkpoints, history without repeats, guards, obeying resume."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from asg.config import load_config
+from asg.engine.rundir import RunDir, RunFolderError
+from asg.engine.trainer import Trainer
+from asg.errors import ConfigError, TrainingDiverged
+
+TESTS = Path(__file__).parent
+
+
+def _weights(path):
+    return load_file(path)
+
+
+def _same_weights(a, b):
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"differs at {k}"
+
+
+def _steps(run):
+    return [json.loads(line)["step"] for line in (run / "results.jsonl").read_text().splitlines()]
+
+
+def _crash_at(monkeypatch, step):
+    """Make ``Trainer._train_step`` die when the trainer is about to take step ``step + 1``."""
+    original = Trainer._train_step
+
+    def crash(self, *args):
+        if self.step == step:
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, "_train_step", crash)
+    return original
+
+
+def test_second_process_into_a_locked_folder_is_refused_with_its_pid(tmp_path, tiny_bundle, tiny_config):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys,time; from asg.engine.rundir import RunDir; r=RunDir(sys.argv[1]); "
+         "r.lock(); print('locked', flush=True); time.sleep(60)", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunFolderError, match=f"pid {holder.pid}"):
+            Trainer(tiny_config(), tmp_path, data=tiny_bundle, quiet=True).run()
+        assert not (tmp_path / "results.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # the OS dropped the dead holder's lock
+    Trainer(tiny_config(), tmp_path, data=tiny_bundle, quiet=True).run()
+    assert (tmp_path / "done").exists()
+
+
+def test_lock_is_exclusive_within_one_process_and_released(tmp_path):
+    with RunDir(tmp_path):
+        with pytest.raises(RunFolderError, match="in use"):
+            RunDir(tmp_path).lock()
+    with RunDir(tmp_path):
+        pass
+
+
+def test_crash_between_checkpoint_files_and_manifest_resumes_exactly(tiny_bundle, tiny_config, tmp_path, monkeypatch):
+    cfg = tiny_config("train.steps=6", "train.eval_every=1", "train.checkpoint_every=2")
+    Trainer(cfg, tmp_path / "a", data=tiny_bundle, quiet=True).run()
+
+    commit = RunDir.commit
+
+    def die_before_second_checkpoint(self, manifest):
+        if manifest["step"] == 4 and "weights" in manifest and manifest["evaluated_through"] == 3:
+            raise KeyboardInterrupt  # step 4's weights and state are on disk, the manifest is not
+        return commit(self, manifest)
+
+    monkeypatch.setattr(RunDir, "commit", die_before_second_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, tmp_path / "b", data=tiny_bundle, quiet=True).run()
+    monkeypatch.setattr(RunDir, "commit", commit)
+    assert json.loads((tmp_path / "b" / "checkpoint.json").read_text())["step"] == 2
+    Trainer(cfg, tmp_path / "b", data=tiny_bundle, quiet=True, resume=True).run()
+    _same_weights(tmp_path / "a" / "last.safetensors", tmp_path / "b" / "last.safetensors")
+    assert _steps(tmp_path / "b") == [1, 2, 3, 4, 5, 6]
+    leftovers = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
+    assert leftovers == sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
+
+
+def test_mismatched_checkpoint_files_are_refused(tiny_bundle, tiny_config, tmp_path, monkeypatch):
+    cfg = tiny_config("train.steps=6")
+    _crash_at(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True).run()
+    manifest = json.loads((tmp_path / "checkpoint.json").read_text())
+    weights = tmp_path / manifest["weights"]["file"]
+    state = load_file(weights)
+    state[next(iter(state))] += 1  # weights from "another step"
+    from safetensors.torch import save_file
+
+    save_file(state, weights)
+    with pytest.raises(RunFolderError, match="checksum"):
+        Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True, resume=True).run()
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    import torch
+    sys.path.insert(0, sys.argv[2])
+    from conftest import RandomImages
+    from asg.config import load_config
+    from asg.data import DataBundle
+    from asg.engine.trainer import Trainer
+    torch.set_num_threads(1)
+    bundle = DataBundle(RandomImages(48, seed=0), {"source_val": RandomImages(12, seed=1),
+                        "real": RandomImages(12, seed=2)}, "source_val", ["a", "b", "c"])
+    cfg = load_config(None, sys.argv[3:])
+    original = Trainer._train_step
+    def die(self, *args):
+        if self.step == 5:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, *args)
+    Trainer._train_step = die
+    Trainer(cfg, sys.argv[1], data=bundle, quiet=True).run()
+    """
+)
+
+
+def test_kill_9_then_resume_writes_each_step_once(tiny_bundle, tiny_config, tmp_path, one_thread):
+    overrides = ["train.steps=7", "train.eval_every=1", "train.checkpoint_every=3"]
+    cfg = tiny_config(*overrides)
+    Trainer(cfg, tmp_path / "a", data=tiny_bundle, quiet=True).run()
+
+    script = tmp_path / "die.py"
+    script.write_text(KILL_SCRIPT)
+    argv = [sys.executable, str(script), str(tmp_path / "b"), str(TESTS), *_tiny_overrides(tiny_config), *overrides]
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert _steps(tmp_path / "b") == [1, 2, 3, 4, 5]  # rows 4 and 5 are past the step-3 checkpoint
+    Trainer(cfg, tmp_path / "b", data=tiny_bundle, quiet=True, resume=True).run()
+    assert _steps(tmp_path / "b") == [1, 2, 3, 4, 5, 6, 7]
+    _same_weights(tmp_path / "a" / "last.safetensors", tmp_path / "b" / "last.safetensors")
+    _same_weights(tmp_path / "a" / "best_oracle.safetensors", tmp_path / "b" / "best_oracle.safetensors")
+
+
+def _tiny_overrides(tiny_config):
+    """The conftest's tiny overrides as a list (read back from a Config)."""
+    cfg = tiny_config()
+    return [
+        f"data.batch_size={cfg.data.batch_size}", f"data.image_size={cfg.data.image_size}",
+        f"train.log_every={cfg.train.log_every}", "train.progress=false", f"optim.lr={cfg.optim.lr}",
+        "optim.warmup_steps=0", "eval.retention=false", "name=tiny", "method.name=asg", "method.kl_weight=1",
+    ]  # fmt: skip
+
+
+def test_rerun_over_a_run_that_never_checkpointed_starts_afresh(tiny_bundle, tiny_config, tmp_path, monkeypatch):
+    cfg = tiny_config("train.steps=4", "train.eval_every=1", "train.checkpoint_every=4")
+    original = _crash_at(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True).run()
+    assert _steps(tmp_path) == [1, 2] and not (tmp_path / "checkpoint.json").exists()
+    monkeypatch.setattr(Trainer, "_train_step", original)
+    Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True).run()
+    assert _steps(tmp_path) == [1, 2, 3, 4]
+
+
+def test_a_failed_evaluation_does_not_cost_the_checkpoint_and_is_redone_on_resume(
+    tiny_bundle, tiny_config, tmp_path, monkeypatch
+):
+    cfg = tiny_config("train.steps=4", "train.eval_every=2", "train.checkpoint_every=2")
+    Trainer(cfg, tmp_path / "a", data=tiny_bundle, quiet=True).run()
+    original = Trainer._eval_all
+
+    def broken(self, sets):
+        if self.step == 2:
+            raise OSError("a bad image in the real set")
+        return original(self, sets)
+
+    monkeypatch.setattr(Trainer, "_eval_all", broken)
+    with pytest.raises(OSError):
+        Trainer(cfg, tmp_path / "b", data=tiny_bundle, quiet=True).run()
+    manifest = json.loads((tmp_path / "b" / "checkpoint.json").read_text())
+    assert manifest["step"] == 2 and manifest["evaluated_through"] is None  # saved before evaluating
+    monkeypatch.setattr(Trainer, "_eval_all", original)
+    Trainer(cfg, tmp_path / "b", data=tiny_bundle, quiet=True, resume=True).run()
+    assert _steps(tmp_path / "b") == [2, 4]
+    _same_weights(tmp_path / "a" / "best_source_val.safetensors", tmp_path / "b" / "best_source_val.safetensors")
+
+
+def test_finite_loss_explosion_stops_and_keeps_the_previous_checkpoint(tiny_bundle, tiny_config, tmp_path, monkeypatch):
+    cfg = tiny_config("train.steps=30", "train.eval_every=100", "train.checkpoint_every=5")
+    trainer = Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True)
+    loss = trainer.method.loss
+
+    def exploding(out, labels, teacher_logits):
+        lo = loss(out, labels, teacher_logits)
+        if trainer.step >= 17:
+            lo.loss = lo.loss * 1e20  # finite, but exploded
+        return lo
+
+    monkeypatch.setattr(trainer.method, "loss", exploding)
+    with pytest.raises(TrainingDiverged, match=r"exploding loss \(1000 x .*\) at step 18"):
+        trainer.run()
+    manifest = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert manifest["step"] == 15
+    assert not (tmp_path / "done").exists()
+
+
+def test_exploded_weights_are_never_checkpointed(tiny_bundle, tiny_config, tmp_path, monkeypatch):
+    cfg = tiny_config("train.steps=30", "train.eval_every=100", "train.checkpoint_every=5")
+    trainer = Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True)
+    step = trainer.optimizer.step
+
+    def blow_up(*args, **kwargs):
+        step(*args, **kwargs)
+        if trainer.step == 9:  # the update of step 10, right before its checkpoint
+            with torch.no_grad():
+                for p in trainer.model.head.parameters():
+                    p.mul_(1e27)
+
+    monkeypatch.setattr(trainer.optimizer, "step", blow_up)
+    with pytest.raises(TrainingDiverged, match="weights to be saved at step 10"):
+        trainer.run()
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["step"] == 5
+    saved = load_file(tmp_path / "last.safetensors")
+    assert max(float(v.abs().max()) for v in saved.values() if v.is_floating_point()) < 1e6
+
+
+def test_resume_applies_a_changed_learning_rate(tiny_bundle, tiny_config, tmp_path, monkeypatch):
+    cfg = tiny_config("train.steps=4", "optim.schedule=constant")
+    original = _crash_at(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True).run()
+    monkeypatch.setattr(Trainer, "_train_step", original)
+    saved = tmp_path / "config.yaml"
+    resumed = Trainer(load_config(saved, ["optim.lr=0.002"]), tmp_path, data=tiny_bundle, quiet=True, resume=True)
+    resumed.run()
+    head = resumed.optimizer.param_groups[-1]
+    assert head["base_lr"] == pytest.approx(0.002) and head["lr"] == pytest.approx(0.002)
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(0.002 * cfg.optim.backbone_lr_mult)
+    assert load_config(saved).optim.lr == pytest.approx(0.002)  # the folder records the value used
+    change = json.loads((tmp_path / "resumes.jsonl").read_text())
+    assert change["step"] == 2 and change["changes"]["optim.lr"] == [0.05, 0.002]
+
+
+def test_resume_refuses_a_change_that_makes_another_experiment(tiny_bundle, tiny_config, tmp_path, monkeypatch):
+    cfg = tiny_config("train.steps=4")
+    _crash_at(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True).run()
+    for override, key in (("method.name=erm", "method.name"), ("train.seed=5", "train.seed"),
+                          ("train.steps=2", "train.steps")):  # fmt: skip
+        with pytest.raises(ConfigError, match=key):
+            Trainer(load_config(tmp_path / "config.yaml", [override]), tmp_path, data=tiny_bundle, quiet=True,
+                    resume=True).run()  # fmt: skip
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tiny_bundle, tiny_config, tmp_path, monkeypatch):
+    cfg = tiny_config("train.steps=4")
+    trainer = Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True)
+    import asg.engine.rundir as rundir
+
+    save = rundir.save_file
+
+    def full(tensors, path, metadata=None):
+        if trainer.step == 4:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return save(tensors, path, metadata)
+
+    monkeypatch.setattr(rundir, "save_file", full)
+    with pytest.raises(RunFolderError, match="disk is full.*checkpoint of step 2 is kept"):
+        trainer.run()
+    monkeypatch.setattr(rundir, "save_file", save)
+    Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True, resume=True).run()  # resumable from step 2
+    assert (tmp_path / "done").exists()
+
+
+def test_unwritable_output_folder_is_one_message(tiny_bundle, tiny_config, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(RunFolderError, match=f"cannot create {blocker}/run"):
+        Trainer(tiny_config(), blocker / "run", data=tiny_bundle, quiet=True).run()
