@@ -69,6 +69,7 @@ def evaluate(
     from asg.data import build_data
     from asg.engine.checkpoint import load_weights
     from asg.engine.evaluate import evaluate as evaluate_set
+    from asg.engine.rundir import RunDir
     from asg.models import build_model
     from asg.utils import resolve_device
 
@@ -79,7 +80,8 @@ def evaluate(
     cfg = load_config(saved, overrides)
     if checkpoint not in CHECKPOINTS and not checkpoint.endswith(".safetensors"):
         raise AsgError(f"checkpoint {checkpoint!r}: use {', '.join(CHECKPOINTS)} or the path of a .safetensors file")
-    path = run_dir / CHECKPOINTS[checkpoint] if checkpoint in CHECKPOINTS else Path(checkpoint)
+    # a named checkpoint is the file the manifest commits (checkpoint.json), not whatever a link points at
+    path = RunDir(run_dir).resolve(checkpoint) if checkpoint in CHECKPOINTS else Path(checkpoint)
     if not path.is_file():
         found = ", ".join(sorted(f.name for f in run_dir.glob("*.safetensors"))) or "none"
         raise WeightsError(f"checkpoint {path} does not exist (checkpoints in {run_dir}: {found})")
@@ -98,6 +100,7 @@ def evaluate(
             batch_size=cfg.data.eval_batch_size,
             tta_flip=tta,
             device=device,
+            num_workers=cfg.data.num_workers,
             desc=f"eval {name}",
             show_progress=show_progress,
             channels_last=cfg.model.channels_last,

@@ -6,6 +6,7 @@ import argparse
 import errno
 import re
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -211,8 +212,20 @@ def _error_line(exc: AsgError) -> str:
     return re.sub(rf"^(?:[\w.]+\.)?{re.escape(type(exc).__name__)}: ", "", last)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """Warnings from ``asg`` print as one ``asg: warning:`` line; others keep Python's format."""
+    if str(getattr(category, "__module__", "")).startswith("asg"):
+        print(f"asg: warning: {message}", file=file or sys.stderr)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    warnings.showwarning = _show_warning
     handlers = {"train": _train, "evaluate": _evaluate, "demo": _demo}
     try:
         if args.command == "data":
