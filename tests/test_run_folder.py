@@ -293,3 +293,26 @@ def test_unwritable_output_folder_is_one_message(tiny_bundle, tiny_config, tmp_p
     blocker.write_text("")
     with pytest.raises(RunFolderError, match=f"cannot create {blocker}/run"):
         Trainer(tiny_config(), blocker / "run", data=tiny_bundle, quiet=True).run()
+
+
+def test_loss_guard_catches_an_early_explosion_but_not_noise_after_convergence():
+    from asg.engine.guards import LossGuard
+
+    guard = LossGuard(1000.0)
+    for loss in (1.14, 45.0):
+        assert not guard.exploded(loss)
+        guard.update(loss)
+    assert guard.exploded(2.2e4)  # 1.14 -> 45 -> 2.2e4: a running average would have followed it up
+    calm = LossGuard(1000.0)
+    for loss in [2.3] + [1e-4] * 50:
+        calm.update(loss)
+    assert not calm.exploded(5.0) and calm.exploded(float("inf"))
+    assert not LossGuard(None).exploded(1e30) and LossGuard(None).exploded(float("nan"))
+
+
+def test_batch_norm_training_never_gets_a_one_image_batch():
+    from asg.engine.sampler import EpochBatchSampler
+
+    sizes = [len(b) for b in EpochBatchSampler(17, 8, seed=0, total_steps=6, min_batch=2)]
+    assert sizes == [8, 8] * 3
+    assert [len(b) for b in EpochBatchSampler(17, 8, seed=0, total_steps=3)] == [8, 8, 1]

@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="dataset tools")
     dsub = p.add_subparsers(dest="data_command", required=True)
     c = dsub.add_parser("check", help="check a dataset's layout and list files")
-    c.add_argument("name", help="visda17 | listfile")
+    c.add_argument("name", help="visda17 | listfile | imagefolder")
     c.add_argument("root", help="dataset root (or the list file for 'listfile')")
     c.add_argument("--verify-images", action="store_true", help="also open every image (slow)")
 

@@ -96,8 +96,8 @@ class TrainConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     amp: bool = False  # bf16 autocast on CUDA
     progress: bool = True
-    # stop when a step's loss exceeds this factor times the loss scale seen so far (its running mean, or the
-    # mean of the first steps if larger); catches finite explosions that a NaN check misses. None = off
+    # stop when a step's loss exceeds this factor times the loss scale at the start (the smallest of the first
+    # 10 losses, at least 1); catches finite explosions that a NaN check misses. None = off
     loss_explosion_factor: float | None = 1000.0
 
 
@@ -165,7 +165,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return _from_dict(tp, value, prefix=f"{key}.")

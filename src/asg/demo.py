@@ -96,7 +96,9 @@ def _run_demo(
 
 def build_report(summaries: list[dict], out_dir: Path, quick: bool, wall_s: float, settings: list[str]) -> dict:
     """Aggregate run summaries into report.json, report.md and plots."""
-    runs, curves, per_class = [], {}, {}
+    runs: list[dict[str, Any]] = []
+    curves: dict[str, dict[str, dict[int, list[float]]]] = {}  # label -> set -> step -> one value per seed
+    per_class: dict[str, list[list[float]]] = {}  # label -> one per-class accuracy list per seed
     labels = list(dict.fromkeys(s["label"] for s in summaries))
     class_names = summaries[0]["class_names"]
     for s in summaries:
@@ -127,7 +129,7 @@ def build_report(summaries: list[dict], out_dir: Path, quick: bool, wall_s: floa
     table = {}
     for label in labels:
         rows = [r for r in runs if r["method"] == label]
-        entry = {}
+        entry: dict[str, Any] = {}
         for set_name in SETS:
             vals = [r["metrics"][set_name]["mean_class_acc"] for r in rows if set_name in r["metrics"]]
             if vals:

@@ -6,6 +6,7 @@ Each file is checked with one ``os.stat`` (missing, empty); pixels are only deco
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,7 +227,11 @@ def check_imagefolder(root: str | Path, verify_images: bool = False) -> CheckRep
     return report
 
 
-CHECKS = {"visda17": check_visda17, "listfile": check_listfile, "imagefolder": check_imagefolder}
+CHECKS: dict[str, Callable[..., CheckReport]] = {
+    "visda17": check_visda17,
+    "listfile": check_listfile,
+    "imagefolder": check_imagefolder,
+}
 
 
 def check_dataset(name: str, root: str, verify_images: bool = False) -> CheckReport:

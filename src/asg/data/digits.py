@@ -74,7 +74,9 @@ def frame_digit(glyph: np.ndarray, box: float = BOX, shift: tuple[float, float] 
     h, w = crop.shape
     scale = box / max(h, w)
     new_w, new_h = max(1, int(round(w * scale))), max(1, int(round(h * scale)))
-    small = np.asarray(Image.fromarray(crop, mode="F").resize((new_w, new_h), Image.BILINEAR), dtype=np.float32)
+    small = np.asarray(
+        Image.fromarray(crop, mode="F").resize((new_w, new_h), Image.Resampling.BILINEAR), dtype=np.float32
+    )
     small = np.clip(small, 0.0, None)
     mass = small.sum()
     ys, xs = np.mgrid[0:new_h, 0:new_w]
@@ -100,7 +102,7 @@ def _glyph_bitmaps(path: Path) -> np.ndarray:
         ImageDraw.Draw(img).text((32, 32), str(d), font=font, fill=255, anchor="mm")
         bbox = img.getbbox()
         if bbox is not None:
-            out[d] = np.asarray(img.crop(bbox).resize((16, 16), Image.BILINEAR), np.float32) / 255.0
+            out[d] = np.asarray(img.crop(bbox).resize((16, 16), Image.Resampling.BILINEAR), np.float32) / 255.0
     return out
 
 
@@ -165,7 +167,10 @@ def _render_one(rng: np.random.Generator, font: ImageFont.FreeTypeFont, digit: i
     inv = np.linalg.inv(fwd)
     off = np.array([c, c]) - inv @ np.array([c, c])
     coeffs = (inv[0, 0], inv[0, 1], off[0], inv[1, 0], inv[1, 1], off[1])
-    glyph = np.asarray(canvas.transform(canvas.size, Image.AFFINE, coeffs, Image.BILINEAR), np.float32) / 255.0
+    glyph = (
+        np.asarray(canvas.transform(canvas.size, Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR), np.float32)
+        / 255.0
+    )
     img = frame_digit(glyph, box=rng.uniform(16.0, 22.0), shift=tuple(rng.uniform(-1.5, 1.5, size=2)))
     if rng.random() < 0.5:
         from scipy.ndimage import gaussian_filter

@@ -111,8 +111,10 @@ class FileImageDataset(Dataset):
         if self.skip_log is None:
             warnings.warn(f"skipped bad image {line}", stacklevel=2)
             return
-        with open(self.skip_log, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+        with open(self.skip_log, "a+", encoding="utf-8") as f:
+            f.seek(0)
+            if line + "\n" not in f.read():  # every evaluation meets the same bad file: list it once
+                f.write(line + "\n")
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
         try:

@@ -20,7 +20,7 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
         else:
             new_w, new_h = int(size * w / h), size
         if (new_w, new_h) != (w, h):
-            img = img.resize((new_w, new_h), Image.BILINEAR)
+            img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
         left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
         if (new_w, new_h) != (size, size):
             img = img.crop((left, top, left + size, top + size))

@@ -9,39 +9,40 @@ from torch import nn
 
 
 class LossGuard:
-    """Flags a finite loss explosion: a loss above ``factor`` times the loss scale seen so far.
+    """Flags a finite loss explosion: a loss above ``factor`` times the loss scale at the start of training.
 
-    The scale is the larger of the running mean of the loss (exponential, ``momentum``) and the mean of the first
-    ``warmup`` losses, so a loss that has legitimately fallen near zero does not make ordinary noise look like an
-    explosion. Nothing is flagged during the first ``warmup`` steps. ``factor=None`` turns the guard off.
+    The scale is the smallest of the first ``warmup`` losses, and at least ``floor``. It is taken from the start
+    rather than from a running average because a running average absorbs an explosion while it happens (a loss
+    going 1 -> 45 -> 2e4 in three steps raises the average as fast as the loss); the smallest early loss does
+    not move, and the floor keeps a model that starts near zero loss from flagging ordinary noise.
+    Checking starts at the second step. ``factor=None`` turns the guard off (non-finite losses are still flagged).
     RECONSTRUCTION: ASG's code has no such guard; the rule and its defaults are this package's choice.
     """
 
-    def __init__(self, factor: float | None, warmup: int = 10, momentum: float = 0.98) -> None:
-        self.factor, self.warmup, self.momentum = factor, warmup, momentum
-        self.count, self.first_sum, self.running = 0, 0.0, 0.0
+    def __init__(self, factor: float | None, warmup: int = 10, floor: float = 1.0) -> None:
+        self.factor, self.warmup, self.floor = factor, warmup, floor
+        self.count, self.first_min = 0, math.inf
 
     @property
     def scale(self) -> float:
-        return max(self.running, self.first_sum / max(min(self.count, self.warmup), 1))
+        return max(self.first_min, self.floor)
 
     def exploded(self, loss: float) -> bool:
-        """True when ``loss`` is non-finite, or the guard is on, warmed up, and ``loss > factor * scale``."""
+        """True when ``loss`` is non-finite, or the guard is on and ``loss > factor * scale``."""
         if not math.isfinite(loss):
             return True
-        return self.factor is not None and self.count >= self.warmup and loss > self.factor * self.scale
+        return self.factor is not None and self.count > 0 and loss > self.factor * self.scale
 
     def update(self, loss: float) -> None:
         if self.count < self.warmup:
-            self.first_sum += loss
-        self.running = loss if self.count == 0 else self.momentum * self.running + (1 - self.momentum) * loss
+            self.first_min = min(self.first_min, loss)
         self.count += 1
 
     def state_dict(self) -> dict[str, float]:
-        return {"count": self.count, "first_sum": self.first_sum, "running": self.running}
+        return {"count": self.count, "first_min": self.first_min}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
-        self.count, self.first_sum, self.running = int(state["count"]), state["first_sum"], state["running"]
+        self.count, self.first_min = int(state["count"]), float(state["first_min"])
 
 
 def non_finite_tensors(module: nn.Module) -> list[str]:

@@ -23,6 +23,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -128,11 +129,11 @@ class RunDir:
         removed = []
         for name in RUN_FILES:
             if (self.path / name).exists():
-                self._guard(lambda n=name: (self.path / n).unlink(), self.path / name, "remove")
+                self._guard((self.path / name).unlink, self.path / name, "remove")
                 removed.append(name)
         for name in RUN_FOLDERS:
             if (self.path / name).is_dir():
-                self._guard(lambda n=name: shutil.rmtree(self.path / n), self.path / name, "remove")
+                self._guard(partial(shutil.rmtree, self.path / name), self.path / name, "remove")
                 removed.append(name + "/")
         return removed
 

@@ -9,6 +9,15 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 
+def steps_per_epoch(num_items: int, batch_size: int, min_batch: int = 1) -> int:
+    """Batches per epoch; a last partial batch smaller than ``min_batch`` is dropped.
+
+    ``min_batch=2`` when BatchNorm trains: a batch of one image cannot be normalised over the batch.
+    """
+    steps = math.ceil(num_items / batch_size)
+    return steps - 1 if 0 < num_items % batch_size < min_batch and steps > 1 else steps
+
+
 class EpochBatchSampler(Sampler[list[int]]):
     """Yields the index batches of global steps ``start_step, start_step+1, ...`` (last partial batch kept).
 
@@ -16,10 +25,12 @@ class EpochBatchSampler(Sampler[list[int]]):
     batches an uninterrupted one would.
     """
 
-    def __init__(self, num_items: int, batch_size: int, seed: int, start_step: int = 0, total_steps: int = 0):
+    def __init__(
+        self, num_items: int, batch_size: int, seed: int, start_step: int = 0, total_steps: int = 0, min_batch: int = 1
+    ):
         self.n, self.bs, self.seed = num_items, batch_size, seed
         self.start_step, self.total_steps = start_step, total_steps
-        self.steps_per_epoch = math.ceil(num_items / batch_size)
+        self.steps_per_epoch = steps_per_epoch(num_items, batch_size, min_batch)
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)

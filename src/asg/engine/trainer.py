@@ -7,14 +7,15 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import yaml
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from asg.config import Config, config_to_dict, load_config
 from asg.data import (
@@ -32,13 +33,21 @@ from asg.engine.guards import LossGuard, non_finite_tensors
 from asg.engine.optim import build_optimizer
 from asg.engine.resume import check_resume_changes
 from asg.engine.rundir import RunDir
-from asg.engine.sampler import EpochBatchSampler, IndexedDataset
+from asg.engine.sampler import EpochBatchSampler, IndexedDataset, steps_per_epoch
 from asg.engine.schedule import build_schedule
 from asg.errors import AsgError, TrainingDiverged
 from asg.l2o.base import LRController, StepStats
 from asg.methods import build_method
 from asg.models import ASGClassifier, Teacher, build_model, make_teacher
 from asg.utils import progress, resolve_device, seed_everything, versions
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
+
+def _size(ds: Dataset) -> int:
+    """``len(ds)``: every dataset here has one, though torch's ``Dataset`` type does not declare it."""
+    return len(cast(Sized, ds))
 
 
 @dataclass
@@ -89,7 +98,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.groups, cfg.optim)
         self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.schedule = build_schedule(cfg.optim, cfg.train.steps)
-        self.steps_per_epoch = math.ceil(len(self.data.train) / cfg.data.batch_size)
+        self.min_batch = 2 if cfg.optim.bn_mode == "train" else 1  # BatchNorm cannot train on one image
+        self.steps_per_epoch = steps_per_epoch(_size(self.data.train), cfg.data.batch_size, self.min_batch)
         if controller is None:
             from asg.l2o import build_controller
 
@@ -109,14 +119,14 @@ class Trainer:
         self.committed_step: int | None = None  # step of the checkpoint on disk
         self._pending_eval = False  # restored at an evaluation step whose evaluation did not finish
         self._last_batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
-        self.writer = None
+        self.writer: SummaryWriter | None = None
         self._eval_sets = self._curve_sets()
 
     # ------------------------------------------------------------------ set-up helpers
     def _curve_sets(self) -> dict[str, Any]:
         cap = self.cfg.data.eval_max_per_set
         sets = self.data.eval_sets
-        return {k: balanced_subset(v, cap, seed=0) if cap and len(v) > cap else v for k, v in sets.items()}
+        return {k: balanced_subset(v, cap, seed=0) if cap and _size(v) > cap else v for k, v in sets.items()}
 
     def _say(self, text: str) -> None:
         if not self.quiet:
@@ -142,8 +152,8 @@ class Trainer:
         skip_log = rd.path / "skipped_images.txt"
         if self.skipped:
             rd.write_text(skip_log.name, "".join(line + "\n" for line in self.skipped))
-            self._say(f"asg: warning: skipped {len(self.skipped)} bad image(s) (data.on_bad_image=skip); "
-                      f"see {skip_log}")  # fmt: skip
+            self._say(f"asg: warning: left out {len(self.skipped)} missing or empty image(s) (data.on_bad_image=skip); "
+                      f"they and any image that fails to decode later are listed in {skip_log}")  # fmt: skip
         if self.cfg.data.on_bad_image == "skip":
             set_skip_log(self.data, skip_log)
         from torch.utils.tensorboard import SummaryWriter
@@ -244,7 +254,7 @@ class Trainer:
         if self._pending_eval:
             self._evaluate_and_log(time.time() - t0)
         sampler = EpochBatchSampler(
-            len(self.data.train), cfg.data.batch_size, cfg.train.seed, self.step, cfg.train.steps
+            _size(self.data.train), cfg.data.batch_size, cfg.train.seed, self.step, cfg.train.steps, self.min_batch
         )
         loader = DataLoader(
             IndexedDataset(self.data.train),
@@ -287,8 +297,9 @@ class Trainer:
         if not self.use_cache:
             return self.teacher(x)
         if self.teacher_cache is None:
-            self.teacher_cache = torch.zeros(len(self.data.train), 1000)
-            self.cached = torch.zeros(len(self.data.train), dtype=torch.bool)
+            self.teacher_cache = torch.zeros(_size(self.data.train), 1000)
+            self.cached = torch.zeros(_size(self.data.train), dtype=torch.bool)
+        assert self.cached is not None  # allocated (or restored) together with teacher_cache
         if not bool(self.cached[idx].all()):
             self.teacher_cache[idx] = self.teacher(x).float().cpu()
             self.cached[idx] = True
@@ -402,6 +413,7 @@ class Trainer:
         self.history.append(row)
         if self.run_dir is None:
             return
+        assert self.writer is not None  # opened with the run folder
         self.run_dir.append_row(row)
         for name, r in results.items():
             self.writer.add_scalar(f"eval/{name}/mean_class_acc", r.mean_class_acc, self.step)
@@ -412,13 +424,15 @@ class Trainer:
 
     def _track_best(self, results: dict[str, EvalResult]) -> None:
         """Keep the weights of the best source-val step and of the best step on the oracle real set."""
+        rd = self.run_dir
+        assert rd is not None
         for rule, set_name in (("source-val", self.data.source_val_name), ("oracle", self.oracle_set)):
             if set_name is None or set_name not in results:
                 continue
             score = results[set_name].mean_class_acc
             if rule not in self.best or score > self.best[rule]["score"]:
                 tag = f"best_{rule.replace('-', '_')}_step_{self.step:07d}"
-                entry = self.run_dir.write_weights(tag, self.model.state_dict(), self.step)
+                entry = rd.write_weights(tag, self.model.state_dict(), self.step)
                 self.best[rule] = {**entry, "score": score, "set": set_name}
 
     @property
@@ -463,13 +477,21 @@ class Trainer:
             "group_names": [name for name, _ in self.groups],
             "class_names": self.data.class_names,
             "source_val_set": self.data.source_val_name,
+            "on_bad_image": self.cfg.data.on_bad_image,
+            "skipped_images": self._skipped_lines(),
         }
         self.run_dir.write_text("summary.json", json.dumps(summary, indent=1))
         self.run_dir.write_text("done", time.strftime("%Y-%m-%d %H:%M:%S\n"))
         return result
 
+    def _skipped_lines(self) -> list[str]:
+        path = self.run_dir.path / "skipped_images.txt" if self.run_dir is not None else None
+        return path.read_text().splitlines() if path is not None and path.exists() else []
+
     def _selections(self) -> dict[str, dict[str, Any]]:
         """Final metrics on the full evaluation sets for each checkpoint rule, each labelled."""
+        rd = self.run_dir
+        assert rd is not None
         full_needed = self.cfg.data.eval_max_per_set is not None
         out: dict[str, dict[str, Any]] = {}
         last_metrics = self._eval_all(self.data.eval_sets) if full_needed else None
@@ -489,7 +511,7 @@ class Trainer:
             export = f"best_{rule.replace('-', '_')}.safetensors"
             out[rule] = {"step": info["step"], "checkpoint": export, "selected_on": info["set"]}
             if self.cfg.eval.full_eval_selected or not full_needed:
-                load_weights(self.model, self.run_dir.path / info["file"])
+                load_weights(self.model, rd.path / info["file"])
                 metrics = {k: r.to_dict() for k, r in self._eval_all(self.data.eval_sets).items()}
             else:  # the in-training evaluation of that step, on the capped subsets (labelled)
                 metrics = next(row["metrics"] for row in self.history if row["step"] == info["step"])

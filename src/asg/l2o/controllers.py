@@ -72,12 +72,12 @@ class _WindowedController:
             return None
         summary = self.acc.summary()
         self._window_finished(summary)
-        last = stats.step >= self.total_steps
-        scales = None if last else self._decide(summary)
-        self.acc.reset()
-        if last:
+        if stats.step >= self.total_steps:  # the last window: no decision
+            self.acc.reset()
             self._run_finished()
             return None
+        scales = self._decide(summary)
+        self.acc.reset()
         self.schedule.advance()
         self.scales = list(scales)
         self.history.append({"step": stats.step, "scales": list(scales), **self._decision_info()})

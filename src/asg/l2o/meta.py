@@ -18,12 +18,11 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import yaml
-from torch import nn
 
 from asg.config import Config, config_to_dict
 from asg.engine.checkpoint import atomic_write
@@ -34,6 +33,9 @@ from asg.l2o.plots import plot_meta_rewards, plot_scale_schedule
 from asg.l2o.policy import LRPolicy, save_policy
 from asg.l2o.reinforce import Reinforce
 from asg.l2o.rewards import get_reward
+
+if TYPE_CHECKING:
+    from asg.models import ASGClassifier
 
 
 def synthetic_only(bundle: Any, keep_source_val: bool) -> Any:
@@ -98,7 +100,7 @@ def meta_train(
     resume: bool = False,
     *,
     data: Any | None = None,
-    model: nn.Module | None = None,
+    model: ASGClassifier | None = None,
     quiet: bool = False,
 ) -> Path:
     """Meta-train an ``LRPolicy`` for ``cfg.l2o.episodes`` episodes; returns the path of ``policy.safetensors``.
@@ -110,7 +112,9 @@ def meta_train(
         return _meta_train(cfg, run_dir, resume, data, model, quiet)
 
 
-def _meta_train(cfg: Config, run_dir: RunDir, resume: bool, data: Any, model: nn.Module | None, quiet: bool) -> Path:
+def _meta_train(
+    cfg: Config, run_dir: RunDir, resume: bool, data: Any, model: ASGClassifier | None, quiet: bool
+) -> Path:
     from torch.utils.tensorboard import SummaryWriter
 
     from asg.data import check_bundle_files

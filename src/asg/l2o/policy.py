@@ -7,6 +7,7 @@ Module names are chosen so that ``state_dict()`` keys equal those of the release
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors import SafetensorError
@@ -48,10 +49,11 @@ class _Encoder(nn.Module):
 
     def forward(self, stats: Tensor, hidden: Hidden) -> tuple[Tensor, Hidden]:
         """stats [S], hidden [S, 2, H] -> (encoding [S * H], new hidden [S, 2, H])."""
-        rnns = [enc.rnn for enc in self.state_encoder]
-        w_ih = torch.stack([r.weight_ih_l0 for r in rnns])  # [S, 4H, 1]
-        w_hh = torch.stack([r.weight_hh_l0 for r in rnns])  # [S, 4H, H]
-        bias = torch.stack([r.bias_ih_l0 + r.bias_hh_l0 for r in rnns])  # [S, 4H]
+        # nn.LSTM registers its parameters by name; torch types Module.__getattr__ as Tensor | Module
+        rnns = [cast(_StatEncoder, enc).rnn for enc in self.state_encoder]
+        w_ih = torch.stack([cast(Tensor, r.weight_ih_l0) for r in rnns])  # [S, 4H, 1]
+        w_hh = torch.stack([cast(Tensor, r.weight_hh_l0) for r in rnns])  # [S, 4H, H]
+        bias = torch.stack([cast(Tensor, r.bias_ih_l0) + cast(Tensor, r.bias_hh_l0) for r in rnns])  # [S, 4H]
         h, c = hidden[:, 0], hidden[:, 1]  # [S, H]
         gates = w_ih.squeeze(2) * stats.unsqueeze(1) + torch.bmm(w_hh, h.unsqueeze(2)).squeeze(2) + bias
         i, f, g, o = gates.chunk(4, dim=1)
@@ -66,14 +68,19 @@ class _GroupHeads(nn.Module):
     def __init__(self, num_groups: int, in_dim: int, num_actions: int) -> None:
         super().__init__()
         self.linear = nn.ModuleList(nn.Linear(in_dim, num_actions) for _ in range(num_groups))
-        for lin in self.linear:
+        for lin in self.linears:
             nn.init.orthogonal_(lin.weight, gain=0.01)
             nn.init.zeros_(lin.bias)
 
+    @property
+    def linears(self) -> list[nn.Linear]:
+        """The heads of ``linear``, typed (a ``ModuleList`` yields plain ``nn.Module``)."""
+        return [cast(nn.Linear, lin) for lin in self.linear]
+
     def forward(self, feats: Tensor) -> Tensor:
         """feats: [G, in_dim] -> logits [G, num_actions]."""
-        weight = torch.stack([lin.weight for lin in self.linear])  # [G, A, in_dim]
-        bias = torch.stack([lin.bias for lin in self.linear])  # [G, A]
+        weight = torch.stack([lin.weight for lin in self.linears])  # [G, A, in_dim]
+        bias = torch.stack([lin.bias for lin in self.linears])  # [G, A]
         return torch.einsum("gai,gi->ga", weight, feats) + bias
 
 
@@ -92,6 +99,8 @@ class _Critic(nn.Module):
 
 class LRPolicy(nn.Module):
     """Maps an observation [1, NUM_STATS + G] to a categorical over ``SCALES`` for each of G groups."""
+
+    scales: Tensor  # buffer [len(SCALES)]
 
     def __init__(self, num_groups: int, hidden: int = HIDDEN, num_stats: int = NUM_STATS) -> None:
         super().__init__()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
@@ -10,7 +12,8 @@ from asg.methods.base import LossOutput, MethodBase, cross_entropy
 
 class L2SP(MethodBase):
     def setup(self, model: nn.Module) -> None:
-        self.params = [p for p in model.backbone.parameters() if p.requires_grad]
+        backbone = cast(nn.Module, model.backbone)  # torch types Module.__getattr__ as Tensor | Module
+        self.params = [p for p in backbone.parameters() if p.requires_grad]
         self.anchors = [p.detach().clone() for p in self.params]
 
     def loss(self, out, labels: Tensor, teacher_logits: Tensor | None) -> LossOutput:

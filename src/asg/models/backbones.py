@@ -28,6 +28,8 @@ class Backbone(nn.Module):
     """
 
     imagenet_head: nn.Linear
+    mean: Tensor  # buffers, declared for the type checker
+    std: Tensor
 
     def __init__(self, feature_dim: int, input_size: int, mean: Iterable[float], std: Iterable[float]) -> None:
         super().__init__()
@@ -93,6 +95,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise WeightsError(f"weight file {path} does not exist (model.weights must be 'imagenet', 'none' or a file)")
+    obj: object
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -53,7 +54,7 @@ class ASGClassifier(nn.Module):
     @property
     def last_layer_weight(self) -> Tensor:
         """[C, hidden] weight of the head's last Linear (source of the L2O observation's fc statistics)."""
-        return self.head[-1].weight
+        return cast(nn.Linear, self.head[-1]).weight
 
     def pretrained_parameters(self) -> list[nn.Parameter]:
         """Trainable backbone parameters (the ImageNet-initialised ones), in group order."""
