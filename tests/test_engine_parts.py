@@ -93,3 +93,17 @@ def test_config_errors_name_the_key(tmp_path):
     bad.write_text("optim: {lr: 0.1}\nmodle: {}\n")
     with pytest.raises(ConfigError, match="modle"):
         load_config(bad)
+
+
+def test_confusion_leaves_out_the_ignore_label_and_gives_iou():
+    labels = torch.tensor([[0, 0, 255], [1, 2, 255]])  # a 2x3 "label map" with two ignored pixels
+    preds = torch.tensor([[0, 1, 2], [1, 1, 0]])
+    conf = confusion_matrix(labels, preds, 3, ignore_index=255)
+    assert conf.tolist() == [[1, 1, 0], [0, 1, 0], [0, 1, 0]]
+    seg = EvalResult(conf, task="segmentation")
+    # IoU = tp / (tp + fp + fn): class 0: 1/(1+0+1), class 1: 1/(1+2+0), class 2: 0/(0+0+1)
+    assert seg.per_class_iou == pytest.approx([0.5, 1 / 3, 0.0])
+    assert seg.primary == seg.miou == pytest.approx((0.5 + 1 / 3) / 3)
+    assert seg.to_dict()["pixel_acc"] == pytest.approx(2 / 4)
+    assert EvalResult(conf).primary == EvalResult(conf).mean_class_acc  # classification's headline
+    assert confusion_matrix(torch.tensor([255]), torch.tensor([0]), 256).sum() == 1  # no ignore by default

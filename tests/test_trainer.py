@@ -94,3 +94,12 @@ def test_run_folder_contents(tiny_bundle, tiny_config, tmp_path):
     assert [row["step"] for row in result.history] == [2, 4]
     assert result.selections["oracle"]["note"].startswith("oracle")
     assert result.selections["last"]["step"] == 4
+
+
+def test_teacher_cache_is_refused_with_a_note_when_training_images_are_random(tiny_bundle, tiny_config, capsys):
+    import dataclasses
+
+    random_bundle = dataclasses.replace(tiny_bundle, has_augmentation=True)
+    trainer = Trainer(tiny_config("method.teacher_cache=true"), None, data=random_bundle)
+    assert not trainer.use_cache and "teacher_cache is off" in capsys.readouterr().err
+    assert Trainer(tiny_config("method.teacher_cache=true"), None, data=tiny_bundle, quiet=True).use_cache

@@ -109,6 +109,9 @@ class Trainer:
             controller.bind_probe(self.source_val_loss)
         self.scales = list(controller.start([name for name, _ in self.groups], cfg.train.steps))
         self.use_cache = cfg.method.teacher_cache and self.method.needs_teacher and not self.data.has_augmentation
+        if cfg.method.teacher_cache and self.method.needs_teacher and self.data.has_augmentation:
+            self._say("asg: note: method.teacher_cache is off for this run: the training transform is random, so "
+                      "the teacher must see each augmented image")  # fmt: skip
         self.teacher_cache: torch.Tensor | None = None
         self.cached: torch.Tensor | None = None
         self.loss_guard = LossGuard(cfg.train.loss_explosion_factor)
@@ -416,8 +419,9 @@ class Trainer:
         assert self.writer is not None  # opened with the run folder
         self.run_dir.append_row(row)
         for name, r in results.items():
-            self.writer.add_scalar(f"eval/{name}/mean_class_acc", r.mean_class_acc, self.step)
-            self.writer.add_scalar(f"eval/{name}/acc", r.acc, self.step)
+            for metric, value in r.to_dict().items():
+                if isinstance(value, float):
+                    self.writer.add_scalar(f"eval/{name}/{metric}", value, self.step)
         self._track_best(results)
         if self.committed_step == self.step:  # the checkpoint of this step now counts its evaluation
             self.run_dir.update_manifest(best=self.best, evaluated_through=self.step)
@@ -429,7 +433,7 @@ class Trainer:
         for rule, set_name in (("source-val", self.data.source_val_name), ("oracle", self.oracle_set)):
             if set_name is None or set_name not in results:
                 continue
-            score = results[set_name].mean_class_acc
+            score = results[set_name].primary
             if rule not in self.best or score > self.best[rule]["score"]:
                 tag = f"best_{rule.replace('-', '_')}_step_{self.step:07d}"
                 entry = rd.write_weights(tag, self.model.state_dict(), self.step)
