@@ -220,3 +220,47 @@ def test_build_model_channels_last():
 def test_imagenet_class_names():
     names = imagenet_class_names()
     assert len(names) == 1000 and names[ESPRESSO] == "espresso" and names[0].startswith("tench")
+
+
+@pytest.mark.parametrize(("name", "dim"), [("efficientnet_lite0", 1280), ("resnet50", 2048)])
+def test_forward_features_head_split(name, dim):
+    torch.manual_seed(0)
+    model = ASGClassifier(build_backbone(name, "none"), num_classes=3).eval()
+    bb = model.backbone
+    assert bb.output_stride == 32 and bb.feature_dim == dim
+    x = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        feats = bb.forward_features(bb.normalize(x))
+        assert feats.shape == (2, dim, 2, 3)  # unpooled [B, D, H/32, W/32]
+        pooled = bb.forward_head(feats, pre_logits=True)
+        assert torch.equal(pooled, feats.mean(dim=(2, 3)))
+        assert torch.equal(bb.forward_head(feats), bb.imagenet_head(pooled))
+        out = model(x)
+    assert torch.equal(out.features, pooled)  # backbone.forward stays the pooled features
+    assert torch.equal(out.imagenet_logits, bb.forward_head(feats))
+    assert torch.equal(out.logits, model.head(pooled))
+    assert torch.equal(make_teacher(model)(x), out.imagenet_logits)
+
+
+@pytest.mark.parametrize(("output_stride", "size"), [(16, 4), (8, 8)])
+def test_resnet_output_stride(output_stride, size):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="resnet50", weights="none"), 3, output_stride=output_stride).eval()
+    bb = model.backbone
+    assert bb.output_stride == output_stride
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        feats = bb.forward_features(bb.normalize(x))
+        assert feats.shape == (1, 2048, size, size)  # 64 px / output_stride
+        assert model(x).logits.shape == (1, 3)
+    plain = build_backbone("resnet50", "none")  # same parameters, so old checkpoints still load
+    assert bb.state_dict().keys() == plain.state_dict().keys()
+    bb.load_weights(plain.state_dict(), source="output stride 32")
+
+
+@pytest.mark.parametrize(("name", "output_stride"), [("resnet50", 4), ("resnet50", 64), ("efficientnet_lite0", 16)])
+def test_unsupported_output_stride_is_a_config_error(name, output_stride):
+    with pytest.raises(ConfigError, match=f"output_stride={output_stride}"):
+        build_backbone(name, "none", output_stride=output_stride)
+    with pytest.raises(ConfigError, match="supports only output stride 32"):
+        build_model(ModelConfig(backbone="efficientnet_lite2", weights="none"), 3, output_stride=8)

