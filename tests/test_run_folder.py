@@ -271,19 +271,19 @@ def test_resume_refuses_a_change_that_makes_another_experiment(tiny_bundle, tiny
 def test_full_disk_keeps_the_previous_checkpoint(tiny_bundle, tiny_config, tmp_path, monkeypatch):
     cfg = tiny_config("train.steps=4")
     trainer = Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True)
-    import asg.engine.rundir as rundir
+    import asg.engine.checkpoint as checkpoint
 
-    save = rundir.save_file
+    save = checkpoint.save_file
 
     def full(tensors, path, metadata=None):
         if trainer.step == 4:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return save(tensors, path, metadata)
 
-    monkeypatch.setattr(rundir, "save_file", full)
+    monkeypatch.setattr(checkpoint, "save_file", full)
     with pytest.raises(RunFolderError, match="disk is full.*checkpoint of step 2 is kept"):
         trainer.run()
-    monkeypatch.setattr(rundir, "save_file", save)
+    monkeypatch.setattr(checkpoint, "save_file", save)
     Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True, resume=True).run()  # resumable from step 2
     assert (tmp_path / "done").exists()
 

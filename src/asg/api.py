@@ -47,13 +47,6 @@ def train(
     return Trainer(cfg, out, resume=resume, quiet=quiet).run()
 
 
-CHECKPOINTS = {
-    "last": "last.safetensors",
-    "source-val": "best_source_val.safetensors",
-    "oracle": "best_oracle.safetensors",
-}
-
-
 def evaluate(
     run_dir: str | Path,
     checkpoint: str = "last",
@@ -69,7 +62,7 @@ def evaluate(
     from asg.data import build_data
     from asg.engine.checkpoint import load_weights
     from asg.engine.evaluate import evaluate_sets
-    from asg.engine.rundir import RunDir
+    from asg.engine.rundir import EXPORTS, RunDir
     from asg.models import build_model
     from asg.utils import resolve_device
 
@@ -78,10 +71,10 @@ def evaluate(
     if not saved.is_file():
         raise AsgError(f"{run_dir} is not a run folder: {saved} does not exist (pass the --out folder of `asg train`)")
     cfg = load_config(saved, overrides)
-    if checkpoint not in CHECKPOINTS and not checkpoint.endswith(".safetensors"):
-        raise AsgError(f"checkpoint {checkpoint!r}: use {', '.join(CHECKPOINTS)} or the path of a .safetensors file")
+    if checkpoint not in EXPORTS and not checkpoint.endswith(".safetensors"):
+        raise AsgError(f"checkpoint {checkpoint!r}: use {', '.join(EXPORTS)} or the path of a .safetensors file")
     # a named checkpoint is the file the manifest commits (checkpoint.json), not whatever a link points at
-    path = RunDir(run_dir).resolve(checkpoint) if checkpoint in CHECKPOINTS else Path(checkpoint)
+    path = RunDir(run_dir).resolve(checkpoint) if checkpoint in EXPORTS else Path(checkpoint)
     if not path.is_file():
         found = ", ".join(sorted(f.name for f in run_dir.glob("*.safetensors"))) or "none"
         raise WeightsError(f"checkpoint {path} does not exist (checkpoints in {run_dir}: {found})")

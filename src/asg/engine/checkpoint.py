@@ -30,9 +30,13 @@ def atomic_write(path: Path, write) -> None:
             os.unlink(tmp)
 
 
-def save_weights(model: nn.Module, path: Path) -> None:
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(state, tmp))
+def save_weights(
+    weights: nn.Module | dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> None:
+    """Write a model's (or a state dict's) tensors to a safetensors file, atomically."""
+    state_dict = weights.state_dict() if isinstance(weights, nn.Module) else weights
+    state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata))
 
 
 def load_weights(model: nn.Module, path: Path) -> None:

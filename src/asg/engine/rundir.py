@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from asg.engine.checkpoint import atomic_write, load_state
+from asg.engine.checkpoint import atomic_write, load_state, save_state, save_weights
 from asg.errors import AsgError
 
 try:
@@ -223,9 +222,7 @@ class RunDir:
     def write_weights(self, name: str, weights: dict[str, torch.Tensor], step: int) -> dict[str, Any]:
         """Write ``checkpoints/<name>.safetensors`` (immutable) and return its manifest entry."""
         path = self.path / "checkpoints" / f"{name}.safetensors"
-        tensors = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
-        self._guard(lambda: atomic_write(path, lambda tmp: save_file(tensors, tmp, {"step": str(step)})), path,
-                    extra=self._kept())  # fmt: skip
+        self._guard(lambda: save_weights(weights, path, {"step": str(step)}), path, extra=self._kept())
         return self._entry(path, step)
 
     def save_checkpoint(
@@ -240,8 +237,7 @@ class RunDir:
         tag = f"step_{step:07d}"
         entry_w = self.write_weights(tag, weights, step)
         path_s = self.path / "checkpoints" / f"{tag}.state.pt"
-        self._guard(lambda: atomic_write(path_s, lambda tmp: torch.save({**state, "step": step}, tmp)), path_s,
-                    extra=self._kept())  # fmt: skip
+        self._guard(lambda: save_state({**state, "step": step}, path_s), path_s, extra=self._kept())
         self.commit({"step": step, "weights": entry_w, "state": self._entry(path_s, step), "best": best,
                      "evaluated_through": evaluated_through})  # fmt: skip
 
