@@ -44,6 +44,15 @@ class DataConfig:
     # an image that is missing, empty or cannot be decoded: "error" stops with its path; "skip" leaves it out
     # and lists it in the run folder's skipped_images.txt
     on_bad_image: str = "error"
+    # segmentation datasets (gta5, synthia, cityscapes, seglist, digit_scenes); see docs/segmentation.md
+    split: str = "train"  # gta5: "train" (official 12,403-image split from split.mat) | "all" (24,966)
+    class_set: int = 19  # 19 Cityscapes classes; synthia also 16 or 13 (its standard protocols)
+    eval_roots: dict[str, str] = field(default_factory=dict)  # real val sets {cityscapes|bdd100k|mapillary: ROOT}
+    train_resize: list[int] | None = None  # [h, w] every training pair is resized to first; None = native size
+    scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])  # random rescale factor, uniform
+    crop_size: list[int] | None = None  # [h, w] random training crop (label padded with 255); None = no crop
+    flip: bool = True  # random horizontal flip of training pairs (segmentation)
+    eval_resize: list[int] | None = None  # [h, w] inference input; predictions upsampled to the label's size
 
 
 @dataclass
@@ -54,6 +63,9 @@ class ModelConfig:
     weights: str = "imagenet"  # "imagenet" (packaged or cached), "none", or a .pth/.safetensors path
     hidden_dim: int = 512  # task head: feat -> hidden -> ReLU -> classes, as in ASG
     channels_last: bool = True
+    # segmentation: head on the backbone ("fcn8s" | "deeplabv3" | "lraspp") and the backbone's output stride
+    segmenter: str = "deeplabv3"
+    output_stride: int | None = None  # None: 32 for classification, the segmenter's default for segmentation
 
 
 @dataclass
@@ -110,6 +122,9 @@ class EvalConfig:
     oracle_set: str | None = None  # real set used by "oracle" selection (default: first real set)
     full_eval_selected: bool = True  # re-evaluate source-val/oracle checkpoints on the full sets at the end
     retention: bool = True  # ImageNet retention on the real photos shipped with scikit-image/-learn
+    # segmentation inference: None = whole image at once; [h, w] = sliding windows of that size
+    sliding_window: list[int] | None = None
+    sliding_stride: list[int] | None = None  # [h, w] window step (default: 2/3 of the window)
 
 
 @dataclass
@@ -292,6 +307,9 @@ _CHOICES = {
     "lr_controller": ("fixed", "random", "random-init", "l2o"),
     "l2o.window_rule": ("intended", "released"),
     "data.on_bad_image": ("error", "skip"),
+    "data.split": ("train", "all", "val"),
+    "data.class_set": (19, 16, 13),
+    "model.segmenter": ("fcn8s", "deeplabv3", "lraspp"),
 }
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")  # the accepted values of train.device
@@ -337,6 +355,12 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optim.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "optim.floor_at": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "train.loss_explosion_factor": (lambda v: v > 1, "> 1 (or null to turn the check off)"),
+    "model.output_stride": (lambda v: v in (8, 16, 32), "8, 16 or 32"),
+    **dict.fromkeys(
+        ("data.train_resize", "data.crop_size", "data.eval_resize", "eval.sliding_window", "eval.sliding_stride"),
+        (lambda v: len(v) == 2 and all(int(n) > 0 for n in v), "[height, width] of positive integers"),
+    ),
+    "data.scale_range": (lambda v: len(v) == 2 and 0 < v[0] <= v[1], "[low, high] with 0 < low <= high"),
 }
 
 

@@ -13,13 +13,19 @@ from torch.utils.data import Dataset
 from asg.errors import DataError
 
 
+IGNORE_INDEX = 255  # segmentation label of an unlabelled pixel (Cityscapes trainId convention)
+
+
 class DataWarning(UserWarning):
     """A dataset that trains but is probably not what was meant (emitted by :func:`warn_bundle`)."""
 
 
 @dataclass
 class DataBundle:
-    """Datasets of one benchmark. Each yields ``(FloatTensor [3, H, W] in [0, 1], int label)``.
+    """Datasets of one benchmark. Each yields ``(image FloatTensor [3, H, W] in [0, 1], target)``.
+
+    ``task`` "classification": the target is an int label. "segmentation": a LongTensor [H, W] of class ids with
+    ``ignore_index`` (255) where a pixel is unlabelled; evaluation images may differ in size (native resolution).
 
     ``eval_sets`` holds the held-out synthetic split (key ``source_val_name``, if any) and the real test sets.
     ``has_augmentation`` is True when a training sample differs per access (teacher outputs can't be cached).
@@ -30,6 +36,9 @@ class DataBundle:
     source_val_name: str | None
     class_names: list[str]
     has_augmentation: bool = False
+    task: str = "classification"  # "classification" | "segmentation"
+    ignore_index: int = IGNORE_INDEX
+    palette: list[tuple[int, int, int]] | None = None  # colour per class for prediction images (segmentation)
 
     @property
     def num_classes(self) -> int:
