@@ -12,7 +12,6 @@ from torch.utils.data import Dataset
 
 from asg.errors import DataError
 
-
 IGNORE_INDEX = 255  # segmentation label of an unlabelled pixel (Cityscapes trainId convention)
 
 
@@ -53,6 +52,10 @@ class DataBundle:
         """Number of images per set, e.g. ``{"train": 5400, "synthetic": 600, "mnist5k": 5000}``."""
         return {"train": len(self.train), **{k: len(v) for k, v in self.eval_sets.items()}}  # type: ignore[arg-type]
 
+    @property
+    def is_segmentation(self) -> bool:
+        return self.task == "segmentation"
+
     def warnings(self) -> list[str]:
         """One-line problems of the training set that do not stop training (one class only, classes without images).
 
@@ -90,12 +93,16 @@ def warn_bundle(bundle: DataBundle) -> list[str]:
 
 
 class LabeledSubset(Dataset):
-    """``dataset[indices]`` that keeps a ``labels`` array (torch's Subset drops it)."""
+    """``dataset[indices]`` that keeps a ``labels`` array when the dataset has one (torch's Subset drops it).
+
+    Segmentation datasets have no per-image labels; their subsets simply have none either.
+    """
 
     def __init__(self, dataset: Dataset, indices: Sequence[int] | np.ndarray) -> None:
         self.dataset = dataset
         self.indices = np.asarray(indices, dtype=np.int64)
-        self.labels = np.asarray(dataset.labels, dtype=np.int64)[self.indices]  # type: ignore[attr-defined]
+        if hasattr(dataset, "labels"):
+            self.labels = np.asarray(dataset.labels, dtype=np.int64)[self.indices]
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -138,13 +145,17 @@ def balanced_subset(ds: Dataset, max_items: int, seed: int = 0) -> Dataset:
     """At most ``max_items`` items, as equal per class as the class sizes allow; deterministic for ``seed``.
 
     Classes are drawn round-robin from per-class shuffles (a small class gives all it has, the others fill up).
-    Returns ``ds`` itself when it already has ``<= max_items`` items; the result keeps ``.labels``.
+    Returns ``ds`` itself when it already has ``<= max_items`` items; the result keeps ``.labels``. A dataset
+    without per-image labels (segmentation) gives a seeded uniform subset.
     """
-    labels = np.asarray(ds.labels, dtype=np.int64)  # type: ignore[attr-defined]
     if max_items <= 0:
         raise DataError(f"balanced_subset: max_items must be positive, got {max_items}")
-    if len(labels) <= max_items:
+    if len(ds) <= max_items:  # type: ignore[arg-type]
         return ds
+    if not hasattr(ds, "labels"):
+        rng = np.random.default_rng(np.random.SeedSequence([int(seed), 104729]))
+        return LabeledSubset(ds, np.sort(rng.permutation(len(ds))[:max_items]))  # type: ignore[arg-type]
+    labels = np.asarray(ds.labels, dtype=np.int64)
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 104729]))
     pools = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
     sizes = np.array([len(p) for p in pools])

@@ -28,8 +28,9 @@ MAX_QUOTED = 3  # bad files quoted in an error
 
 
 def is_file_backed(ds: Any) -> bool:
-    """True for datasets whose items are image files (they have ``image_path(i)`` and ``labels``)."""
-    return callable(getattr(ds, "image_path", None)) and hasattr(ds, "labels")
+    """True for datasets whose items are image files (they have ``image_path(i)``; segmentation datasets also
+    ``label_path(i)``, checked as well)."""
+    return callable(getattr(ds, "image_path", None))
 
 
 def unwrap(ds: Dataset) -> tuple[Dataset, np.ndarray | None]:
@@ -62,12 +63,14 @@ def file_problem(path: str | Path) -> str | None:
 def bad_files(ds: Dataset) -> dict[int, str]:
     """Index -> ``PATH: reason`` line for each missing or empty file of a file-backed dataset."""
     out = {}
+    label_path = getattr(ds, "label_path", None)
     for i in range(len(ds)):  # type: ignore[arg-type]
-        path = ds.image_path(i)  # type: ignore[attr-defined]
-        why = file_problem(path)
-        if why is not None:
-            where = ds.where(i) if hasattr(ds, "where") else ""  # type: ignore[attr-defined]
-            out[i] = f"{path}: {why}" + (f" (listed at {where})" if where else "")
+        for path in (ds.image_path(i), label_path(i)) if callable(label_path) else (ds.image_path(i),):  # type: ignore[attr-defined]
+            why = file_problem(path)
+            if why is not None:
+                where = ds.where(i) if hasattr(ds, "where") else ""  # type: ignore[attr-defined]
+                out[i] = f"{path}: {why}" + (f" (listed at {where})" if where else "")
+                break
     return out
 
 

@@ -4,6 +4,7 @@ classification, IoU and mIoU for segmentation; an ignore label; flip TTA."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,6 +92,56 @@ def predict_scores(model: nn.Module, x: Tensor, tta_flip: bool) -> Tensor:
     return (torch.sigmoid(logits) + torch.sigmoid(flipped)) / 2
 
 
+def list_collate(batch: list) -> list:
+    """Keep samples as a list (segmentation images and labels may differ in size); skipped (None) ones dropped."""
+    return [item for item in batch if item is not None]
+
+
+def segmentation_probs(
+    model: nn.Module,
+    x: Tensor,
+    *,
+    tta_flip: bool = False,
+    window: tuple[int, int] | None = None,
+    stride: tuple[int, int] | None = None,
+) -> Tensor:
+    """Class probabilities [B, C, H, W] of images x [B, 3, H, W] in [0, 1].
+
+    ``window`` (h, w): sliding-window inference, each window's softmax averaged where windows overlap (stride
+    default 2/3 of the window); an image smaller than the window is padded with zeros and the padding cropped
+    off. ``tta_flip``: mean with the prediction on the mirrored image, flipped back.
+    """
+
+    def whole(inp: Tensor) -> Tensor:
+        probs = torch.softmax(model(inp).logits.float(), dim=1)
+        if tta_flip:
+            mirrored = torch.softmax(model(torch.flip(inp, dims=[3])).logits.float(), dim=1)
+            probs = (probs + torch.flip(mirrored, dims=[3])) / 2
+        return probs
+
+    if window is None:
+        return whole(x)
+    b, _, h, w = x.shape
+    wh, ww = window
+    sh, sw = stride or (max(wh * 2 // 3, 1), max(ww * 2 // 3, 1))
+    ph, pw = max(wh - h, 0), max(ww - w, 0)
+    xp = nn.functional.pad(x, (0, pw, 0, ph))
+    hp, wp = xp.shape[2:]
+    total: Tensor | None = None
+    count = torch.zeros(1, 1, hp, wp, device=x.device)
+    tops = sorted({min(t, hp - wh) for t in range(0, hp - wh + sh, sh)})
+    lefts = sorted({min(left, wp - ww) for left in range(0, wp - ww + sw, sw)})
+    for top in tops:
+        for left in lefts:
+            probs = whole(xp[:, :, top : top + wh, left : left + ww])
+            if total is None:
+                total = torch.zeros(b, probs.shape[1], hp, wp, device=x.device)
+            total[:, :, top : top + wh, left : left + ww] += probs
+            count[:, :, top : top + wh, left : left + ww] += 1
+    assert total is not None
+    return (total / count)[:, :, :h, :w]
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -104,26 +155,68 @@ def evaluate(
     desc: str = "eval",
     show_progress: bool = True,
     channels_last: bool = False,
+    task: str = "classification",
+    window: tuple[int, int] | None = None,
+    stride: tuple[int, int] | None = None,
+    ignore_index: int = 255,
 ) -> EvalResult:
-    """Evaluate ``model`` (returns ``ModelOutput``) on ``dataset`` of (image [3,H,W], label)."""
+    """Evaluate ``model`` (returns ``ModelOutput``) on ``dataset`` of (image [3,H,W], target).
+
+    Classification: targets are int labels; flip TTA averages sigmoids (official VisDA protocol).
+    Segmentation: targets [H, W] with ``ignore_index``; probabilities (whole image or sliding ``window``, optional
+    flip) are bilinearly upsampled to each label's size before the argmax, so metrics are at label resolution.
+    """
     was_training = model.training
     model.eval()
     from asg.data import collate_skip_none
 
+    segmentation = task == "segmentation"
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_skip_none)  # fmt: skip
+                        collate_fn=list_collate if segmentation else collate_skip_none)  # fmt: skip
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
-    for batch in progress(loader, desc=desc, enabled=show_progress, leave=False):
-        if batch is None:  # every image of the batch was skipped (data.on_bad_image=skip)
-            continue
-        x, y = batch
+
+    def prepare(x: Tensor) -> Tensor:
         x = x.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        preds = predict_scores(model, x, tta_flip).argmax(dim=1).cpu()
-        confusion += confusion_matrix(y, preds, num_classes)
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+    for batch in progress(loader, desc=desc, enabled=show_progress, leave=False):
+        if not batch:  # every image of the batch was skipped (data.on_bad_image=skip)
+            continue
+        if not segmentation:
+            x, y = batch
+            preds = predict_scores(model, prepare(x), tta_flip).argmax(dim=1).cpu()
+            confusion += confusion_matrix(y, preds, num_classes)
+            continue
+        same_size = len({tuple(img.shape) for img, _ in batch}) == 1
+        groups = [batch] if same_size else [[item] for item in batch]
+        for group in groups:
+            x = prepare(torch.stack([img for img, _ in group]))
+            probs = segmentation_probs(model, x, tta_flip=tta_flip, window=window, stride=stride)
+            for p, (_, y) in zip(probs, group):
+                if tuple(p.shape[1:]) != tuple(y.shape):
+                    p = nn.functional.interpolate(p[None], size=tuple(y.shape), mode="bilinear", align_corners=False)[0]
+                confusion += confusion_matrix(y, p.argmax(dim=0).cpu(), num_classes, ignore_index)
     model.train(was_training)
-    return EvalResult(confusion)
+    return EvalResult(confusion, task=task)
+
+
+def real_average(results: dict[str, Any], real_sets: list[str]) -> dict[str, Any] | None:
+    """Mean of the primary metric over the real sets present (at least two), labelled with what it averages.
+
+    ``results`` maps set names to :class:`EvalResult` or to their ``to_dict()``; returns e.g.
+    ``{"metric": "miou", "value": 0.41, "over": ["cityscapes", "bdd100k", "mapillary"]}``.
+    """
+    names = [n for n in real_sets if n in results]
+    if len(names) < 2:
+        return None
+    first = results[names[0]]
+    metric = (
+        PRIMARY_METRIC[first.task]
+        if isinstance(first, EvalResult)
+        else ("miou" if "miou" in first else "mean_class_acc")
+    )
+    values = [r.primary if isinstance(r, EvalResult) else r[metric] for r in (results[n] for n in names)]
+    return {"metric": metric, "value": float(np.mean(values)), "over": names, "note": "unweighted mean over the sets"}
 
 
 @torch.no_grad()
@@ -157,12 +250,16 @@ def evaluate_sets(
     *,
     tta_flip: bool | None = None,
     show_progress: bool = True,
+    task: str = "classification",
 ) -> dict[str, EvalResult]:
-    """Evaluate ``model`` on each named set with the protocol of ``cfg`` (batch size, workers, TTA, layout).
+    """Evaluate ``model`` on each named set with the protocol of ``cfg`` (batch size, workers, TTA, layout,
+    sliding window for segmentation).
 
     The one evaluation path of the package: the trainer's curves and selections and ``asg evaluate`` both use it.
     ``tta_flip`` overrides ``cfg.eval.tta_flip`` when given.
     """
+    window = tuple(cfg.eval.sliding_window) if cfg.eval.sliding_window else None
+    stride = tuple(cfg.eval.sliding_stride) if cfg.eval.sliding_stride else None
     return {
         name: evaluate(
             model,
@@ -175,6 +272,9 @@ def evaluate_sets(
             desc=f"eval {name}",
             show_progress=show_progress,
             channels_last=cfg.model.channels_last,
+            task=task,
+            window=window,  # type: ignore[arg-type]
+            stride=stride,  # type: ignore[arg-type]
         )
         for name, ds in sets.items()
     }

@@ -1,9 +1,16 @@
-"""Deterministic, resumable batch order: epoch ``e`` is a permutation seeded by ``(seed, e)``."""
+"""Deterministic, resumable batch order and augmentation: epoch ``e`` is a permutation seeded by ``(seed, e)``;
+with ``with_seeds`` each sample also carries a seed for its random transform, derived from ``(seed, step, slot)``.
+
+Seeding each sample (rather than each worker) makes random crops, scales and flips a function of the global step
+alone: a resumed run, or one with another ``num_workers``, draws exactly the augmentations an uninterrupted run
+draws.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -22,21 +29,30 @@ class EpochBatchSampler(Sampler[list[int]]):
     """Yields the index batches of global steps ``start_step, start_step+1, ...`` (last partial batch kept).
 
     Because each epoch's order depends only on the seed and the epoch number, a resumed run sees exactly the
-    batches an uninterrupted one would.
+    batches an uninterrupted one would. ``with_seeds``: batches are ``[(index, sample_seed), ...]`` for
+    :class:`IndexedDataset`, ``sample_seed`` = :func:`sample_seed` ``(seed, step, slot)``.
     """
 
     def __init__(
-        self, num_items: int, batch_size: int, seed: int, start_step: int = 0, total_steps: int = 0, min_batch: int = 1
+        self,
+        num_items: int,
+        batch_size: int,
+        seed: int,
+        start_step: int = 0,
+        total_steps: int = 0,
+        min_batch: int = 1,
+        with_seeds: bool = False,
     ):
         self.n, self.bs, self.seed = num_items, batch_size, seed
         self.start_step, self.total_steps = start_step, total_steps
         self.steps_per_epoch = steps_per_epoch(num_items, batch_size, min_batch)
+        self.with_seeds = with_seeds
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.n, generator=gen)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[Any]]:
         step = self.start_step
         while step < self.total_steps:
             epoch, k = divmod(step, self.steps_per_epoch)
@@ -44,15 +60,27 @@ class EpochBatchSampler(Sampler[list[int]]):
             for j in range(k, self.steps_per_epoch):
                 if step >= self.total_steps:
                     return
-                yield order[j * self.bs : (j + 1) * self.bs].tolist()
+                batch = order[j * self.bs : (j + 1) * self.bs].tolist()
+                if self.with_seeds:
+                    batch = [(i, sample_seed(self.seed, step, slot)) for slot, i in enumerate(batch)]
+                yield batch
                 step += 1
 
     def __len__(self) -> int:
         return max(self.total_steps - self.start_step, 0)
 
 
+def sample_seed(seed: int, step: int, slot: int) -> int:
+    """Seed of the random transform of the ``slot``-th sample of global step ``step`` (0-based)."""
+    return ((seed * 1_000_003 + step) * 4099 + slot) % (2**63)
+
+
 class IndexedDataset(Dataset):
-    """Wraps a dataset to also return the sample index: ``(image, label, index)``, or None for a skipped image."""
+    """Wraps a dataset to also return the sample index: ``(image, target, index)``, or None for a skipped image.
+
+    A key ``(index, sample_seed)`` runs the wrapped dataset's transform under ``torch.manual_seed(sample_seed)``
+    inside a forked RNG (the caller's RNG state is left as it was); a plain ``index`` uses the ambient RNG.
+    """
 
     def __init__(self, base: Dataset) -> None:
         self.base = base
@@ -60,6 +88,12 @@ class IndexedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
-    def __getitem__(self, i: int):
-        item = self.base[i]
+    def __getitem__(self, key: int | tuple[int, int]):
+        if isinstance(key, tuple):
+            i, seed = key
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                item = self.base[i]
+        else:
+            i, item = key, self.base[key]
         return None if item is None else (*item, i)

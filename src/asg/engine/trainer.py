@@ -28,7 +28,14 @@ from asg.data import (
     warn_bundle,
 )
 from asg.engine.checkpoint import load_weights
-from asg.engine.evaluate import EvalResult, evaluate_sets, imagenet_retention
+from asg.engine.evaluate import (
+    PRIMARY_METRIC,
+    EvalResult,
+    evaluate_sets,
+    imagenet_retention,
+    list_collate,
+    real_average,
+)
 from asg.engine.guards import LossGuard, non_finite_tensors
 from asg.engine.optim import build_optimizer
 from asg.engine.resume import check_resume_changes
@@ -37,7 +44,7 @@ from asg.engine.sampler import EpochBatchSampler, IndexedDataset, steps_per_epoc
 from asg.engine.schedule import build_schedule
 from asg.errors import AsgError, TrainingDiverged
 from asg.l2o.base import LRController, StepStats
-from asg.methods import build_method
+from asg.methods import build_method, cross_entropy
 from asg.models import ASGClassifier, Teacher, build_model, make_teacher
 from asg.utils import progress, resolve_device, seed_everything, versions
 
@@ -90,7 +97,10 @@ class Trainer:
             self.data, self.skipped = check_bundle_files(self.data, cfg.data.on_bad_image)
             warn_bundle(self.data)  # e.g. a single-class training set trains to a meaningless 100%
         self.num_classes = self.data.num_classes
-        self.model = (model if model is not None else build_model(cfg.model, self.num_classes)).to(self.device)
+        if model is None:
+            task_kw = {"task": self.data.task} if self.data.is_segmentation else {}
+            model = build_model(cfg.model, self.num_classes, **task_kw)
+        self.model = model.to(self.device)
         self.teacher: Teacher = make_teacher(self.model).to(self.device)
         self.method = build_method(cfg.method)
         self.method.setup(self.model)
@@ -257,15 +267,21 @@ class Trainer:
         if self._pending_eval:
             self._evaluate_and_log(time.time() - t0)
         sampler = EpochBatchSampler(
-            _size(self.data.train), cfg.data.batch_size, cfg.train.seed, self.step, cfg.train.steps, self.min_batch
+            _size(self.data.train),
+            cfg.data.batch_size,
+            cfg.train.seed,
+            self.step,
+            cfg.train.steps,
+            self.min_batch,
+            with_seeds=self.data.has_augmentation,  # random crops/flips drawn per (step, slot): exact resume
         )
         loader = DataLoader(
             IndexedDataset(self.data.train),
             batch_sampler=sampler,
             num_workers=cfg.data.num_workers,
             collate_fn=collate_skip_none,
-            generator=torch.Generator(),
-        )  # keeps the global RNG untouched (exact resume)
+            generator=torch.Generator().manual_seed(cfg.train.seed),
+        )  # its own generator keeps the global RNG untouched (exact resume)
         window: dict[str, float] = {}
         bar = progress(
             loader,
@@ -385,7 +401,9 @@ class Trainer:
 
     def _eval_all(self, sets: dict[str, Any]) -> dict[str, EvalResult]:
         show = self.cfg.train.progress and not self.quiet
-        return evaluate_sets(self.model, sets, self.num_classes, self.cfg, self.device, show_progress=show)
+        return evaluate_sets(
+            self.model, sets, self.num_classes, self.cfg, self.device, show_progress=show, task=self.data.task
+        )
 
     def _evaluate_and_log(self, elapsed: float) -> None:
         if not self._eval_sets:
@@ -394,11 +412,13 @@ class Trainer:
         row = {
             "step": self.step,
             "elapsed_s": round(elapsed, 1),
-            "tta_flip": self.cfg.eval.tta_flip,
-            "eval_max_per_set": self.cfg.data.eval_max_per_set,
+            **self.protocol(),
             "scales": list(self.scales),
             "metrics": {k: r.to_dict() for k, r in results.items()},
         }
+        average = real_average(results, self.data.real_set_names)
+        if average is not None:
+            row["real_average"] = average
         self.history.append(row)
         if self.run_dir is None:
             return
@@ -425,6 +445,23 @@ class Trainer:
                 entry = rd.write_weights(tag, self.model.state_dict(), self.step)
                 self.best[rule] = {**entry, "score": score, "set": set_name}
 
+    def protocol(self) -> dict[str, Any]:
+        """How the numbers of a result line were obtained (recorded in every line of results.jsonl)."""
+        cfg = self.cfg
+        out: dict[str, Any] = {
+            "tta_flip": cfg.eval.tta_flip,
+            "eval_max_per_set": cfg.data.eval_max_per_set,
+            "bn_mode": cfg.optim.bn_mode,
+        }
+        if self.data.is_segmentation:
+            out.update(
+                split=cfg.data.split,
+                class_set=self.num_classes,
+                eval_resize=cfg.data.eval_resize or "native",
+                sliding_window=cfg.eval.sliding_window or "whole image",
+            )
+        return out
+
     @property
     def oracle_set(self) -> str | None:
         if self.cfg.eval.oracle_set:
@@ -437,16 +474,19 @@ class Trainer:
         if name is None:
             raise AsgError("a held-out reward needs a source-val split (data.source_val_fraction > 0)")
         ds = self.data.eval_sets[name]
-        loader = DataLoader(ds, batch_size=self.cfg.data.eval_batch_size, shuffle=False)
+        loader = DataLoader(ds, batch_size=self.cfg.data.eval_batch_size, shuffle=False, collate_fn=list_collate)
         was_training, total, n = self.model.training, 0.0, 0
         self.model.eval()
         with torch.no_grad():
-            for i, (x, y) in enumerate(loader):
+            for i, batch in enumerate(loader):
                 if i >= max_batches:
                     break
-                out = self.model(x.to(self.device))
-                total += float(nn.functional.cross_entropy(out.logits.float(), y.to(self.device), reduction="sum"))
-                n += len(y)
+                same_size = len({tuple(x.shape) for x, _ in batch}) == 1
+                for group in [batch] if same_size else [[item] for item in batch]:
+                    x = torch.stack([item[0] for item in group]).to(self.device)
+                    y = torch.stack([torch.as_tensor(item[1]) for item in group]).to(self.device)
+                    total += float(cross_entropy(self.model(x).logits, y)) * len(group)
+                    n += len(group)
         self.model.train(was_training)
         return total / max(n, 1)
 
@@ -466,6 +506,9 @@ class Trainer:
             "controller_history": result.controller_history,
             "group_names": [name for name, _ in self.groups],
             "class_names": self.data.class_names,
+            "task": self.data.task,
+            "primary_metric": PRIMARY_METRIC[self.data.task],
+            "protocol": self.protocol(),
             "source_val_set": self.data.source_val_name,
             "on_bad_image": self.cfg.data.on_bad_image,
             "skipped_images": self._skipped_lines(),
@@ -525,7 +568,10 @@ class Trainer:
         self.model.load_state_dict(live)
         out["last"]["metrics"] = {**full.get(self.step, {}), **self._retention_entry(retention, self.step)}
         for sel in out.values():
-            sel["tta_flip"] = self.cfg.eval.tta_flip
+            sel.update(self.protocol())
+            average = real_average(sel.get("metrics", {}), self.data.real_set_names)
+            if average is not None:
+                sel["real_average"] = average
         return out
 
     def _retention(self, cache: dict[int, dict[str, float]], step: int) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from asg.config import MethodConfig
 from asg.errors import ConfigError
 from asg.methods.asg import ASG
-from asg.methods.base import LossOutput, Method, kl_teacher_student
+from asg.methods.base import LossOutput, Method, cross_entropy, kl_teacher_student
 from asg.methods.erm import ERM
 from asg.methods.l2sp import L2SP
 
@@ -18,4 +18,4 @@ def build_method(cfg: MethodConfig) -> Method:
     return METHODS[cfg.name](cfg)
 
 
-__all__ = ["METHODS", "build_method", "LossOutput", "Method", "kl_teacher_student"]
+__all__ = ["METHODS", "build_method", "cross_entropy", "LossOutput", "Method", "kl_teacher_student"]

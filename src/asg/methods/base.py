@@ -29,12 +29,18 @@ class Method(Protocol):
         ...
 
     def loss(self, out, labels: Tensor, teacher_logits: Tensor | None) -> LossOutput:
-        """``out`` is an ``asg.models.ModelOutput``; labels [B]; teacher_logits [B, 1000] or None."""
+        """``out`` is an ``asg.models.ModelOutput``; labels [B] (or [B, H, W] for segmentation, 255 = ignore);
+        teacher_logits [B, 1000] or None (one ImageNet prediction per image for both tasks)."""
         ...
 
 
 def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross-entropy; logits [B, C], labels [B]."""
+    """Mean cross-entropy. Classification: logits [B, C], labels [B]. Segmentation: logits [B, C, H, W],
+    labels [B, H, W] with ``IGNORE_INDEX`` (255) on unlabelled pixels, mean over the labelled pixels."""
+    if logits.ndim > 2:
+        from asg.data.bundle import IGNORE_INDEX
+
+        return nn.functional.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
     return nn.functional.cross_entropy(logits.float(), labels)
 
 

@@ -22,20 +22,27 @@ ParamGroups = list[tuple[str, list[nn.Parameter]]]
 class Backbone(nn.Module):
     """ImageNet-pretrained feature extractor plus its ImageNet head (split as in timm).
 
-    Attributes: ``feature_dim`` (D), ``input_size`` (native resolution, e.g. 224), ``output_stride`` (input size /
-    feature-map size: 32, or 16/8 where the backbone dilates its last stages), ``imagenet_head``
-    (``nn.Linear(D, 1000)``, not part of ``layer_groups``).
+    Attributes: ``feature_dim`` (D, the size of the pooled ``forward_head(..., pre_logits=True)`` vector; the
+    channels of the deepest map for every backbone but VGG16, whose pooled vector is its 7x7-pooled pool5, 25088),
+    ``input_size`` (native resolution, e.g. 224), ``output_stride`` (input size / feature-map size: 32, or 16/8
+    where the backbone dilates its last stages), ``stage_channels`` / ``stage_strides`` (of the
+    ``forward_stages`` maps), ``imagenet_head`` (``nn.Linear(D, 1000)``; VGG16: its fc6-fc7-fc8
+    ``nn.Sequential``; not part of ``layer_groups``).
 
-    * ``forward_features(x normalised [B,3,H,W]) -> [B, D, h, w]``: the unpooled deepest feature map,
-      ``h = ceil(H / output_stride)`` (for a dense head).
-    * ``forward_head(feats [B,D,h,w], pre_logits=False)``: global average pool ``[B, D]``, then, unless
-      ``pre_logits``, ``imagenet_head`` ``[B, 1000]``.
+    * ``forward_stages(x normalised [B,3,H,W]) -> [map_1, ..., map_5]``: the map at the end of each of the 5
+      resolution stages (timm's ``features_only``), nominal strides 2, 4, 8, 16, 32 (each capped at
+      ``output_stride``), channels ``stage_channels``; the last map is exactly ``forward_features(x)``.
+    * ``forward_features(x normalised [B,3,H,W]) -> [B, C, h, w]``: the unpooled deepest feature map,
+      ``h = ceil(H / output_stride)`` (for a dense head; VGG16 floors, and with padding 100 it is larger).
+    * ``forward_head(feats [B,C,h,w], pre_logits=False)``: pool to ``[B, D]`` (global average; VGG16: 7x7
+      adaptive average, flattened), then, unless ``pre_logits``, ``imagenet_head`` ``[B, 1000]``.
     * ``forward(x [B,3,H,W] in [0,1]) -> [B, D]`` pooled features: normalise, ``forward_features``,
       ``forward_head(pre_logits=True)``. The normalisation ``(x - mean) / std`` uses non-persistent buffers,
       so state dicts hold weights only.
     """
 
-    imagenet_head: nn.Linear
+    imagenet_head: nn.Module  # nn.Linear(D, 1000), or VGG16's fc6-fc7-fc8 nn.Sequential
+    stage_channels: tuple[int, ...]  # channels of each forward_stages map, set by the subclass
     mean: Tensor  # buffers, declared for the type checker
     std: Tensor
 
@@ -58,9 +65,29 @@ class Backbone(nn.Module):
         """[B,3,H,W] in [0,1] -> the backbone's native input scale."""
         return (x - self.mean) / self.std
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Normalised [B,3,H,W] -> unpooled deepest feature map [B, D, h, w]."""
+    @property
+    def stage_strides(self) -> tuple[int, ...]:
+        """Nominal stride of each ``forward_stages`` map: 2, 4, 8, 16, 32, each capped at ``output_stride``."""
+        return tuple(min(2 ** (i + 1), self.output_stride) for i in range(len(self.stage_channels)))
+
+    def forward_stages(self, x: Tensor) -> list[Tensor]:
+        """Normalised [B,3,H,W] -> the 5 stage maps [B, stage_channels[i], h_i, w_i], stride 2 to deepest."""
         raise NotImplementedError
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Normalised [B,3,H,W] -> unpooled deepest feature map [B, C, h, w] (the last ``forward_stages`` map)."""
+        raise NotImplementedError
+
+    def set_output_stride(self, output_stride: int) -> None:
+        """Re-stride in place, same parameters (e.g. undo a ResNet's dilation); ConfigError if unsupported.
+
+        The base class supports only its current output stride.
+        """
+        if output_stride != self.output_stride:
+            raise ConfigError(
+                f"output_stride={output_stride!r}: {type(self).__name__} supports only output stride "
+                f"{self.output_stride}"
+            )
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """[B, D, h, w] -> global average pool [B, D] if ``pre_logits``, else ImageNet logits [B, 1000]."""
@@ -101,6 +128,24 @@ class Backbone(nn.Module):
             ]
             raise WeightsError(f"weights {source} do not fit backbone {type(self).__name__} ({'; '.join(parts)})")
         self.load_state_dict(state, strict=False)
+
+
+def hub_cache_file(what: str, file_names: tuple[str, ...], url: str, layouts: str) -> Path:
+    """The first of ``file_names`` present in torch's hub cache (``torch.hub.get_dir()/checkpoints``).
+
+    If none is there: WeightsError naming the file expected (``file_names[0]``), its download ``url`` folder, where
+    to put it, and ``model.weights=PATH`` (a file in ``layouts``, e.g. "torchvision layout"). Nothing is downloaded.
+    """
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    for name in file_names:
+        if (folder / name).is_file():
+            return folder / name
+    name = file_names[0]
+    raise WeightsError(
+        f"ImageNet weights for {what} not found: put {url}{name} at {folder / name} "
+        f"(torch hub cache; set TORCH_HOME to move it), or pass model.weights=PATH to a .pth/.safetensors file "
+        f"({layouts}). Nothing is downloaded."
+    )
 
 
 def _strip_prefix(state_dict: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -167,11 +212,18 @@ def _resnet101(weights: str = "imagenet", *, output_stride: int = 32) -> Backbon
     return resnet("resnet101", weights, output_stride=output_stride)
 
 
+def _vgg16(weights: str = "imagenet", *, output_stride: int = 32) -> Backbone:
+    from asg.models.vgg import vgg16
+
+    return vgg16(weights, output_stride=output_stride)
+
+
 BACKBONES: dict[str, BackboneFactory] = {
     "efficientnet_lite0": _efficientnet_lite0,
     "efficientnet_lite2": _efficientnet_lite2,
     "resnet50": _resnet50,
     "resnet101": _resnet101,
+    "vgg16": _vgg16,
 }
 
 
@@ -179,7 +231,8 @@ def build_backbone(name: str, weights: str = "imagenet", *, output_stride: int =
     """Build backbone ``name`` (a key of BACKBONES) with weights 'imagenet' (local only), 'none' or a file path.
 
     ``output_stride`` (input / feature-map size of ``forward_features``): 32 for every backbone; ResNets also
-    take 16 and 8 (dilated last stages, same weights). Anything else is a ConfigError.
+    take 16 and 8 (dilated last stages, same weights). Anything else is a ConfigError. (VGG16 with FCN-8s's
+    padding-100 first conv is built by ``asg.models.vgg.vgg16(..., fcn=True)``.)
     """
     if name not in BACKBONES:
         raise ConfigError(f"model.backbone: unknown backbone {name!r}; valid: {', '.join(BACKBONES)}")

@@ -1,22 +1,31 @@
-"""ASG's classification network (spec 2.1): backbone + new task head + frozen ImageNet head, and the teacher."""
+"""ASG's classification network (spec 2.1): backbone + new task head + frozen ImageNet head, and the teacher.
+
+``build_model`` also builds the segmentation networks (``asg.models.segmenter``), which share this contract.
+"""
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, Literal, cast, overload
 
 import torch
 from torch import Tensor, nn
 
 from asg.config import ModelConfig
+from asg.errors import ConfigError
 from asg.models.backbones import Backbone, ParamGroups, build_backbone
+
+if TYPE_CHECKING:
+    from asg.models.segmenter import ASGSegmenter
+
+TASKS = ("classification", "segmentation")
 
 
 @dataclass
 class ModelOutput:
-    logits: Tensor  # [B, C] task logits from the new head
-    imagenet_logits: Tensor  # [B, 1000] frozen ImageNet head on the trained features
+    logits: Tensor  # [B, C] task logits from the new head ([B, C, H, W] at input size for a segmenter)
+    imagenet_logits: Tensor  # [B, 1000] frozen ImageNet head on the trained (pooled deepest) features
     features: Tensor  # [B, D] pooled backbone features
 
 
@@ -38,7 +47,7 @@ class ASGClassifier(nn.Module):
         self.num_classes = num_classes
 
     @property
-    def imagenet_head(self) -> nn.Linear:
+    def imagenet_head(self) -> nn.Module:
         """The backbone's frozen ImageNet head (one module, stored once under ``backbone.imagenet_head``)."""
         return self.backbone.imagenet_head
 
@@ -69,12 +78,18 @@ class ASGClassifier(nn.Module):
 class Teacher(nn.Module):
     """Frozen ImageNet network: ``forward(x [B,3,H,W] in [0,1]) -> [B, 1000]`` logits, without autograd.
 
-    All parameters have ``requires_grad=False`` and the module stays in eval mode whatever ``train()`` is called.
+    A deep copy of ``backbone`` (weights and ImageNet head) re-strided to output stride 32: the ImageNet network
+    as it was trained. A dilated ResNet student (output stride 16/8, segmentation) thus gets an undilated teacher
+    with the same weights, whose logits differ from the student's initial ``imagenet_logits`` (the dilated
+    network computes other features), so its KL does not start at 0. Every other backbone is copied as is (VGG16
+    keeps FCN-8s's padding 100, as the official teacher). All parameters have ``requires_grad=False`` and the
+    module stays in eval mode whatever ``train()`` is called.
     """
 
     def __init__(self, backbone: Backbone) -> None:
         super().__init__()
         self.backbone = copy.deepcopy(backbone)
+        self.backbone.set_output_stride(32)
         for p in self.backbone.parameters():
             p.requires_grad_(False)
             p.grad = None
@@ -89,17 +104,49 @@ class Teacher(nn.Module):
         return self.backbone.imagenet_head(self.backbone(x))
 
 
-def make_teacher(model: ASGClassifier) -> Teacher:
-    """Deep copy of ``model``'s backbone + ImageNet head as it is now; call it before training (pretrained state)."""
+def make_teacher(model: ASGClassifier | ASGSegmenter) -> Teacher:
+    """Deep copy of ``model``'s backbone + ImageNet head as it is now, at output stride 32 (see ``Teacher``).
+
+    Call it before training (pretrained state).
+    """
     return Teacher(model.backbone)
 
 
-def build_model(cfg: ModelConfig, num_classes: int, *, output_stride: int = 32) -> ASGClassifier:
-    """Backbone ``cfg.backbone`` with ``cfg.weights`` + task head; channels_last memory format if asked.
+@overload
+def build_model(
+    cfg: ModelConfig,
+    num_classes: int,
+    *,
+    task: Literal["classification"] = "classification",
+    output_stride: int | None = None,
+) -> ASGClassifier: ...
+@overload
+def build_model(
+    cfg: ModelConfig, num_classes: int, *, task: Literal["segmentation"], output_stride: int | None = None
+) -> ASGSegmenter: ...
+@overload
+def build_model(
+    cfg: ModelConfig, num_classes: int, *, task: str, output_stride: int | None = None
+) -> ASGClassifier | ASGSegmenter: ...
+def build_model(
+    cfg: ModelConfig, num_classes: int, *, task: str = "classification", output_stride: int | None = None
+) -> ASGClassifier | ASGSegmenter:
+    """The ASG network for ``task``: "classification" (``ASGClassifier``) or "segmentation" (``ASGSegmenter``).
 
-    ``output_stride`` goes to ``build_backbone`` (32 everywhere; 16/8 for ResNets; ConfigError otherwise). It only
+    Classification: backbone ``cfg.backbone`` with ``cfg.weights`` + task head; channels_last memory format if
+    asked. Segmentation: ``asg.models.segmenter.build_segmenter`` (head ``cfg.segmenter``).
+    ``output_stride`` (else ``cfg.output_stride``, else 32 for classification and the segmenter's default) goes to
+    ``build_backbone`` (32 everywhere; 16/8 for ResNets; ConfigError otherwise). For the classifier it only
     changes ``backbone.forward_features``' map size; the classifier still pools it.
     """
+    if task == "segmentation":
+        from asg.models.segmenter import build_segmenter
+
+        return build_segmenter(cfg, num_classes, output_stride=output_stride)
+    if task != "classification":
+        raise ConfigError(f"task {task!r}: valid tasks are {', '.join(TASKS)}")
+    if output_stride is None:
+        output_stride = cfg.output_stride if cfg.output_stride is not None else 32
     backbone = build_backbone(cfg.backbone, cfg.weights, output_stride=output_stride)
     model = ASGClassifier(backbone, num_classes, cfg.hidden_dim)
     if cfg.channels_last:

@@ -13,6 +13,9 @@ Layer groups (6, by output stride, mirroring ResNet's conv1/bn1/layer1..4):
     stage3     blocks at stride 16    (Lite0: blocks 5-10, 80/112 ch)
     stage4     blocks at stride 32 + ``_conv_head`` + ``_bn1``  (Lite0: blocks 11-15, 192/320 ch -> 1280)
 
+``forward_stages``: the output of the last block at each stride 2, 4, 8, 16 (Lite0: blocks 0, 2, 4, 10 with
+16/24/40/112 channels) and the deepest map (1280 ch, stride 32), i.e. the maps just before each striding block.
+
 Convolutions use dynamic TF "SAME" padding, so any input size is padded exactly as TensorFlow would.
 Drop-connect (stochastic depth, 0.2 in the package) is off by default: ASG trains with BN in eval mode and a
 plain forward; pass ``drop_connect_rate`` to turn it on (it is only active in ``train()`` mode).
@@ -53,6 +56,18 @@ class EfficientNetLiteBackbone(Backbone):
         self.conv_stem, self.bn0, self.blocks = net._conv_stem, net._bn0, net._blocks
         self.conv_head, self.bn1, self.act = net._conv_head, net._bn1, nn.ReLU6()
         self.imagenet_head: nn.Linear = net._fc
+        self._strides = [_block_stride(block) for block in self.blocks]
+        ends = [i for i, s in enumerate(self._strides[1:]) if s > 1]  # last block before each striding block
+        self.stage_channels = tuple(self.blocks[i]._block_args.output_filters for i in ends) + (self.feature_dim,)
+
+    def forward_stages(self, x: Tensor) -> list[Tensor]:
+        stages = []
+        x = self.act(self.bn0(self.conv_stem(x)))
+        for idx, block in enumerate(self.blocks):
+            if self._strides[idx] > 1:
+                stages.append(x)  # end of the previous stride level
+            x = block(x, drop_connect_rate=self.drop_connect_rate * idx / len(self.blocks))
+        return stages + [self.act(self.bn1(self.conv_head(x)))]
 
     def forward_features(self, x: Tensor) -> Tensor:
         x = self.act(self.bn0(self.conv_stem(x)))
@@ -64,8 +79,7 @@ class EfficientNetLiteBackbone(Backbone):
         stages: list[list[nn.Module]] = [[], [], [], []]
         stride = 2  # after the stem
         for block in self.blocks:
-            s = block._block_args.stride
-            stride *= s[0] if isinstance(s, (list, tuple)) else s
+            stride *= _block_stride(block)
             stages[_STAGE_OF_STRIDE[stride]].append(block)
         stages[3] += [self.conv_head, self.bn1]
         return [("conv_stem", [self.conv_stem]), ("bn0", [self.bn0])] + [
@@ -78,6 +92,11 @@ class EfficientNetLiteBackbone(Backbone):
         if head in _MODULES:
             head = "imagenet_head" if head == "_fc" else head[1:]
         return f"{head}.{rest}" if rest else head
+
+
+def _block_stride(block: nn.Module) -> int:
+    s = block._block_args.stride
+    return int(s[0] if isinstance(s, (list, tuple)) else s)
 
 
 def packaged_weights_path(model_name: str) -> str:

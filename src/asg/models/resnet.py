@@ -4,7 +4,10 @@ Layer groups are spec 3.2's: ``conv1``, ``bn1`` (the stem BN alone), ``layer1`` 
 own BNs and downsample branch). ``forward_features``: layer4's [B, 2048, h, w] map; ``forward_head`` pools it and
 applies ``imagenet_head`` (= ``fc``). Output stride 32, or 16 / 8 for dense prediction: torchvision's
 ``replace_stride_with_dilation`` dilates layer4 (16) or layer3+layer4 (8) instead of striding them, with the same
-parameters (so the same weight files and state-dict keys).
+parameters (so the same weight files and state-dict keys); ``set_output_stride`` re-strides a built backbone in
+place (the teacher of a dilated student is the undilated ImageNet network, ``asg.models.classifier.Teacher``).
+``forward_stages``: stem (conv1-bn1-relu, 64 ch, stride 2), layer1 (256, 4), layer2 (512, 8), layer3 (1024, 16),
+layer4 (2048, 32); strides capped at the output stride.
 Input normalisation: ImageNet mean/std. Weight files may use torchvision's or timm's key layout.
 """
 
@@ -16,8 +19,8 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from asg.errors import ConfigError, WeightsError
-from asg.models.backbones import Backbone, load_state_dict_file
+from asg.errors import ConfigError
+from asg.models.backbones import Backbone, hub_cache_file, load_state_dict_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -35,20 +38,52 @@ class ResNetBackbone(Backbone):
     """torchvision ResNet without its head in the feature path; D = 2048; output stride 32, 16 or 8."""
 
     def __init__(self, arch: str, output_stride: int = 32) -> None:
-        if output_stride not in _DILATION:
-            raise ConfigError(
-                f"output_stride={output_stride!r}: {arch} supports output stride {', '.join(map(str, _DILATION))}"
-            )
+        _check_output_stride(arch, output_stride)
         super().__init__(2048, 224, mean=IMAGENET_MEAN, std=IMAGENET_STD, output_stride=output_stride)
         net = getattr(torchvision.models, arch)(weights=None, replace_stride_with_dilation=_DILATION[output_stride])
         self.arch = arch
+        self.stage_channels = (64, 256, 512, 1024, 2048)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.imagenet_head: nn.Linear = net.fc
 
+    def forward_stages(self, x: Tensor) -> list[Tensor]:
+        stem = self.relu(self.bn1(self.conv1(x)))
+        c2 = self.layer1(self.maxpool(stem))
+        c3 = self.layer2(c2)
+        c4 = self.layer3(c3)
+        return [stem, c2, c3, c4, self.layer4(c4)]
+
     def forward_features(self, x: Tensor) -> Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def set_output_stride(self, output_stride: int) -> None:
+        """Re-stride layer3/layer4 in place to ``output_stride`` (32, 16 or 8); parameters stay the same tensors.
+
+        Copies stride, padding and dilation of every convolution from torchvision's architecture built for that
+        output stride, so the result computes exactly what a backbone built with it computes.
+        """
+        _check_output_stride(self.arch, output_stride)
+        if output_stride == self.output_stride:
+            return
+        ref = getattr(torchvision.models, self.arch)(weights=None, replace_stride_with_dilation=_DILATION[output_stride])
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            for (own_name, own), (ref_name, other) in zip(
+                getattr(self, name).named_modules(), getattr(ref, name).named_modules(), strict=True
+            ):
+                if own_name != ref_name:  # pragma: no cover - same architecture by construction
+                    raise RuntimeError(f"{self.arch}.{name}: {own_name} != {ref_name}")
+                if isinstance(own, nn.Conv2d) and isinstance(other, nn.Conv2d):
+                    own.stride, own.padding, own.dilation = other.stride, other.padding, other.dilation
+        self.output_stride = output_stride
+
+
+def _check_output_stride(arch: str, output_stride: int) -> None:
+    if output_stride not in _DILATION:
+        raise ConfigError(
+            f"output_stride={output_stride!r}: {arch} supports output stride {', '.join(map(str, _DILATION))}"
+        )
 
     def group_modules(self) -> list[tuple[str, list[nn.Module]]]:
         names = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
@@ -61,16 +96,7 @@ class ResNetBackbone(Backbone):
 
 def cached_weights_path(arch: str) -> Path:
     """The torchvision ImageNet weight file for ``arch`` in torch's hub cache; WeightsError if absent."""
-    folder = Path(torch.hub.get_dir()) / "checkpoints"
-    for name in CACHE_FILES[arch]:
-        if (folder / name).is_file():
-            return folder / name
-    name = CACHE_FILES[arch][0]
-    raise WeightsError(
-        f"ImageNet weights for {arch} not found: put {_URL}{name} at {folder / name} "
-        f"(torch hub cache; set TORCH_HOME to move it), or pass model.weights=PATH to a .pth/.safetensors file "
-        f"(torchvision or timm layout). Nothing is downloaded."
-    )
+    return hub_cache_file(arch, CACHE_FILES[arch], _URL, "torchvision or timm layout")
 
 
 def resnet(arch: str, weights: str = "imagenet", *, output_stride: int = 32) -> ResNetBackbone:
