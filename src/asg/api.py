@@ -61,7 +61,7 @@ def evaluate(
     """
     from asg.data import build_data
     from asg.engine.checkpoint import load_weights
-    from asg.engine.evaluate import evaluate_sets
+    from asg.engine.evaluate import evaluate_sets, real_average
     from asg.engine.rundir import EXPORTS, RunDir
     from asg.models import build_model
     from asg.utils import resolve_device
@@ -81,12 +81,12 @@ def evaluate(
     tta = cfg.eval.tta_flip if tta_flip is None else tta_flip
     device = resolve_device(cfg.train.device)  # before the (slow) data, so a missing GPU fails at once
     data = build_data(cfg.data)
-    model = build_model(cfg.model, data.num_classes)
+    model = build_model(cfg.model, data.num_classes, **({"task": data.task} if data.is_segmentation else {}))
     load_weights(model, path)
     model.to(device)
     sets = {}
     results = evaluate_sets(model, data.eval_sets, data.num_classes, cfg, device, tta_flip=tta,
-                            show_progress=show_progress)  # fmt: skip
+                            show_progress=show_progress, task=data.task)  # fmt: skip
     for name, r in results.items():
         sets[name] = {
             **r.to_dict(),
@@ -103,10 +103,16 @@ def evaluate(
         "checkpoint": checkpoint,
         "checkpoint_file": str(path),
         "tta_flip": tta,
+        "task": data.task,
+        "sliding_window": cfg.eval.sliding_window,
+        "eval_resize": cfg.data.eval_resize,
         "class_names": data.class_names,
         "sets": sets,
         "note": note,
     }
+    average = real_average(results, data.real_set_names)
+    if average is not None:
+        result["real_average"] = average
     return result
 
 

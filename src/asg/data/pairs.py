@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
@@ -29,6 +28,10 @@ PairTransformFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, tor
 
 class LabelIdError(DataError):
     """A label holds ids that its id table does not define (the wrong dataset, protocol or label files)."""
+
+
+class SizeMismatchError(ImageReadError):
+    """An image and its label differ in size (``reason`` says so, and whether the label is transposed)."""
 
 
 def png_header(path: str | Path) -> tuple[int, int] | None:
@@ -196,6 +199,20 @@ class EvalPairTransform:
         return f"EvalPairTransform(eval_resize={self.eval_resize})"
 
 
+def image_size(path: str | Path, verify: bool = False) -> tuple[int, int]:
+    """(W, H) of an image as :func:`asg.data.images.read_image` returns it (EXIF rotation applied), from the header
+    only unless ``verify`` (then the pixels are decoded too). Raises what PIL raises."""
+    with Image.open(path) as img:
+        if verify:
+            img.load()
+        w, h = img.size
+        try:
+            rotated = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # orientations that swap width and height
+        except Exception:  # a malformed EXIF block: read_image keeps the pixels as stored
+            rotated = False
+    return (h, w) if rotated else (w, h)
+
+
 def size_problem(image_size: tuple[int, int], label_shape: tuple[int, ...]) -> str | None:
     """Why an image of PIL ``size`` (W, H) and a label of shape (H, W) do not match, or None when they do."""
     w, h = image_size
@@ -294,7 +311,7 @@ class SegmentationPairs(FileImageDataset):
         if why is not None:
             where = f" (listed at {self.wheres[i]})" if self.wheres[i] else ""
             why = f"{why}: {self.label_files[i]}{where}"
-            raise ImageReadError(
+            raise SizeMismatchError(
                 f"image {self.images[i]} {why}; fix or remove the pair, or set data.on_bad_image=skip to leave "
                 f"such pairs out",
                 self.images[i],

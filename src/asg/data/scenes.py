@@ -101,7 +101,7 @@ def texture(rng: np.random.Generator, size: int) -> np.ndarray:
             cy, cx, r = rng.random(), rng.random(), rng.uniform(0.08, 0.3)
             m = np.clip((r - np.hypot(yy - cy, xx - cx)) / 0.03, 0.0, 1.0)[..., None]
             bg += m * (rng.random(3, dtype=np.float32) - bg)
-    bg = bg + rng.normal(0.0, rng.uniform(0.0, 0.04), bg.shape).astype(np.float32)
+    bg = bg + rng.standard_normal(bg.shape, dtype=np.float32) * rng.uniform(0.0, 0.04)
     return np.clip(bg, 0.0, 1.0).astype(np.float32)
 
 
@@ -311,13 +311,13 @@ def real_scenes(n: int, seed: int, size: int, cache_dir: str | Path | None = Non
 
 def build_digit_scenes(cfg: DataConfig, num_real: int = NUM_REAL) -> DataBundle:
     """Train on ``cfg.num_train`` synthetic scenes (seed ``cfg.split_seed``) minus a held-out "synthetic" split
-    (``cfg.source_val_fraction``, stratified by dominant digit); evaluate on it and on ``num_real`` "mnist_photos"
+    (a random ``cfg.source_val_fraction`` of the scenes); evaluate on it and on ``num_real`` "mnist_photos"
     scenes (seed fixed). Images are rendered at ``cfg.image_size``; the cache lives in ``cfg.root``."""
     images, masks = synthetic_scenes(cfg.num_train, cfg.split_seed, cfg.image_size, cfg.root)
     ids = np.arange(len(images))
     held = np.zeros(0, np.int64)
     if cfg.source_val_fraction > 0:
-        ids, held = stratified_split(dominant_class(masks), cfg.source_val_fraction, cfg.split_seed)
+        ids, held = stratified_split(np.zeros(len(images)), cfg.source_val_fraction, cfg.split_seed)  # one stratum
     eval_sets: dict[str, Dataset] = {}
     if len(held):
         eval_sets[SOURCE_VAL] = SceneDataset(images[held], masks[held], held, with_labels=True)

@@ -37,7 +37,7 @@ def plot_confusion(confusion, class_names: list[str], path: Path, title: str = "
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -54,7 +54,7 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path, title: s
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -72,5 +72,90 @@ def plot_per_class(per_class: dict[str, list[float]], class_names: list[str], pa
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
+
+
+def colorize(labels: np.ndarray, palette: list[tuple[int, int, int]], ignore_index: int = 255) -> np.ndarray:
+    """Class-id map [H, W] -> RGB uint8 [H, W, 3]; ``ignore_index`` pixels are white."""
+    lut = np.full((256, 3), 255, dtype=np.uint8)
+    lut[: len(palette)] = np.asarray(palette, dtype=np.uint8)
+    lut[ignore_index] = 255
+    return lut[np.clip(labels, 0, 255).astype(np.int64)]
+
+
+def plot_predictions(
+    samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    palette: list[tuple[int, int, int]],
+    path: Path,
+    title: str,
+) -> None:
+    """Rows of (image [H,W,3] in [0,1], label [H,W], prediction [H,W]), labels colour-coded with ``palette``."""
+    fig, axes = plt.subplots(len(samples), 3, figsize=(7.5, 2.4 * len(samples)), squeeze=False)
+    for row, (image, label, pred) in zip(axes, samples):
+        for ax, shown, name in zip(row, (image, colorize(label, palette), colorize(pred, palette)),
+                                   ("image", "label", "prediction")):  # fmt: skip
+            ax.imshow(shown)
+            ax.set_title(name, fontsize=8)
+            ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}"
+
+
+def run_report_markdown(summary: dict, history: list[dict]) -> str:
+    """A run's ``report.md``: the protocol, each selection's primary metric per set, per-class tables."""
+    task, metric = summary.get("task", "classification"), summary.get("primary_metric", "mean_class_acc")
+    lines = [f"# {summary.get('name') or 'run'}: {summary.get('method')} (seed {summary.get('seed')})", ""]
+    protocol = ", ".join(f"{k}={v}" for k, v in summary.get("protocol", {}).items())
+    lines += [f"Task: {task}; primary metric: {metric}; protocol: {protocol}.", ""]
+    selections = summary.get("selections", {})
+    sets = sorted({s for sel in selections.values() for s in sel.get("metrics", {}) if s != "real_photos"})
+    if sets:
+        lines += ["| checkpoint | step | " + " | ".join(sets) + " |", "|---|---|" + "---|" * len(sets)]
+        for rule, sel in selections.items():
+            m = sel.get("metrics", {})
+            cells = [_pct(m[s].get(metric)) if s in m else "" for s in sets]
+            lines.append(f"| {rule} | {sel.get('step')} | " + " | ".join(cells) + " |")
+        lines.append("")
+        averages = {r: s["real_average"] for r, s in selections.items() if "real_average" in s}
+        for rule, avg in averages.items():
+            lines.append(f"- {rule}: {avg['metric']} averaged over {', '.join(avg['over'])} = {_pct(avg['value'])}")
+        for rule, sel in selections.items():
+            if sel.get("note"):
+                lines.append(f"- {rule}: {sel['note']}")
+        lines.append("")
+    last = selections.get("last", {}).get("metrics", {})
+    per_class_key = "per_class_iou" if task == "segmentation" else "per_class"
+    names = summary.get("class_names", [])
+    shown = [s for s in sets if per_class_key in last.get(s, {})]
+    if shown and names:
+        what = "IoU" if task == "segmentation" else "accuracy"
+        lines += [f"## Per-class {what} (%), last checkpoint", ""]
+        lines += ["| class | " + " | ".join(shown) + " |", "|---|" + "---|" * len(shown)]
+        for c, name in enumerate(names):
+            lines.append(f"| {name} | " + " | ".join(_pct(last[s][per_class_key][c]) for s in shown) + " |")
+        lines.append("")
+    retention = last.get("real_photos")
+    if retention:
+        lines += [f"ImageNet retention (last): top-1 agreement {_pct(retention['top1_agreement'])} %, "
+                  f"KL {retention['kl']:.3f}.", ""]  # fmt: skip
+    figures = [("curves.png", "Curves"), ("predictions.png", "Predictions (last checkpoint)")]
+    lines += [f"![{title}]({name})" for name, title in figures if name in summary.get("figures", [])]
+    lines.append(f"\n{len(history)} evaluations in results.jsonl.")
+    return "\n".join(lines) + "\n"
+
+
+def plot_run_curves(history: list[dict], metric: str, path: Path, title: str) -> None:
+    """The primary metric of every evaluated set over training steps."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for row in history:
+        for name, m in row["metrics"].items():
+            if metric in m:
+                curves.setdefault(name, []).append((row["step"], m[metric]))
+    plot_curves(curves, path, title, f"{metric} (%)")

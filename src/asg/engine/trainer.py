@@ -27,7 +27,7 @@ from asg.data import (
     set_skip_log,
     warn_bundle,
 )
-from asg.engine.checkpoint import load_weights
+from asg.engine.checkpoint import atomic_write, load_weights
 from asg.engine.evaluate import (
     PRIMARY_METRIC,
     EvalResult,
@@ -35,9 +35,11 @@ from asg.engine.evaluate import (
     imagenet_retention,
     list_collate,
     real_average,
+    segmentation_probs,
 )
 from asg.engine.guards import LossGuard, non_finite_tensors
 from asg.engine.optim import build_optimizer
+from asg.engine.report import plot_predictions, plot_run_curves, run_report_markdown
 from asg.engine.resume import check_resume_changes
 from asg.engine.rundir import RunDir
 from asg.engine.sampler import EpochBatchSampler, IndexedDataset, steps_per_epoch
@@ -513,9 +515,51 @@ class Trainer:
             "on_bad_image": self.cfg.data.on_bad_image,
             "skipped_images": self._skipped_lines(),
         }
+        summary["figures"] = self._figures()
         self.run_dir.write_text("summary.json", json.dumps(summary, indent=1))
+        self.run_dir.write_text("report.md", run_report_markdown(summary, self.history))
         self.run_dir.write_text("done", time.strftime("%Y-%m-%d %H:%M:%S\n"))
         return result
+
+    def _figures(self, num_samples: int = 4) -> list[str]:
+        """Write curves.png and, for segmentation, predictions.png (last weights on the first real set)."""
+        rd = self.run_dir
+        assert rd is not None
+        metric, title = PRIMARY_METRIC[self.data.task], self.cfg.name or "run"
+        written = []
+        if self.history:
+            atomic_write(rd.path / "curves.png", lambda tmp: plot_run_curves(self.history, metric, Path(tmp), title))
+            written.append("curves.png")
+        names = self.data.real_set_names or list(self.data.eval_sets)
+        palette = self.data.palette
+        if self.data.is_segmentation and palette and names:
+            ds = self.data.eval_sets[names[0]]
+            items = [ds[i] for i in range(min(num_samples, _size(ds)))]
+            rows = [
+                (image.permute(1, 2, 0).numpy(), label.numpy(), self._predict_labels(image, tuple(label.shape)))
+                for image, label in (item for item in items if item is not None)
+            ]
+            title = f"{names[0]}, step {self.step}"
+            atomic_write(rd.path / "predictions.png", lambda tmp: plot_predictions(rows, palette, Path(tmp), title))
+            written.append("predictions.png")
+        return written
+
+    @torch.no_grad()
+    def _predict_labels(self, image: torch.Tensor, size: tuple[int, ...]) -> Any:
+        """Class-id map [H, W] (numpy) of one image [3, h, w], upsampled to ``size``, with the eval protocol."""
+        was_training = self.model.training
+        self.model.eval()
+        cfg = self.cfg.eval
+        probs = segmentation_probs(
+            self.model,
+            image[None].to(self.device),
+            tta_flip=cfg.tta_flip,
+            window=tuple(cfg.sliding_window) if cfg.sliding_window else None,  # type: ignore[arg-type]
+            stride=tuple(cfg.sliding_stride) if cfg.sliding_stride else None,  # type: ignore[arg-type]
+        )
+        self.model.train(was_training)
+        probs = nn.functional.interpolate(probs, size=size, mode="bilinear", align_corners=False)
+        return probs[0].argmax(0).cpu().numpy()
 
     def _skipped_lines(self) -> list[str]:
         path = self.run_dir.path / "skipped_images.txt" if self.run_dir is not None else None

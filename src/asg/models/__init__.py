@@ -1,4 +1,5 @@
-"""Networks: ImageNet-pretrained backbones (EfficientNet-Lite, ResNet), the ASG classifier and its teacher."""
+"""Networks: ImageNet-pretrained backbones (EfficientNet-Lite, ResNet, VGG16), the ASG classifier and segmenters,
+and their teacher."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from importlib import resources
 
 from asg.models.backbones import BACKBONES, Backbone, build_backbone
 from asg.models.classifier import ASGClassifier, ModelOutput, Teacher, build_model, make_teacher
+from asg.models.segmenter import SEGMENTERS, ASGSegmenter, build_segmenter
 
 
 def imagenet_class_names() -> list[str]:
@@ -16,12 +18,15 @@ def imagenet_class_names() -> list[str]:
 
 __all__ = [
     "ASGClassifier",
+    "ASGSegmenter",
     "BACKBONES",
     "Backbone",
     "ModelOutput",
+    "SEGMENTERS",
     "Teacher",
     "build_backbone",
     "build_model",
+    "build_segmenter",
     "imagenet_class_names",
     "make_teacher",
 ]

@@ -24,6 +24,7 @@ plain forward; pass ``drop_connect_rate`` to turn it on (it is only active in ``
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 from efficientnet_lite_pytorch import EfficientNet
 from torch import Tensor, nn
@@ -95,7 +96,7 @@ class EfficientNetLiteBackbone(Backbone):
 
 
 def _block_stride(block: nn.Module) -> int:
-    s = block._block_args.stride
+    s: Any = block._block_args.stride  # the package stores [2] or 1
     return int(s[0] if isinstance(s, (list, tuple)) else s)
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import torchvision
 from torch import Tensor, nn
 
@@ -67,7 +66,8 @@ class ResNetBackbone(Backbone):
         _check_output_stride(self.arch, output_stride)
         if output_stride == self.output_stride:
             return
-        ref = getattr(torchvision.models, self.arch)(weights=None, replace_stride_with_dilation=_DILATION[output_stride])
+        dilation = _DILATION[output_stride]
+        ref = getattr(torchvision.models, self.arch)(weights=None, replace_stride_with_dilation=dilation)
         for name in ("layer1", "layer2", "layer3", "layer4"):
             for (own_name, own), (ref_name, other) in zip(
                 getattr(self, name).named_modules(), getattr(ref, name).named_modules(), strict=True
@@ -78,13 +78,6 @@ class ResNetBackbone(Backbone):
                     own.stride, own.padding, own.dilation = other.stride, other.padding, other.dilation
         self.output_stride = output_stride
 
-
-def _check_output_stride(arch: str, output_stride: int) -> None:
-    if output_stride not in _DILATION:
-        raise ConfigError(
-            f"output_stride={output_stride!r}: {arch} supports output stride {', '.join(map(str, _DILATION))}"
-        )
-
     def group_modules(self) -> list[tuple[str, list[nn.Module]]]:
         names = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
         return [(name, [getattr(self, name)]) for name in names]
@@ -92,6 +85,13 @@ def _check_output_stride(arch: str, output_stride: int) -> None:
     def translate_key(self, key: str) -> str:
         """torchvision / timm layout (head ``fc``) -> own layout (head ``imagenet_head``)."""
         return "imagenet_head." + key[3:] if key.startswith("fc.") else key
+
+
+def _check_output_stride(arch: str, output_stride: int) -> None:
+    if output_stride not in _DILATION:
+        raise ConfigError(
+            f"output_stride={output_stride!r}: {arch} supports output stride {', '.join(map(str, _DILATION))}"
+        )
 
 
 def cached_weights_path(arch: str) -> Path:

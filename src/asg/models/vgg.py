@@ -83,7 +83,7 @@ class VGGBackbone(Backbone):
         groups = []
         start = 0
         for i, end in enumerate(_POOLS):
-            convs = [m for m in self.features[start:end] if isinstance(m, nn.Conv2d)]
+            convs: list[nn.Module] = [m for m in self.features[start:end] if isinstance(m, nn.Conv2d)]
             groups.append((f"conv{i + 1}", convs))
             start = end + 1
         return groups

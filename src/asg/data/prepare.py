@@ -1,0 +1,361 @@
+"""``asg data prepare`` and ``asg data check`` for the segmentation datasets.
+
+:func:`prepare` converts a dataset's labels once to train-id PNGs (mode "L", 255 = ignore) in another folder,
+with list files a ``seglist`` (or the dataset's own builder) reads. :func:`check` reports, without training,
+images without labels (and the reverse), size mismatches (transposed masks too), ids outside the dataset's
+table and the pixels of each class.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from asg.data.check import MAX_LISTED, CheckReport
+from asg.data.files import file_problem
+from asg.data.pairs import ImageReadError, LabelIdError, SegmentationPairs, image_size, size_problem
+from asg.data.seg_classes import class_names, identity_lut
+from asg.data.segmentation import (
+    LAYOUTS,
+    OFFICIAL_COUNTS,
+    PREPARED_FILE,
+    PairSource,
+    find_pairs,
+    pair_list,
+)
+from asg.errors import ConfigError, DataError
+
+DEFAULT_SPLITS = {"gta5": ["all"], "synthia": ["all"]}  # others: train and val, those present
+
+
+# ------------------------------------------------------------------------------------------------------- prepare
+@dataclass
+class PrepareReport:
+    """What :func:`prepare` did: labels written and skipped (already there), pairs per list, pairs left out."""
+
+    name: str
+    src: Path
+    dst: Path
+    class_set: int
+    written: int = 0
+    skipped: int = 0
+    lists: dict[str, int] = field(default_factory=dict)  # split -> pairs in dst/{split}.txt
+    problems: list[str] = field(default_factory=list)  # pairs left out of the lists, one line each
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def format(self) -> str:
+        verdict = "OK" if self.ok else f"{len(self.problems):,} pair(s) left out"
+        out = [
+            f"prepared {self.name} ({self.class_set} classes) from {self.src} into {self.dst}: {verdict}",
+            f"  labels: {self.written:,} written, {self.skipped:,} skipped (already prepared)",
+        ]
+        out += [f"  {self.dst / (split + '.txt')}: {n:,} pairs" for split, n in self.lists.items()]
+        shown = self.problems[:MAX_LISTED]
+        out += [f"  left out: {p}" for p in shown]
+        if len(self.problems) > len(shown):
+            out.append(f"  ... {len(self.problems) - len(shown):,} more left out")
+        out += [f"  note: {n}" for n in self.notes]
+        return "\n".join(out)
+
+
+def _atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """Write ``path`` through a temporary file in its folder and a rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_text(path: Path, text: str) -> None:
+    _atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _list_line(image: Path, label: str) -> str:
+    sep = "\t" if " " in str(image) or " " in label else " "
+    return f"{image}{sep}{label}"
+
+
+def _splits(name: str, src: Path, split: str) -> list[str]:
+    """Splits ``prepare`` writes: ``split``, or for "all" every split the source has."""
+    if split != "all":
+        return [split]
+    if name == "gta5":
+        return ["all", "train", "val", "test"] if (src / "split.mat").is_file() else ["all"]
+    if name == "synthia":
+        return ["all", "train"]  # no official split: train.txt lists every pair, as data.split=train reads it
+    found = []
+    for sp in ("train", "val"):
+        try:
+            find_pairs(name, src, sp)
+            found.append(sp)
+        except DataError:
+            continue
+    if not found:
+        find_pairs(name, src, "val")  # raises the layout error
+    return found
+
+
+def _check_dst(src: Path, dst: Path, name: str, class_set: int) -> None:
+    if not src.is_dir():
+        raise DataError(f"source folder {src} does not exist")
+    if dst == src or src in dst.parents:
+        raise DataError(f"destination {dst} is inside the source {src}: prepare never writes into the source; "
+                        f"choose a folder outside it")  # fmt: skip
+    if dst / "labels" == src or dst / "labels" in src.parents:
+        raise DataError(f"source {src} lies inside {dst / 'labels'}, where prepare writes; choose another dst")
+    if (src / PREPARED_FILE).is_file():
+        raise DataError(f"{src} is already a prepared folder ({PREPARED_FILE}); give the original dataset as src")
+    if (dst / PREPARED_FILE).is_file():
+        info = json.loads((dst / PREPARED_FILE).read_text(encoding="utf-8"))
+        same = (info.get("name"), info.get("class_set"), info.get("src")) == (name, class_set, str(src))
+        if not same:
+            raise DataError(
+                f"{dst} already holds {info.get('name')} prepared from {info.get('src')} with class_set "
+                f"{info.get('class_set')}; choose another dst or delete it"
+            )
+
+
+def _convert(ds: SegmentationPairs, i: int, src: Path, dst: Path, report: PrepareReport) -> str | None:
+    """Write the train-id PNG of pair ``i`` (unless one of the right size is there); its path relative to dst."""
+    label = ds.label_path(i)
+    out = dst / "labels" / label.relative_to(src)
+    rel = out.relative_to(dst).as_posix()
+    try:
+        size = image_size(ds.image_path(i))
+    except FileNotFoundError:
+        report.problems.append(f"{ds.image_path(i)}: image missing")
+        return None
+    except Exception as exc:
+        report.problems.append(f"{ds.image_path(i)}: cannot read image ({type(exc).__name__}: {exc})")
+        return None
+    if out.is_file():
+        try:
+            with Image.open(out) as done:
+                if done.size == size and done.mode == "L":
+                    report.skipped += 1
+                    return rel
+        except Exception:
+            pass  # unreadable leftover: write it again
+    try:
+        ids = ds.read_label_ids(i)
+    except DataError as exc:
+        report.problems.append(str(exc))
+        return None
+    why = size_problem(size, ids.shape)
+    if why is not None:
+        report.problems.append(f"image {ds.image_path(i)} {why}: {label}")
+        return None
+    _atomic(out, lambda tmp: Image.fromarray(ids, mode="L").save(tmp, format="PNG"))
+    report.written += 1
+    return rel
+
+
+def prepare(name: str, src: str | Path, dst: str | Path, *, split: str = "all", class_set: int = 19) -> PrepareReport:
+    """Convert dataset ``name`` at ``src`` into train-id labels under ``dst`` (``src`` is only read).
+
+    Writes ``dst/labels/<label path relative to src>`` (PNG mode "L", ids of ``class_set``, 255 ignore),
+    ``dst/{split}.txt`` (lines ``ABS_IMAGE_PATH LABEL_PATH_RELATIVE_TO_DST``) for ``split`` or, with "all",
+    every split the source has (gta5: all, plus train/val/test with split.mat; synthia: all and train; others:
+    train and val), and ``dst/prepared.json``. Idempotent: labels already there with the image's size are
+    skipped. Pairs that cannot be converted are left out of the lists and listed in ``report.problems``.
+    """
+    if name not in LAYOUTS:
+        raise ConfigError(f"prepare: unknown dataset {name!r}; valid names: {', '.join(LAYOUTS)}")
+    src_p, dst_p = Path(src).resolve(), Path(dst).resolve()
+    _check_dst(src_p, dst_p, name, class_set)
+    report = PrepareReport(name, src_p, dst_p, class_set)
+    done: dict[Path, str | None] = {}  # source label -> its prepared path (None: left out)
+    counts: dict[str, int] = {}
+    for sp in _splits(name, src_p, split):
+        source = find_pairs(name, src_p, sp, class_set)
+        report.problems += [f"{p}: no label file" for p in source.images_without_label]
+        report.problems += [f"{p}: image missing (listed in the {sp} split)" for p in source.missing_images]
+        if source.labels_without_image:
+            n = len(source.labels_without_image)
+            report.notes.append(f"{sp}: {n:,} label file(s) without an image, e.g. {source.labels_without_image[0]}")
+        ds = source.dataset()
+        lines = []
+        for i in range(len(ds)):
+            label = ds.label_path(i)
+            if label not in done:
+                done[label] = _convert(ds, i, src_p, dst_p, report)
+            rel = done[label]
+            if rel is not None:
+                lines.append(_list_line(ds.image_path(i), rel))
+        _write_text(dst_p / f"{sp}.txt", "".join(line + "\n" for line in lines))
+        report.lists[sp] = counts[sp] = len(lines)
+    info = {"name": name, "src": str(src_p), "class_set": class_set, "class_names": class_names(class_set),
+            "counts": counts, "labels": "train ids, PNG mode L, 255 = ignore"}  # fmt: skip
+    _write_text(dst_p / PREPARED_FILE, json.dumps(info, indent=2) + "\n")
+    return report
+
+
+# --------------------------------------------------------------------------------------------------------- check
+def _quote(report: CheckReport, header: str, items: list[str]) -> None:
+    if items:
+        report.errors.append(header)
+        report.errors += ["  " + x for x in items[:MAX_LISTED]]
+        if len(items) > MAX_LISTED:
+            report.errors.append(f"  ... {len(items) - MAX_LISTED:,} more")
+
+
+def sample_indices(n: int, max_items: int | None) -> np.ndarray:
+    """All of ``range(n)``, or ``max_items`` evenly spaced indices of it (deterministic)."""
+    if max_items is None or n <= max_items:
+        return np.arange(n)
+    if max_items <= 0:
+        raise ConfigError(f"max_items must be positive, got {max_items}")
+    return np.unique(np.linspace(0, n - 1, max_items).round().astype(np.int64))
+
+
+def check_source(
+    report: CheckReport, source: PairSource, names: list[str], max_items: int | None = None, verify: bool = False
+) -> dict[str, Any]:
+    """Check the pairs of one split, appending errors to ``report``; returns its summary (counts, pixels)."""
+    tag = f"{source.name} {source.split}"
+    n = len(source.images)
+    _quote(report, f"{tag}: {len(source.images_without_label):,} image(s) without a label file:",
+           [str(p) for p in source.images_without_label])  # fmt: skip
+    _quote(report, f"{tag}: {len(source.missing_images):,} image(s) of the split are missing:",
+           [str(p) for p in source.missing_images])  # fmt: skip
+    if source.labels_without_image:
+        k = len(source.labels_without_image)
+        report.warnings.append(f"{tag}: {k:,} label file(s) without an image, e.g. {source.labels_without_image[0]}")
+    official = OFFICIAL_COUNTS.get((source.name, source.split))
+    total = n + len(source.images_without_label)
+    if official is not None and total != official and not str(source.root).endswith(".txt"):
+        report.warnings.append(f"{tag}: {total:,} images; the official release has {official:,}")
+    ds = source.dataset()
+    idx = sample_indices(n, max_items)
+    missing, empty, unreadable, mismatched, bad_ids = [], [], [], [], []  # type: ignore[var-annotated]
+    pixels = np.zeros(256, dtype=np.int64)
+    for i in idx.tolist():
+        paths = (ds.image_path(i), ds.label_path(i))
+        problems = [(p, file_problem(p)) for p in paths]
+        if any(why is not None for _, why in problems):
+            for p, why in problems:
+                if why == "missing":
+                    missing.append(f"{p} ({ds.describe(i)})")
+                elif why is not None:
+                    empty.append(f"{p}: {why}")
+            continue
+        try:
+            size = image_size(paths[0], verify=verify)
+        except Exception as exc:
+            unreadable.append(f"{paths[0]}: {type(exc).__name__}: {exc}")
+            continue
+        try:
+            ids = ds.read_label_ids(i)
+        except LabelIdError as exc:
+            bad_ids.append(str(exc))
+            continue
+        except ImageReadError as exc:
+            unreadable.append(str(exc))
+            continue
+        why = size_problem(size, ids.shape)
+        if why is not None:
+            mismatched.append(f"image {paths[0]} {why}: {paths[1]}")
+            continue
+        pixels += np.bincount(ids.ravel(), minlength=256)[:256]
+    checked = len(idx)
+    _quote(report, f"{tag}: {len(missing):,} of {checked:,} checked pairs have a missing file:", missing)
+    _quote(report, f"{tag}: {len(empty):,} empty files or not files:", empty)
+    _quote(report, f"{tag}: {len(unreadable):,} unreadable files:", unreadable)
+    _quote(report, f"{tag}: {len(mismatched):,} image/label size mismatches:", mismatched)
+    _quote(report, f"{tag}: {len(bad_ids):,} labels with ids outside {source.label_kind}:", bad_ids)
+    per_class = {c: int(pixels[k]) for k, c in enumerate(names)}
+    absent = [c for c, v in per_class.items() if v == 0]
+    if absent and checked > len(missing) + len(empty) + len(unreadable) + len(mismatched) + len(bad_ids):
+        report.warnings.append(f"{tag}: no pixels of class(es) {', '.join(absent)} in the checked pairs")
+    if checked < n:
+        report.warnings.append(f"{tag}: checked {checked:,} of {n:,} pairs (evenly spaced sample)")
+    return {
+        "root": str(source.root),
+        "images": n,
+        "checked": checked,
+        "missing_labels": len(source.images_without_label),
+        "missing_images": len(missing) + len(source.missing_images),
+        "empty_files": len(empty),
+        "unreadable_images": len(unreadable),
+        "size_mismatches": len(mismatched),
+        "bad_ids": len(bad_ids),
+        "ignored_pixels": int(pixels[255]),
+        "per_class": per_class,
+    }
+
+
+def check(
+    name: str,
+    root: str | Path,
+    split: str | None = None,
+    *,
+    class_set: int = 19,
+    max_items: int | None = None,
+    verify_images: bool = False,
+) -> CheckReport:
+    """Check a segmentation dataset without training; ``report.ok`` is False when there are errors.
+
+    ``name``: gta5, synthia, cityscapes, bdd100k, mapillary (``root``: the dataset's folder or a prepared one) or
+    seglist (``root``: the list file). ``split`` None: gta5/synthia "all", the others train and val (those
+    present; a prepared folder: every list). ``max_items``: check at most this many evenly spaced pairs per split
+    (per-class pixel counts then cover the sample). ``verify_images``: decode image pixels, not only headers.
+    """
+    sampled = f", at most {max_items:,} pairs per split" if max_items is not None else ""
+    report = CheckReport(title=f"{name} check of {root} (pixels per class{sampled})")
+    names = class_names(class_set)
+    root = Path(root)
+    if name == "seglist":
+        try:
+            sources = [pair_list(root, None, identity_lut(len(names)), f"{len(names)}-class train ids")]
+        except DataError as exc:
+            report.errors.append(str(exc))
+            sources = []
+    elif name not in LAYOUTS:
+        raise ConfigError(f"no check for dataset {name!r}; segmentation checks: {', '.join([*LAYOUTS, 'seglist'])}")
+    else:
+        if split is not None:
+            splits = [split]
+        elif (root / PREPARED_FILE).is_file():
+            splits = sorted(p.stem for p in root.glob("*.txt"))
+        else:
+            splits = DEFAULT_SPLITS.get(name, ["train", "val"])
+        sources, failed = [], []
+        for sp in splits:
+            try:
+                sources.append(find_pairs(name, root, sp, class_set))
+            except DataError as exc:
+                failed.append(str(exc))
+        if sources and split is None:  # an absent default split is not an error when another is there
+            report.warnings += failed
+        else:
+            report.errors += failed
+    for source in sources:
+        key = source.split if source.split not in report.summary else str(source.root)
+        report.summary[key] = check_source(report, source, names, max_items, verify_images)
+    report.ok = not report.errors
+    return report
+
+
+def _check_entry(name: str, root: str, verify_images: bool = False) -> CheckReport:
+    return check(name, root, verify_images=verify_images)
+
+
+# ``asg data check NAME ROOT`` entries, in the signature of ``asg.data.check.CHECKS``
+SEG_CHECKS: dict[str, Callable[..., CheckReport]] = {
+    n: functools.partial(_check_entry, n) for n in (*LAYOUTS, "seglist")
+}
