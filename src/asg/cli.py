@@ -56,19 +56,32 @@ def _parser() -> argparse.ArgumentParser:
     _add_set(p, "override the run's config, e.g. --set data.root=/new/path")
     p.add_argument("--out", type=Path, default=None, help="folder for the results (default: the run folder)")
 
-    p = sub.add_parser("demo", help="the embedded synthetic-to-real digits benchmark")
-    p.add_argument("--quick", action="store_true", help="a short version (about 3 minutes on 2 CPU cores)")
+    p = sub.add_parser("demo", help="the embedded synthetic-to-real benchmarks (digits, digit scenes)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--quick", action="store_true", help="a short version (under 5 minutes on 2 CPU cores)")
+    length.add_argument("--full", action="store_true", help="every method (also l2sp, asg+random), longer runs")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/demo or runs/demo-quick)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds per method")
     p.add_argument("--methods", default=None, help="comma-separated subset of the demo's methods")
+    p.add_argument("--benchmarks", default=None, help="comma-separated subset of: digits, scenes (default both)")
     _add_set(p, "override every demo run's config, e.g. --set train.device=cuda")
 
     p = sub.add_parser("data", help="dataset tools")
     dsub = p.add_subparsers(dest="data_command", required=True)
     c = dsub.add_parser("check", help="check a dataset's layout and list files")
-    c.add_argument("name", help="visda17 | listfile | imagefolder")
-    c.add_argument("root", help="dataset root (or the list file for 'listfile')")
+    c.add_argument("name", help="visda17 | listfile | imagefolder | gta5 | synthia | cityscapes | bdd100k | "
+                   "mapillary | seglist")  # fmt: skip
+    c.add_argument("root", help="dataset root (or the list file for 'listfile' and 'seglist')")
     c.add_argument("--verify-images", action="store_true", help="also open every image (slow)")
+    c.add_argument("--split", default=None, help="segmentation: the split to check (default: all there are)")
+    c.add_argument("--class-set", type=int, default=None, help="segmentation: 19, or 16/13 for synthia")
+    c.add_argument("--max-items", type=int, default=None, help="segmentation: read at most this many labels")
+    c = dsub.add_parser("prepare", help="write train-id label PNGs and list files for a segmentation dataset")
+    c.add_argument("name", help="gta5 | synthia | cityscapes | bdd100k | mapillary")
+    c.add_argument("src", type=Path, help="the dataset as downloaded (only read)")
+    c.add_argument("dst", type=Path, help="output folder (labels/, <split>.txt, prepared.json)")
+    c.add_argument("--split", default="all", help="the split to prepare (default: every split the source has)")
+    c.add_argument("--class-set", type=int, default=19, help="19, or 16/13 for synthia")
 
     p = sub.add_parser("l2o", help="learning-to-optimize: the layer-wise learning-rate policy")
     lsub = p.add_subparsers(dest="l2o_command", required=True)
@@ -140,7 +153,16 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _data_check(args: argparse.Namespace) -> int:
     from asg.data import check_dataset
 
-    report = check_dataset(args.name, args.root, verify_images=args.verify_images)
+    options = {k: v for k in ("split", "class_set", "max_items") if (v := getattr(args, k)) is not None}
+    report = check_dataset(args.name, args.root, verify_images=args.verify_images, **options)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+def _data_prepare(args: argparse.Namespace) -> int:
+    from asg.data.prepare import prepare
+
+    report = prepare(args.name, args.src, args.dst, split=args.split, class_set=args.class_set)
     print(report.format())
     return 0 if report.ok else 1
 
@@ -149,7 +171,9 @@ def _demo(args: argparse.Namespace) -> int:
     from asg.demo import run_demo
 
     methods = args.methods.split(",") if args.methods else None
-    report = run_demo(out=args.out, quick=args.quick, seeds=args.seeds, methods=methods, overrides=args.overrides)
+    benchmarks = args.benchmarks.split(",") if args.benchmarks else None
+    report = run_demo(out=args.out, quick=args.quick, seeds=args.seeds, methods=methods, overrides=args.overrides,
+                      benchmarks=benchmarks, full=args.full)  # fmt: skip
     print(report["markdown_table"])
     print(f"\nreport: {report['out_dir']}/report.md")
     return 0
@@ -229,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"train": _train, "evaluate": _evaluate, "demo": _demo}
     try:
         if args.command == "data":
-            return _data_check(args)
+            return _data_check(args) if args.data_command == "check" else _data_prepare(args)
         if args.command == "l2o":
             return _l2o_train(args)
         return handlers[args.command](args)

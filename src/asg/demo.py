@@ -1,14 +1,16 @@
-"""The embedded synthetic-to-real digits benchmark behind ``asg demo``.
+"""The embedded synthetic-to-real benchmarks behind ``asg demo``: digits (classification) and digit scenes
+(segmentation).
 
-Every method trains on the same rendered digits, with the same seeds, steps and rates, and is evaluated during
-training on the held-out synthetic split and both real sets. Finished runs are skipped and interrupted ones
-resumed, so re-running the command continues where it stopped.
+Within a benchmark every method trains on the same synthetic data, with the same seeds, steps and rates, and is
+evaluated during training on the held-out synthetic split and the real sets. Finished runs are skipped and
+interrupted ones resumed, so re-running the command continues where it stopped.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,24 +19,65 @@ import numpy as np
 from asg.config import load_config
 from asg.engine.report import plot_curves, plot_per_class
 from asg.engine.rundir import RunDir
+from asg.errors import ConfigError
 
-# method label -> (recipe, extra overrides)
-DEMO_METHODS: dict[str, tuple[str, list[str]]] = {
-    "erm": ("digits_erm", []),
-    "asg": ("digits_asg", []),
-    "l2sp": ("digits_l2sp", []),
-    "asg+l2o": ("digits_asg_l2o", []),
-    "asg+random": ("digits_asg_random", []),
-}
-FULL = ["train.steps=300", "train.eval_every=75", "data.eval_max_per_set=300", "eval.full_eval_selected=false"]
-QUICK = [
-    "train.steps=100",
-    "train.eval_every=25",
-    "data.num_train=2000",
-    "data.eval_max_per_set=200",
-    "eval.full_eval_selected=false",
-]
-SETS = ("synthetic", "mnist5k", "uci_digits")
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One embedded benchmark of the demo: its methods (label -> recipe), sets, headline metric and lengths."""
+
+    name: str
+    title: str
+    metric: str  # "mean_class_acc" | "miou"
+    metric_label: str
+    per_class_key: str  # "per_class" | "per_class_iou"
+    methods: dict[str, str]
+    default_methods: tuple[str, ...]  # run by `asg demo` (all of ``methods`` with --full)
+    sets: tuple[str, ...]  # source-val first, then the real sets
+    default: tuple[str, ...]  # overrides of `asg demo`
+    quick: tuple[str, ...]
+    full: tuple[str, ...]
+
+
+DIGITS = Benchmark(
+    name="digits",
+    title="synthetic -> real digits (classification)",
+    metric="mean_class_acc",
+    metric_label="mean per-class accuracy",
+    per_class_key="per_class",
+    methods={
+        "erm": "digits_erm",
+        "asg": "digits_asg",
+        "l2sp": "digits_l2sp",
+        "asg+l2o": "digits_asg_l2o",
+        "asg+random": "digits_asg_random",
+    },
+    default_methods=("erm", "asg", "asg+l2o"),
+    sets=("synthetic", "mnist5k", "uci_digits"),
+    default=("train.steps=200", "train.eval_every=50", "data.eval_max_per_set=300", "eval.full_eval_selected=false"),
+    quick=(
+        "train.steps=100",
+        "train.eval_every=25",
+        "data.num_train=2000",
+        "data.eval_max_per_set=200",
+        "eval.full_eval_selected=false",
+    ),  # fmt: skip
+    full=("train.steps=300", "train.eval_every=75", "data.eval_max_per_set=300", "eval.full_eval_selected=false"),
+)
+SCENES = Benchmark(
+    name="scenes",
+    title="synthetic -> real digit scenes (segmentation)",
+    metric="miou",
+    metric_label="mIoU",
+    per_class_key="per_class_iou",
+    methods={"erm": "digit_scenes_erm", "asg": "digit_scenes_asg", "asg+l2o": "digit_scenes_asg_l2o"},
+    default_methods=("erm", "asg", "asg+l2o"),
+    sets=("synthetic", "mnist_photos"),
+    default=("train.steps=200", "train.eval_every=50", "eval.full_eval_selected=false"),
+    quick=("train.steps=80", "train.eval_every=40", "data.num_train=800", "eval.full_eval_selected=false"),
+    full=("train.steps=400", "train.eval_every=100", "eval.full_eval_selected=false"),
+)
+BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (DIGITS, SCENES)}
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -59,52 +102,80 @@ def run_demo(
     seeds: int | None = None,
     methods: list[str] | None = None,
     overrides: list[str] | tuple[str, ...] = (),
+    benchmarks: list[str] | None = None,
+    full: bool = False,
 ) -> dict[str, Any]:
-    """Train and evaluate each demo method over ``seeds`` seeds; write report.md/report.json and plots."""
+    """Train and evaluate each benchmark's methods over ``seeds`` seeds; write report.md/report.json and plots.
+
+    Each benchmark goes to ``out/<benchmark>/`` (its own report) and ``out/report.md`` gathers them. ``methods``
+    picks labels present in a benchmark (others are skipped there); ``full`` runs every method, longer.
+    """
     out_dir = Path(out) if out is not None else Path("runs") / ("demo-quick" if quick else "demo")
+    names = benchmarks or list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        raise ConfigError(f"unknown demo benchmark {unknown[0]!r}; choose from {', '.join(BENCHMARKS)}")
+    known = {m for n in names for m in BENCHMARKS[n].methods}
+    bad = [m for m in methods or [] if m not in known]
+    if bad:
+        raise ConfigError(f"unknown demo method {bad[0]!r}; choose from {', '.join(sorted(known))}")
     with RunDir(out_dir):  # one demo per folder at a time
-        return _run_demo(out_dir, quick, seeds, methods, overrides)
+        t0 = time.time()
+        reports = {}
+        for name in names:
+            bench = BENCHMARKS[name]
+            chosen = [m for m in (methods or (bench.methods if full else bench.default_methods)) if m in bench.methods]
+            if chosen:
+                reports[name] = _run_benchmark(bench, out_dir / name, quick, full, seeds, chosen, overrides)
+        wall = time.time() - t0
+        combined = {"wall_time_s": round(wall, 1), "benchmarks": reports, "out_dir": str(out_dir)}
+        (out_dir / "report.md").write_text(_combined_markdown(reports, wall))
+        combined["markdown_table"] = "\n\n".join(
+            f"{BENCHMARKS[n].title}, {BENCHMARKS[n].metric_label} (%):\n{r['markdown_table']}"
+            for n, r in reports.items()
+        )
+        return combined
 
 
-def _run_demo(
-    out_dir: Path, quick: bool, seeds: int | None, methods: list[str] | None, overrides: list[str] | tuple[str, ...]
+def _run_benchmark(
+    bench: Benchmark,
+    out_dir: Path,
+    quick: bool,
+    full: bool,
+    seeds: int | None,
+    methods: list[str],
+    overrides: list[str] | tuple[str, ...],
 ) -> dict[str, Any]:
     from asg.data import build_data
 
     seeds = seeds if seeds is not None else (1 if quick else 3)
-    methods = methods or list(DEMO_METHODS)
-    unknown = [m for m in methods if m not in DEMO_METHODS]
-    if unknown:
-        from asg.errors import ConfigError
-
-        raise ConfigError(f"unknown demo method {unknown[0]!r}; choose from {', '.join(DEMO_METHODS)}")
-    common = (QUICK if quick else FULL) + list(overrides)
+    common = list(bench.quick if quick else bench.full if full else bench.default) + list(overrides)
     t0 = time.time()
-    data = build_data(load_config(DEMO_METHODS[methods[0]][0], common).data)
+    data = build_data(load_config(bench.methods[methods[0]], common).data)
     summaries = []
     for seed in range(seeds):
         for method in methods:
-            recipe, extra = DEMO_METHODS[method]
-            run_overrides = common + extra + [f"train.seed={seed}", f"name={method}_seed{seed}"]
-            summary = _train_one(recipe, run_overrides, out_dir / "runs" / f"{method}_seed{seed}", data)
+            run_overrides = common + [f"train.seed={seed}", f"name={method}_seed{seed}"]
+            summary = _train_one(bench.methods[method], run_overrides, out_dir / "runs" / f"{method}_seed{seed}", data)
             summary["label"] = method
             summaries.append(summary)
-    wall = time.time() - t0
-    report = build_report(summaries, out_dir, quick=quick, wall_s=wall, settings=common)
-    return report
+    return build_report(bench, summaries, out_dir, quick=quick, wall_s=time.time() - t0, settings=common)
 
 
-def build_report(summaries: list[dict], out_dir: Path, quick: bool, wall_s: float, settings: list[str]) -> dict:
-    """Aggregate run summaries into report.json, report.md and plots."""
+def build_report(
+    bench: Benchmark, summaries: list[dict], out_dir: Path, quick: bool, wall_s: float, settings: list[str]
+) -> dict:
+    """Aggregate a benchmark's run summaries into report.json, report.md and plots."""
+    metric, real_sets = bench.metric, bench.sets[1:]
     runs: list[dict[str, Any]] = []
     curves: dict[str, dict[str, dict[int, list[float]]]] = {}  # label -> set -> step -> one value per seed
-    per_class: dict[str, list[list[float]]] = {}  # label -> one per-class accuracy list per seed
+    per_class: dict[str, list[list[float]]] = {}  # label -> one per-class list (first real set) per seed
     labels = list(dict.fromkeys(s["label"] for s in summaries))
     class_names = summaries[0]["class_names"]
     for s in summaries:
         last = s["selections"]["last"]
         metrics = {
-            k: {"mean_class_acc": v["mean_class_acc"], "acc": v["acc"]} if "acc" in v else v
+            k: {key: val for key, val in v.items() if not key.startswith("per_class")}
             for k, v in last["metrics"].items()
         }
         runs.append(
@@ -115,30 +186,28 @@ def build_report(summaries: list[dict], out_dir: Path, quick: bool, wall_s: floa
                 "step": last["step"],
                 "tta_flip": last["tta_flip"],
                 "metrics": metrics,
-                "oracle": _brief(s["selections"].get("oracle")),
-                "source_val": _brief(s["selections"].get("source-val")),
+                "oracle": _brief(s["selections"].get("oracle"), metric),
+                "source_val": _brief(s["selections"].get("source-val"), metric),
             }
         )
-        per_class.setdefault(s["label"], []).append(last["metrics"]["mnist5k"]["per_class"])
+        per_class.setdefault(s["label"], []).append(last["metrics"][real_sets[0]][bench.per_class_key])
         hist = _read_history(out_dir / "runs" / f"{s['label']}_seed{s['seed']}" / "results.jsonl")
         for row in hist:
             for set_name, m in row["metrics"].items():
-                curves.setdefault(s["label"], {}).setdefault(set_name, {}).setdefault(row["step"], []).append(
-                    m["mean_class_acc"]
-                )
+                curves.setdefault(s["label"], {}).setdefault(set_name, {}).setdefault(row["step"], []).append(m[metric])
     table = {}
     for label in labels:
         rows = [r for r in runs if r["method"] == label]
         entry: dict[str, Any] = {}
-        for set_name in SETS:
-            vals = [r["metrics"][set_name]["mean_class_acc"] for r in rows if set_name in r["metrics"]]
+        for set_name in bench.sets:
+            vals = [r["metrics"][set_name][metric] for r in rows if set_name in r["metrics"]]
             if vals:
                 entry[set_name] = _mean_std(vals)
         for key in ("top1_agreement", "kl"):
             vals = [r["metrics"]["real_photos"][key] for r in rows if "real_photos" in r["metrics"]]
             if vals:
                 entry[f"real_photos_{key}"] = _mean_std(vals)
-        for set_name in ("mnist5k", "uci_digits"):
+        for set_name in real_sets:
             vals = [
                 r["oracle"]["metrics"][set_name] for r in rows if r["oracle"] and set_name in r["oracle"]["metrics"]
             ]
@@ -151,21 +220,21 @@ def build_report(summaries: list[dict], out_dir: Path, quick: bool, wall_s: floa
         for label, sets in curves.items()
     }
     plots = []
-    for set_name in SETS:
+    for set_name in bench.sets:
         path = out_dir / f"curve_{set_name}.png"
         plot_curves(
             {label: mean_curves[label].get(set_name, []) for label in labels},
             path,
-            title=f"{set_name}: mean-class accuracy during training (mean over seeds)",
-            ylabel="mean-class accuracy (%)",
+            title=f"{set_name}: {bench.metric_label} during training (mean over seeds)",
+            ylabel=f"{bench.metric_label} (%)",
         )
         plots.append(path.name)
-    bars = out_dir / "per_class_mnist5k.png"
+    bars = out_dir / f"per_class_{real_sets[0]}.png"
     plot_per_class(
         {label: list(np.mean(np.asarray(v, dtype=float), axis=0)) for label, v in per_class.items()},
         class_names,
         bars,
-        title="MNIST-5k per-class accuracy (last checkpoint, mean over seeds)",
+        title=f"{real_sets[0]} per-class {bench.per_class_key[10:] or 'accuracy'} (last checkpoint, mean over seeds)",
     )
     plots.append(bars.name)
     for s in summaries:
@@ -176,10 +245,11 @@ def build_report(summaries: list[dict], out_dir: Path, quick: bool, wall_s: floa
             plot_scale_schedule(s["controller_history"], s["group_names"], path)
             plots.append(path.name)
     report = {
+        "benchmark": bench.name,
         "protocol": {
             "selection": "last",
             "tta_flip": runs[0]["tta_flip"] if runs else False,
-            "metric": "mean per-class accuracy",
+            "metric": bench.metric_label,
             "eval_sets": "full sets at the last step",
             "quick": quick,
             "settings": settings,
@@ -190,21 +260,21 @@ def build_report(summaries: list[dict], out_dir: Path, quick: bool, wall_s: floa
         "curves": mean_curves,
         "plots": plots,
     }
-    report["markdown_table"] = markdown_table(table)
+    report["markdown_table"] = markdown_table(bench, table)
     (out_dir / "report.json").write_text(json.dumps(report, indent=1))
-    (out_dir / "report.md").write_text(_markdown(report))
+    (out_dir / "report.md").write_text(_markdown(bench, report))
     report["out_dir"] = str(out_dir)
     return report
 
 
-def _brief(sel: dict | None) -> dict | None:
+def _brief(sel: dict | None, metric: str) -> dict | None:
     if not sel:
         return None
     return {
         "step": sel["step"],
         "selected_on": sel.get("selected_on"),
         "eval_max_per_set": sel.get("eval_max_per_set"),
-        "metrics": {k: v["mean_class_acc"] for k, v in sel["metrics"].items() if "mean_class_acc" in v},
+        "metrics": {k: v[metric] for k, v in sel["metrics"].items() if metric in v},
     }
 
 
@@ -220,34 +290,32 @@ def _fmt(ms: tuple[float, float] | None, scale: float = 100.0, digits: int = 1) 
     return f"{scale * ms[0]:.{digits}f} ± {scale * ms[1]:.{digits}f}"
 
 
-def markdown_table(table: dict) -> str:
-    lines = [
-        "| method | seeds | synthetic (held-out) | MNIST-5k | UCI digits | ImageNet top-1 agreement | ImageNet KL |",
-        "|---|---|---|---|---|---|---|",
-    ]
+def markdown_table(bench: Benchmark, table: dict) -> str:
+    header = ["method", "seeds", *(f"{s} (held-out)" if i == 0 else s for i, s in enumerate(bench.sets))]
+    header += ["ImageNet top-1 agreement", "ImageNet KL"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, e in table.items():
-        lines.append(
-            f"| {label} | {e['seeds']} | {_fmt(e.get('synthetic'))} | {_fmt(e.get('mnist5k'))} | "
-            f"{_fmt(e.get('uci_digits'))} | {_fmt(e.get('real_photos_top1_agreement'))} | "
-            f"{_fmt(e.get('real_photos_kl'), 1.0, 3)} |"
-        )
+        cells = [label, str(e["seeds"]), *(_fmt(e.get(s)) for s in bench.sets)]
+        cells += [_fmt(e.get("real_photos_top1_agreement")), _fmt(e.get("real_photos_kl"), 1.0, 3)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _markdown(report: dict) -> str:
+def _markdown(bench: Benchmark, report: dict) -> str:
     p = report["protocol"]
-    oracle = ["| method | MNIST-5k (oracle) | UCI digits (oracle) |", "|---|---|---|"]
+    real = bench.sets[1:]
+    oracle = ["| method | " + " | ".join(f"{s} (oracle)" for s in real) + " |", "|---|" + "---|" * len(real)]
     for label, e in report["table"].items():
-        oracle.append(f"| {label} | {_fmt(e.get('oracle_mnist5k'))} | {_fmt(e.get('oracle_uci_digits'))} |")
+        oracle.append(f"| {label} | " + " | ".join(_fmt(e.get(f"oracle_{s}")) for s in real) + " |")
     plots = "\n".join(f"![{name}]({name})" for name in report["plots"])
     caps = {r["oracle"]["eval_max_per_set"] for r in report["runs"] if r["oracle"]}
     cap = next(iter(caps - {None}), None)
     where = (
         f"on the class-balanced subsets of the training curves ({cap} images per set)" if cap else "on the full sets"
     )
-    return f"""# asg demo: synthetic -> real digits
+    return f"""# asg demo: {bench.title}
 
-Mean per-class accuracy (%) as mean ± std over seeds, **last checkpoint** (no early stopping), full
+{bench.metric_label} (%) as mean ± std over seeds, **last checkpoint** (no early stopping), full
 evaluation sets, tta_flip={p["tta_flip"]}. ImageNet retention: top-1 agreement (%) and KL(teacher ‖ model) of
 the frozen ImageNet head against the frozen teacher on the real photos shipped with scikit-image and scikit-learn.
 Wall time {report["wall_time_s"] / 60:.1f} min; settings: `{" ".join(p["settings"])}`.
@@ -255,12 +323,21 @@ Wall time {report["wall_time_s"] / 60:.1f} min; settings: `{" ".join(p["settings
 {report["markdown_table"]}
 
 Oracle selection (the best evaluation step chosen **with the real test labels**: an upper bound, not a valid
-protocol), selected on MNIST-5k and evaluated {where}:
+protocol), selected on {real[0]} and evaluated {where}:
 
 {chr(10).join(oracle)}
 
 {plots}
 
-Per-run details: `runs/<method>_seed<k>/summary.json` (every selection rule, labelled) and `results.jsonl`
-(one line per evaluation during training).
+Per-run details: `runs/<method>_seed<k>/summary.json` (every selection rule, labelled), `results.jsonl`
+(one line per evaluation during training) and `report.md`.
 """
+
+
+def _combined_markdown(reports: dict[str, dict], wall_s: float) -> str:
+    parts = [f"# asg demo\n\nWall time {wall_s / 60:.1f} min for {len(reports)} benchmark(s).\n"]
+    for name, r in reports.items():
+        bench = BENCHMARKS[name]
+        parts.append(f"## {bench.title}: {bench.metric_label} (%), last checkpoint\n\n{r['markdown_table']}\n\n"
+                     f"Details, oracle rows and plots: [{name}/report.md]({name}/report.md)\n")  # fmt: skip
+    return "\n".join(parts)

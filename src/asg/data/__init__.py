@@ -1,7 +1,9 @@
 """Datasets: every one yields ``(FloatTensor [3, H, W] RGB in [0, 1], int label)`` at ``cfg.image_size``.
 
 ``build_data(cfg)`` returns a :class:`DataBundle` (synthetic train set, held-out synthetic split, real test sets).
-Registered benchmarks (``DATASETS``): ``digits`` (embedded, offline), ``visda17``, ``listfile``, ``imagefolder``.
+Registered benchmarks (``DATASETS``): ``digits`` (embedded, offline), ``visda17``, ``listfile``, ``imagefolder``;
+segmentation (targets LongTensor [H, W], 255 = ignore): ``digit_scenes`` (embedded, offline), ``gta5``,
+``synthia``, ``cityscapes``, ``bdd100k``, ``mapillary``, ``seglist`` (see docs/segmentation.md).
 Before training: :func:`warn_bundle` (one-class training set, ...) and :func:`check_bundle_files` (missing or
 empty files, ``data.on_bad_image``); during training: :func:`set_skip_log` and :func:`collate_skip_none`.
 """
@@ -20,12 +22,15 @@ from asg.data.bundle import (
     stratified_split,
     warn_bundle,
 )
-from asg.data.check import CheckReport, check_dataset
+from asg.data.check import CHECKS, CheckReport, check_dataset
 from asg.data.digits import build_digits
 from asg.data.files import SKIPPED_FILE, check_bundle_files, collate_skip_none, set_skip_log
 from asg.data.images import FileImageDataset, open_image
 from asg.data.listfile import ImageFolderDataset, ListFileDataset, build_imagefolder, build_listfile
 from asg.data.photos import real_photos
+from asg.data.prepare import SEG_CHECKS
+from asg.data.scenes import build_digit_scenes
+from asg.data.segmentation import build_segmentation
 from asg.data.visda17 import build_visda17
 from asg.errors import ConfigError
 
@@ -34,7 +39,10 @@ DATASETS: dict[str, Callable[[DataConfig], DataBundle]] = {
     "visda17": build_visda17,
     "listfile": build_listfile,
     "imagefolder": build_imagefolder,
+    "digit_scenes": build_digit_scenes,
+    **dict.fromkeys(("gta5", "synthia", "cityscapes", "bdd100k", "mapillary", "seglist"), build_segmentation),
 }
+CHECKS.update(SEG_CHECKS)  # `asg data check gta5 ROOT`, ... (registered here: prepare imports check)
 
 
 def build_data(cfg: DataConfig) -> DataBundle:

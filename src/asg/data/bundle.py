@@ -62,7 +62,7 @@ class DataBundle:
         Reads only ``train.labels`` (no image is opened); a training set without ``labels`` gives no warnings.
         """
         labels = getattr(self.train, "labels", None)
-        if labels is None or len(labels) == 0:
+        if self.task != "classification" or labels is None or len(labels) == 0:
             return []
         present = set(np.unique(np.asarray(labels, dtype=np.int64)).tolist())
         names = self.class_names

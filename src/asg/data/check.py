@@ -234,9 +234,10 @@ CHECKS: dict[str, Callable[..., CheckReport]] = {
 }
 
 
-def check_dataset(name: str, root: str, verify_images: bool = False) -> CheckReport:
-    """Check dataset ``name`` without training: "visda17" and "imagefolder" take the root folder,
-    "listfile" the list file."""
+def check_dataset(name: str, root: str, verify_images: bool = False, **options: object) -> CheckReport:
+    """Check dataset ``name`` without training: "visda17", "imagefolder" and the segmentation datasets take the
+    root folder, "listfile" and "seglist" the list file. ``options`` (segmentation only): ``split``,
+    ``class_set``, ``max_items``."""
     if name not in CHECKS:
         raise ConfigError(f"no check for dataset {name!r}; checks exist for: {', '.join(CHECKS)}")
-    return CHECKS[name](root, verify_images=verify_images)
+    return CHECKS[name](root, verify_images=verify_images, **options)

@@ -8,6 +8,7 @@ are the ids; cv2 would give the palette colours), except 16-bit colour PNGs (SYN
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -52,7 +53,9 @@ def read_label(path: str | Path, channel: int | None = None) -> np.ndarray:
     """
     header = png_header(path)
     if header is not None and header[0] == 16 and header[1] in (2, 6):  # 16-bit RGB(A): PIL keeps 8 bits only
-        arr = decode_image(str(path), mode=ImageReadMode.UNCHANGED).to(torch.int32).numpy()  # [C, H, W]
+        with warnings.catch_warnings():  # torchvision 0.29 marks its decoders deprecated (in favour of torchcodec)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            arr = decode_image(str(path), mode=ImageReadMode.UNCHANGED).to(torch.int32).numpy()  # [C, H, W]
         if channel is None:
             raise DataError(f"label {path} is a 16-bit colour PNG; expected a single-channel image of class ids")
         return arr[channel]
@@ -164,7 +167,7 @@ class PairTransform:
             ph, pw = max(ch - h, 0), max(cw - w, 0)
             if ph or pw:  # pad right and bottom
                 image = F.pad(image, [0, 0, pw, ph], fill=0)
-                label = F.pad(label, [0, 0, pw, ph], fill=IGNORE_INDEX)
+                label = F.pad(label[None], [0, 0, pw, ph], fill=IGNORE_INDEX)[0]
                 h, w = image.shape[-2:]
             top = int(torch.randint(0, h - ch + 1, ())) if h > ch else 0
             left = int(torch.randint(0, w - cw + 1, ())) if w > cw else 0

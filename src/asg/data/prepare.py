@@ -351,8 +351,8 @@ def check(
     return report
 
 
-def _check_entry(name: str, root: str, verify_images: bool = False) -> CheckReport:
-    return check(name, root, verify_images=verify_images)
+def _check_entry(name: str, root: str, verify_images: bool = False, **options: Any) -> CheckReport:
+    return check(name, root, verify_images=verify_images, **options)
 
 
 # ``asg data check NAME ROOT`` entries, in the signature of ``asg.data.check.CHECKS``

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import torchvision
 from torch import Tensor, nn
 
@@ -66,8 +67,10 @@ class ResNetBackbone(Backbone):
         _check_output_stride(self.arch, output_stride)
         if output_stride == self.output_stride:
             return
-        dilation = _DILATION[output_stride]
-        ref = getattr(torchvision.models, self.arch)(weights=None, replace_stride_with_dilation=dilation)
+        with torch.device("meta"):  # the architecture only: no memory, no initialisation cost
+            ref = getattr(torchvision.models, self.arch)(
+                weights=None, replace_stride_with_dilation=_DILATION[output_stride]
+            )
         for name in ("layer1", "layer2", "layer3", "layer4"):
             for (own_name, own), (ref_name, other) in zip(
                 getattr(self, name).named_modules(), getattr(ref, name).named_modules(), strict=True

@@ -107,9 +107,11 @@ def vgg16(weights: str = "imagenet", *, output_stride: int = 32, fcn: bool = Fal
 
     ``output_stride`` must be 32 (ConfigError otherwise, before any weights are read).
     """
+    if output_stride != 32:
+        raise ConfigError(f"output_stride={output_stride!r}: vgg16 supports only output stride 32")
+    path = None if weights == "none" else cached_weights_path() if weights == "imagenet" else weights
+    state = None if path is None else load_state_dict_file(path)  # before the 138M-parameter build
     backbone = VGGBackbone(output_stride=output_stride, fcn=fcn)
-    if weights == "none":
-        return backbone
-    path = cached_weights_path() if weights == "imagenet" else weights
-    backbone.load_weights(load_state_dict_file(path), source=str(path))
+    if state is not None:
+        backbone.load_weights(state, source=str(path))
     return backbone
