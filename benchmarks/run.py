@@ -1,4 +1,5 @@
-"""Benchmarks (``make bench``): cost of ASG's teacher against plain ERM, measured in one run.
+"""Benchmarks (``make bench``): cost of ASG's teacher against plain ERM, measured in one run; L2O controller
+cost; segmentation step time and memory (ASG vs ERM, the trainer's own step) and data-pipeline throughput.
 
 Each variant runs in its own process on the same fixed batch (EfficientNet-Lite0, 32 x 3 x 64 x 64, BN frozen,
 channels_last), so its peak resident memory is its own. Writes ``benchmarks/results.json``.
@@ -103,6 +104,11 @@ def main() -> None:
     if device == "cpu" and "--no-meta" not in sys.argv:
         l2o.update(meta_episode_time())
     out["l2o"] = l2o
+    if "--no-seg" not in sys.argv:
+        from bench_seg import pipeline_throughput, segmentation_step_times
+
+        out["segmentation"] = segmentation_step_times(device)
+        out["segmentation"]["data_pipeline"] = pipeline_throughput()
     path = Path(__file__).parent / "results.json"
     path.write_text(json.dumps(out, indent=1))
     for name, r in results.items():
@@ -111,6 +117,14 @@ def main() -> None:
             f"ratio {ratios[name]['step_time_ratio']:.3f} time, {ratios[name]['peak_mem_ratio']:.3f} memory"
         )
     print("l2o:", json.dumps(out["l2o"]))
+    if "segmentation" in out:
+        seg = out["segmentation"]
+        for name, r in seg["variants"].items():
+            print(
+                f"segmentation {name:<17} step {1000 * r['step_s_median']:7.1f} ms  peak {r['peak_mem_mib']:7.0f} MiB"
+            )
+        print("segmentation ASG/ERM:", json.dumps(seg["ratios_vs_erm"]["asg_live_teacher"]))
+        print(f"segmentation data pipeline: {seg['data_pipeline']['images_per_s']:.1f} images/s")
     print(f"wrote {path}")
 
 

@@ -120,7 +120,8 @@ def test_listfile_and_imagefolder_bundles(tmp_path):
 def test_unknown_dataset_lists_valid_names():
     with pytest.raises(ConfigError, match="digits, visda17, listfile, imagefolder"):
         build_data(DataConfig(name="mnist"))
-    assert set(DATASETS) == {"digits", "visda17", "listfile", "imagefolder"}
+    segmentation = {"digit_scenes", "gta5", "synthia", "cityscapes", "bdd100k", "mapillary", "seglist"}
+    assert set(DATASETS) == {"digits", "visda17", "listfile", "imagefolder"} | segmentation
 
 
 # ----------------------------------------------------------------- VisDA-17 layout

@@ -125,7 +125,7 @@ def test_layer_groups_resnet50():
 
 def test_unknown_backbone_lists_valid_names():
     with pytest.raises(ConfigError) as err:
-        build_backbone("vgg16")
+        build_backbone("vgg19")
     assert all(name in str(err.value) for name in BACKBONES)
 
 

@@ -81,7 +81,7 @@ def evaluate(
     tta = cfg.eval.tta_flip if tta_flip is None else tta_flip
     device = resolve_device(cfg.train.device)  # before the (slow) data, so a missing GPU fails at once
     data = build_data(cfg.data)
-    model = build_model(cfg.model, data.num_classes, **({"task": data.task} if data.is_segmentation else {}))
+    model = build_model(cfg.model, data.num_classes, task=data.task)
     load_weights(model, path)
     model.to(device)
     sets = {}

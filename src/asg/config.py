@@ -64,7 +64,7 @@ class ModelConfig:
     hidden_dim: int = 512  # task head: feat -> hidden -> ReLU -> classes, as in ASG
     channels_last: bool = True
     # segmentation: head on the backbone ("fcn8s" | "deeplabv3" | "lraspp") and the backbone's output stride
-    segmenter: str = "deeplabv3"
+    segmenter: str = "lraspp"
     output_stride: int | None = None  # None: 32 for classification, the segmenter's default for segmentation
 
 

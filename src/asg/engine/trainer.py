@@ -100,8 +100,7 @@ class Trainer:
             warn_bundle(self.data)  # e.g. a single-class training set trains to a meaningless 100%
         self.num_classes = self.data.num_classes
         if model is None:
-            task_kw = {"task": self.data.task} if self.data.is_segmentation else {}
-            model = build_model(cfg.model, self.num_classes, **task_kw)
+            model = build_model(cfg.model, self.num_classes, task=self.data.task)
         self.model = model.to(self.device)
         self.teacher: Teacher = make_teacher(self.model).to(self.device)
         self.method = build_method(cfg.method)

@@ -7,8 +7,9 @@ ReLU; frozen by the ASG models). Its two dropouts are ``nn.Identity``: the head 
 official code where the KL path always runs the teacher's classifier in eval mode (spec 2.2). Output stride 32 only.
 
 ``fcn=True`` builds FCN-8s's variant (spec 2.2, 8.12): conv1_1 with ``padding=100`` and max pools that round up
-(``ceil_mode=True``, as the FCN's Caffe pools and ASG's FCN8sAtOnce), so any input size >= 1 px gives a pool5 of
-at least 7x7. Map sizes then are ``ceil((H + 198) / 2**i)`` after pool i instead of ``floor(H / 2**i)``.
+(``ceil_mode=True``, as the FCN's Caffe pools; the official ASG student and its VGG16 teacher both have the two),
+so any input size >= 1 px gives a pool5 of at least 7x7. Map sizes then are ``ceil((H + 198) / 2**i)`` after
+pool i instead of ``floor(H / 2**i)``.
 The same weights fit both variants.
 
 Layer groups (6): ``conv1_1`` (the first conv alone, as ResNet's conv1/bn1 stem split), ``conv1_2``, ``conv2``,

@@ -1,0 +1,133 @@
+"""Segmentation benchmarks: the trainer's own step (ERM vs ASG, live teacher) on the digit scenes, and images per
+second of the file-based segmentation data pipeline (decode, id mapping, random scale, crop and flip).
+
+Each step-time variant runs in its own process (its peak resident memory is its own) and times
+``Trainer._train_step`` as ``asg train`` calls it, on the batches of the trainer's own DataLoader.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+SEG_VARIANTS = {"erm": "digit_scenes_erm", "asg_live_teacher": "digit_scenes_asg"}
+STEPS = 15
+WARMUP = 3
+
+
+def _measure_step(recipe: str, device: str, queue) -> None:
+    import dataclasses
+
+    import torch
+
+    from asg.config import load_config
+    from asg.data import build_data
+    from asg.engine.trainer import Trainer
+
+    overrides = [f"train.steps={STEPS + WARMUP}", "train.progress=false", f"train.device={device}",
+                 "method.teacher_cache=false", "eval.retention=false"]  # fmt: skip
+    cfg = load_config(recipe, overrides)
+    data = build_data(cfg.data)
+    data = dataclasses.replace(data, eval_sets={}, source_val_name=None)  # time training only
+    trainer = Trainer(cfg, None, data=data, quiet=True)
+    times: list[float] = []
+    step = trainer._train_step
+
+    def timed(*batch):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        logs = step(*batch)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        return logs
+
+    trainer._train_step = timed  # type: ignore[method-assign]
+    trainer.run()
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if device.startswith("cuda")
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
+    queue.put(
+        {
+            "step_s_median": statistics.median(times[WARMUP:]),
+            "peak_mem_mib": peak,
+            "batch": [cfg.data.batch_size, 3, cfg.data.image_size, cfg.data.image_size],
+            "model": f"{cfg.model.backbone}+{cfg.model.segmenter}",
+        }
+    )
+
+
+def _in_process(target, *args) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def segmentation_step_times(device: str = "cpu") -> dict:
+    """Median ``Trainer._train_step`` time and peak memory of ERM and ASG on the digit scenes, with ratios."""
+    results = {name: _in_process(_measure_step, recipe, device) for name, recipe in SEG_VARIANTS.items()}
+    erm = results["erm"]
+    ratios = {
+        "asg_live_teacher": {
+            "step_time_ratio": results["asg_live_teacher"]["step_s_median"] / erm["step_s_median"],
+            "peak_mem_ratio": results["asg_live_teacher"]["peak_mem_mib"] / erm["peak_mem_mib"],
+        }
+    }
+    return {"variants": results, "ratios_vs_erm": ratios}
+
+
+def _write_fixture(root: Path, n: int, size: tuple[int, int]) -> Path:
+    """``n`` random image/label PNG pairs of ``size`` (h, w) and a seglist file naming them."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(n):
+        img = rng.integers(0, 255, (*size, 3), dtype=np.uint8)
+        label = rng.integers(0, 19, size, dtype=np.uint8)
+        Image.fromarray(img).save(root / f"{i}.png")
+        Image.fromarray(label).save(root / f"{i}_label.png")
+        lines.append(f"{i}.png {i}_label.png")
+    path = root / "train.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def pipeline_throughput(num_workers: int = 2, n: int = 48, size: tuple[int, int] = (512, 1024)) -> dict:
+    """Images per second through ``seglist`` + the training pair transform (scale 0.75-1.25, 256 crop, flip)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from asg.config import DataConfig
+    from asg.data import build_data
+
+    with tempfile.TemporaryDirectory() as tmp:
+        listfile = _write_fixture(Path(tmp), n, size)
+        cfg = DataConfig(name="seglist", train_list=str(listfile), scale_range=[0.75, 1.25], crop_size=[256, 256],
+                         source_val_fraction=0.0)  # fmt: skip
+        ds = build_data(cfg).train
+        loader = DataLoader(ds, batch_size=8, num_workers=num_workers)
+        t0 = time.perf_counter()
+        count = 0
+        for x, _y in loader:
+            count += len(x)
+        elapsed = time.perf_counter() - t0
+    return {
+        "images_per_s": count / elapsed,
+        "num_workers": num_workers,
+        "image_size": list(size),
+        "crop": [256, 256],
+        "torch_threads": torch.get_num_threads(),
+    }
