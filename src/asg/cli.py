@@ -121,10 +121,14 @@ def _train(args: argparse.Namespace) -> int:
     result = train(args.config, args.overrides, out=args.out, resume=args.resume)
     print(f"\nrun folder: {result.out_dir}")
     for rule, sel in result.selections.items():
-        accs = ", ".join(
-            f"{k} {100 * v['mean_class_acc']:.1f}" for k, v in sel["metrics"].items() if "mean_class_acc" in v
-        )
-        print(f"  [{rule} @ step {sel['step']}, tta_flip={sel['tta_flip']}] mean-class acc %: {accs}")
+        metric = "miou" if any("miou" in v for v in sel["metrics"].values()) else "mean_class_acc"
+        values = ", ".join(f"{k} {100 * v[metric]:.1f}" for k, v in sel["metrics"].items() if metric in v)
+        label = "mIoU" if metric == "miou" else "mean-class acc"
+        print(f"  [{rule} @ step {sel['step']}, tta_flip={sel['tta_flip']}] {label} %: {values}")
+        if "real_average" in sel:
+            avg = sel["real_average"]
+            print(f"    average over {', '.join(avg['over'])}: {100 * avg['value']:.1f}")
+    print(f"report: {result.out_dir}/report.md")
     return 0
 
 
@@ -135,9 +139,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(f"checkpoint {result['checkpoint']} ({result['checkpoint_file']}), tta_flip={result['tta_flip']}")
     if result["note"]:
         print(result["note"])
-    print(f"{'set':<16}{'role':<12}{'n':>7}{'acc %':>9}{'mean-class %':>14}")
+    seg = result.get("task") == "segmentation"
+    overall, primary = ("pixel_acc", "miou") if seg else ("acc", "mean_class_acc")
+    heads = ("pixel acc %", "mIoU %") if seg else ("acc %", "mean-class %")
+    print(f"{'set':<16}{'role':<12}{'n':>10}{heads[0]:>12}{heads[1]:>14}")
     for name, r in result["sets"].items():
-        print(f"{name:<16}{r['role']:<12}{r['n']:>7}{100 * r['acc']:>9.2f}{100 * r['mean_class_acc']:>14.2f}")
+        print(f"{name:<16}{r['role']:<12}{r['n']:>10}{100 * r[overall]:>12.2f}{100 * r[primary]:>14.2f}")
+    if "real_average" in result:
+        avg = result["real_average"]
+        print(f"average {avg['metric']} over {', '.join(avg['over'])}: {100 * avg['value']:.2f}")
     out = args.out if args.out is not None else args.run_dir
     try:
         path = save_evaluation(result, out)

@@ -377,7 +377,7 @@ def validate(cfg: Config) -> None:
     for key, choices in _CHOICES.items():
         value = _get(cfg, key)
         if value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
     for key, (check, must) in _RANGES.items():
         value = _get(cfg, key)
         if value is not None and not check(value):

@@ -128,7 +128,7 @@ def run_report_markdown(summary: dict, history: list[dict]) -> str:
             lines.append(f"- {rule}: {avg['metric']} averaged over {', '.join(avg['over'])} = {_pct(avg['value'])}")
         for rule, sel in selections.items():
             if sel.get("note"):
-                lines.append(f"- {rule}: {sel['note']}")
+                lines.append(f"- {sel['note']}")
         lines.append("")
     last = selections.get("last", {}).get("metrics", {})
     per_class_key = "per_class_iou" if task == "segmentation" else "per_class"

@@ -47,7 +47,7 @@ from asg.engine.schedule import build_schedule
 from asg.errors import AsgError, TrainingDiverged
 from asg.l2o.base import LRController, StepStats
 from asg.methods import build_method, cross_entropy
-from asg.models import ASGClassifier, Teacher, build_model, make_teacher
+from asg.models import ASGClassifier, ASGSegmenter, Teacher, build_model, make_teacher
 from asg.utils import progress, resolve_device, seed_everything, versions
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ class Trainer:
         out_dir: str | Path | None = None,
         *,
         data: DataBundle | None = None,
-        model: ASGClassifier | None = None,
+        model: ASGClassifier | ASGSegmenter | None = None,
         controller: LRController | None = None,
         quiet: bool = False,
         resume: bool = False,
