@@ -126,7 +126,7 @@ def run_report_markdown(summary: dict, history: list[dict]) -> str:
         averages = {r: s["real_average"] for r, s in selections.items() if "real_average" in s}
         for rule, avg in averages.items():
             lines.append(f"- {rule}: {avg['metric']} averaged over {', '.join(avg['over'])} = {_pct(avg['value'])}")
-        for rule, sel in selections.items():
+        for sel in selections.values():
             if sel.get("note"):
                 lines.append(f"- {sel['note']}")
         lines.append("")
