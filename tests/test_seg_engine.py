@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_run_folder import _crash_at
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -183,14 +184,7 @@ def test_resume_with_random_augmentation_in_two_workers_equals_uninterrupted(
     bundle = dataclasses.replace(tiny_bundle, train=NoisyImages(tiny_bundle.train), has_augmentation=True)
     cfg = tiny_config("train.steps=5", "data.num_workers=2")
     Trainer(cfg, tmp_path / "a", data=bundle, quiet=True).run()
-    original = Trainer._train_step
-
-    def crash(self, *args):
-        if self.step == 3:
-            raise KeyboardInterrupt
-        return original(self, *args)
-
-    monkeypatch.setattr(Trainer, "_train_step", crash)
+    original = _crash_at(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         Trainer(cfg, tmp_path / "b", data=bundle, quiet=True).run()
     monkeypatch.setattr(Trainer, "_train_step", original)

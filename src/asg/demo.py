@@ -54,7 +54,7 @@ DIGITS = Benchmark(
     },
     default_methods=("erm", "asg", "asg+l2o"),
     sets=("synthetic", "mnist5k", "uci_digits"),
-    default=("train.steps=200", "train.eval_every=50", "data.eval_max_per_set=300", "eval.full_eval_selected=false"),
+    default=("train.steps=150", "train.eval_every=50", "data.eval_max_per_set=300", "eval.full_eval_selected=false"),
     quick=(
         "train.steps=100",
         "train.eval_every=25",
@@ -73,9 +73,15 @@ SCENES = Benchmark(
     methods={"erm": "digit_scenes_erm", "asg": "digit_scenes_asg", "asg+l2o": "digit_scenes_asg_l2o"},
     default_methods=("erm", "asg", "asg+l2o"),
     sets=("synthetic", "mnist_photos"),
-    default=("train.steps=200", "train.eval_every=50", "eval.full_eval_selected=false"),
-    quick=("train.steps=80", "train.eval_every=40", "data.num_train=800", "eval.full_eval_selected=false"),
-    full=("train.steps=400", "train.eval_every=100", "eval.full_eval_selected=false"),
+    default=("train.steps=200", "train.eval_every=100", "data.eval_max_per_set=200", "eval.full_eval_selected=false"),
+    quick=(
+        "train.steps=80",
+        "train.eval_every=40",
+        "data.num_train=800",
+        "data.eval_max_per_set=100",
+        "eval.full_eval_selected=false",
+    ),  # fmt: skip
+    full=("train.steps=400", "train.eval_every=100", "data.eval_max_per_set=200", "eval.full_eval_selected=false"),
 )
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (DIGITS, SCENES)}
 

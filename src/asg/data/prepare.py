@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from asg.data.segmentation import (
     find_pairs,
     pair_list,
 )
+from asg.engine.checkpoint import atomic_write
 from asg.errors import ConfigError, DataError
 
 DEFAULT_SPLITS = {"gta5": ["all"], "synthia": ["all"]}  # others: train and val, those present
@@ -70,19 +70,8 @@ class PrepareReport:
         return "\n".join(out)
 
 
-def _atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Write ``path`` through a temporary file in its folder and a rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_text(path: Path, text: str) -> None:
-    _atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _list_line(image: Path, label: str) -> str:
@@ -160,7 +149,7 @@ def _convert(ds: SegmentationPairs, i: int, src: Path, dst: Path, report: Prepar
     if why is not None:
         report.problems.append(f"image {ds.image_path(i)} {why}: {label}")
         return None
-    _atomic(out, lambda tmp: Image.fromarray(ids, mode="L").save(tmp, format="PNG"))
+    atomic_write(out, lambda tmp: Image.fromarray(ids, mode="L").save(tmp, format="PNG"))
     report.written += 1
     return rel
 

@@ -35,7 +35,7 @@ from asg.l2o.reinforce import Reinforce
 from asg.l2o.rewards import get_reward
 
 if TYPE_CHECKING:
-    from asg.models import ASGClassifier
+    from asg.models import ASGClassifier, ASGSegmenter
 
 
 def synthetic_only(bundle: Any, keep_source_val: bool) -> Any:
@@ -100,7 +100,7 @@ def meta_train(
     resume: bool = False,
     *,
     data: Any | None = None,
-    model: ASGClassifier | None = None,
+    model: ASGClassifier | ASGSegmenter | None = None,
     quiet: bool = False,
 ) -> Path:
     """Meta-train an ``LRPolicy`` for ``cfg.l2o.episodes`` episodes; returns the path of ``policy.safetensors``.
@@ -113,7 +113,7 @@ def meta_train(
 
 
 def _meta_train(
-    cfg: Config, run_dir: RunDir, resume: bool, data: Any, model: ASGClassifier | None, quiet: bool
+    cfg: Config, run_dir: RunDir, resume: bool, data: Any, model: ASGClassifier | ASGSegmenter | None, quiet: bool
 ) -> Path:
     from torch.utils.tensorboard import SummaryWriter
 
@@ -142,7 +142,7 @@ def _meta_train(
     if model is None:
         from asg.models import build_model
 
-        model = build_model(cfg.model, bundle.num_classes)
+        model = build_model(cfg.model, bundle.num_classes, task=bundle.task)
     base_model = model.cpu()
     group_names = [name for name, _ in base_model.layer_groups()]
 
