@@ -33,6 +33,7 @@ class Benchmark:
     per_class_key: str  # "per_class" | "per_class_iou"
     methods: dict[str, str]
     default_methods: tuple[str, ...]  # run by `asg demo` (all of ``methods`` with --full)
+    default_seeds: int  # seeds of `asg demo` and `asg demo --full` (1 with --quick)
     sets: tuple[str, ...]  # source-val first, then the real sets
     default: tuple[str, ...]  # overrides of `asg demo`
     quick: tuple[str, ...]
@@ -52,9 +53,10 @@ DIGITS = Benchmark(
         "asg+l2o": "digits_asg_l2o",
         "asg+random": "digits_asg_random",
     },
-    default_methods=("erm", "asg", "asg+l2o"),
+    default_methods=("erm", "asg"),
+    default_seeds=2,
     sets=("synthetic", "mnist5k", "uci_digits"),
-    default=("train.steps=150", "train.eval_every=50", "data.eval_max_per_set=300", "eval.full_eval_selected=false"),
+    default=("train.steps=100", "train.eval_every=50", "data.eval_max_per_set=300", "eval.full_eval_selected=false"),
     quick=(
         "train.steps=100",
         "train.eval_every=25",
@@ -72,8 +74,9 @@ SCENES = Benchmark(
     per_class_key="per_class_iou",
     methods={"erm": "digit_scenes_erm", "asg": "digit_scenes_asg", "asg+l2o": "digit_scenes_asg_l2o"},
     default_methods=("erm", "asg", "asg+l2o"),
+    default_seeds=3,
     sets=("synthetic", "mnist_photos"),
-    default=("train.steps=200", "train.eval_every=100", "data.eval_max_per_set=200", "eval.full_eval_selected=false"),
+    default=("train.steps=150", "train.eval_every=75", "data.eval_max_per_set=200", "eval.full_eval_selected=false"),
     quick=(
         "train.steps=80",
         "train.eval_every=40",
@@ -154,7 +157,7 @@ def _run_benchmark(
 ) -> dict[str, Any]:
     from asg.data import build_data
 
-    seeds = seeds if seeds is not None else (1 if quick else 3)
+    seeds = seeds if seeds is not None else (1 if quick else bench.default_seeds if not full else 3)
     common = list(bench.quick if quick else bench.full if full else bench.default) + list(overrides)
     t0 = time.time()
     data = build_data(load_config(bench.methods[methods[0]], common).data)
