@@ -1,15 +1,11 @@
 """Segmentation benchmarks: the trainer's own step (ERM vs ASG, live teacher) on the digit scenes, and images per
 second of the file-based segmentation data pipeline (decode, id mapping, random scale, crop and flip).
 
-Each step-time variant runs in its own process (its peak resident memory is its own) and times
-``Trainer._train_step`` as ``asg train`` calls it, on the batches of the trainer's own DataLoader.
+Each step-time variant runs in its own process (``bench_trainer.trainer_step_time``).
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import resource
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -19,64 +15,12 @@ STEPS = 15
 WARMUP = 3
 
 
-def _measure_step(recipe: str, device: str, queue) -> None:
-    import dataclasses
-
-    import torch
-
-    from asg.config import load_config
-    from asg.data import build_data
-    from asg.engine.trainer import Trainer
-
-    overrides = [f"train.steps={STEPS + WARMUP}", "train.progress=false", f"train.device={device}",
-                 "method.teacher_cache=false", "eval.retention=false"]  # fmt: skip
-    cfg = load_config(recipe, overrides)
-    data = build_data(cfg.data)
-    data = dataclasses.replace(data, eval_sets={}, source_val_name=None)  # time training only
-    trainer = Trainer(cfg, None, data=data, quiet=True)
-    times: list[float] = []
-    step = trainer._train_step
-
-    def timed(*batch):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        logs = step(*batch)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        return logs
-
-    trainer._train_step = timed  # type: ignore[method-assign]
-    trainer.run()
-    peak = (
-        torch.cuda.max_memory_allocated() / 2**20
-        if device.startswith("cuda")
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    )
-    queue.put(
-        {
-            "step_s_median": statistics.median(times[WARMUP:]),
-            "peak_mem_mib": peak,
-            "batch": [cfg.data.batch_size, 3, cfg.data.image_size, cfg.data.image_size],
-            "model": f"{cfg.model.backbone}+{cfg.model.segmenter}",
-        }
-    )
-
-
-def _in_process(target, *args) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=target, args=(*args, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
-
-
 def segmentation_step_times(device: str = "cpu") -> dict:
     """Median ``Trainer._train_step`` time and peak memory of ERM and ASG on the digit scenes, with ratios."""
-    results = {name: _in_process(_measure_step, recipe, device) for name, recipe in SEG_VARIANTS.items()}
+    from bench_trainer import trainer_step_time
+
+    results = {name: trainer_step_time(recipe, ["method.teacher_cache=false"], device, STEPS, WARMUP)
+               for name, recipe in SEG_VARIANTS.items()}  # fmt: skip
     erm = results["erm"]
     ratios = {
         "asg_live_teacher": {

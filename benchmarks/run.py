@@ -1,84 +1,37 @@
 """Benchmarks (``make bench``): cost of ASG's teacher against plain ERM, measured in one run; L2O controller
-cost; segmentation step time and memory (ASG vs ERM, the trainer's own step) and data-pipeline throughput.
+cost; segmentation step time and memory (ASG vs ERM) and data-pipeline throughput.
 
-Each variant runs in its own process on the same fixed batch (EfficientNet-Lite0, 32 x 3 x 64 x 64, BN frozen,
-channels_last), so its peak resident memory is its own. Writes ``benchmarks/results.json``.
+Step times are the trainer's own ``Trainer._train_step`` on the digits recipes (EfficientNet-Lite0, batch 32 at
+64 px, BN frozen, channels_last), each variant in its own process so that its peak resident memory is its own.
+Writes ``benchmarks/results.json``.
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
-import resource
-import statistics
 import sys
-import time
 from pathlib import Path
 
-VARIANTS = {"erm": ("erm", False), "asg_live_teacher": ("asg", False), "asg_cached_teacher": ("asg", True)}
-
-
-def _measure(method: str, cached: bool, device: str, steps: int, queue) -> None:
-    import torch
-
-    from asg.config import MethodConfig, ModelConfig, OptimConfig
-    from asg.engine.optim import build_optimizer
-    from asg.methods import build_method
-    from asg.models import build_model, make_teacher
-
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(), 10).to(device)
-    teacher = make_teacher(model).to(device)
-    loss_fn = build_method(MethodConfig(name=method, kl_weight=1.0))
-    opt = build_optimizer(model.layer_groups(), OptimConfig(lr=0.01))
-    x = torch.rand(32, 3, 64, 64, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (32,), device=device)
-    cache = teacher(x) if cached else None
-    model.eval()
-    times = []
-    for i in range(steps + 3):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        t_logits = (cache if cached else teacher(x)) if loss_fn.needs_teacher else None
-        out = model(x)
-        lo = loss_fn.loss(out, y, t_logits)
-        opt.zero_grad(set_to_none=True)
-        lo.loss.backward()
-        opt.step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        if i >= 3:  # warm-up steps excluded
-            times.append(time.perf_counter() - t0)
-    peak = (
-        torch.cuda.max_memory_allocated() / 2**20
-        if device.startswith("cuda")
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    )
-    queue.put(
-        {
-            "step_s_median": statistics.median(times),
-            "step_s_mean": statistics.mean(times),
-            "peak_mem_mib": peak,
-            "memory_kind": "cuda allocated" if device.startswith("cuda") else "process RSS",
-        }
-    )
-
-
-def run_variant(method: str, cached: bool, device: str, steps: int) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_measure, args=(method, cached, device, steps, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+# name -> (recipe, overrides, extra warm-up steps); 360 digits = 11 steps per epoch, so the cached variant's first
+# epoch (which fills the teacher cache) is excluded from its timing
+DATA = ["data.num_train=360"]
+VARIANTS = {
+    "erm": ("digits_erm", DATA, 0),
+    "asg_live_teacher": ("digits_asg", [*DATA, "method.teacher_cache=false"], 0),
+    "asg_cached_teacher": ("digits_asg", [*DATA, "method.teacher_cache=true"], 11),
+}
 
 
 def main() -> None:
     device = next((a for a in sys.argv[1:] if not a.startswith("--")), "cpu")
     steps = 20
-    results = {name: run_variant(m, c, device, steps) for name, (m, c) in VARIANTS.items()}
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_trainer import trainer_step_time
+
+    results = {
+        name: trainer_step_time(recipe, overrides, device, steps, warmup=3 + extra)
+        for name, (recipe, overrides, extra) in VARIANTS.items()
+    }
     erm = results["erm"]
     ratios = {
         name: {
@@ -89,14 +42,14 @@ def main() -> None:
     }
     out = {
         "device": device,
-        "batch": [32, 3, 64, 64],
-        "backbone": "efficientnet_lite0",
+        "recipes": {name: [recipe, *overrides] for name, (recipe, overrides, _) in VARIANTS.items()},
+        "timed": "Trainer._train_step (the trainer's own step: teacher, forward, loss, guard, backward, clipping, "
+        "optimizer, controller) on the trainer's own batches, median over 20 steps after warm-up",
         "steps": steps,
         "variants": results,
         "ratios_vs_erm": ratios,
         "target": "teacher forward adds at most 35% to an ERM step (asg_live_teacher step_time_ratio <= 1.35)",
     }
-    sys.path.insert(0, str(Path(__file__).parent))
     from bench_l2o import controller_overhead, meta_episode_time
 
     l2o = controller_overhead()
