@@ -135,10 +135,11 @@ def test_miou_with_ignore_on_a_hand_made_example():
 def test_real_average_is_labelled_and_needs_two_sets():
     a = EvalResult(np.array([[2, 0], [0, 2]]), task="segmentation")
     b = EvalResult(np.array([[1, 1], [1, 1]]), task="segmentation")
-    avg = real_average({"source_val": a, "cityscapes": a, "bdd100k": b}, ["cityscapes", "bdd100k"])
+    sets = {"source_val": a.to_dict(), "cityscapes": a.to_dict(), "bdd100k": b.to_dict()}
+    avg = real_average(sets, ["cityscapes", "bdd100k"], "miou")
     assert avg["metric"] == "miou" and avg["over"] == ["cityscapes", "bdd100k"]
     assert avg["value"] == pytest.approx((1.0 + 1 / 3) / 2)
-    assert real_average({"cityscapes": a}, ["cityscapes", "mapillary"]) is None
+    assert real_average({"cityscapes": a.to_dict()}, ["cityscapes", "mapillary"], "miou") is None
 
 
 class NoisyImages(Dataset):

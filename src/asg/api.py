@@ -61,7 +61,7 @@ def evaluate(
     """
     from asg.data import build_data
     from asg.engine.checkpoint import load_weights
-    from asg.engine.evaluate import evaluate_sets, real_average
+    from asg.engine.evaluate import PRIMARY_METRIC, evaluate_sets, real_average
     from asg.engine.rundir import EXPORTS, RunDir
     from asg.models import build_model
     from asg.utils import resolve_device
@@ -110,7 +110,7 @@ def evaluate(
         "sets": sets,
         "note": note,
     }
-    average = real_average(results, data.real_set_names)
+    average = real_average(sets, data.real_set_names, PRIMARY_METRIC[data.task])
     if average is not None:
         result["real_average"] = average
     return result

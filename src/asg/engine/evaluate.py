@@ -97,6 +97,21 @@ def list_collate(batch: list) -> list:
     return [item for item in batch if item is not None]
 
 
+def same_size_groups(items: list) -> list[list]:
+    """``items`` (image, target) pairs as one group when all images have one size, else one group per item,
+    so that each group's images can be stacked into a batch."""
+    return [items] if len({tuple(img.shape) for img, _ in items}) == 1 else [[item] for item in items]
+
+
+def sliding_options(cfg: Config) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+    """(window, stride) of :func:`segmentation_probs` from ``cfg.eval`` (None: whole image / default stride)."""
+    window, stride = cfg.eval.sliding_window, cfg.eval.sliding_stride
+    return (
+        (int(window[0]), int(window[1])) if window else None,
+        (int(stride[0]), int(stride[1])) if stride else None,
+    )
+
+
 def segmentation_probs(
     model: nn.Module,
     x: Tensor,
@@ -187,9 +202,7 @@ def evaluate(
             preds = predict_scores(model, prepare(x), tta_flip).argmax(dim=1).cpu()
             confusion += confusion_matrix(y, preds, num_classes)
             continue
-        same_size = len({tuple(img.shape) for img, _ in batch}) == 1
-        groups = [batch] if same_size else [[item] for item in batch]
-        for group in groups:
+        for group in same_size_groups(batch):
             x = prepare(torch.stack([img for img, _ in group]))
             probs = segmentation_probs(model, x, tta_flip=tta_flip, window=window, stride=stride)
             for p, (_, y) in zip(probs, group):
@@ -200,22 +213,16 @@ def evaluate(
     return EvalResult(confusion, task=task)
 
 
-def real_average(results: dict[str, Any], real_sets: list[str]) -> dict[str, Any] | None:
-    """Mean of the primary metric over the real sets present (at least two), labelled with what it averages.
+def real_average(metrics: dict[str, dict[str, Any]], real_sets: list[str], metric: str) -> dict[str, Any] | None:
+    """Mean of ``metric`` over the real sets present (at least two), labelled with what it averages.
 
-    ``results`` maps set names to :class:`EvalResult` or to their ``to_dict()``; returns e.g.
-    ``{"metric": "miou", "value": 0.41, "over": ["cityscapes", "bdd100k", "mapillary"]}``.
+    ``metrics`` maps set names to ``EvalResult.to_dict()``; returns e.g.
+    ``{"metric": "miou", "value": 0.41, "over": ["cityscapes", "bdd100k", "mapillary"], ...}``.
     """
-    names = [n for n in real_sets if n in results]
+    names = [n for n in real_sets if n in metrics]
     if len(names) < 2:
         return None
-    first = results[names[0]]
-    metric = (
-        PRIMARY_METRIC[first.task]
-        if isinstance(first, EvalResult)
-        else ("miou" if "miou" in first else "mean_class_acc")
-    )
-    values = [r.primary if isinstance(r, EvalResult) else r[metric] for r in (results[n] for n in names)]
+    values = [metrics[n][metric] for n in names]
     return {"metric": metric, "value": float(np.mean(values)), "over": names, "note": "unweighted mean over the sets"}
 
 
@@ -258,8 +265,7 @@ def evaluate_sets(
     The one evaluation path of the package: the trainer's curves and selections and ``asg evaluate`` both use it.
     ``tta_flip`` overrides ``cfg.eval.tta_flip`` when given.
     """
-    window = tuple(cfg.eval.sliding_window) if cfg.eval.sliding_window else None
-    stride = tuple(cfg.eval.sliding_stride) if cfg.eval.sliding_stride else None
+    window, stride = sliding_options(cfg)
     return {
         name: evaluate(
             model,
@@ -273,8 +279,8 @@ def evaluate_sets(
             show_progress=show_progress,
             channels_last=cfg.model.channels_last,
             task=task,
-            window=window,  # type: ignore[arg-type]
-            stride=stride,  # type: ignore[arg-type]
+            window=window,
+            stride=stride,
         )
         for name, ds in sets.items()
     }

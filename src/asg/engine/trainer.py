@@ -35,7 +35,9 @@ from asg.engine.evaluate import (
     imagenet_retention,
     list_collate,
     real_average,
+    same_size_groups,
     segmentation_probs,
+    sliding_options,
 )
 from asg.engine.guards import LossGuard, non_finite_tensors
 from asg.engine.optim import build_optimizer
@@ -417,7 +419,7 @@ class Trainer:
             "scales": list(self.scales),
             "metrics": {k: r.to_dict() for k, r in results.items()},
         }
-        average = real_average(results, self.data.real_set_names)
+        average = real_average(row["metrics"], self.data.real_set_names, PRIMARY_METRIC[self.data.task])
         if average is not None:
             row["real_average"] = average
         self.history.append(row)
@@ -482,8 +484,7 @@ class Trainer:
             for i, batch in enumerate(loader):
                 if i >= max_batches:
                     break
-                same_size = len({tuple(x.shape) for x, _ in batch}) == 1
-                for group in [batch] if same_size else [[item] for item in batch]:
+                for group in same_size_groups(batch):
                     x = torch.stack([item[0] for item in group]).to(self.device)
                     y = torch.stack([torch.as_tensor(item[1]) for item in group]).to(self.device)
                     total += float(cross_entropy(self.model(x).logits, y)) * len(group)
@@ -548,14 +549,9 @@ class Trainer:
         """Class-id map [H, W] (numpy) of one image [3, h, w], upsampled to ``size``, with the eval protocol."""
         was_training = self.model.training
         self.model.eval()
-        cfg = self.cfg.eval
-        probs = segmentation_probs(
-            self.model,
-            image[None].to(self.device),
-            tta_flip=cfg.tta_flip,
-            window=tuple(cfg.sliding_window) if cfg.sliding_window else None,  # type: ignore[arg-type]
-            stride=tuple(cfg.sliding_stride) if cfg.sliding_stride else None,  # type: ignore[arg-type]
-        )
+        window, stride = sliding_options(self.cfg)
+        x = image[None].to(self.device)
+        probs = segmentation_probs(self.model, x, tta_flip=self.cfg.eval.tta_flip, window=window, stride=stride)
         self.model.train(was_training)
         probs = nn.functional.interpolate(probs, size=size, mode="bilinear", align_corners=False)
         return probs[0].argmax(0).cpu().numpy()
@@ -612,7 +608,7 @@ class Trainer:
         out["last"]["metrics"] = {**full.get(self.step, {}), **self._retention_entry(retention, self.step)}
         for sel in out.values():
             sel.update(self.protocol())
-            average = real_average(sel.get("metrics", {}), self.data.real_set_names)
+            average = real_average(sel.get("metrics", {}), self.data.real_set_names, PRIMARY_METRIC[self.data.task])
             if average is not None:
                 sel["real_average"] = average
         return out
