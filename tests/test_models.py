@@ -77,6 +77,56 @@ def test_lite0_matches_package_forward(lite0):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
+def _package_lite0():
+    """The package's own EfficientNet-Lite0 (dynamic SAME padding on every conv), seeded random weights."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    torch.manual_seed(0)
+    return EfficientNet.from_name("efficientnet-lite0", image_size=None).eval()
+
+
+def test_lite0_folded_padding_matches_package_dynamic_padding():
+    from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
+
+    ref = _package_lite0()
+    assert isinstance(ref._conv_head, Conv2dDynamicSamePadding)  # the reference is unfolded
+    assert isinstance(ref._blocks[0]._depthwise_conv, Conv2dDynamicSamePadding)
+    bb = build_backbone("efficientnet_lite0", "none").eval()
+    bb.load_weights(ref.state_dict(), source="package model")
+    for h, w in [(64, 64), (65, 71), (224, 224)]:
+        x = torch.randn(1, 3, h, w)
+        with torch.no_grad():
+            expected = ref.extract_features(x)
+            got = bb.forward_features(x)
+        assert got.shape == expected.shape == (1, 1280, -(-h // 32), -(-w // 32))
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=f"{h}x{w}")
+
+
+def test_lite0_folds_only_stride1_same_padding():
+    from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
+
+    bb = build_backbone("efficientnet_lite0", "none")
+    dynamic = {n: m for n, m in bb.named_modules() if isinstance(m, Conv2dDynamicSamePadding)}
+    assert all(tuple(m.stride) == (2, 2) for m in dynamic.values())
+    # the stem and the 4 striding depthwise convs keep the input-size dependent (asymmetric) pad
+    assert set(dynamic) == {"conv_stem"} | {f"blocks.{i}._depthwise_conv" for i in (1, 3, 5, 11)}
+    plain = {n: m for n, m in bb.named_modules() if type(m) is torch.nn.Conv2d}
+    assert "conv_head" in plain and "blocks.0._depthwise_conv" in plain and "blocks.15._project_conv" in plain
+    for name, conv in plain.items():
+        assert conv.stride == (1, 1) and conv.padding == tuple((k - 1) // 2 for k in conv.kernel_size), name
+    assert plain["blocks.2._depthwise_conv"].padding == (1, 1)  # 3x3
+    assert plain["blocks.4._depthwise_conv"].padding == (2, 2)  # 5x5
+    assert plain["conv_head"].padding == (0, 0)  # 1x1
+
+
+def test_lite0_folding_keeps_state_dict_keys():
+    ref = _package_lite0()
+    bb = build_backbone("efficientnet_lite0", "none")
+    assert list(bb.state_dict()) == [bb.translate_key(k) for k in ref.state_dict()]
+    for key, value in ref.state_dict().items():
+        assert bb.state_dict()[bb.translate_key(key)].shape == value.shape, key
+
+
 def test_lite0_train_mode_has_no_drop_connect_or_dropout():
     torch.manual_seed(0)
     model = ASGClassifier(build_backbone("efficientnet_lite0", "none"), num_classes=3).train()

@@ -47,6 +47,36 @@ def train(
     return Trainer(cfg, out, resume=resume, quiet=quiet).run()
 
 
+def adapt(
+    config: str | Path | Config | None,
+    overrides: list[str] | None = None,
+    out: str | Path | None = None,
+    resume: bool = False,
+    quiet: bool = False,
+):
+    """Adapt a trained model (``model.init_from``) to unlabelled target images (``adapt.target``) by
+    class-balanced self-training rounds; returns an ``asg.adapt.AdaptResult``. ``resume`` continues a stopped
+    adaptation in ``out`` with its saved config (plus ``overrides``) from the round and step where it stopped."""
+    from asg.adapt import adapt as run_adaptation
+
+    if resume:
+        if out is None:
+            if config is None:
+                raise AsgError("resume needs the adaptation folder (--out) or the recipe that named it (--config)")
+            cfg = config if isinstance(config, Config) else load_config(config, overrides)
+            out = default_run_dir(cfg)
+        saved = Path(out) / "config.yaml"
+        if not saved.is_file():
+            raise AsgError(f"cannot resume: {saved} does not exist (is {out} an `asg adapt` folder?)")
+        cfg = load_config(saved, overrides)
+    else:
+        if config is None:
+            raise AsgError("adaptation needs a recipe (--config)")
+        cfg = config if isinstance(config, Config) else load_config(config, overrides)
+        out = out if out is not None else default_run_dir(cfg)
+    return run_adaptation(cfg, out, resume=resume, quiet=quiet)
+
+
 def evaluate(
     run_dir: str | Path,
     checkpoint: str = "last",

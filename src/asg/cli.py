@@ -41,6 +41,21 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model from a recipe")
     _add_config_args(p)
 
+    p = sub.add_parser("adapt", help="adapt a trained model to unlabelled real images (class-balanced self-training)")
+    _add_config_args(p)
+    p.add_argument(
+        "--from",
+        dest="init_from",
+        default=None,
+        metavar="RUN",
+        help="the trained model: a run folder or .safetensors file (= --set model.init_from=RUN)",
+    )
+    p.add_argument(
+        "--target",
+        default=None,
+        help="target images: a target set of the benchmark, a list file or a folder (= adapt.target)",
+    )
+
     p = sub.add_parser("evaluate", help="evaluate a run's checkpoint on its evaluation sets")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--checkpoint", default="last", help="last | source-val | oracle | PATH.safetensors")
@@ -128,6 +143,26 @@ def _train(args: argparse.Namespace) -> int:
         if "real_average" in sel:
             avg = sel["real_average"]
             print(f"    average over {', '.join(avg['over'])}: {100 * avg['value']:.1f}")
+    print(f"report: {result.out_dir}/report.md")
+    return 0
+
+
+def _adapt(args: argparse.Namespace) -> int:
+    from asg.api import adapt, default_run_dir
+
+    if args.init_from is not None:
+        args.overrides.append(f"model.init_from={args.init_from}")
+    if args.target is not None:
+        args.overrides.append(f"adapt.target={args.target}")
+    _check_config_args(args, "adapt", default_run_dir)
+    result = adapt(args.config, args.overrides, out=args.out, resume=args.resume)
+    metric = result.primary_metric
+    label = "mIoU" if metric == "miou" else "mean-class acc"
+    rows = [("start", result.start)] + [(f"round {r['round']}", r) for r in result.rounds]
+    print(f"\nadaptation folder: {result.out_dir} (target {result.target})")
+    for name, row in rows:
+        values = ", ".join(f"{k} {100 * v[metric]:.1f}" for k, v in row["metrics"].items() if metric in v)
+        print(f"  [{name}] {label} %: {values}")
     print(f"report: {result.out_dir}/report.md")
     return 0
 
@@ -260,7 +295,7 @@ _python_show_warning = warnings.showwarning
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     warnings.showwarning = _show_warning
-    handlers = {"train": _train, "evaluate": _evaluate, "demo": _demo}
+    handlers = {"train": _train, "adapt": _adapt, "evaluate": _evaluate, "demo": _demo}
     try:
         if args.command == "data":
             return _data_check(args) if args.data_command == "check" else _data_prepare(args)

@@ -53,6 +53,11 @@ class DataConfig:
     crop_size: list[int] | None = None  # [h, w] random training crop (label padded with 255); None = no crop
     flip: bool = True  # random horizontal flip of training pairs (segmentation)
     eval_resize: list[int] | None = None  # [h, w] inference input; predictions upsampled to the label's size
+    # embedded benchmarks' real sets: "all" = every image is a test image; "halves" = each real set is split
+    # (seeded, class-balanced, disjoint) into an unlabelled adaptation half (target set "<name>_adapt") and a
+    # test half (evaluation set "<name>_test"), for domain adaptation (asg adapt)
+    real_split: str = "all"
+    real_split_seed: int = 0
 
 
 @dataclass
@@ -66,6 +71,10 @@ class ModelConfig:
     # segmentation: head on the backbone ("fcn8s" | "deeplabv3" | "lraspp") and the backbone's output stride
     segmenter: str = "lraspp"
     output_stride: int | None = None  # None: 32 for classification, the segmenter's default for segmentation
+    # start from a whole trained model (backbone and heads): a run folder or a .safetensors file; training
+    # still starts at step 0 with a fresh optimizer (unlike --resume); the teacher stays the ImageNet network
+    init_from: str | None = None
+    init_checkpoint: str = "last"  # which weights of an init_from run folder: "last" | "source-val" | "oracle"
 
 
 @dataclass
@@ -152,6 +161,27 @@ class L2OConfig:
 
 
 @dataclass
+class AdaptConfig:
+    """Self-training on unlabelled target images (``asg adapt``): class-balanced self-training (CBST, Zou et al.
+    2018), optionally with CRST's model regulariser (Zou et al. 2019). Target labels are never read."""
+
+    # the target images: a target set of the benchmark (digits with data.real_split=halves: mnist5k_adapt,
+    # uci_digits_adapt; digit_scenes: mnist_photos_adapt; visda17: visda17_val) or a list file / image folder
+    target: str | None = None
+    rounds: int = 3
+    steps_per_round: int = 200
+    init_portion: float = 0.2  # fraction p of each class's most confident predictions kept in round 1 (CBST)
+    portion_step: float = 0.05  # p grows by this each round
+    max_portion: float = 0.5  # ... up to this
+    thresholds: str = "class_balanced"  # "class_balanced" (one threshold per class) | "global" (one for all)
+    target_batch_size: int | None = None  # pseudo-labelled target images per step (default data.batch_size)
+    target_weight: float = 1.0  # weight of the target loss against the source loss
+    regularizer: str = "none"  # CRST model regulariser on the target predictions: "none" | "mrkld" | "mrent"
+    reg_weight: float = 0.1
+    ema_decay: float | None = None  # pseudo-label with an exponential moving average of the weights; None = off
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -161,6 +191,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     lr_controller: str = "fixed"  # "fixed" | "random" | "random-init" | "l2o"
     l2o: L2OConfig = field(default_factory=L2OConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
     name: str = ""  # run name (defaults to the recipe file's stem)
 
 
@@ -310,6 +341,10 @@ _CHOICES = {
     "data.split": ("train", "all", "val"),
     "data.class_set": (19, 16, 13),
     "model.segmenter": ("fcn8s", "deeplabv3", "lraspp"),
+    "model.init_checkpoint": ("last", "source-val", "oracle"),
+    "data.real_split": ("all", "halves"),
+    "adapt.thresholds": ("class_balanced", "global"),
+    "adapt.regularizer": ("none", "mrkld", "mrent"),
 }
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")  # the accepted values of train.device
@@ -337,6 +372,9 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
             "l2o.episodes",
             "l2o.episode_steps",
             "l2o.num_steps",
+            "adapt.rounds",
+            "adapt.steps_per_round",
+            "adapt.target_batch_size",
         ),
         _POSITIVE,
     ),
@@ -348,9 +386,14 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
             "optim.warmup_steps",
             "method.kl_weight",
             "method.l2sp_alpha",
+            "adapt.portion_step",
+            "adapt.target_weight",
+            "adapt.reg_weight",
         ),
         _NON_NEGATIVE,
     ),
+    **dict.fromkeys(("adapt.init_portion", "adapt.max_portion"), (lambda v: 0 < v <= 1, "in (0, 1]")),
+    "adapt.ema_decay": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "data.source_val_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "optim.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "optim.floor_at": (lambda v: 0 < v <= 1, "in (0, 1]"),
@@ -386,3 +429,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.device: {cfg.train.device!r} is not a device; use auto, cpu, cuda or cuda:N")
     if cfg.lr_controller == "l2o" and not cfg.l2o.policy:
         raise ConfigError("lr_controller=l2o needs l2o.policy=PATH (a policy from `asg l2o train`)")
+    if cfg.adapt.max_portion < cfg.adapt.init_portion:
+        raise ConfigError(
+            f"adapt.max_portion ({cfg.adapt.max_portion}) is below adapt.init_portion ({cfg.adapt.init_portion})"
+        )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,7 +26,8 @@ class DataBundle:
     ``task`` "classification": the target is an int label. "segmentation": a LongTensor [H, W] of class ids with
     ``ignore_index`` (255) where a pixel is unlabelled; evaluation images may differ in size (native resolution).
 
-    ``eval_sets`` holds the held-out synthetic split (key ``source_val_name``, if any) and the real test sets.
+    ``eval_sets`` holds the held-out synthetic split (key ``source_val_name``, if any) and the real test sets;
+    ``target_sets`` unlabelled real images for ``asg adapt`` (disjoint from the test sets).
     ``has_augmentation`` is True when a training sample differs per access (teacher outputs can't be cached).
     """
 
@@ -38,6 +39,10 @@ class DataBundle:
     task: str = "classification"  # "classification" | "segmentation"
     ignore_index: int = IGNORE_INDEX
     palette: list[tuple[int, int, int]] | None = None  # colour per class for prediction images (segmentation)
+    # unlabelled target images for adaptation (items are images only, see asg.data.targets), and the labelled
+    # view of the same items, read only by the adaptation report (pseudo-label precision) after adaptation
+    target_sets: dict[str, Dataset] = field(default_factory=dict)
+    target_truth: dict[str, Dataset] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:

@@ -21,7 +21,8 @@ from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset
 
 from asg.config import DataConfig
-from asg.data.bundle import DataBundle, split_source_val
+from asg.data.bundle import DataBundle, LabeledSubset, split_source_val
+from asg.data.targets import ImagesOf, split_halves
 from asg.data.transforms import array_to_tensor
 from asg.errors import DataError
 
@@ -55,7 +56,11 @@ class ArrayDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return array_to_tensor(self.images[i], self.image_size), int(self.labels[i])
+        return self.image(i), int(self.labels[i])
+
+    def image(self, i: int) -> torch.Tensor:
+        """Image i alone (no label read), FloatTensor [3, S, S]."""
+        return array_to_tensor(self.images[i], self.image_size)
 
 
 # --------------------------------------------------------------------------- framing
@@ -269,6 +274,16 @@ def build_digits(cfg: DataConfig) -> DataBundle:
     synthetic = ArrayDataset(images, labels, cfg.image_size)
     train, held_out = split_source_val(synthetic, cfg.source_val_fraction, cfg.split_seed)
     eval_sets: dict[str, Dataset] = {} if held_out is None else {"synthetic": held_out}
-    eval_sets["mnist5k"] = ArrayDataset(*mnist5k(), cfg.image_size)
-    eval_sets["uci_digits"] = ArrayDataset(*uci_digits(), cfg.image_size)
-    return DataBundle(train, eval_sets, "synthetic" if held_out is not None else None, list(CLASSES))
+    targets: dict[str, Dataset] = {}
+    truth: dict[str, Dataset] = {}
+    for name, (images, labels) in (("mnist5k", mnist5k()), ("uci_digits", uci_digits())):
+        real = ArrayDataset(images, labels, cfg.image_size)
+        if cfg.real_split == "all":
+            eval_sets[name] = real
+            continue
+        adapt, test = split_halves(labels, cfg.real_split_seed)
+        eval_sets[f"{name}_test"] = LabeledSubset(real, test)
+        truth[f"{name}_adapt"] = LabeledSubset(real, adapt)
+        targets[f"{name}_adapt"] = ImagesOf(ArrayDataset(images[adapt], np.full(len(adapt), -1), cfg.image_size))
+    source_val = "synthetic" if held_out is not None else None
+    return DataBundle(train, eval_sets, source_val, list(CLASSES), target_sets=targets, target_truth=truth)

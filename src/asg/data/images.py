@@ -84,7 +84,8 @@ def list_images(folder: str | Path) -> list[Path]:
 
 
 class FileImageDataset(Dataset):
-    """Base of datasets whose items are image files. Subclasses set ``labels``, ``transform`` and ``image_path``.
+    """Base of datasets whose items are image files. Subclasses set ``labels``, ``transform`` and ``image_path``;
+    ``image(i)`` reads the image alone (unlabelled target sets use it).
 
     Items are ``(FloatTensor [3, S, S] in [0, 1], int)``; ``None`` for an undecodable image when
     ``on_bad_image == "skip"`` (the line ``PATH: reason`` is appended to ``skip_log``, or warned when unset).
@@ -117,6 +118,11 @@ class FileImageDataset(Dataset):
                 f.write(line + "\n")
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
+        image = self.image(i)
+        return None if image is None else (image, int(self.labels[i]))
+
+    def image(self, i: int) -> torch.Tensor | None:
+        """Image i alone (its label is not read); None when it is unreadable and ``on_bad_image == "skip"``."""
         try:
             img = open_image(self.image_path(i), where=self.where(i))
         except ImageReadError as exc:
@@ -124,4 +130,4 @@ class FileImageDataset(Dataset):
                 raise
             self.log_skipped(f"{exc.path}: {exc.reason}")
             return None
-        return self.transform(img), int(self.labels[i])
+        return self.transform(img)

@@ -31,8 +31,9 @@ from torch.utils.data import Dataset
 
 from asg.config import DataConfig
 from asg.data import digits
-from asg.data.bundle import IGNORE_INDEX, DataBundle, stratified_split
+from asg.data.bundle import IGNORE_INDEX, DataBundle, LabeledSubset, stratified_split
 from asg.data.photos import photo_files
+from asg.data.targets import ImagesOf, split_halves
 
 CLASSES = ["background", *digits.CLASSES]
 PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
@@ -62,8 +63,11 @@ class SceneDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = torch.from_numpy(self.images[i]).permute(2, 0, 1).float().div_(255.0)
-        return image, torch.from_numpy(self.masks[i].astype(np.int64))
+        return self.image(i), torch.from_numpy(self.masks[i].astype(np.int64))
+
+    def image(self, i: int) -> torch.Tensor:
+        """Scene i alone (its mask is not read), FloatTensor [3, S, S]."""
+        return torch.from_numpy(self.images[i]).permute(2, 0, 1).float().div_(255.0)
 
 
 def dominant_class(masks: np.ndarray) -> np.ndarray:
@@ -322,8 +326,19 @@ def build_digit_scenes(cfg: DataConfig, num_real: int = NUM_REAL) -> DataBundle:
     if len(held):
         eval_sets[SOURCE_VAL] = SceneDataset(images[held], masks[held], held, with_labels=True)
     real_images, real_masks = real_scenes(num_real, REAL_SEED, cfg.image_size, cfg.root)
-    eval_sets[REAL_SET] = SceneDataset(real_images, real_masks, np.arange(num_real), with_labels=True)
+    real = SceneDataset(real_images, real_masks, np.arange(num_real), with_labels=True)
+    targets: dict[str, Dataset] = {}
+    truth: dict[str, Dataset] = {}
+    if cfg.real_split == "all":
+        eval_sets[REAL_SET] = real
+    else:  # halves balanced over each scene's dominant digit
+        adapt, test = split_halves(real.labels, cfg.real_split_seed)
+        eval_sets[f"{REAL_SET}_test"] = LabeledSubset(real, test)
+        truth[f"{REAL_SET}_adapt"] = LabeledSubset(real, adapt)
+        targets[f"{REAL_SET}_adapt"] = ImagesOf(SceneDataset(real_images[adapt], real_masks[adapt], adapt))
     return DataBundle(
+        target_sets=targets,
+        target_truth=truth,
         train=SceneDataset(images[ids], masks[ids], ids),
         eval_sets=eval_sets,
         source_val_name=SOURCE_VAL if len(held) else None,

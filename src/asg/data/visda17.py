@@ -7,6 +7,7 @@ from pathlib import Path
 from asg.config import DataConfig
 from asg.data.bundle import DataBundle, split_source_val
 from asg.data.listfile import ListFileDataset
+from asg.data.targets import ImagesOf
 from asg.errors import ConfigError, DataError
 
 CLASSES = [
@@ -52,4 +53,6 @@ def build_visda17(cfg: DataConfig) -> DataBundle:
     train_part, held_out = split_source_val(train, cfg.source_val_fraction, cfg.split_seed)
     eval_sets = {} if held_out is None else {"source_val": held_out}
     eval_sets["visda17_val"] = real
-    return DataBundle(train_part, eval_sets, "source_val" if held_out is not None else None, list(CLASSES))
+    # adaptation target: the same validation images, labels ignored (the usual VisDA-17 protocol)
+    return DataBundle(train_part, eval_sets, "source_val" if held_out is not None else None, list(CLASSES),
+                      target_sets={"visda17_val": ImagesOf(real)}, target_truth={"visda17_val": real})  # fmt: skip

@@ -41,14 +41,16 @@ def plot_confusion(confusion, class_names: list[str], path: Path, title: str = "
     plt.close(fig)
 
 
-def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path, title: str, ylabel: str) -> None:
+def plot_curves(
+    curves: dict[str, list[tuple[int, float]]], path: Path, title: str, ylabel: str, xlabel: str = "training step"
+) -> None:
     """One line per label: ``curves[label] = [(step, value), ...]``; values in [0, 1] shown in %."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, points in curves.items():
         if points:
             steps, values = zip(*points)
             ax.plot(steps, [100 * v for v in values], marker="o", ms=3, label=label)
-    ax.set_xlabel("training step")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)

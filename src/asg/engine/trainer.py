@@ -7,7 +7,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sized
+from collections.abc import Iterator, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -40,6 +40,7 @@ from asg.engine.evaluate import (
     sliding_options,
 )
 from asg.engine.guards import LossGuard, non_finite_tensors
+from asg.engine.init_from import load_init_weights
 from asg.engine.optim import build_optimizer
 from asg.engine.report import plot_predictions, plot_run_curves, run_report_markdown
 from asg.engine.resume import check_resume_changes
@@ -48,7 +49,7 @@ from asg.engine.sampler import EpochBatchSampler, IndexedDataset, steps_per_epoc
 from asg.engine.schedule import build_schedule
 from asg.errors import AsgError, TrainingDiverged
 from asg.l2o.base import LRController, StepStats
-from asg.methods import build_method, cross_entropy
+from asg.methods import Batch, Method, TargetBatch, build_method, cross_entropy
 from asg.models import ASGClassifier, ASGSegmenter, Teacher, build_model, make_teacher
 from asg.utils import progress, resolve_device, seed_everything, versions
 
@@ -74,8 +75,10 @@ class TrainResult:
 class Trainer:
     """Train ``cfg`` into ``out_dir`` (None: in memory only, as meta-training episodes do).
 
-    Pass ``data``/``model``/``controller`` to reuse objects built elsewhere; otherwise they come from ``cfg``.
-    ``check_files`` stats every image file before training (``data.on_bad_image`` says what a bad one does).
+    Pass ``data``/``model``/``controller``/``method`` to reuse objects built elsewhere; otherwise they come from
+    ``cfg``. ``target``: a pseudo-labelled target dataset of ``(image, pseudo-label)`` whose batches ride along
+    with the source batches (domain adaptation; see ``asg.adapt``). ``check_files`` stats every image file
+    before training (``data.on_bad_image`` says what a bad one does).
     """
 
     def __init__(
@@ -86,6 +89,8 @@ class Trainer:
         data: DataBundle | None = None,
         model: ASGClassifier | ASGSegmenter | None = None,
         controller: LRController | None = None,
+        method: Method | None = None,
+        target: Dataset | None = None,
         quiet: bool = False,
         resume: bool = False,
         check_files: bool = True,
@@ -104,9 +109,13 @@ class Trainer:
         if model is None:
             model = build_model(cfg.model, self.num_classes, task=self.data.task)
         self.model = model.to(self.device)
-        self.teacher: Teacher = make_teacher(self.model).to(self.device)
-        self.method = build_method(cfg.method)
+        self.teacher: Teacher = make_teacher(self.model).to(self.device)  # ImageNet weights, before init_from
+        self.init_weights: str | None = None
+        if cfg.model.init_from and not resume:  # (a resume restores its own weights)
+            self.init_weights = load_init_weights(self.model, cfg, self.num_classes, self.data.task)
+        self.method: Method = method if method is not None else build_method(cfg.method)
         self.method.setup(self.model)
+        self.target = target
         self.groups = self.model.layer_groups()
         self.optimizer = build_optimizer(self.groups, cfg.optim)
         self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -134,7 +143,7 @@ class Trainer:
         self.best: dict[str, dict[str, Any]] = {}  # rule -> {step, score, set, file, sha256}
         self.committed_step: int | None = None  # step of the checkpoint on disk
         self._pending_eval = False  # restored at an evaluation step whose evaluation did not finish
-        self._last_batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+        self._last_batch: Batch | None = None
         self.writer: SummaryWriter | None = None
         self._eval_sets = self._curve_sets()
 
@@ -199,6 +208,7 @@ class Trainer:
         self.loss_guard.load_state_dict(state["loss_guard"])
         self.elapsed0 = float(state.get("elapsed_s", 0.0))
         torch.set_rng_state(state["torch_rng"])
+        self.method.load_state_dict(state.get("method", {}))
         if state.get("teacher_cache") is not None:
             self.teacher_cache, self.cached = state["teacher_cache"], state["cached"]
         self.best = dict(manifest.get("best", {}))
@@ -220,6 +230,7 @@ class Trainer:
             "loss_guard": self.loss_guard.state_dict(),
             "elapsed_s": elapsed,
             "torch_rng": torch.get_rng_state(),
+            "method": self.method.state_dict(),
             "teacher_cache": self.teacher_cache,
             "cached": self.cached,
         }
@@ -234,11 +245,10 @@ class Trainer:
             self._diverged("non-finite weights", {"tensors": len(bad)}, f" (first: {bad[0]})", step=self.step)
         if self._last_batch is None:
             return
-        x, y, teacher_logits = self._last_batch
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad(), self._autocast():
-            loss = float(self.method.loss(self.model(x), y, teacher_logits).loss)
+            loss = float(self.method.forward_loss(self.model, self._last_batch).loss)
         self.model.train(was_training)
         if self.loss_guard.exploded(loss):
             self._diverged("exploded loss of the weights to be saved", {"loss": loss, "scale": self.loss_guard.scale},
@@ -293,10 +303,13 @@ class Trainer:
             total=len(sampler),
             initial=0,
         )
+        targets = self._target_loader() if self.target is not None else None
         for batch in bar:
             if batch is None:
                 raise AsgError(f"every image in the batch of step {self.step + 1} was unreadable (skipped_images.txt)")
-            logs = self._train_step(*batch)
+            target = next(targets) if targets is not None else None
+            x, y, idx = batch
+            logs = self._train_step(x, y, idx, target)
             self.step += 1
             for k, v in logs.items():
                 window[k] = window.get(k, 0.0) + v
@@ -313,6 +326,28 @@ class Trainer:
                 self._evaluate_and_log(time.time() - t0)
         return self._finish()
 
+    def _target_loader(self) -> Iterator[Any]:
+        """Batches of the pseudo-labelled target set, step-aligned with the source batches (exact resume)."""
+        assert self.target is not None
+        cfg = self.cfg
+        sampler = EpochBatchSampler(
+            _size(self.target),
+            cfg.adapt.target_batch_size or cfg.data.batch_size,
+            cfg.train.seed + 7919,  # another order than the source's
+            self.step,
+            cfg.train.steps,
+            self.min_batch,
+            with_seeds=self.data.has_augmentation or bool(getattr(self.target, "is_random", False)),
+        )
+        loader = DataLoader(
+            IndexedDataset(self.target),
+            batch_sampler=sampler,
+            num_workers=cfg.data.num_workers,
+            collate_fn=collate_skip_none,
+            generator=torch.Generator().manual_seed(cfg.train.seed + 7919),
+        )
+        return iter(loader)
+
     def _teacher_logits(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor | None:
         if not self.method.needs_teacher:
             return None
@@ -327,7 +362,10 @@ class Trainer:
             self.cached[idx] = True
         return self.teacher_cache[idx].to(self.device)
 
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> dict[str, float]:
+    def _train_step(
+        self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, target: list[torch.Tensor] | None = None
+    ) -> dict[str, float]:
+        """One optimizer step on a source batch (x, y, idx) and, in adaptation, a target batch (x', pseudo, idx')."""
         cfg = self.cfg
         mult = self.schedule(self.step)
         for group, scale in zip(self.optimizer.param_groups, self.scales):
@@ -336,10 +374,16 @@ class Trainer:
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         if cfg.model.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        target_part = None
+        if target is not None:
+            tx, pseudo, tidx = target
+            tx = tx.to(self.device, non_blocking=True)
+            if cfg.model.channels_last:
+                tx = tx.contiguous(memory_format=torch.channels_last)
+            target_part = TargetBatch(tx, pseudo.to(self.device, non_blocking=True), tidx)
         with self._autocast():
-            teacher_logits = self._teacher_logits(x, idx)
-            out = self.model(x)
-            lo = self.method.loss(out, y, teacher_logits)
+            batch = Batch(x, y, idx, self._teacher_logits(x, idx), target_part)
+            lo = self.method.forward_loss(self.model, batch)
         loss = lo.loss
         loss_value = float(loss.detach())
         if self.loss_guard.exploded(loss_value):
@@ -348,7 +392,7 @@ class Trainer:
                 what = f"exploding loss ({self.loss_guard.factor:g} x its scale {self.loss_guard.scale:.4g})"
             self._diverged(what, {"loss": loss_value, **{k: float(v) for k, v in lo.logs.items()}})
         self.loss_guard.update(loss_value)
-        self._last_batch = (x, y, teacher_logits)
+        self._last_batch = batch
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm is not None else float("inf")
@@ -356,6 +400,7 @@ class Trainer:
         if not math.isfinite(grad_norm):
             self._diverged("non-finite gradient norm", {"grad_norm": grad_norm})
         self.optimizer.step()
+        self.method.after_step(self.model)
         logs = {k: float(v) for k, v in lo.logs.items()}
         logs.update(loss=loss_value, grad_norm=grad_norm)
         self._control(logs)
@@ -512,6 +557,7 @@ class Trainer:
             "primary_metric": PRIMARY_METRIC[self.data.task],
             "protocol": self.protocol(),
             "source_val_set": self.data.source_val_name,
+            "init_from": self.cfg.model.init_from,
             "on_bad_image": self.cfg.data.on_bad_image,
             "skipped_images": self._skipped_lines(),
         }

@@ -1,13 +1,15 @@
-"""Training methods: each contributes a loss and nothing else (``METHODS`` maps names to classes)."""
+"""Training methods: each turns a batch into a loss (``METHODS`` maps names to classes; ``SelfTraining`` wraps one
+of them for domain adaptation, see ``asg.adapt``)."""
 
 from __future__ import annotations
 
 from asg.config import MethodConfig
 from asg.errors import ConfigError
 from asg.methods.asg import ASG
-from asg.methods.base import LossOutput, Method, cross_entropy, kl_teacher_student
+from asg.methods.base import Batch, LossOutput, Method, TargetBatch, cross_entropy, kl_teacher_student
 from asg.methods.erm import ERM
 from asg.methods.l2sp import L2SP
+from asg.methods.self_training import SelfTraining, model_regularizer
 
 METHODS: dict[str, type] = {"erm": ERM, "asg": ASG, "l2sp": L2SP}
 
@@ -18,4 +20,15 @@ def build_method(cfg: MethodConfig) -> Method:
     return METHODS[cfg.name](cfg)
 
 
-__all__ = ["METHODS", "build_method", "cross_entropy", "LossOutput", "Method", "kl_teacher_student"]
+__all__ = [
+    "METHODS",
+    "Batch",
+    "LossOutput",
+    "Method",
+    "SelfTraining",
+    "TargetBatch",
+    "build_method",
+    "cross_entropy",
+    "kl_teacher_student",
+    "model_regularizer",
+]

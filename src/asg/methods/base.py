@@ -1,9 +1,15 @@
-"""The method contract: a method turns one batch's model outputs into a loss, nothing else."""
+"""The method contract: a method turns one training batch into a loss; the trainer does the rest.
+
+The trainer keeps backward, gradient clipping, the optimizer step and the per-group learning rates (the L2O
+controller depends on them). A method may run more than one forward pass (e.g. over an unlabelled target part
+of the batch), keep state that goes into the checkpoint, and act after each optimizer step (e.g. an EMA update),
+as Dassl's ``forward_backward(batch_x, batch_u)`` and DomainBed's ``update(minibatches, unlabeled)`` allow.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -19,19 +25,56 @@ class LossOutput:
     logs: dict[str, Tensor]
 
 
+@dataclass
+class TargetBatch:
+    """The target-domain part of a batch: images x [B', 3, H, W] with pseudo-labels [B'] (or [B', H, W], 255 =
+    not selected) made by the adaptation round, never real target labels; idx [B'] their target-set indices."""
+
+    x: Tensor
+    pseudo: Tensor
+    idx: Tensor
+
+
+@dataclass
+class Batch:
+    """One step's data on the device: source images x [B, 3, H, W], labels y [B] (or [B, H, W], 255 = ignore),
+    dataset indices idx [B], the frozen teacher's ImageNet logits [B, 1000] when the method asked for them, and
+    an optional target part (adaptation)."""
+
+    x: Tensor
+    y: Tensor
+    idx: Tensor
+    teacher_logits: Tensor | None = None
+    target: TargetBatch | None = None
+
+
 class Method(Protocol):
     """Objective of one training method. ``needs_teacher`` asks the loop for the frozen teacher's logits."""
 
     needs_teacher: bool
 
     def setup(self, model: nn.Module) -> None:
-        """Called once before training (e.g. L2-SP snapshots the pretrained weights)."""
+        """Called once before training, on the starting weights (e.g. L2-SP snapshots them)."""
         ...
 
-    def loss(self, out, labels: Tensor, teacher_logits: Tensor | None) -> LossOutput:
-        """``out`` is an ``asg.models.ModelOutput``; labels [B] (or [B, H, W] for segmentation, 255 = ignore);
-        teacher_logits [B, 1000] or None (one ImageNet prediction per image for both tasks)."""
+    def forward_loss(self, model: nn.Module, batch: Batch) -> LossOutput:
+        """Run the model on ``batch`` (as many forward passes as the method needs) and return the loss."""
         ...
+
+    def loss(self, out: Any, labels: Tensor, teacher_logits: Tensor | None) -> LossOutput:
+        """The loss of one labelled forward pass: ``out`` an ``asg.models.ModelOutput``; labels [B] (or [B, H, W],
+        255 = ignore); teacher_logits [B, 1000] or None (one ImageNet prediction per image for both tasks)."""
+        ...
+
+    def after_step(self, model: nn.Module) -> None:
+        """Called once after every optimizer step (e.g. an EMA of the weights)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and numbers saved with the checkpoint (``{}`` for stateless methods)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
@@ -55,7 +98,10 @@ def kl_teacher_student(teacher_logits: Tensor, student_logits: Tensor) -> Tensor
 
 
 class MethodBase:
-    """Default ``setup`` (nothing to do) for methods that need none."""
+    """Defaults of the contract: one forward pass on the labelled batch, no state, nothing after the step.
+
+    Subclasses of a one-pass method only define ``loss``.
+    """
 
     needs_teacher = False
 
@@ -63,4 +109,19 @@ class MethodBase:
         self.cfg = cfg
 
     def setup(self, model: nn.Module) -> None:
+        pass
+
+    def loss(self, out: Any, labels: Tensor, teacher_logits: Tensor | None) -> LossOutput:
+        raise NotImplementedError
+
+    def forward_loss(self, model: nn.Module, batch: Batch) -> LossOutput:
+        return self.loss(model(batch.x), batch.y, batch.teacher_logits)
+
+    def after_step(self, model: nn.Module) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         pass

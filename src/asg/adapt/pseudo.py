@@ -1,0 +1,180 @@
+"""Pseudo-labelling a target set with the current model (one adaptation round's first stage).
+
+Predictions use the run's evaluation protocol (``eval.tta_flip``; segmentation: ``eval.sliding_window``) in eval
+mode. Classification keeps all class probabilities in memory (N x C) and thresholds exactly; segmentation makes
+two passes over the images (confidence histograms, then labels) and writes one PNG of pseudo-labels per image
+(255 = not selected) at the resolution the image was predicted at. Files are written before the round trains
+and ``pseudo_labels.json`` last, so a round whose pseudo-labels exist can be resumed with exactly them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from asg.adapt.thresholds import ConfidenceHistogram, class_thresholds, select
+from asg.config import Config
+from asg.data.bundle import IGNORE_INDEX
+from asg.engine.checkpoint import atomic_write
+from asg.engine.evaluate import predict_scores, segmentation_probs, sliding_options
+from asg.errors import AsgError
+from asg.utils import progress
+
+STATS_FILE = "pseudo_labels.json"
+LABELS_FILE = "pseudo_labels.npz"
+PNG_FOLDER = "pseudo"
+
+
+@dataclass
+class PseudoLabels:
+    """A round's selection. ``indices`` [M]: target items trained on; classification ``labels`` [M];
+    segmentation: one PNG per item under ``folder``/pseudo. ``stats``: what ``pseudo_labels.json`` holds."""
+
+    folder: Path
+    indices: np.ndarray
+    labels: np.ndarray | None
+    stats: dict[str, Any]
+
+    def label(self, j: int) -> Any:
+        """Pseudo-label of the j-th selected item: an int, or LongTensor [H, W] (255 = not selected)."""
+        if self.labels is not None:
+            return int(self.labels[j])
+        ids = np.array(Image.open(png_path(self.folder, int(self.indices[j]))), dtype=np.int64)
+        return torch.from_numpy(ids)
+
+
+def png_path(folder: Path, index: int) -> Path:
+    return folder / PNG_FOLDER / f"{index:07d}.png"
+
+
+def _batches(dataset: Dataset, batch_size: int) -> Iterator[list[tuple[int, Tensor]]]:
+    """Lists of (index, image) of ``dataset``; unreadable (None) items are left out."""
+    n = len(dataset)  # type: ignore[arg-type]
+    for start in range(0, n, batch_size):
+        items = [(i, dataset[i]) for i in range(start, min(start + batch_size, n))]
+        yield [(i, x) for i, x in items if x is not None]
+
+
+@torch.no_grad()
+def _seg_probs(model: nn.Module, images: list[Tensor], cfg: Config, device: torch.device) -> list[Tensor]:
+    window, stride = sliding_options(cfg)
+    if len({tuple(x.shape) for x in images}) == 1:
+        x = torch.stack(images).to(device)
+        return list(segmentation_probs(model, x, tta_flip=cfg.eval.tta_flip, window=window, stride=stride).cpu())
+    return [_seg_probs(model, [x], cfg, device)[0] for x in images]
+
+
+@torch.no_grad()
+def pseudo_label(
+    model: nn.Module,
+    target: Dataset,
+    cfg: Config,
+    portion: float,
+    num_classes: int,
+    folder: Path,
+    device: torch.device,
+    task: str,
+    show_progress: bool = False,
+) -> PseudoLabels:
+    """Pseudo-label ``target`` (items: image tensors) with ``model`` keeping ``portion`` per class; write the
+    round's files into ``folder`` and return them."""
+    was_training = model.training
+    model.eval()
+    bs = cfg.data.eval_batch_size
+    rule = cfg.adapt.thresholds
+    n = len(target)  # type: ignore[arg-type]
+    if task == "segmentation":
+        hist = ConfidenceHistogram(num_classes)
+        for batch in progress(_batches(target, bs), desc="pseudo-labels 1/2", enabled=show_progress, leave=False):
+            for p in _seg_probs(model, [x for _, x in batch], cfg, device):
+                conf, pred = p.max(dim=0)
+                hist.add(conf, pred)
+        thresholds = hist.thresholds(portion, rule)
+        counts = np.zeros(num_classes, dtype=np.int64)
+        selected_pixels, total_pixels = 0, 0
+        indices: list[int] = []
+        (folder / PNG_FOLDER).mkdir(parents=True, exist_ok=True)
+        for batch in progress(_batches(target, bs), desc="pseudo-labels 2/2", enabled=show_progress, leave=False):
+            probs = _seg_probs(model, [x for _, x in batch], cfg, device)
+            for (i, _), p in zip(batch, probs):
+                ids, _ = select(p, thresholds)
+                on = ids != IGNORE_INDEX
+                counts += np.bincount(ids[on].numpy(), minlength=num_classes)[:num_classes]
+                selected_pixels += int(on.sum())
+                total_pixels += ids.numel()
+                arr = ids.numpy().astype(np.uint8)
+                atomic_write(png_path(folder, i), lambda tmp, a=arr: Image.fromarray(a).save(tmp, format="PNG"))
+                indices.append(i)
+        result = PseudoLabels(folder, np.asarray(indices, dtype=np.int64), None, {})
+        selected, total = selected_pixels, total_pixels
+    else:
+        all_idx: list[int] = []
+        all_probs: list[Tensor] = []
+        for batch in progress(_batches(target, bs), desc="pseudo-labels", enabled=show_progress, leave=False):
+            if not batch:
+                continue
+            x = torch.stack([img for _, img in batch]).to(device)
+            if cfg.model.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            scores = predict_scores(model, x, cfg.eval.tta_flip).float()
+            # flip TTA averages sigmoids (the VisDA protocol): normalised to sum 1 to serve as confidences
+            p = scores / scores.sum(1, keepdim=True) if cfg.eval.tta_flip else torch.softmax(scores, dim=1)
+            all_idx += [i for i, _ in batch]
+            all_probs.append(p.cpu())
+        if not all_probs:
+            raise AsgError("adapt.target: no target image could be read")
+        every = torch.cat(all_probs)
+        conf, pred = every.max(dim=1)
+        thresholds = class_thresholds(conf.numpy(), pred.numpy(), portion, num_classes, rule)
+        chosen, _ = select(every, thresholds)
+        kept = (chosen != IGNORE_INDEX).numpy()
+        sel_indices = np.asarray(all_idx, dtype=np.int64)[kept]
+        sel_labels = chosen.numpy()[kept]
+        counts = np.bincount(sel_labels, minlength=num_classes)[:num_classes]
+        arrays = {"indices": sel_indices, "labels": sel_labels, "conf": conf.numpy()[kept]}
+
+        def write_npz(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+
+        atomic_write(folder / LABELS_FILE, write_npz)
+        result = PseudoLabels(folder, sel_indices, sel_labels, {})
+        selected, total = int(kept.sum()), n
+    model.train(was_training)
+    if selected == 0:
+        raise AsgError(f"adaptation: no target {'pixel' if task == 'segmentation' else 'image'} was selected")
+    result.stats = {
+        "portion": portion,
+        "rule": rule,
+        "thresholds": [None if not np.isfinite(t) else float(t) for t in thresholds],
+        "class_counts": counts.tolist(),
+        "selected": selected,
+        "total": total,
+        "unit": "pixels" if task == "segmentation" else "images",
+        "images": len(result.indices),
+    }
+    text = json.dumps(result.stats, indent=1)
+    atomic_write(folder / STATS_FILE, lambda tmp: Path(tmp).write_text(text))
+    return result
+
+
+def load_pseudo_labels(folder: Path) -> PseudoLabels | None:
+    """The round's pseudo-labels written by :func:`pseudo_label`, or None when they were not completed."""
+    stats_path = folder / STATS_FILE
+    if not stats_path.is_file():
+        return None
+    stats = json.loads(stats_path.read_text())
+    if stats["unit"] == "pixels":
+        names = sorted((folder / PNG_FOLDER).glob("*.png"))
+        return PseudoLabels(folder, np.asarray([int(p.stem) for p in names], dtype=np.int64), None, stats)
+    data = np.load(folder / LABELS_FILE)
+    return PseudoLabels(folder, data["indices"], data["labels"], stats)

@@ -1,0 +1,225 @@
+"""``asg adapt``: rounds of class-balanced self-training from a trained model (CBST/CRST, spec 4.4).
+
+Each round r (1-based) pseudo-labels the unlabelled target images with the model so far, keeping per class the
+most confident portion p_r = min(init_portion + (r - 1) * portion_step, max_portion), then trains
+``steps_per_round`` steps on the labelled synthetic data plus the pseudo-labelled target images
+(:class:`asg.methods.SelfTraining`), starting from the previous round's weights with a fresh optimizer and
+schedule (as CBST retrains per round). Target labels are never read; evaluation uses the benchmark's separate
+labelled test sets. Pseudo-label precision is computed afterwards, for the report only (``asg.adapt.report``).
+
+Folder: ``config.yaml``, ``start.json`` (the starting model's evaluation), ``round_NN/`` (pseudo-labels, then a
+normal run folder: checkpoints, results.jsonl, ...), ``adaptation.json`` (rounds done), ``report.md``,
+``adaptation.png``. A stopped adaptation resumes at the round and step where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from asg.adapt.pseudo import PseudoLabels, load_pseudo_labels, pseudo_label
+from asg.config import Config, config_to_dict
+from asg.data import DataBundle, build_data, check_bundle_files
+from asg.data.pairs import PairTransform
+from asg.data.targets import PseudoLabeled, target_dataset
+from asg.engine.checkpoint import load_weights, save_weights
+from asg.engine.evaluate import PRIMARY_METRIC, evaluate_sets, real_average
+from asg.engine.init_from import ADAPTATION_FILE, load_init_weights
+from asg.engine.rundir import RunDir
+from asg.errors import AsgError, ConfigError
+from asg.methods import SelfTraining, build_method
+from asg.models import build_model
+from asg.utils import resolve_device, seed_everything, versions
+
+START_FILE = "start.json"
+
+
+@dataclass
+class AdaptResult:
+    out_dir: Path
+    start: dict[str, Any]
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    target: str = ""
+    primary_metric: str = ""
+
+
+def portion_of_round(cfg: Config, r: int) -> float:
+    """p of round ``r`` (1-based): CBST's schedule, start + (r - 1) * step, capped."""
+    a = cfg.adapt
+    return min(a.init_portion + (r - 1) * a.portion_step, a.max_portion)
+
+
+def round_folder(r: int) -> str:
+    return f"round_{r:02d}"
+
+
+class Adaptation:
+    """Runs ``cfg``'s adaptation into ``out_dir`` (``resume`` continues a stopped one)."""
+
+    def __init__(self, cfg: Config, out_dir: str | Path, *, resume: bool = False, quiet: bool = False) -> None:
+        if not cfg.adapt.target:
+            raise ConfigError("asg adapt needs adapt.target (a target set of the benchmark, a list file or a folder)")
+        if not cfg.model.init_from:
+            raise ConfigError("asg adapt needs model.init_from=RUN_FOLDER|FILE (the trained model to adapt)")
+        self.cfg, self.out, self.resume, self.quiet = cfg, Path(out_dir), resume, quiet
+        self.rd = RunDir(self.out)
+        seed_everything(cfg.train.seed)
+        self.device = resolve_device(cfg.train.device)
+        data = build_data(cfg.data)
+        self.data: DataBundle
+        self.data, self.skipped = check_bundle_files(data, cfg.data.on_bad_image)
+        self.target, self.target_name, self.target_note = target_dataset(
+            cfg.adapt.target, cfg.data, self.data.task, self.data.target_sets
+        )
+        if len(self.target) == 0:  # type: ignore[arg-type]
+            raise AsgError(f"adapt.target {cfg.adapt.target}: the target set holds no image")
+        if self.target_note:
+            self._say(f"asg: note: {self.target_note}")
+        self.metric = PRIMARY_METRIC[self.data.task]
+
+    def _say(self, text: str) -> None:
+        if not self.quiet:
+            print(text, file=sys.stderr)
+
+    # ------------------------------------------------------------------ folder state
+    def _state(self) -> dict[str, Any]:
+        path = self.out / ADAPTATION_FILE
+        return json.loads(path.read_text()) if path.is_file() else {"rounds": []}
+
+    def _write_state(self, state: dict[str, Any]) -> None:
+        self.rd.write_text(ADAPTATION_FILE, json.dumps(state, indent=1))
+
+    def _where_stopped(self) -> str | None:
+        """'round N at step S' of an adaptation that began in ``out`` (None when nothing began)."""
+        done = len(self._state()["rounds"])
+        if done == 0 and not (self.out / START_FILE).is_file():
+            return None
+        nxt = self.out / round_folder(done + 1)
+        rd = RunDir(nxt)
+        if rd.manifest_path.exists():
+            return f"round {done + 1} at step {rd.read_manifest()['step']}"
+        return f"round {done + 1} (before training)" if done < self.cfg.adapt.rounds else "its end"
+
+    # ------------------------------------------------------------------ the rounds
+    def run(self) -> AdaptResult:
+        with self.rd:
+            stopped = self._where_stopped()
+            if stopped is not None and not self.resume:
+                raise AsgError(
+                    f"{self.out} holds an adaptation that stopped in {stopped}: pass --resume to continue it, "
+                    "or choose another --out"
+                )
+            if (self.out / "done").exists():
+                raise AsgError(f"{self.out} already finished (remove its 'done' file or use another --out)")
+            if stopped is not None:
+                self._say(f"asg: resuming the adaptation in {self.out} in {stopped}")
+            self.rd.write_text("config.yaml", yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
+            self.rd.write_text("versions.json", json.dumps(versions(), indent=1))
+            start = self._start()
+            state = self._state()
+            state.update(target=self.target_name, target_images=len(self.target), start=start)  # type: ignore[arg-type]
+            for r in range(len(state["rounds"]) + 1, self.cfg.adapt.rounds + 1):
+                state["rounds"].append(self._round(r))
+                self._write_state(state)
+            result = AdaptResult(self.out, start, state["rounds"], self.target_name, self.metric)
+            from asg.adapt.report import write_report
+
+            write_report(self, result)
+            self.rd.write_text("done", time.strftime("%Y-%m-%d %H:%M:%S\n"))
+            return result
+
+    def _model(self, weights: str | None = None) -> Any:
+        """A fresh model with ``model.init_from``'s weights (or the file ``weights``)."""
+        model = build_model(self.cfg.model, self.data.num_classes, task=self.data.task)
+        if weights is None:
+            load_init_weights(model, self.cfg, self.data.num_classes, self.data.task)
+        else:
+            load_weights(model, Path(weights))
+        return model.to(self.device)
+
+    def _evaluate(self, model: Any) -> dict[str, Any]:
+        show = self.cfg.train.progress and not self.quiet
+        results = evaluate_sets(model, self.data.eval_sets, self.data.num_classes, self.cfg, self.device,
+                                show_progress=show, task=self.data.task)  # fmt: skip
+        metrics = {k: r.to_dict() for k, r in results.items()}
+        out: dict[str, Any] = {"metrics": metrics}
+        average = real_average(metrics, self.data.real_set_names, self.metric)
+        if average is not None:
+            out["real_average"] = average
+        return out
+
+    def _start(self) -> dict[str, Any]:
+        """Evaluation of the starting model (``start.json``, computed once)."""
+        path = self.out / START_FILE
+        if path.is_file():
+            return json.loads(path.read_text())
+        start = {"init_from": self.cfg.model.init_from, **self._evaluate(self._model())}
+        self.rd.write_text(START_FILE, json.dumps(start, indent=1))
+        return start
+
+    def _round(self, r: int) -> dict[str, Any]:
+        cfg, folder = self.cfg, self.out / round_folder(r)
+        prev = self.out / round_folder(r - 1) if r > 1 else None
+        pseudo = load_pseudo_labels(folder)
+        if pseudo is None:
+            labeller = prev / "ema.safetensors" if prev is not None and cfg.adapt.ema_decay is not None else None
+            weights = str(labeller) if labeller is not None else (str(prev / "last.safetensors") if prev else None)
+            model = self._model(weights)
+            self._say(f"round {r}/{cfg.adapt.rounds}: pseudo-labelling {len(self.target)} target images, "  # type: ignore[arg-type]
+                      f"portion {portion_of_round(cfg, r):.2f}")  # fmt: skip
+            show = cfg.train.progress and not self.quiet
+            pseudo = pseudo_label(model, self.target, cfg, portion_of_round(cfg, r), self.data.num_classes,
+                                  folder, self.device, self.data.task, show_progress=show)  # fmt: skip
+            del model
+        trainer = self._round_trainer(r, folder, prev, pseudo)
+        result = trainer.run()
+        if cfg.adapt.ema_decay is not None:
+            ema = getattr(trainer.method, "ema", None)
+            if ema is not None:
+                save_weights(ema, folder / "ema.safetensors")
+        last = result.selections.get("last", {})
+        row: dict[str, Any] = {
+            "round": r,
+            "folder": folder.name,
+            "portion": pseudo.stats["portion"],
+            "pseudo": {k: pseudo.stats[k] for k in ("selected", "total", "unit", "images", "class_counts")},
+            "thresholds": pseudo.stats["thresholds"],
+            "metrics": last.get("metrics", {}),
+            "step": last.get("step"),
+        }
+        if "real_average" in last:
+            row["real_average"] = last["real_average"]
+        return row
+
+    def _round_trainer(self, r: int, folder: Path, prev: Path | None, pseudo: PseudoLabels) -> Any:
+        from asg.engine.trainer import Trainer
+
+        cfg = copy.deepcopy(self.cfg)
+        cfg.model.init_from = str(prev) if prev is not None else self.cfg.model.init_from
+        cfg.model.init_checkpoint = "last" if prev is not None else self.cfg.model.init_checkpoint
+        cfg.train.steps = self.cfg.adapt.steps_per_round
+        cfg.train.seed = self.cfg.train.seed + r - 1  # another batch order per round
+        cfg.name = f"{self.cfg.name or 'adapt'} round {r}"
+        pair_tf = None
+        if self.data.is_segmentation:
+            d = cfg.data
+            pair_tf = PairTransform(d.train_resize, d.scale_range, d.crop_size, d.flip)
+        target = PseudoLabeled(self.target, pseudo.indices, pseudo.label, pair_tf)
+        method = SelfTraining(build_method(cfg.method), cfg.adapt)
+        resume = RunDir(folder).manifest_path.exists()
+        self._say(f"round {r}/{self.cfg.adapt.rounds}: training {cfg.train.steps} steps on the synthetic data and "
+                  f"{len(target)} pseudo-labelled target images" + (" (resumed)" if resume else ""))  # fmt: skip
+        return Trainer(cfg, folder, data=self.data, method=method, target=target, resume=resume,
+                       quiet=self.quiet, check_files=False)  # fmt: skip
+
+
+def adapt(cfg: Config, out_dir: str | Path, *, resume: bool = False, quiet: bool = False) -> AdaptResult:
+    """Run (or, with ``resume``, continue) ``cfg``'s adaptation into ``out_dir``."""
+    return Adaptation(cfg, out_dir, resume=resume, quiet=quiet).run()
