@@ -61,9 +61,18 @@ def round_folder(r: int) -> str:
 
 
 class Adaptation:
-    """Runs ``cfg``'s adaptation into ``out_dir`` (``resume`` continues a stopped one)."""
+    """Runs ``cfg``'s adaptation into ``out_dir`` (``resume`` continues a stopped one); ``data`` reuses a bundle
+    built elsewhere (otherwise it comes from ``cfg.data``)."""
 
-    def __init__(self, cfg: Config, out_dir: str | Path, *, resume: bool = False, quiet: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        out_dir: str | Path,
+        *,
+        resume: bool = False,
+        quiet: bool = False,
+        data: DataBundle | None = None,
+    ) -> None:
         if not cfg.adapt.target:
             raise ConfigError("asg adapt needs adapt.target (a target set of the benchmark, a list file or a folder)")
         if not cfg.model.init_from:
@@ -72,7 +81,7 @@ class Adaptation:
         self.rd = RunDir(self.out)
         seed_everything(cfg.train.seed)
         self.device = resolve_device(cfg.train.device)
-        data = build_data(cfg.data)
+        data = data if data is not None else build_data(cfg.data)
         self.data: DataBundle
         self.data, self.skipped = check_bundle_files(data, cfg.data.on_bad_image)
         self.target, self.target_name, self.target_note = target_dataset(
@@ -110,14 +119,14 @@ class Adaptation:
     # ------------------------------------------------------------------ the rounds
     def run(self) -> AdaptResult:
         with self.rd:
+            if (self.out / "done").exists():
+                raise AsgError(f"{self.out} already finished (remove its 'done' file or use another --out)")
             stopped = self._where_stopped()
             if stopped is not None and not self.resume:
                 raise AsgError(
                     f"{self.out} holds an adaptation that stopped in {stopped}: pass --resume to continue it, "
                     "or choose another --out"
                 )
-            if (self.out / "done").exists():
-                raise AsgError(f"{self.out} already finished (remove its 'done' file or use another --out)")
             if stopped is not None:
                 self._say(f"asg: resuming the adaptation in {self.out} in {stopped}")
             self.rd.write_text("config.yaml", yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
@@ -220,6 +229,8 @@ class Adaptation:
                        quiet=self.quiet, check_files=False)  # fmt: skip
 
 
-def adapt(cfg: Config, out_dir: str | Path, *, resume: bool = False, quiet: bool = False) -> AdaptResult:
+def adapt(
+    cfg: Config, out_dir: str | Path, *, resume: bool = False, quiet: bool = False, data: DataBundle | None = None
+) -> AdaptResult:
     """Run (or, with ``resume``, continue) ``cfg``'s adaptation into ``out_dir``."""
-    return Adaptation(cfg, out_dir, resume=resume, quiet=quiet).run()
+    return Adaptation(cfg, out_dir, resume=resume, quiet=quiet, data=data).run()
