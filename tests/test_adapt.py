@@ -18,7 +18,6 @@ from asg.data.targets import target_dataset
 from asg.engine.trainer import Trainer
 from asg.errors import AsgError, DataError, WeightsError
 from asg.methods import ERM, SelfTraining
-from asg.methods.base import MethodBase
 
 
 def test_class_balanced_selection_on_hand_made_confidences():

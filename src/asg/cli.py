@@ -79,6 +79,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=None, help="number of seeds per method")
     p.add_argument("--methods", default=None, help="comma-separated subset of the demo's methods")
     p.add_argument("--benchmarks", default=None, help="comma-separated subset of: digits, scenes (default both)")
+    p.add_argument(
+        "--tune",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="tune each method on its grid, choosing on source-val only (default: with --full)",
+    )
+    p.add_argument("--no-adapt", dest="adapt", action="store_false", help="skip the adaptation stage (digits)")
     _add_set(p, "override every demo run's config, e.g. --set train.device=cuda")
 
     p = sub.add_parser("data", help="dataset tools")
@@ -218,7 +225,7 @@ def _demo(args: argparse.Namespace) -> int:
     methods = args.methods.split(",") if args.methods else None
     benchmarks = args.benchmarks.split(",") if args.benchmarks else None
     report = run_demo(out=args.out, quick=args.quick, seeds=args.seeds, methods=methods, overrides=args.overrides,
-                      benchmarks=benchmarks, full=args.full)  # fmt: skip
+                      benchmarks=benchmarks, full=args.full, tune=args.tune, adapt=args.adapt)  # fmt: skip
     print(report["markdown_table"])
     print(f"\nreport: {report['out_dir']}/report.md")
     return 0

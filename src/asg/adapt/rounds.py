@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from asg.adapt.pseudo import PseudoLabels, load_pseudo_labels, pseudo_label
-from asg.config import Config, config_to_dict
+from asg.config import Config, config_to_dict, load_config
 from asg.data import DataBundle, build_data, check_bundle_files
 from asg.data.pairs import PairTransform
 from asg.data.targets import PseudoLabeled, target_dataset
@@ -39,6 +39,9 @@ from asg.models import build_model
 from asg.utils import resolve_device, seed_everything, versions
 
 START_FILE = "start.json"
+# data settings that decide the evaluation sets and their images (a run that shares them evaluated the same)
+_EVAL_DATA_KEYS = ("name", "root", "image_size", "num_train", "source_val_fraction", "split_seed", "real_split",
+                   "real_split_seed", "eval_lists", "eval_roots", "eval_resize", "class_set", "split")  # fmt: skip
 
 
 @dataclass
@@ -169,9 +172,39 @@ class Adaptation:
         path = self.out / START_FILE
         if path.is_file():
             return json.loads(path.read_text())
-        start = {"init_from": self.cfg.model.init_from, **self._evaluate(self._model())}
+        start = self._evaluated_by_init_run() or {
+            "init_from": self.cfg.model.init_from,
+            **self._evaluate(self._model()),
+        }
         self.rd.write_text(START_FILE, json.dumps(start, indent=1))
         return start
+
+    def _evaluated_by_init_run(self) -> dict[str, Any] | None:
+        """The starting model's full-set metrics from its own run's summary, when that run evaluated the same
+        weights on the same sets with the same protocol (sharing work); None otherwise."""
+        run = Path(str(self.cfg.model.init_from))
+        if not (run / "summary.json").is_file() or not (run / "config.yaml").is_file():
+            return None
+        theirs = load_config(run / "config.yaml")
+        same_data = all(getattr(theirs.data, k) == getattr(self.cfg.data, k) for k in _EVAL_DATA_KEYS)
+        same_eval = (theirs.eval.tta_flip, theirs.eval.sliding_window) == (
+            self.cfg.eval.tta_flip,
+            self.cfg.eval.sliding_window,
+        )
+        if not same_data or not same_eval:
+            return None
+        summary = json.loads((run / "summary.json").read_text())
+        rule = {"source-val": "source-val", "oracle": "oracle"}.get(self.cfg.model.init_checkpoint, "last")
+        sel = summary.get("selections", {}).get(rule, {})
+        metrics = sel.get("metrics", {})
+        if sel.get("eval_max_per_set") is not None or not set(self.data.eval_sets) <= set(metrics):
+            return None  # evaluated on capped subsets, or not on every set
+        mine = {k: metrics[k] for k in self.data.eval_sets}
+        out: dict[str, Any] = {"init_from": str(run), "metrics": mine, "from_summary": True}
+        average = real_average(mine, self.data.real_set_names, self.metric)
+        if average is not None:
+            out["real_average"] = average
+        return out
 
     def _round(self, r: int) -> dict[str, Any]:
         cfg, folder = self.cfg, self.out / round_folder(r)
