@@ -222,7 +222,7 @@ def _run_benchmark(
     tuned_runs: dict[str, Path] = {}  # label -> its chosen grid run (= that label's seed-0 run: not trained twice)
     if tune and bench.grid:
         choices, grid_rows = _tune(bench, out_dir, common, data, methods)
-        for label, key, values in bench.grid:
+        for label, key, _values in bench.grid:
             if label in choices:
                 value = float(choices[label][0].split("=", 1)[1])
                 tuned_runs[label] = out_dir / "tune" / f"{label}_{key.rsplit('.', 1)[-1]}={value:g}"
