@@ -270,3 +270,21 @@ def test_unreadable_image_and_fp16_overflow_are_clear_errors(tmp_path):
     with pytest.raises(TeacherCacheError, match="float16 range"):
         build(tmp_path, base, huge, "fp16")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_trainer_disk_cache_gives_the_live_teachers_logits_and_is_shared_across_runs(tiny_bundle, tiny_config, tmp_path):
+    from asg.engine.trainer import Trainer
+
+    over = ["method.teacher_cache=true", "method.teacher_cache_storage=fp32", f"method.teacher_cache_dir={tmp_path}"]
+    trainer = Trainer(tiny_config(*over), None, data=tiny_bundle, quiet=True)
+    assert trainer.disk_cache is not None and trainer.disk_cache.built
+    idx = torch.tensor([5, 0, 17])
+    x = torch.stack([tiny_bundle.train[int(i)][0] for i in idx])
+    cached = trainer._teacher_logits(x, idx)  # the trainer's own path, CPU memory map -> device
+    torch.testing.assert_close(cached, trainer.teacher(x), rtol=1e-5, atol=1e-5)
+    live = Trainer(tiny_config("method.teacher_cache=false"), None, data=tiny_bundle, quiet=True).run()
+    second = Trainer(tiny_config(*over, "train.seed=0"), None, data=tiny_bundle, quiet=True)
+    assert second.disk_cache is not None and not second.disk_cache.built  # shared: not computed again
+    disk = second.run()
+    for a, b in zip(live.history, disk.history):
+        assert a["metrics"]["real"]["acc"] == pytest.approx(b["metrics"]["real"]["acc"], abs=1e-6)

@@ -85,6 +85,12 @@ class MethodConfig:
     kl_weight: float = 0.1  # lambda of ASG proxy guidance
     l2sp_alpha: float = 0.01  # alpha of L2-SP
     teacher_cache: bool = False  # cache teacher logits per training sample (only if no augmentation)
+    # where: "memory" (filled as batches come, kept in the checkpoint) or on disk, computed once for the whole
+    # training set and shared by every run and seed with the same images, transform and teacher:
+    # "fp32" (exact), "fp16", "topk" (top-k log-probs + a uniform remainder; the KL error is measured)
+    teacher_cache_storage: str = "memory"
+    teacher_cache_topk: int = 32
+    teacher_cache_dir: str | None = None  # default $XDG_CACHE_HOME/asg/teacher
     kl_cap: float | None = None  # cap lambda*KL at this value (the GTA5 L2O script uses 9); None = off
 
 
@@ -342,6 +348,7 @@ _CHOICES = {
     "data.class_set": (19, 16, 13),
     "model.segmenter": ("fcn8s", "deeplabv3", "lraspp"),
     "model.init_checkpoint": ("last", "source-val", "oracle"),
+    "method.teacher_cache_storage": ("memory", "fp32", "fp16", "topk"),
     "data.real_split": ("all", "halves"),
     "adapt.thresholds": ("class_balanced", "global"),
     "adapt.regularizer": ("none", "mrkld", "mrent"),
@@ -375,6 +382,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
             "adapt.rounds",
             "adapt.steps_per_round",
             "adapt.target_batch_size",
+            "method.teacher_cache_topk",
         ),
         _POSITIVE,
     ),

@@ -47,6 +47,7 @@ from asg.engine.resume import check_resume_changes
 from asg.engine.rundir import RunDir
 from asg.engine.sampler import EpochBatchSampler, IndexedDataset, steps_per_epoch
 from asg.engine.schedule import build_schedule
+from asg.engine.teacher_cache import TeacherLogitCache, UnfingerprintableDataset, cache_key
 from asg.errors import AsgError, TrainingDiverged
 from asg.l2o.base import LRController, StepStats
 from asg.methods import Batch, Method, TargetBatch, build_method, cross_entropy
@@ -136,6 +137,9 @@ class Trainer:
                       "the teacher must see each augmented image")  # fmt: skip
         self.teacher_cache: torch.Tensor | None = None
         self.cached: torch.Tensor | None = None
+        self.disk_cache: TeacherLogitCache | None = None
+        if self.use_cache and cfg.method.teacher_cache_storage != "memory":
+            self.disk_cache = self._open_disk_cache()
         self.loss_guard = LossGuard(cfg.train.loss_explosion_factor)
         self.step = 0
         self.elapsed0 = 0.0  # seconds trained before a resume
@@ -152,6 +156,28 @@ class Trainer:
         cap = self.cfg.data.eval_max_per_set
         sets = self.data.eval_sets
         return {k: balanced_subset(v, cap, seed=0) if cap and _size(v) > cap else v for k, v in sets.items()}
+
+    def _open_disk_cache(self) -> TeacherLogitCache | None:
+        """The persistent teacher cache of this training set (built now if absent); None when the dataset cannot
+        be fingerprinted (then the in-memory cache is used, with a note)."""
+        m, d = self.cfg.method, self.cfg.data
+        transform = (
+            f"{d.name} image_size={d.image_size} train_resize={d.train_resize} backbone={self.cfg.model.backbone}"
+        )
+        try:
+            key = cache_key(self.data.train, transform, self.teacher, m.teacher_cache_storage, m.teacher_cache_topk)
+        except UnfingerprintableDataset as exc:
+            self._say(f"asg: note: the teacher cache stays in memory: {exc}")
+            return None
+        cache = TeacherLogitCache.build_or_open(
+            m.teacher_cache_dir, key, self.data.train, self.teacher, storage=m.teacher_cache_storage,
+            k=m.teacher_cache_topk, batch_size=d.eval_batch_size, device=self.device,
+            description=f"{self.cfg.name}: {d.name} training set, {_size(self.data.train)} images, {transform}",
+            show_progress=self.cfg.train.progress and not self.quiet,
+        )  # fmt: skip
+        if cache.replaced:
+            self._say(f"asg: note: rebuilt the teacher cache {cache.path} ({cache.replaced})")
+        return cache
 
     def _say(self, text: str) -> None:
         if not self.quiet:
@@ -353,6 +379,8 @@ class Trainer:
             return None
         if not self.use_cache:
             return self.teacher(x)
+        if self.disk_cache is not None:
+            return self.disk_cache.logits(idx).to(self.device, non_blocking=True)
         if self.teacher_cache is None:
             self.teacher_cache = torch.zeros(_size(self.data.train), 1000)
             self.cached = torch.zeros(_size(self.data.train), dtype=torch.bool)
@@ -556,6 +584,7 @@ class Trainer:
             "task": self.data.task,
             "primary_metric": PRIMARY_METRIC[self.data.task],
             "protocol": self.protocol(),
+            "teacher_cache": self._teacher_cache_entry(),
             "source_val_set": self.data.source_val_name,
             "init_from": self.cfg.model.init_from,
             "on_bad_image": self.cfg.data.on_bad_image,
@@ -566,6 +595,15 @@ class Trainer:
         self.run_dir.write_text("report.md", run_report_markdown(summary, self.history))
         self.run_dir.write_text("done", time.strftime("%Y-%m-%d %H:%M:%S\n"))
         return result
+
+    def _teacher_cache_entry(self) -> dict[str, Any] | None:
+        """Where the teacher's logits came from (summary.json): live, in memory, or a disk cache and its error."""
+        if not self.method.needs_teacher:
+            return None
+        if self.disk_cache is not None:
+            meta = self.disk_cache.meta
+            return {"storage": meta["storage"], "path": str(self.disk_cache.path), "error": meta.get("storage_error")}
+        return {"storage": "memory" if self.use_cache else "live"}
 
     def _figures(self, num_samples: int = 4) -> list[str]:
         """Write curves.png and, for segmentation, predictions.png (last weights on the first real set)."""
