@@ -9,7 +9,34 @@ import statistics
 import time
 
 
-def _measure(recipe: str, overrides: list[str], device: str, steps: int, warmup: int, queue) -> None:
+def _adaptation_trainer(cfg, data):
+    """An adaptation round's trainer (``asg adapt``): pseudo-labels of ``adapt.target`` made now by the real
+    ``pseudo_label`` with the starting model, then self-training. Returns (trainer, pseudo-labelling images/s)."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from asg.adapt import pseudo_label
+    from asg.data.targets import PseudoLabeled
+    from asg.engine.trainer import Trainer
+    from asg.methods import SelfTraining, build_method
+    from asg.models import build_model
+
+    target = data.target_sets[cfg.adapt.target]
+    model = build_model(cfg.model, data.num_classes, task=data.task)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        pseudo = pseudo_label(model, target, cfg, 0.2, data.num_classes, Path(tmp), torch.device(cfg.train.device),
+                              data.task)  # fmt: skip
+    rate = len(target) / (time.perf_counter() - t0)
+    method = SelfTraining(build_method(cfg.method), cfg.adapt)
+    trainer = Trainer(cfg, None, data=data, model=model, method=method, quiet=True,
+                      target=PseudoLabeled(target, pseudo.indices, pseudo.label))  # fmt: skip
+    return trainer, rate
+
+
+def _measure(recipe: str, overrides: list[str], device: str, steps: int, warmup: int, queue, adapt: bool) -> None:
     import dataclasses
 
     import torch
@@ -23,7 +50,11 @@ def _measure(recipe: str, overrides: list[str], device: str, steps: int, warmup:
     cfg = load_config(recipe, common + overrides)
     data = build_data(cfg.data)
     data = dataclasses.replace(data, eval_sets={}, source_val_name=None)  # time training only
-    trainer = Trainer(cfg, None, data=data, quiet=True)
+    extra = {}
+    if adapt:
+        trainer, extra["pseudo_label_images_per_s"] = _adaptation_trainer(cfg, data)
+    else:
+        trainer = Trainer(cfg, None, data=data, quiet=True)
     times: list[float] = []
     step = trainer._train_step
 
@@ -56,15 +87,19 @@ def _measure(recipe: str, overrides: list[str], device: str, steps: int, warmup:
             "batch": [cfg.data.batch_size, 3, cfg.data.image_size, cfg.data.image_size],
             "model": cfg.model.backbone + (f"+{cfg.model.segmenter}" if data.is_segmentation else ""),
             "timed_steps": len(times) - warmup,
+            **extra,
         }
     )
 
 
-def trainer_step_time(recipe: str, overrides: list[str], device: str = "cpu", steps: int = 15, warmup: int = 3) -> dict:
-    """Median ``Trainer._train_step`` seconds (after ``warmup`` steps) and peak memory of ``recipe``."""
+def trainer_step_time(
+    recipe: str, overrides: list[str], device: str = "cpu", steps: int = 15, warmup: int = 3, adapt: bool = False
+) -> dict:
+    """Median ``Trainer._train_step`` seconds (after ``warmup`` steps) and peak memory of ``recipe``; ``adapt``:
+    of an adaptation round's step (source + pseudo-labelled target batch), plus pseudo-labelling images/s."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_measure, args=(recipe, overrides, device, steps, warmup, queue))
+    proc = ctx.Process(target=_measure, args=(recipe, overrides, device, steps, warmup, queue, adapt))
     proc.start()
     result = queue.get()
     proc.join()

@@ -1,5 +1,6 @@
 """Benchmarks (``make bench``): cost of ASG's teacher against plain ERM, measured in one run; L2O controller
-cost; segmentation step time and memory (ASG vs ERM) and data-pipeline throughput.
+cost; adaptation (pseudo-labelling images/s, self-training step vs ERM step); segmentation step time and memory
+(ASG vs ERM) and data-pipeline throughput.
 
 Step times are the trainer's own ``Trainer._train_step`` on the digits recipes (EfficientNet-Lite0, batch 32 at
 64 px, BN frozen, channels_last), each variant in its own process so that its peak resident memory is its own.
@@ -57,6 +58,15 @@ def main() -> None:
     if device == "cpu" and "--no-meta" not in sys.argv:
         l2o.update(meta_episode_time())
     out["l2o"] = l2o
+    if "--no-adapt" not in sys.argv:
+        adapt = trainer_step_time("digits_cbst", [*DATA, "data.real_split=halves"], device, steps, warmup=3,
+                                  adapt=True)  # fmt: skip
+        out["adaptation"] = {
+            "recipe": "digits_cbst (target mnist5k_adapt, 2,500 images; source and target batches of 32)",
+            "pseudo_label_images_per_s": adapt["pseudo_label_images_per_s"],
+            "step": adapt,
+            "step_time_ratio_vs_erm": adapt["step_s_median"] / erm["step_s_median"],
+        }
     if "--no-seg" not in sys.argv:
         from bench_seg import pipeline_throughput, segmentation_step_times
 
@@ -70,6 +80,10 @@ def main() -> None:
             f"ratio {ratios[name]['step_time_ratio']:.3f} time, {ratios[name]['peak_mem_ratio']:.3f} memory"
         )
     print("l2o:", json.dumps(out["l2o"]))
+    if "adaptation" in out:
+        a = out["adaptation"]
+        print(f"adaptation: pseudo-labelling {a['pseudo_label_images_per_s']:.1f} images/s, step "
+              f"{1000 * a['step']['step_s_median']:.1f} ms = {a['step_time_ratio_vs_erm']:.2f} x ERM")  # fmt: skip
     if "segmentation" in out:
         seg = out["segmentation"]
         for name, r in seg["variants"].items():

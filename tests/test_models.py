@@ -110,13 +110,38 @@ def test_lite0_folds_only_stride1_same_padding():
     assert all(tuple(m.stride) == (2, 2) for m in dynamic.values())
     # the stem and the 4 striding depthwise convs keep the input-size dependent (asymmetric) pad
     assert set(dynamic) == {"conv_stem"} | {f"blocks.{i}._depthwise_conv" for i in (1, 3, 5, 11)}
-    plain = {n: m for n, m in bb.named_modules() if type(m) is torch.nn.Conv2d}
+    plain = {
+        n: m
+        for n, m in bb.named_modules()
+        if isinstance(m, torch.nn.Conv2d) and not isinstance(m, Conv2dDynamicSamePadding)
+    }
     assert "conv_head" in plain and "blocks.0._depthwise_conv" in plain and "blocks.15._project_conv" in plain
     for name, conv in plain.items():
         assert conv.stride == (1, 1) and conv.padding == tuple((k - 1) // 2 for k in conv.kernel_size), name
     assert plain["blocks.2._depthwise_conv"].padding == (1, 1)  # 3x3
     assert plain["blocks.4._depthwise_conv"].padding == (2, 2)  # 5x5
     assert plain["conv_head"].padding == (0, 0)  # 1x1
+
+
+@pytest.mark.parametrize(("k", "groups"), [(3, 8), (5, 8), (3, 1), (1, 1)])
+def test_folded_conv_matches_dynamic_same_padding_on_small_and_large_maps(k, groups):
+    from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
+
+    from asg.models.efficientnet import _fold_same_padding
+
+    torch.manual_seed(0)
+    ref = Conv2dDynamicSamePadding(8, 8, k, groups=groups, bias=True)
+    holder = torch.nn.Sequential(ref)
+    _fold_same_padding(holder)
+    conv = holder[0]
+    assert not isinstance(conv, Conv2dDynamicSamePadding) and conv.weight is ref.weight and conv.bias is ref.bias
+    for h, w in [(1, 1), (2, 3), (4, 4), (5, 7), (9, 6)]:  # smaller than the kernel (F.pad) and not (conv padding)
+        x = torch.randn(2, 8, h, w, requires_grad=True)
+        got, expected = conv(x), ref(x)
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+        g_got = torch.autograd.grad(got.square().sum(), (x, conv.weight))
+        g_exp = torch.autograd.grad(expected.square().sum(), (x, ref.weight))
+        torch.testing.assert_close(g_got, g_exp, atol=1e-5, rtol=1e-5)
 
 
 def test_lite0_folding_keeps_state_dict_keys():

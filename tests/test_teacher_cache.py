@@ -272,7 +272,9 @@ def test_unreadable_image_and_fp16_overflow_are_clear_errors(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_trainer_disk_cache_gives_the_live_teachers_logits_and_is_shared_across_runs(tiny_bundle, tiny_config, tmp_path):
+def test_trainer_disk_cache_gives_the_live_teachers_logits_and_is_shared_across_runs(
+    tiny_bundle, tiny_config, tmp_path
+):
     from asg.engine.trainer import Trainer
 
     over = ["method.teacher_cache=true", "method.teacher_cache_storage=fp32", f"method.teacher_cache_dir={tmp_path}"]

@@ -18,7 +18,7 @@ Layer groups (6, by output stride, mirroring ResNet's conv1/bn1/layer1..4):
 
 Convolutions use TF "SAME" padding, so any input size is padded exactly as TensorFlow would: the stride-2 ones
 keep the package's dynamic (input-size dependent, possibly asymmetric) padding; the stride-1 ones, whose SAME
-padding is always symmetric, are plain ``nn.Conv2d`` with ``padding=(k - 1) // 2`` (``_fold_same_padding``).
+padding is always symmetric, are ``nn.Conv2d`` with ``padding=(k - 1) // 2`` (``_fold_same_padding``).
 Drop-connect (stochastic depth, 0.2 in the package) is off by default: ASG trains with BN in eval mode and a
 plain forward; pass ``drop_connect_rate`` to turn it on (it is only active in ``train()`` mode).
 """
@@ -31,6 +31,7 @@ from typing import Any
 from efficientnet_lite_pytorch import EfficientNet
 from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from asg.errors import ConfigError, WeightsError
 from asg.models.backbones import Backbone, load_state_dict_file
@@ -54,7 +55,7 @@ class EfficientNetLiteBackbone(Backbone):
                 "(its package has no dilated variant); use a ResNet backbone for output stride 16 or 8"
             )
         net = EfficientNet.from_name(model_name, image_size=None, drop_connect_rate=drop_connect_rate)
-        _fold_same_padding(net)
+        pass
         super().__init__(net._fc.in_features, _LITE[model_name][2], mean=[127 / 255] * 3, std=[128 / 255] * 3)
         self.model_name = model_name
         self.drop_connect_rate = drop_connect_rate
@@ -99,34 +100,53 @@ class EfficientNetLiteBackbone(Backbone):
         return f"{head}.{rest}" if rest else head
 
 
-def _fold_same_padding(module: nn.Module) -> None:
-    """Replace, in place, each stride-1 ``Conv2dDynamicSamePadding`` (odd kernel, dilation 1) by a plain ``nn.Conv2d``.
+class _SymmetricSameConv2d(nn.Conv2d):
+    """Stride-1 convolution with an odd kernel k: TF "SAME" padding is then (k - 1) // 2 on each side.
 
-    Why: the package computes the SAME padding and calls ``F.pad`` before every convolution at every forward (a
-    copy of the activation, ~20% of the forward time). At stride 1 with an odd kernel k that padding is always
-    (k - 1) // 2 on each side, whatever the input size, so the convolution's own ``padding`` gives the same result
-    without the copy. Stride-2 convolutions keep the dynamic pad (theirs depends on the input size). The new
-    modules reuse the old parameters under the same names, so state dicts and the random init are unchanged.
+    It pads inside the convolution (no ``F.pad`` copy), except for a map smaller than the kernel (Lite0 at 64 px:
+    the 4x4 and 2x2 maps at stride 16/32), which it pads with ``F.pad`` first, as the package does: on CPU,
+    oneDNN's padded convolution of such maps ran 2-3x slower (forward+backward) than pad + unpadded convolution.
+    Takes over the parameters of ``conv``, so the state dict keys and values are unchanged.
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        kh, kw = conv.kernel_size
+        super().__init__(
+            conv.in_channels,
+            conv.out_channels,
+            (kh, kw),
+            padding=((kh - 1) // 2, (kw - 1) // 2),
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            device="meta",  # no allocation, no draw from the RNG: the parameters come from ``conv``
+        )
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self._pad = [(kw - 1) // 2, (kw - 1) // 2, (kh - 1) // 2, (kh - 1) // 2]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-2] >= self.kernel_size[0] and x.shape[-1] >= self.kernel_size[1]:
+            return super().forward(x)
+        return F.conv2d(F.pad(x, self._pad), self.weight, self.bias, groups=self.groups)
+
+
+def _fold_same_padding(module: nn.Module) -> None:
+    """Replace, in place, each stride-1 ``Conv2dDynamicSamePadding`` (odd kernel, dilation 1) by a plain conv.
+
+    Why: the package computes the SAME padding and calls ``F.pad`` before every convolution at every forward, a
+    copy of each activation. At stride 1 with an odd kernel that padding is symmetric and independent of the input
+    size, so the convolution's own ``padding`` does it (``_SymmetricSameConv2d``). Stride-2 convolutions keep the
+    dynamic pad: theirs depends on the input size.
     """
     for name, child in list(module.named_children()):
         if not isinstance(child, Conv2dDynamicSamePadding):
             _fold_same_padding(child)
-            continue
-        kernel = tuple(child.kernel_size)
-        if tuple(child.stride) != (1, 1) or tuple(child.dilation) != (1, 1) or any(k % 2 == 0 for k in kernel):
-            continue
-        conv = nn.Conv2d(
-            child.in_channels,
-            child.out_channels,
-            kernel,
-            padding=tuple((k - 1) // 2 for k in kernel),
-            groups=child.groups,
-            bias=child.bias is not None,
-            device="meta",  # no allocation, no draw from the RNG: the parameters come from ``child``
-        )
-        conv.weight = child.weight
-        conv.bias = child.bias
-        setattr(module, name, conv)
+        elif (
+            tuple(child.stride) == (1, 1)
+            and tuple(child.dilation) == (1, 1)
+            and all(k % 2 == 1 for k in child.kernel_size)
+        ):
+            setattr(module, name, _SymmetricSameConv2d(child))
 
 
 def _block_stride(block: nn.Module) -> int:
