@@ -144,6 +144,21 @@ def test_folded_conv_matches_dynamic_same_padding_on_small_and_large_maps(k, gro
         torch.testing.assert_close(g_got, g_exp, atol=1e-5, rtol=1e-5)
 
 
+def test_fold_keeps_even_kernel_strided_and_dilated_convs_dynamic():
+    from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
+
+    from asg.models.efficientnet import _fold_same_padding
+
+    convs = [
+        Conv2dDynamicSamePadding(4, 4, 2),
+        Conv2dDynamicSamePadding(4, 4, 3, stride=2),
+        Conv2dDynamicSamePadding(4, 4, 3, dilation=2),
+    ]
+    holder = torch.nn.Sequential(*convs)
+    _fold_same_padding(holder)
+    assert all(a is b for a, b in zip(holder, convs))
+
+
 def test_lite0_folding_keeps_state_dict_keys():
     ref = _package_lite0()
     bb = build_backbone("efficientnet_lite0", "none")

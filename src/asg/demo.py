@@ -100,7 +100,9 @@ DIGITS = Benchmark(
         ("l2sp", "method.l2sp_alpha", (0.001, 0.01, 0.1)),
     ),
     grid_from=(("asg+l2o", "asg"), ("asg+random", "asg")),
-    chosen=(),
+    # chosen on source-val by `asg demo --benchmarks digits --tune --no-adapt --seeds 1 --methods erm,asg,l2sp`
+    # at the default length (docs/demo/digits_grid/report.md)
+    chosen=(("erm", "optim.lr=0.03"), ("asg", "method.kl_weight=0.01"), ("l2sp", "method.l2sp_alpha=0.01")),
     adapt_target="mnist5k_adapt",
     adapt=(
         "method.name=erm",  # the same self-training (CBST: cross-entropy on both parts) for every starting model

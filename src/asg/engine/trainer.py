@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import sys
 import time
-from collections.abc import Iterator, Sized
+from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 import yaml
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from asg.config import Config, config_to_dict, load_config
 from asg.data import (
@@ -28,6 +29,13 @@ from asg.data import (
     warn_bundle,
 )
 from asg.engine.checkpoint import atomic_write, load_weights
+from asg.engine.distributed import (
+    Dist,
+    ShardedBatchSampler,
+    average_gradients,
+    broadcast_module,
+    rank_seed,
+)
 from asg.engine.evaluate import (
     PRIMARY_METRIC,
     EvalResult,
@@ -52,7 +60,7 @@ from asg.errors import AsgError, TrainingDiverged
 from asg.l2o.base import LRController, StepStats
 from asg.methods import Batch, Method, TargetBatch, build_method, cross_entropy
 from asg.models import ASGClassifier, ASGSegmenter, Teacher, build_model, make_teacher
-from asg.utils import progress, resolve_device, seed_everything, versions
+from asg.utils import progress, seed_everything, versions
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -80,6 +88,10 @@ class Trainer:
     ``cfg``. ``target``: a pseudo-labelled target dataset of ``(image, pseudo-label)`` whose batches ride along
     with the source batches (domain adaptation; see ``asg.adapt``). ``check_files`` stats every image file
     before training (``data.on_bad_image`` says what a bad one does).
+
+    Under ``torchrun`` (``dist``: default from the environment) each of the processes trains on its part of every
+    global batch of ``data.batch_size`` images and averages the gradients (``asg.engine.distributed``); only
+    rank 0 writes the run folder.
     """
 
     def __init__(
@@ -95,12 +107,14 @@ class Trainer:
         quiet: bool = False,
         resume: bool = False,
         check_files: bool = True,
+        dist: Dist | None = None,
     ) -> None:
-        self.cfg, self.quiet, self.resume = cfg, quiet, resume
+        self.dist = dist if dist is not None else Dist.from_env(cfg.train.device)
+        self.cfg, self.quiet, self.resume = cfg, quiet or not self.dist.is_main, resume
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.run_dir = RunDir(self.out_dir) if self.out_dir is not None else None
+        self.run_dir = RunDir(self.out_dir) if self.out_dir is not None else None  # read-only on ranks > 0
         seed_everything(cfg.train.seed)
-        self.device = resolve_device(cfg.train.device)
+        self.device = self.dist.device(cfg.train.device)
         self.data = data if data is not None else build_data(cfg.data)
         self.skipped: list[str] = []
         if check_files:
@@ -122,6 +136,10 @@ class Trainer:
         self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.schedule = build_schedule(cfg.optim, cfg.train.steps)
         self.min_batch = 2 if cfg.optim.bn_mode == "train" else 1  # BatchNorm cannot train on one image
+        if cfg.data.batch_size < self.min_batch * self.dist.world:
+            raise AsgError(f"data.batch_size={cfg.data.batch_size} is the global batch, split over {self.dist.world} "
+                           f"processes: it must be at least {self.min_batch * self.dist.world}"
+                           + (" (2 images per process with optim.bn_mode=train)" if self.min_batch > 1 else ""))  # fmt: skip
         self.steps_per_epoch = steps_per_epoch(_size(self.data.train), cfg.data.batch_size, self.min_batch)
         if controller is None:
             from asg.l2o import build_controller
@@ -138,8 +156,9 @@ class Trainer:
         self.teacher_cache: torch.Tensor | None = None
         self.cached: torch.Tensor | None = None
         self.disk_cache: TeacherLogitCache | None = None
-        if self.use_cache and cfg.method.teacher_cache_storage != "memory":
-            self.disk_cache = self._open_disk_cache()
+        if self.use_cache and cfg.method.teacher_cache_storage != "memory":  # rank 0 builds it, then the others open it
+            first = self.dist.together(self._open_disk_cache if self.dist.is_main else None)
+            self.disk_cache = first if self.dist.is_main else self._open_disk_cache()
         self.loss_guard = LossGuard(cfg.train.loss_explosion_factor)
         self.step = 0
         self.elapsed0 = 0.0  # seconds trained before a resume
@@ -148,6 +167,8 @@ class Trainer:
         self.committed_step: int | None = None  # step of the checkpoint on disk
         self._pending_eval = False  # restored at an evaluation step whose evaluation did not finish
         self._last_batch: Batch | None = None
+        self._last_share = 0.0  # this rank's number of images in the last batch (weight of its loss)
+        self._has_share: Callable[[int], bool] = lambda step: True  # whether a step's global batch has images for this rank
         self.writer: SummaryWriter | None = None
         self._eval_sets = self._curve_sets()
 
@@ -199,7 +220,7 @@ class Trainer:
                 self._say(f"asg: note: {rd.path} held an earlier run that stopped before its first checkpoint; "
                           f"removed its {', '.join(removed)} and starting afresh")  # fmt: skip
         rd.write_text("config.yaml", yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
-        rd.write_text("versions.json", json.dumps(versions(), indent=1))
+        rd.write_text("versions.json", json.dumps({**versions(), "world_size": self.dist.world}, indent=1))
         skip_log = rd.path / "skipped_images.txt"
         if self.skipped:
             rd.write_text(skip_log.name, "".join(line + "\n" for line in self.skipped))
@@ -213,16 +234,13 @@ class Trainer:
         self.writer = SummaryWriter(str(rd.path / "tb"), purge_step=self.step + 1 if self.resume else None)
 
     def _restore(self) -> None:
+        """Load the committed checkpoint; rank 0 also notes changes and makes the folder match it."""
         rd = self.run_dir
         assert rd is not None
         manifest, state, weights = rd.load_checkpoint()
         step = int(manifest["step"])
-        if (rd.path / "config.yaml").is_file():
-            changes = check_resume_changes(load_config(rd.path / "config.yaml"), self.cfg, step)
-            if changes:
-                listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
-                self._say(f"asg: note: resuming with changed settings, applied from step {step} on: {listed}")
-                rd.append_row({"step": step, "changes": {k: list(v) for k, v in changes.items()}}, "resumes.jsonl")
+        if self.dist.is_main:
+            self._note_resume(step, int(state.get("world_size", 1)))
         load_weights(self.model, weights)
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
@@ -239,16 +257,47 @@ class Trainer:
             self.teacher_cache, self.cached = state["teacher_cache"], state["cached"]
         self.best = dict(manifest.get("best", {}))
         evaluated = manifest.get("evaluated_through")
-        self.history = rd.truncate_rows(lambda row: evaluated is not None and row["step"] <= evaluated)
-        rd.sync_files(manifest)
+
+        def seen(row: dict[str, Any]) -> bool:
+            return evaluated is not None and row["step"] <= evaluated
+
+        if self.dist.is_main:
+            self.history = rd.truncate_rows(seen)
+            rd.sync_files(manifest)
+        else:
+            self.history = [row for row in rd.read_rows() if seen(row)]
         self._pending_eval = self._is_eval_step(step) and (evaluated is None or evaluated < step)
         self._say(f"resumed {rd.path} at step {self.step}/{self.cfg.train.steps}")
+
+    def _note_resume(self, step: int, saved_world: int) -> None:
+        """Say (and append to resumes.jsonl) which settings and number of processes changed since the save."""
+        rd = self.run_dir
+        assert rd is not None
+        row: dict[str, Any] = {"step": step}
+        if (rd.path / "config.yaml").is_file():
+            changes = check_resume_changes(load_config(rd.path / "config.yaml"), self.cfg, step)
+            if changes:
+                listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+                self._say(f"asg: note: resuming with changed settings, applied from step {step} on: {listed}")
+                row["changes"] = {k: list(v) for k, v in changes.items()}
+        if saved_world != self.dist.world:
+            self._say(f"asg: note: the checkpoint of step {step} was saved by {saved_world} process(es) and resumes "
+                      f"on {self.dist.world}; data.batch_size={self.cfg.data.batch_size} is the global batch, so "
+                      "batches and augmentations continue as before")  # fmt: skip
+            row["world_size"] = [saved_world, self.dist.world]
+        if len(row) > 1:
+            rd.append_row(row, "resumes.jsonl")
 
     def _save(self, elapsed: float) -> None:
         """Check the weights, then commit a checkpoint of this step (before it is evaluated)."""
         if self.run_dir is None:
             return
-        self._check_before_save()
+        self._check_before_save()  # on every rank: its loss is reduced, so all ranks decide alike
+        self.dist.together((lambda: self._write_checkpoint(elapsed)) if self.dist.is_main else None)
+        self.committed_step = self.step
+
+    def _write_checkpoint(self, elapsed: float) -> None:
+        assert self.run_dir is not None
         state = {
             "scales": torch.tensor(self.scales),
             "optimizer": self.optimizer.state_dict(),
@@ -259,10 +308,10 @@ class Trainer:
             "method": self.method.state_dict(),
             "teacher_cache": self.teacher_cache,
             "cached": self.cached,
+            "world_size": self.dist.world,
         }
         evaluated = self.history[-1]["step"] if self.history else None
         self.run_dir.save_checkpoint(self.step, self.model.state_dict(), state, self.best, evaluated)
-        self.committed_step = self.step
 
     def _check_before_save(self) -> None:
         """Refuse to checkpoint weights that are non-finite or whose loss on the last batch has exploded."""
@@ -274,7 +323,8 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad(), self._autocast():
-            loss = float(self.method.forward_loss(self.model, self._last_batch).loss)
+            lo = self.method.forward_loss(self.model, self._last_batch)
+        loss = self.dist.weighted_mean({"loss": lo.loss}, self._last_share)["loss"]
         self.model.train(was_training)
         if self.loss_guard.exploded(loss):
             self._diverged("exploded loss of the weights to be saved", {"loss": loss, "scale": self.loss_guard.scale},
@@ -292,9 +342,13 @@ class Trainer:
         """Train to ``cfg.train.steps``; with a run folder, hold its lock for the whole run."""
         if self.run_dir is None:
             return self._run()
-        with self.run_dir:
+        main = self.dist.is_main
+        with self.run_dir if main else contextlib.nullcontext():
             try:
-                self._open_run_dir()
+                self.dist.together(self._open_run_dir if main else None)
+                # then the other ranks read the checkpoint rank 0 has verified (and it changes nothing until the
+                # first collective of the training loop, which they join after reading)
+                self.dist.together(self._restore if self.resume and not main else None)
                 return self._run()
             finally:
                 if self.writer is not None:
@@ -303,6 +357,7 @@ class Trainer:
     def _run(self) -> TrainResult:
         cfg = self.cfg
         t0 = time.time() - self.elapsed0
+        broadcast_module(self.dist, self.model)  # identical already (same seed or checkpoint): a cheap guarantee
         if self._pending_eval:
             self._evaluate_and_log(time.time() - t0)
         sampler = EpochBatchSampler(
@@ -316,7 +371,7 @@ class Trainer:
         )
         loader = DataLoader(
             IndexedDataset(self.data.train),
-            batch_sampler=sampler,
+            batch_sampler=self._shard_batches(sampler, source=True),
             num_workers=cfg.data.num_workers,
             collate_fn=collate_skip_none,
             generator=torch.Generator().manual_seed(cfg.train.seed),
@@ -367,12 +422,22 @@ class Trainer:
         )
         loader = DataLoader(
             IndexedDataset(self.target),
-            batch_sampler=sampler,
+            batch_sampler=self._shard_batches(sampler),
             num_workers=cfg.data.num_workers,
             collate_fn=collate_skip_none,
             generator=torch.Generator().manual_seed(cfg.train.seed + 7919),
         )
         return iter(loader)
+
+    def _shard_batches(self, sampler: EpochBatchSampler, source: bool = False) -> Any:
+        """``sampler`` itself (one process), or this rank's part of each global batch; the source sampler also
+        tells ``_train_step`` which steps give this rank images (see ``ShardedBatchSampler``)."""
+        if self.dist.world == 1:
+            return sampler
+        sharded = ShardedBatchSampler(sampler, self.dist.rank, self.dist.world)
+        if source:
+            self._has_share = sharded.has_share
+        return sharded
 
     def _teacher_logits(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor | None:
         if not self.method.needs_teacher:
@@ -399,6 +464,8 @@ class Trainer:
         for group, scale in zip(self.optimizer.param_groups, self.scales):
             group["lr"] = group["base_lr"] * mult * scale
         self.model.train(cfg.optim.bn_mode == "train")  # "frozen": eval mode, ImageNet BN statistics kept
+        if self.dist.rank > 0:  # rank 0 keeps the run's RNG stream (checkpointed); the others draw other dropout
+            torch.manual_seed(rank_seed(cfg.train.seed, self.step, self.dist.rank))
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         if cfg.model.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -412,25 +479,27 @@ class Trainer:
         with self._autocast():
             batch = Batch(x, y, idx, self._teacher_logits(x, idx), target_part)
             lo = self.method.forward_loss(self.model, batch)
-        loss = lo.loss
-        loss_value = float(loss.detach())
+        self._last_batch, self._last_share = batch, float(len(idx)) if self._has_share(self.step) else 0.0
+        self.optimizer.zero_grad(set_to_none=True)
+        lo.loss.backward()
+        # gradients, loss and logs averaged over the ranks in one all_reduce: every rank decides alike below
+        values = average_gradients(self.dist, self.trainable, {"loss": lo.loss.detach(), **lo.logs}, self._last_share)
+        loss_value = values.pop("loss")
         if self.loss_guard.exploded(loss_value):
             what = "non-finite loss"
             if math.isfinite(loss_value):
                 what = f"exploding loss ({self.loss_guard.factor:g} x its scale {self.loss_guard.scale:.4g})"
-            self._diverged(what, {"loss": loss_value, **{k: float(v) for k, v in lo.logs.items()}})
+            self._diverged(what, {"loss": loss_value, **values})
         self.loss_guard.update(loss_value)
-        self._last_batch = batch
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm is not None else float("inf")
         grad_norm = float(nn.utils.clip_grad_norm_(self.trainable, max_norm))
         if not math.isfinite(grad_norm):
             self._diverged("non-finite gradient norm", {"grad_norm": grad_norm})
         self.optimizer.step()
+        if cfg.optim.bn_mode == "train":  # each rank normalised its own images: keep rank 0's running statistics
+            broadcast_module(self.dist, self.model, buffers_only=True)
         self.method.after_step(self.model)
-        logs = {k: float(v) for k, v in lo.logs.items()}
-        logs.update(loss=loss_value, grad_norm=grad_norm)
+        logs = {**values, "loss": loss_value, "grad_norm": grad_norm}
         self._control(logs)
         return logs
 
@@ -448,6 +517,8 @@ class Trainer:
         new = self.controller.after_step(stats)
         if new is not None:
             self.scales = list(new)
+        if self.dist.world > 1:  # rank 0's controller decides (the others' decide alike, but must not drift)
+            self.scales = self.dist.broadcast(torch.tensor(self.scales, dtype=torch.float64)).tolist()
 
     def _diverged(self, what: str, values: dict[str, float], detail: str = "", step: int | None = None) -> None:
         """Raise TrainingDiverged for ``what`` at ``step`` (default: the step being taken)."""
@@ -481,10 +552,19 @@ class Trainer:
             self.model, sets, self.num_classes, self.cfg, self.device, show_progress=show, task=self.data.task
         )
 
+    def _eval_sharded(self, sets: dict[str, Any]) -> dict[str, EvalResult]:
+        """``_eval_all`` with each rank on the items ``rank::world`` of every set; the confusion matrices are
+        summed over the ranks, so the metrics are exactly those of one process."""
+        if self.dist.world == 1:
+            return self._eval_all(sets)
+        parts = self._eval_all({k: Subset(v, self.dist.shard(_size(v))) for k, v in sets.items()})
+        summed = self.dist.all_reduce_sum(torch.stack([torch.from_numpy(r.confusion) for r in parts.values()]))
+        return {k: EvalResult(c.numpy(), task=r.task) for (k, r), c in zip(parts.items(), summed)}
+
     def _evaluate_and_log(self, elapsed: float) -> None:
         if not self._eval_sets:
             return
-        results = self._eval_all(self._eval_sets)
+        results = self._eval_sharded(self._eval_sets)
         row = {
             "step": self.step,
             "elapsed_s": round(elapsed, 1),
@@ -496,9 +576,12 @@ class Trainer:
         if average is not None:
             row["real_average"] = average
         self.history.append(row)
-        if self.run_dir is None:
-            return
-        assert self.writer is not None  # opened with the run folder
+        if self.run_dir is not None:
+            self.dist.together((lambda: self._log_evaluation(row, results)) if self.dist.is_main else None)
+
+    def _log_evaluation(self, row: dict[str, Any], results: dict[str, EvalResult]) -> None:
+        """Rank 0: the row to results.jsonl and TensorBoard, best weights, and the manifest's evaluated step."""
+        assert self.run_dir is not None and self.writer is not None  # the writer opens with the run folder
         self.run_dir.append_row(row)
         for name, r in results.items():
             for metric, value in r.to_dict().items():
@@ -528,6 +611,7 @@ class Trainer:
             "tta_flip": cfg.eval.tta_flip,
             "eval_max_per_set": cfg.data.eval_max_per_set,
             "bn_mode": cfg.optim.bn_mode,
+            "world_size": self.dist.world,
         }
         if self.data.is_segmentation:
             out.update(
@@ -569,9 +653,9 @@ class Trainer:
         result = TrainResult(
             history=self.history, out_dir=self.out_dir, controller_history=list(getattr(self.controller, "history", []))
         )
-        if self.run_dir is None:
+        if self.run_dir is None or not self.dist.is_main:
             return result
-        result.selections = self._selections()
+        result.selections = self._selections()  # rank 0 alone, nothing collective: plain full evaluations
         summary = {
             "name": self.cfg.name,
             "method": self.cfg.method.name,
@@ -589,6 +673,7 @@ class Trainer:
             "init_from": self.cfg.model.init_from,
             "on_bad_image": self.cfg.data.on_bad_image,
             "skipped_images": self._skipped_lines(),
+            "world_size": self.dist.world,
         }
         summary["figures"] = self._figures()
         self.run_dir.write_text("summary.json", json.dumps(summary, indent=1))

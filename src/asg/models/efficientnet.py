@@ -55,7 +55,7 @@ class EfficientNetLiteBackbone(Backbone):
                 "(its package has no dilated variant); use a ResNet backbone for output stride 16 or 8"
             )
         net = EfficientNet.from_name(model_name, image_size=None, drop_connect_rate=drop_connect_rate)
-        pass
+        _fold_same_padding(net)
         super().__init__(net._fc.in_features, _LITE[model_name][2], mean=[127 / 255] * 3, std=[128 / 255] * 3)
         self.model_name = model_name
         self.drop_connect_rate = drop_connect_rate

@@ -1,0 +1,252 @@
+"""One run on several processes (``torchrun``): the process group and the few collectives the trainer needs.
+
+``data.batch_size`` is the global batch: rank ``r`` of ``w`` takes the slots ``r::w`` of each global batch of
+:class:`~asg.engine.sampler.EpochBatchSampler`, and each sample keeps the augmentation seed of its global slot,
+so what the run sees does not depend on the number of processes (a checkpoint resumes on any number).
+
+Why no ``DistributedDataParallel``: a method may run several forward passes per step (self-training runs a source
+and a target pass, ``_check_before_save`` another), which DDP only allows with workarounds, and a wrapped model
+would need an unwrap helper wherever layer groups, the frozen ImageNet head, ``last_layer_weight``, checkpoints
+and the teacher are used. Instead, after ``loss.backward()`` each rank weights its gradients by its share of the
+global batch and one coalesced ``all_reduce`` sums them (:func:`average_gradients`), so every rank applies the same
+update and the parameters stay identical.
+
+World 1 (no ``WORLD_SIZE``, or 1): every helper returns at once without touching its input, so a single-process
+run is bit-identical to one without this module.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as td
+from torch import Tensor, nn
+from torch.utils.data import Sampler
+
+from asg.engine.sampler import EpochBatchSampler
+from asg.errors import AsgError
+from asg.utils import resolve_device
+
+T = TypeVar("T")
+_LAUNCH = "launch with torchrun, e.g. `torchrun --nproc-per-node 4 -m asg train --config RECIPE`"
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the run: ``rank`` of ``world`` processes, ``local_rank`` on its node."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    backend: str = ""
+
+    @classmethod
+    def from_env(cls, device: str = "auto") -> Dist:
+        """Read torchrun's WORLD_SIZE/RANK/LOCAL_RANK and join (or reuse) the process group.
+
+        ``device`` is ``train.device``: a CUDA run uses NCCL when available, anything else Gloo.
+        """
+        env = os.environ
+        try:
+            world = int(env.get("WORLD_SIZE", "1"))
+        except ValueError:
+            raise AsgError(f"WORLD_SIZE={env['WORLD_SIZE']!r} is not a number; {_LAUNCH}") from None
+        if world <= 1:
+            return cls()
+        missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
+        if missing:
+            raise AsgError(f"WORLD_SIZE={world} but {', '.join(missing)} is not set: the torch.distributed "
+                           f"environment is incomplete; {_LAUNCH}")  # fmt: skip
+        if not td.is_available():
+            raise AsgError(f"WORLD_SIZE={world} but this PyTorch build has no torch.distributed; run one process")
+        local = int(env["LOCAL_RANK"])
+        if td.is_initialized():
+            if td.get_world_size() != world:
+                raise AsgError(f"the process group has {td.get_world_size()} processes but WORLD_SIZE={world}")
+            return cls(td.get_rank(), world, local, str(td.get_backend()))
+        cuda = resolve_device(device).type == "cuda"
+        if cuda:
+            if local >= torch.cuda.device_count():
+                raise AsgError(f"LOCAL_RANK={local} but only {torch.cuda.device_count()} GPU(s) are visible: start "
+                               "at most that many processes per node (torchrun --nproc-per-node)")  # fmt: skip
+            torch.cuda.set_device(local)
+        backend = "nccl" if cuda and td.is_nccl_available() else "gloo" if td.is_gloo_available() else None
+        if backend is None:
+            raise AsgError("torch.distributed has neither NCCL (CUDA runs) nor Gloo here: install a PyTorch build "
+                           "with one of them, or run one process")  # fmt: skip
+        try:
+            td.init_process_group(backend)  # env:// rendezvous: torchrun's MASTER_ADDR/PORT, RANK, WORLD_SIZE
+        except (RuntimeError, ValueError) as exc:
+            raise AsgError(f"cannot join the process group ({backend}, {env['MASTER_ADDR']}:{env['MASTER_PORT']}, "
+                           f"rank {env['RANK']} of {world}): {exc}") from None  # fmt: skip
+        atexit.register(_leave)
+        return cls(td.get_rank(), world, local, backend)
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only process that writes the run folder."""
+        return self.rank == 0
+
+    @property
+    def comm_device(self) -> torch.device:
+        """Where collectives run: this rank's GPU with NCCL, the CPU with Gloo."""
+        return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
+
+    def device(self, name: str) -> torch.device:
+        """The torch device of ``train.device`` for this rank: ``cuda:LOCAL_RANK`` for a CUDA run on several."""
+        dev = resolve_device(name)
+        return torch.device("cuda", self.local_rank) if self.world > 1 and dev.type == "cuda" else dev
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            td.barrier()
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        """Sum ``tensor`` over the ranks, in place; returns it."""
+        if self.world == 1:
+            return tensor
+        work = tensor.to(self.comm_device)
+        td.all_reduce(work)
+        if work is not tensor:
+            tensor.copy_(work)
+        return tensor
+
+    def broadcast(self, tensor: Tensor, src: int = 0) -> Tensor:
+        """Rank ``src``'s ``tensor`` on every rank, in place; returns it."""
+        if self.world == 1:
+            return tensor
+        work = tensor.to(self.comm_device)
+        td.broadcast(work, src)
+        if work is not tensor:
+            tensor.copy_(work)
+        return tensor
+
+    def shard(self, n_items: int) -> range:
+        """This rank's items ``rank::world`` of ``range(n_items)``."""
+        return range(self.rank, n_items, self.world)
+
+    def weighted_mean(self, values: dict[str, Tensor], weight: float) -> dict[str, float]:
+        """Means of scalar ``values`` over the ranks, each rank weighted by ``weight`` (its share of the batch)."""
+        if self.world == 1:
+            return {k: float(v) for k, v in values.items()}
+        return _reduce(self, [], values, weight)
+
+    def together(self, fn: Callable[[], T] | None) -> T | None:
+        """Run ``fn`` on this rank (None: nothing), then raise on every rank if it failed on any.
+
+        The failing rank re-raises its error; the others raise an AsgError quoting it, instead of waiting
+        forever in the next collective. World 1: just ``fn()``.
+        """
+        if self.world == 1:
+            return fn() if fn is not None else None
+        result, error = None, None
+        try:
+            result = fn() if fn is not None else None
+        except Exception as exc:
+            error = exc
+        text = None if error is None else str(error) if isinstance(error, AsgError) else repr(error)
+        messages: list[str | None] = [None] * self.world
+        td.all_gather_object(messages, text)
+        if error is not None:
+            raise error
+        for rank, message in enumerate(messages):
+            if message is not None:
+                raise AsgError(f"process {rank} of {self.world} stopped: {message}")
+        return result
+
+
+def _leave() -> None:
+    if td.is_initialized():
+        td.destroy_process_group()
+
+
+def _reduce(d: Dist, params: list[Tensor], values: dict[str, Tensor], weight: float) -> dict[str, float]:
+    """One all_reduce of ``[weight * grads..., has_grad flags..., weight * values..., weight]``; sets each
+    parameter's gradient to the weighted mean (None where no rank had one) and returns the values' means."""
+    dev = d.comm_device
+    grads = [p.grad for p in params]
+    parts = [(g.detach().reshape(-1).to(dev, torch.float32) * weight) if g is not None
+             else torch.zeros(p.numel(), device=dev) for p, g in zip(params, grads)]  # fmt: skip
+    flags = torch.tensor([float(g is not None) for g in grads], device=dev)
+    scalars = [v.detach().to(dev, torch.float32).reshape(1) * weight for v in values.values()]
+    buffer = torch.cat([*parts, flags, *scalars, torch.tensor([float(weight)], device=dev)])
+    td.all_reduce(buffer)
+    total, offset = buffer[-1], 0
+    had_grad = buffer[sum(part.numel() for part in parts) :][: len(params)] > 0
+    for p, part, had in zip(params, parts, had_grad.tolist()):
+        if had:
+            p.grad = (buffer[offset : offset + part.numel()] / total).view_as(p).to(p.device, p.dtype)
+        offset += part.numel()
+    start = offset + len(params)
+    means = (buffer[start : start + len(values)] / total).tolist()
+    return dict(zip(values, means))
+
+
+def average_gradients(d: Dist, params: list[Tensor], values: dict[str, Tensor], weight: float) -> dict[str, float]:
+    """Replace the gradients of ``params`` by their mean over the ranks, weighted by ``weight`` (this rank's
+    number of images in the step; 0 for a rank without any), and return the same weighted means of the scalar
+    ``values`` (loss and logs), all in one coalesced all_reduce. World 1: gradients untouched, floats returned."""
+    if d.world == 1:
+        return {k: float(v) for k, v in values.items()}
+    return _reduce(d, params, values, weight)
+
+
+def broadcast_module(d: Dist, module: nn.Module, buffers_only: bool = False) -> None:
+    """Rank 0's floating-point parameters (unless ``buffers_only``) and buffers on every rank, one broadcast."""
+    if d.world == 1:
+        return
+    tensors = [] if buffers_only else [p.data for p in module.parameters()]
+    tensors += [b for b in module.buffers() if b.is_floating_point()]
+    if not tensors:
+        return
+    flat = d.broadcast(torch.cat([t.reshape(-1).to(d.comm_device, torch.float32) for t in tensors]))
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def global_mean(value: Tensor, weight: float) -> Tensor:
+    """``value`` (a scalar) averaged over the ranks of the initialised process group, weighted by ``weight``;
+    ``value`` itself without a group of several processes (methods call this: they hold no :class:`Dist`)."""
+    if not (td.is_available() and td.is_initialized()) or td.get_world_size() == 1:
+        return value
+    backend = str(td.get_backend())
+    dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    pair = torch.stack([value.detach().float().reshape(()).to(dev) * weight, torch.tensor(float(weight), device=dev)])
+    td.all_reduce(pair)
+    return (pair[0] / pair[1]).to(value.device)
+
+
+def rank_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of the global RNG of rank ``rank`` > 0 at ``step`` (dropout masks differ across ranks, and resume)."""
+    return ((seed * 1_000_003 + step) * 65_537 + rank) % (2**63)
+
+
+class ShardedBatchSampler(Sampler[list[Any]]):
+    """This rank's part ``batch[rank::world]`` of each global batch of ``sampler``.
+
+    A rank whose part of a (last, partial) batch is empty gets the batch's first item instead, so that it can run
+    the step like the others; :meth:`has_share` tells the trainer to give it weight 0.
+    """
+
+    def __init__(self, sampler: EpochBatchSampler, rank: int, world: int) -> None:
+        self.sampler, self.rank, self.world = sampler, rank, world
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        for batch in self.sampler:
+            yield batch[self.rank :: self.world] or batch[:1]
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def has_share(self, step: int) -> bool:
+        """Whether the global batch of ``step`` has an item for this rank."""
+        s = self.sampler
+        j = step % s.steps_per_epoch
+        return self.rank < min(s.bs, s.n - j * s.bs)
