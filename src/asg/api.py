@@ -14,6 +14,32 @@ def default_run_dir(cfg: Config) -> Path:
     return Path("runs") / (cfg.name or "run")
 
 
+def run_config(
+    config: str | Path | Config | None,
+    overrides: list[str] | None,
+    out: str | Path | None,
+    resume: bool,
+    folder_kind: str = "a run folder",
+    what: str = "training",
+) -> tuple[Config, Path]:
+    """(config, output folder) of a new run (the recipe + overrides) or, with ``resume``, of the folder's saved
+    config + overrides; ``config`` then only names the default folder (it may be None when ``out`` is given)."""
+    if resume:
+        if out is None:
+            if config is None:
+                raise AsgError("resume needs the run folder (--out) or the recipe that named it (--config)")
+            cfg = config if isinstance(config, Config) else load_config(config, overrides)
+            out = default_run_dir(cfg)
+        saved = Path(out) / "config.yaml"
+        if not saved.is_file():
+            raise AsgError(f"cannot resume: {saved} does not exist (is {out} {folder_kind}?)")
+        return load_config(saved, overrides), Path(out)
+    if config is None:
+        raise AsgError(f"{what} needs a recipe (--config)")
+    cfg = config if isinstance(config, Config) else load_config(config, overrides)
+    return cfg, Path(out) if out is not None else default_run_dir(cfg)
+
+
 def train(
     config: str | Path | Config | None,
     overrides: list[str] | None = None,
@@ -29,21 +55,7 @@ def train(
     """
     from asg.engine.trainer import Trainer
 
-    if resume:
-        if out is None:
-            if config is None:
-                raise AsgError("resume needs the run folder (--out) or the recipe that named it (--config)")
-            cfg = config if isinstance(config, Config) else load_config(config, overrides)
-            out = default_run_dir(cfg)
-        saved = Path(out) / "config.yaml"
-        if not saved.is_file():
-            raise AsgError(f"cannot resume: {saved} does not exist (is {out} a run folder?)")
-        cfg = load_config(saved, overrides)
-    else:
-        if config is None:
-            raise AsgError("training needs a recipe (--config)")
-        cfg = config if isinstance(config, Config) else load_config(config, overrides)
-        out = out if out is not None else default_run_dir(cfg)
+    cfg, out = run_config(config, overrides, out, resume, "a run folder", "training")
     return Trainer(cfg, out, resume=resume, quiet=quiet).run()
 
 
@@ -59,21 +71,7 @@ def adapt(
     adaptation in ``out`` with its saved config (plus ``overrides``) from the round and step where it stopped."""
     from asg.adapt import adapt as run_adaptation
 
-    if resume:
-        if out is None:
-            if config is None:
-                raise AsgError("resume needs the adaptation folder (--out) or the recipe that named it (--config)")
-            cfg = config if isinstance(config, Config) else load_config(config, overrides)
-            out = default_run_dir(cfg)
-        saved = Path(out) / "config.yaml"
-        if not saved.is_file():
-            raise AsgError(f"cannot resume: {saved} does not exist (is {out} an `asg adapt` folder?)")
-        cfg = load_config(saved, overrides)
-    else:
-        if config is None:
-            raise AsgError("adaptation needs a recipe (--config)")
-        cfg = config if isinstance(config, Config) else load_config(config, overrides)
-        out = out if out is not None else default_run_dir(cfg)
+    cfg, out = run_config(config, overrides, out, resume, "an `asg adapt` folder", "adaptation")
     return run_adaptation(cfg, out, resume=resume, quiet=quiet)
 
 

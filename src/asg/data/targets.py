@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from asg.config import DataConfig
-from asg.data.images import FileImageDataset, ImageReadError, check_bad_image_mode, list_images, open_image
+from asg.data.images import FileImageDataset, check_bad_image_mode, list_images
 from asg.data.transforms import ResizeCrop
 from asg.errors import DataError
 
@@ -80,14 +80,7 @@ class ImageFiles(FileImageDataset):
         return self._where[i]
 
     def __getitem__(self, i: int) -> torch.Tensor | None:  # type: ignore[override]
-        try:
-            img = open_image(self.paths[i], where=self.where(i))
-        except ImageReadError as exc:
-            if self.on_bad_image != "skip":
-                raise
-            self.log_skipped(f"{exc.path}: {exc.reason}")
-            return None
-        return self.transform(img)
+        return self.image(i)
 
 
 def read_target_files(spec: str | Path, root: str | None = None) -> tuple[list[Path], list[str], bool]:
