@@ -52,19 +52,17 @@ class Dist:
         ``device`` is ``train.device``: a CUDA run uses NCCL when available, anything else Gloo.
         """
         env = os.environ
-        try:
-            world = int(env.get("WORLD_SIZE", "1"))
-        except ValueError:
-            raise AsgError(f"WORLD_SIZE={env['WORLD_SIZE']!r} is not a number; {_LAUNCH}") from None
+        world = _env_int("WORLD_SIZE", "1")
         if world <= 1:
             return cls()
         missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
         if missing:
-            raise AsgError(f"WORLD_SIZE={world} but {', '.join(missing)} is not set: the torch.distributed "
+            verb = "is" if len(missing) == 1 else "are"
+            raise AsgError(f"WORLD_SIZE={world} but {', '.join(missing)} {verb} not set: the torch.distributed "
                            f"environment is incomplete; {_LAUNCH}")  # fmt: skip
         if not td.is_available():
             raise AsgError(f"WORLD_SIZE={world} but this PyTorch build has no torch.distributed; run one process")
-        local = int(env["LOCAL_RANK"])
+        local = _env_int("LOCAL_RANK")
         if td.is_initialized():
             if td.get_world_size() != world:
                 raise AsgError(f"the process group has {td.get_world_size()} processes but WORLD_SIZE={world}")
@@ -160,6 +158,14 @@ class Dist:
         return result
 
 
+def _env_int(name: str, default: str = "") -> int:
+    text = os.environ.get(name, default)
+    try:
+        return int(text)
+    except ValueError:
+        raise AsgError(f"{name}={text!r} is not a number; {_LAUNCH}") from None
+
+
 def _leave() -> None:
     if td.is_initialized():
         td.destroy_process_group()
@@ -168,13 +174,13 @@ def _leave() -> None:
 def _reduce(d: Dist, params: list[Tensor], values: dict[str, Tensor], weight: float) -> dict[str, float]:
     """One all_reduce of ``[weight * grads..., has_grad flags..., weight * values..., weight]``; sets each
     parameter's gradient to the weighted mean (None where no rank had one) and returns the values' means."""
-    dev = d.comm_device
+    dev, dtype = d.comm_device, _common_dtype(params)
     grads = [p.grad for p in params]
-    parts = [(g.detach().reshape(-1).to(dev, torch.float32) * weight) if g is not None
-             else torch.zeros(p.numel(), device=dev) for p, g in zip(params, grads)]  # fmt: skip
-    flags = torch.tensor([float(g is not None) for g in grads], device=dev)
-    scalars = [v.detach().to(dev, torch.float32).reshape(1) * weight for v in values.values()]
-    buffer = torch.cat([*parts, flags, *scalars, torch.tensor([float(weight)], device=dev)])
+    parts = [(g.detach().reshape(-1).to(dev, dtype) * weight) if g is not None
+             else torch.zeros(p.numel(), device=dev, dtype=dtype) for p, g in zip(params, grads)]  # fmt: skip
+    flags = torch.tensor([float(g is not None) for g in grads], device=dev, dtype=dtype)
+    scalars = [v.detach().to(dev, dtype).reshape(1) * weight for v in values.values()]
+    buffer = torch.cat([*parts, flags, *scalars, torch.tensor([float(weight)], device=dev, dtype=dtype)])
     td.all_reduce(buffer)
     total, offset = buffer[-1], 0
     had_grad = buffer[sum(part.numel() for part in parts) :][: len(params)] > 0
@@ -185,6 +191,14 @@ def _reduce(d: Dist, params: list[Tensor], values: dict[str, Tensor], weight: fl
     start = offset + len(params)
     means = (buffer[start : start + len(values)] / total).tolist()
     return dict(zip(values, means))
+
+
+def _common_dtype(tensors: list[Tensor]) -> torch.dtype:
+    """float32, or a wider floating type that one of ``tensors`` has (no precision lost in a flat buffer)."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
 def average_gradients(d: Dist, params: list[Tensor], values: dict[str, Tensor], weight: float) -> dict[str, float]:
@@ -204,7 +218,8 @@ def broadcast_module(d: Dist, module: nn.Module, buffers_only: bool = False) -> 
     tensors += [b for b in module.buffers() if b.is_floating_point()]
     if not tensors:
         return
-    flat = d.broadcast(torch.cat([t.reshape(-1).to(d.comm_device, torch.float32) for t in tensors]))
+    dtype = _common_dtype(tensors)
+    flat = d.broadcast(torch.cat([t.reshape(-1).to(d.comm_device, dtype) for t in tensors]))
     offset = 0
     for t in tensors:
         t.copy_(flat[offset : offset + t.numel()].view_as(t))
@@ -218,7 +233,9 @@ def global_mean(value: Tensor, weight: float) -> Tensor:
         return value
     backend = str(td.get_backend())
     dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    pair = torch.stack([value.detach().float().reshape(()).to(dev) * weight, torch.tensor(float(weight), device=dev)])
+    dtype = _common_dtype([value])
+    pair = torch.tensor([0.0, float(weight)], device=dev, dtype=dtype)
+    pair[0] = value.detach().reshape(()).to(dev, dtype) * weight
     td.all_reduce(pair)
     return (pair[0] / pair[1]).to(value.device)
 

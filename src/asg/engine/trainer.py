@@ -137,9 +137,9 @@ class Trainer:
         self.schedule = build_schedule(cfg.optim, cfg.train.steps)
         self.min_batch = 2 if cfg.optim.bn_mode == "train" else 1  # BatchNorm cannot train on one image
         if cfg.data.batch_size < self.min_batch * self.dist.world:
+            per = " (2 images per process with optim.bn_mode=train)" if self.min_batch > 1 else ""
             raise AsgError(f"data.batch_size={cfg.data.batch_size} is the global batch, split over {self.dist.world} "
-                           f"processes: it must be at least {self.min_batch * self.dist.world}"
-                           + (" (2 images per process with optim.bn_mode=train)" if self.min_batch > 1 else ""))  # fmt: skip
+                           f"processes: it must be at least {self.min_batch * self.dist.world}{per}")  # fmt: skip
         self.steps_per_epoch = steps_per_epoch(_size(self.data.train), cfg.data.batch_size, self.min_batch)
         if controller is None:
             from asg.l2o import build_controller
@@ -168,7 +168,7 @@ class Trainer:
         self._pending_eval = False  # restored at an evaluation step whose evaluation did not finish
         self._last_batch: Batch | None = None
         self._last_share = 0.0  # this rank's number of images in the last batch (weight of its loss)
-        self._has_share: Callable[[int], bool] = lambda step: True  # whether a step's global batch has images for this rank
+        self._has_share: Callable[[int], bool] = lambda step: True  # does a step's global batch give this rank images
         self.writer: SummaryWriter | None = None
         self._eval_sets = self._curve_sets()
 

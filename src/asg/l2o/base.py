@@ -2,8 +2,8 @@
 
 The loop sets ``lr_g(t) = base_lr_g * schedule(t) * scale_g`` for every layer group ``g``; a controller
 only chooses the per-group ``scale_g``. It sees per-step statistics that the loop already computes and
-nothing else: it never touches the model, the data or the method. Under DDP only rank 0 calls the
-controller and broadcasts the scales it returns.
+nothing else: it never touches the model, the data or the method. On several processes (torchrun) every
+rank calls the controller with the same batch-averaged statistics, and rank 0's scales are broadcast.
 """
 
 from __future__ import annotations

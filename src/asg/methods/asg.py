@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from asg.engine.distributed import global_mean
 from asg.errors import ConfigError
 from asg.methods.base import LossOutput, MethodBase, cross_entropy, kl_teacher_student
 
@@ -21,7 +22,9 @@ class ASG(MethodBase):
         task = cross_entropy(out.logits, labels)
         kl = kl_teacher_student(teacher_logits, out.imagenet_logits)
         weight = self.cfg.kl_weight
-        if self.cfg.kl_cap is not None and float(weight * kl) > self.cfg.kl_cap:
-            weight = self.cfg.kl_cap / float(kl)  # lambda_eff * KL <= cap, as the official GTA5 L2O script
+        if self.cfg.kl_cap is not None:
+            mean_kl = global_mean(kl.detach(), labels.shape[0])  # several processes: decide on the global batch
+            if float(weight * mean_kl) > self.cfg.kl_cap:
+                weight = self.cfg.kl_cap / float(mean_kl)  # lambda_eff * KL <= cap, as the official GTA5 L2O script
         total = task + weight * kl
         return LossOutput(total, {"task_loss": task.detach(), "kl": kl.detach()})
