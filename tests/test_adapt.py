@@ -236,6 +236,11 @@ def test_cli_adapt_end_to_end_on_digit_halves(tmp_path, capsys):
     assert state["target"] == "uci_digits_adapt" and set(state["start"]["metrics"]) == {
         "synthetic", "mnist5k_test", "uci_digits_test"
     }  # fmt: skip
+    source_last = json.loads((src / "summary.json").read_text())["selections"]["last"]["metrics"]
+    assert (
+        state["start"]["from_summary"]
+        and state["start"]["metrics"]["uci_digits_test"] == source_last["uci_digits_test"]
+    )  # the starting model's full-set evaluation is taken from its run, not computed again
     precision = state["rounds"][0]["precision"]["precision"]  # labelled view of the halves: report only
     assert 0.0 <= precision <= 1.0
     assert yaml.safe_load((out / "config.yaml").read_text())["adapt"]["target"] == "uci_digits_adapt"

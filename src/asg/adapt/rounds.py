@@ -197,8 +197,9 @@ class Adaptation:
         rule = {"source-val": "source-val", "oracle": "oracle"}.get(self.cfg.model.init_checkpoint, "last")
         sel = summary.get("selections", {}).get(rule, {})
         metrics = sel.get("metrics", {})
-        if sel.get("eval_max_per_set") is not None or not set(self.data.eval_sets) <= set(metrics):
-            return None  # evaluated on capped subsets, or not on every set
+        full = rule == "last" or theirs.eval.full_eval_selected or theirs.data.eval_max_per_set is None
+        if not full or not set(self.data.eval_sets) <= set(metrics):
+            return None  # evaluated on capped subsets ("last" is always re-evaluated on the full sets), or not all
         mine = {k: metrics[k] for k in self.data.eval_sets}
         out: dict[str, Any] = {"init_from": str(run), "metrics": mine, "from_summary": True}
         average = real_average(mine, self.data.real_set_names, self.metric)
