@@ -202,6 +202,14 @@ def test_adaptation_never_reads_target_labels_and_resumes_mid_round_exactly(
     b = load_file(str(tmp_path / "b" / "round_02" / "last.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["metrics"] for r in resumed.rounds] == [r["metrics"] for r in whole.rounds]
+    # stopped after round 2 finished but before adaptation.json recorded it: the round is read, not retrained
+    state = json.loads((tmp_path / "b" / "adaptation.json").read_text())
+    (tmp_path / "b" / "adaptation.json").write_text(json.dumps({**state, "rounds": state["rounds"][:1]}))
+    (tmp_path / "b" / "done").unlink()
+    mtime = (tmp_path / "b" / "round_02" / "last.safetensors").stat().st_mtime_ns
+    again = Adaptation(cfg, tmp_path / "b", data=bundle, quiet=True, resume=True).run()
+    assert [r["metrics"] for r in again.rounds] == [r["metrics"] for r in whole.rounds]
+    assert (tmp_path / "b" / "round_02" / "last.safetensors").stat().st_mtime_ns == mtime
 
 
 def test_target_folder_and_list_errors(tmp_path):

@@ -212,7 +212,8 @@ class Adaptation:
         prev = self.out / round_folder(r - 1) if r > 1 else None
         pseudo = load_pseudo_labels(folder)
         if pseudo is None:
-            labeller = prev / "ema.safetensors" if prev is not None and cfg.adapt.ema_decay is not None else None
+            ema_file = prev / "ema.safetensors" if prev is not None else None
+            labeller = ema_file if ema_file is not None and ema_file.is_file() and cfg.adapt.ema_decay else None
             weights = str(labeller) if labeller is not None else (str(prev / "last.safetensors") if prev else None)
             model = self._model(weights)
             self._say(f"round {r}/{cfg.adapt.rounds}: pseudo-labelling {len(self.target)} target images, "  # type: ignore[arg-type]
@@ -221,13 +222,15 @@ class Adaptation:
             pseudo = pseudo_label(model, self.target, cfg, portion_of_round(cfg, r), self.data.num_classes,
                                   folder, self.device, self.data.task, show_progress=show)  # fmt: skip
             del model
-        trainer = self._round_trainer(r, folder, prev, pseudo)
-        result = trainer.run()
-        if cfg.adapt.ema_decay is not None:
+        if (folder / "done").exists():  # stopped after the round finished, before adaptation.json was updated
+            selections = json.loads((folder / "summary.json").read_text())["selections"]
+        else:
+            trainer = self._round_trainer(r, folder, prev, pseudo)
+            selections = trainer.run().selections
             ema = getattr(trainer.method, "ema", None)
-            if ema is not None:
+            if cfg.adapt.ema_decay is not None and ema is not None:
                 save_weights(ema, folder / "ema.safetensors")
-        last = result.selections.get("last", {})
+        last = selections.get("last", {})
         row: dict[str, Any] = {
             "round": r,
             "folder": folder.name,
