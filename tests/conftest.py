@@ -42,24 +42,27 @@ def tiny_bundle():
     )
 
 
+# the tiny run of the trainer tests (also used by the spawned processes of test_distributed)
+TINY_OVERRIDES = [
+    "data.batch_size=8",
+    "data.image_size=32",
+    "train.steps=4",
+    "train.eval_every=2",
+    "train.checkpoint_every=2",
+    "train.log_every=1",
+    "train.progress=false",
+    "optim.lr=0.05",
+    "optim.warmup_steps=0",
+    "eval.retention=false",
+    "name=tiny",
+    "method.name=asg",
+    "method.kl_weight=1",
+]
+
+
 @pytest.fixture
 def tiny_config():
     def make(*overrides: str):
-        base = [
-            "data.batch_size=8",
-            "data.image_size=32",
-            "train.steps=4",
-            "train.eval_every=2",
-            "train.checkpoint_every=2",
-            "train.log_every=1",
-            "train.progress=false",
-            "optim.lr=0.05",
-            "optim.warmup_steps=0",
-            "eval.retention=false",
-            "name=tiny",
-            "method.name=asg",
-            "method.kl_weight=1",
-        ]
-        return load_config(None, base + list(overrides))
+        return load_config(None, TINY_OVERRIDES + list(overrides))
 
     return make

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as td
 import torch.multiprocessing as mp
-from conftest import RandomImages
+from conftest import TINY_OVERRIDES, RandomImages
 
 from asg.config import load_config
 from asg.data import DataBundle
@@ -26,19 +26,7 @@ from asg.engine.trainer import Trainer
 from asg.errors import AsgError, TrainingDiverged
 
 OVERRIDES = [
-    "data.batch_size=8",  # the global batch: 4 images per process with 2
-    "data.image_size=32",
-    "train.steps=4",
-    "train.eval_every=2",
-    "train.checkpoint_every=2",
-    "train.log_every=1",
-    "train.progress=false",
-    "optim.lr=0.05",
-    "optim.warmup_steps=0",
-    "eval.retention=false",
-    "name=tiny",
-    "method.name=asg",
-    "method.kl_weight=1",
+    *TINY_OVERRIDES,  # data.batch_size=8 is the global batch: 4 images per process with 2
     "method.kl_cap=0.0005",  # binds from step 3: decided on one process's KL it would differ from the global one
 ]
 # Not bitwise: 2 processes add the per-image gradients in another order than 1 process does. In float32 those
