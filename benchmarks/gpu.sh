@@ -10,7 +10,7 @@ OUT=${1:-${OUT:-benchmarks/gpu_out}}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 XDG_CACHE_HOME=${XDG_CACHE_HOME:-$PWD/.gpucache} PYTHONPATH=$PWD/src:${PYTHONPATH:-}
 PY=${PYTHON:-python3}
-COMMON="model.backbone=resnet101 model.weights=none data.image_size=224 data.batch_size=32 train.amp=true data.num_train=2000 data.num_workers=4"
+COMMON="model.backbone=resnet101 model.weights=none data.image_size=224 data.batch_size=32 train.precision=bf16 data.num_train=2000 data.num_workers=4"
 timeout 200 $PY - "$OUT" $COMMON <<'PYEOF'
 import json, sys
 sys.path.insert(0, "benchmarks")

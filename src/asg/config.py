@@ -121,7 +121,11 @@ class TrainConfig:
     checkpoint_every: int = 200
     log_every: int = 10
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
-    amp: bool = False  # bf16 autocast on CUDA
+    # "fp32" | "bf16" | "fp16": autocast of the forward passes (fp16 with loss scaling); evaluation stays fp32.
+    # (``train.amp: true`` of older recipes and run folders reads as "bf16")
+    precision: str = "fp32"
+    compile: bool = False  # torch.compile the student (and a live teacher) in place
+    compile_backend: str = "inductor"  # torch.compile backend ("inductor"; "eager" only traces, for debugging)
     progress: bool = True
     # stop when a step's loss exceeds this factor times the loss scale at the start (the smallest of the first
     # 10 losses, at least 1); catches finite explosions that a NaN check misses. None = off
@@ -257,7 +261,15 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Build a Config from nested dicts (as read from YAML), checking keys and types."""
-    return _from_dict(Config, data or {})
+    data = dict(data or {})
+    train = data.get("train")
+    if isinstance(train, dict) and "amp" in train:  # before train.precision: amp meant bf16 autocast
+        train = dict(train)
+        amp = train.pop("amp")
+        if "precision" not in train:
+            train["precision"] = "bf16" if amp else "fp32"
+        data["train"] = train
+    return _from_dict(Config, data)
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -340,6 +352,7 @@ _CHOICES = {
     "optim.sgd": ("torch", "lr_in_momentum"),
     "optim.schedule": ("warmup_poly_floor", "warmup_poly", "constant"),
     "optim.bn_mode": ("frozen", "train"),
+    "train.precision": ("fp32", "bf16", "fp16"),
     "eval.selection": ("last", "source-val", "oracle"),
     "lr_controller": ("fixed", "random", "random-init", "l2o"),
     "l2o.window_rule": ("intended", "released"),

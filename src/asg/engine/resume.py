@@ -33,7 +33,9 @@ APPLIED_ON_RESUME = (
     "train.checkpoint_every",
     "train.log_every",
     "train.device",
-    "train.amp",
+    "train.precision",
+    "train.compile",
+    "train.compile_backend",
     "train.progress",
     "train.loss_explosion_factor",
     "data.root",  # the data moved; it must be the same data

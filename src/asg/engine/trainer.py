@@ -50,12 +50,14 @@ from asg.engine.evaluate import (
 from asg.engine.guards import LossGuard, non_finite_tensors
 from asg.engine.init_from import load_init_weights
 from asg.engine.optim import build_optimizer
+from asg.engine.precision import MAX_OVERFLOW_STREAK, Precision, compile_modules
 from asg.engine.report import plot_predictions, plot_run_curves, run_report_markdown
 from asg.engine.resume import check_resume_changes
 from asg.engine.rundir import RunDir
 from asg.engine.sampler import EpochBatchSampler, IndexedDataset, steps_per_epoch
 from asg.engine.schedule import build_schedule
 from asg.engine.teacher_cache import TeacherLogitCache, UnfingerprintableDataset, cache_key
+from asg.engine.timing import PhaseTimer
 from asg.errors import AsgError, TrainingDiverged
 from asg.l2o.base import LRController, StepStats
 from asg.methods import Batch, Method, TargetBatch, build_method, cross_entropy
@@ -64,6 +66,9 @@ from asg.utils import progress, seed_everything, versions
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
+
+
+_END = object()  # the end of the source batches
 
 
 def _size(ds: Dataset) -> int:
@@ -109,6 +114,7 @@ class Trainer:
         check_files: bool = True,
         dist: Dist | None = None,
     ) -> None:
+        self.timer = PhaseTimer()
         self.dist = dist if dist is not None else Dist.from_env(cfg.train.device)
         self.cfg, self.quiet, self.resume = cfg, quiet or not self.dist.is_main, resume
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -125,6 +131,7 @@ class Trainer:
             model = build_model(cfg.model, self.num_classes, task=self.data.task)
         self.model = model.to(self.device)
         self.teacher: Teacher = make_teacher(self.model).to(self.device)  # ImageNet weights, before init_from
+        self.precision = Precision(cfg.train.precision, self.device)
         self.init_weights: str | None = None
         if cfg.model.init_from and not resume:  # (a resume restores its own weights)
             self.init_weights = load_init_weights(self.model, cfg, self.num_classes, self.data.task)
@@ -161,6 +168,7 @@ class Trainer:
             self.disk_cache = first if self.dist.is_main else self._open_disk_cache()
         self.loss_guard = LossGuard(cfg.train.loss_explosion_factor)
         self.step = 0
+        self.first_step = 0  # the step this process started at (after a resume: the restored one)
         self.elapsed0 = 0.0  # seconds trained before a resume
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, dict[str, Any]] = {}  # rule -> {step, score, set, file, sha256}
@@ -171,6 +179,9 @@ class Trainer:
         self._has_share: Callable[[int], bool] = lambda step: True  # does a step's global batch give this rank images
         self.writer: SummaryWriter | None = None
         self._eval_sets = self._curve_sets()
+        if cfg.train.compile:  # after every weight is in place; in place, so groups and checkpoints are unchanged
+            live_teacher = self.method.needs_teacher and not self.use_cache
+            compile_modules(cfg.train.compile_backend, self.model, *([self.teacher] if live_teacher else []))
 
     # ------------------------------------------------------------------ set-up helpers
     def _curve_sets(self) -> dict[str, Any]:
@@ -220,7 +231,9 @@ class Trainer:
                 self._say(f"asg: note: {rd.path} held an earlier run that stopped before its first checkpoint; "
                           f"removed its {', '.join(removed)} and starting afresh")  # fmt: skip
         rd.write_text("config.yaml", yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
-        rd.write_text("versions.json", json.dumps({**versions(), "world_size": self.dist.world}, indent=1))
+        compiled = self.cfg.train.compile_backend if self.cfg.train.compile else None
+        computed = self.precision.describe(self.cfg.model.channels_last, compiled)
+        rd.write_text("versions.json", json.dumps({**versions(), "world_size": self.dist.world, **computed}, indent=1))
         skip_log = rd.path / "skipped_images.txt"
         if self.skipped:
             rd.write_text(skip_log.name, "".join(line + "\n" for line in self.skipped))
@@ -253,6 +266,7 @@ class Trainer:
         self.elapsed0 = float(state.get("elapsed_s", 0.0))
         torch.set_rng_state(state["torch_rng"])
         self.method.load_state_dict(state.get("method", {}))
+        self.precision.load_state_dict(state.get("precision", {}))
         if state.get("teacher_cache") is not None:
             self.teacher_cache, self.cached = state["teacher_cache"], state["cached"]
         self.best = dict(manifest.get("best", {}))
@@ -309,6 +323,7 @@ class Trainer:
             "teacher_cache": self.teacher_cache,
             "cached": self.cached,
             "world_size": self.dist.world,
+            "precision": self.precision.state_dict(),
         }
         evaluated = self.history[-1]["step"] if self.history else None
         self.run_dir.save_checkpoint(self.step, self.model.state_dict(), state, self.best, evaluated)
@@ -334,8 +349,7 @@ class Trainer:
         return step % self.cfg.train.eval_every == 0 or step == self.cfg.train.steps
 
     def _autocast(self) -> torch.autocast:
-        amp = self.cfg.train.amp and self.device.type == "cuda"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp)
+        return self.precision.autocast()
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
@@ -359,7 +373,9 @@ class Trainer:
         t0 = time.time() - self.elapsed0
         broadcast_module(self.dist, self.model)  # identical already (same seed or checkpoint): a cheap guarantee
         if self._pending_eval:
-            self._evaluate_and_log(time.time() - t0)
+            with self.timer("eval"):
+                self._evaluate_and_log(time.time() - t0)
+        self.first_step = self.step
         sampler = EpochBatchSampler(
             _size(self.data.train),
             cfg.data.batch_size,
@@ -385,12 +401,19 @@ class Trainer:
             initial=0,
         )
         targets = self._target_loader() if self.target is not None else None
-        for batch in bar:
+        batches = iter(bar)
+        self.timer.mark_setup_done()
+        while True:
+            with self.timer("data"):
+                batch = next(batches, _END)
+                target = next(targets) if targets is not None and batch is not _END else None
+            if batch is _END:
+                break
             if batch is None:
                 raise AsgError(f"every image in the batch of step {self.step + 1} was unreadable (skipped_images.txt)")
-            target = next(targets) if targets is not None else None
             x, y, idx = batch
-            logs = self._train_step(x, y, idx, target)
+            with self.timer("train_step"):
+                logs = self._train_step(x, y, idx, target)
             self.step += 1
             for k, v in logs.items():
                 window[k] = window.get(k, 0.0) + v
@@ -402,9 +425,11 @@ class Trainer:
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(loss=f"{means['loss']:.3f}")
             if self.step % cfg.train.checkpoint_every == 0 or self.step == cfg.train.steps:
-                self._save(time.time() - t0)  # before evaluating: a bad evaluation image cannot cost the step
+                with self.timer("checkpoint"):
+                    self._save(time.time() - t0)  # before evaluating: a bad evaluation image cannot cost the step
             if self._is_eval_step(self.step):
-                self._evaluate_and_log(time.time() - t0)
+                with self.timer("eval"):
+                    self._evaluate_and_log(time.time() - t0)
         return self._finish()
 
     def _target_loader(self) -> Iterator[Any]:
@@ -481,7 +506,8 @@ class Trainer:
             lo = self.method.forward_loss(self.model, batch)
         self._last_batch, self._last_share = batch, float(len(idx)) if self._has_share(self.step) else 0.0
         self.optimizer.zero_grad(set_to_none=True)
-        lo.loss.backward()
+        scaler = self.precision.scaler  # fp16: loss scaling; otherwise every call below passes through
+        scaler.scale(lo.loss).backward()
         # gradients, loss and logs averaged over the ranks in one all_reduce: every rank decides alike below
         values = average_gradients(self.dist, self.trainable, {"loss": lo.loss.detach(), **lo.logs}, self._last_share)
         loss_value = values.pop("loss")
@@ -491,17 +517,36 @@ class Trainer:
                 what = f"exploding loss ({self.loss_guard.factor:g} x its scale {self.loss_guard.scale:.4g})"
             self._diverged(what, {"loss": loss_value, **values})
         self.loss_guard.update(loss_value)
+        scaler.unscale_(self.optimizer)  # the gradients are identical on every rank: so is the overflow decision
         max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm is not None else float("inf")
         grad_norm = float(nn.utils.clip_grad_norm_(self.trainable, max_norm))
         if not math.isfinite(grad_norm):
-            self._diverged("non-finite gradient norm", {"grad_norm": grad_norm})
-        self.optimizer.step()
+            self._gradient_overflow(grad_norm)
+        else:
+            self.precision.overflow_streak = 0
+        scaler.step(self.optimizer)  # fp16: skipped when the gradients overflowed
+        scaler.update()
         if cfg.optim.bn_mode == "train":  # each rank normalised its own images: keep rank 0's running statistics
             broadcast_module(self.dist, self.model, buffers_only=True)
         self.method.after_step(self.model)
-        logs = {**values, "loss": loss_value, "grad_norm": grad_norm}
+        logs = {**values, "loss": loss_value, "grad_norm": grad_norm if math.isfinite(grad_norm) else 0.0}
+        if self.precision.scaling:
+            logs["loss_scale"] = float(scaler.get_scale())
+            logs["skipped_step"] = float(not math.isfinite(grad_norm))
         self._control(logs)
         return logs
+
+    def _gradient_overflow(self, grad_norm: float) -> None:
+        """A non-finite gradient norm: divergence in fp32/bf16; in fp16 a skipped step, unless it keeps happening."""
+        if not self.precision.scaling:
+            self._diverged("non-finite gradient norm", {"grad_norm": grad_norm})
+        self.precision.overflow_streak += 1
+        if self.precision.overflow_streak >= MAX_OVERFLOW_STREAK:
+            self._diverged(
+                f"fp16 gradients overflowed at {MAX_OVERFLOW_STREAK} steps in a row",
+                {"grad_norm": grad_norm, "loss_scale": float(self.precision.scaler.get_scale())},
+                " (try train.precision=bf16 or fp32)",
+            )
 
     def _control(self, logs: dict[str, float]) -> None:
         w = self.model.last_layer_weight.detach()
@@ -655,7 +700,8 @@ class Trainer:
         )
         if self.run_dir is None or not self.dist.is_main:
             return result
-        result.selections = self._selections()  # rank 0 alone, nothing collective: plain full evaluations
+        with self.timer("final"):
+            result.selections = self._selections()  # rank 0 alone, nothing collective: plain full evaluations
         summary = {
             "name": self.cfg.name,
             "method": self.cfg.method.name,
@@ -675,7 +721,9 @@ class Trainer:
             "skipped_images": self._skipped_lines(),
             "world_size": self.dist.world,
         }
-        summary["figures"] = self._figures()
+        with self.timer("final"):
+            summary["figures"] = self._figures()
+        summary["timing"] = {**self.timer.summary(self.step - self.first_step), "first_step": self.first_step}
         self.run_dir.write_text("summary.json", json.dumps(summary, indent=1))
         self.run_dir.write_text("report.md", run_report_markdown(summary, self.history))
         self.run_dir.write_text("done", time.strftime("%Y-%m-%d %H:%M:%S\n"))
