@@ -3,8 +3,11 @@ cost; adaptation (pseudo-labelling images/s, self-training step vs ERM step); se
 (ASG vs ERM) and data-pipeline throughput.
 
 Step times are the trainer's own ``Trainer._train_step`` on the digits recipes (EfficientNet-Lite0, batch 32 at
-64 px, BN frozen, channels_last), each variant in its own process so that its peak resident memory is its own.
-Writes ``benchmarks/results.json``.
+64 px, BN frozen, channels_last), each variant in its own process so that its peak resident memory is its own;
+the same runs give the loop's end-to-end steps/s (``Trainer.run`` with a run folder, checkpoints and evaluations).
+On the CPU also (``bench_scale``): the share of training steps in a digits demo run (``asg demo``, one run) and
+``torchrun`` with 2 processes against 1 (gloo). ``--no-adapt``, ``--no-seg``, ``--no-meta``, ``--no-scale`` skip
+parts. Writes ``benchmarks/results.json``.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ def main() -> None:
         name: {
             "step_time_ratio": r["step_s_median"] / erm["step_s_median"],
             "peak_mem_ratio": r["peak_mem_mib"] / erm["peak_mem_mib"],
+            "end_to_end_time_ratio": erm["end_to_end_steps_per_s"] / r["end_to_end_steps_per_s"],
         }
         for name, r in results.items()
     }
@@ -73,12 +77,18 @@ def main() -> None:
         out["segmentation"] = segmentation_step_times(device)
         out["segmentation"]["data_pipeline"] = pipeline_throughput()  # 2 workers (the headline figure)
         out["segmentation"]["data_pipeline_by_workers"] = {w: pipeline_throughput(num_workers=w) for w in (0, 4)}
+    if "--no-scale" not in sys.argv and device == "cpu":
+        from bench_scale import demo_training_fraction, torchrun_throughput
+
+        out["demo_run"] = demo_training_fraction()
+        out["torchrun"] = torchrun_throughput()
     path = Path(__file__).parent / "results.json"
     path.write_text(json.dumps(out, indent=1))
     for name, r in results.items():
         print(
             f"{name:<20} step {1000 * r['step_s_median']:7.1f} ms  peak {r['peak_mem_mib']:7.0f} MiB  "
-            f"ratio {ratios[name]['step_time_ratio']:.3f} time, {ratios[name]['peak_mem_ratio']:.3f} memory"
+            f"ratio {ratios[name]['step_time_ratio']:.3f} time, {ratios[name]['peak_mem_ratio']:.3f} memory; "
+            f"end to end {r['end_to_end_steps_per_s']:.2f} steps/s (ratio {ratios[name]['end_to_end_time_ratio']:.3f})"
         )
     print("l2o:", json.dumps(out["l2o"]))
     if "adaptation" in out:
@@ -95,6 +105,15 @@ def main() -> None:
         by = {0: seg["data_pipeline_by_workers"][0], 2: seg["data_pipeline"], 4: seg["data_pipeline_by_workers"][4]}
         print("segmentation data pipeline images/s by DataLoader workers: "
               + ", ".join(f"{w}: {r['images_per_s']:.1f}" for w, r in by.items()))  # fmt: skip
+    if "demo_run" in out:
+        d = out["demo_run"]
+        print(f"digits demo run ({d['command']}): training steps {100 * d['train_step_fraction']:.1f} % of the "
+              f"training stage's {d['training_stage_wall_s']:.1f} s; phases {json.dumps(d['phases_s'])}")  # fmt: skip
+    if "torchrun" in out:
+        t = out["torchrun"]
+        print(f"torchrun gloo: 1 process {t['nproc_1']['train_images_per_s']} images/s, 2 processes "
+              f"{t['nproc_2']['train_images_per_s']} images/s (ratio {t['throughput_ratio_2_vs_1']}); rank-0 peak "
+              f"RSS {t['nproc_1'].get('peak_rss_mib')} / {t['nproc_2'].get('peak_rss_mib')} MiB")  # fmt: skip
     print(f"wrote {path}")
 
 

@@ -248,3 +248,60 @@ def test_shards_split_each_global_batch_and_keep_its_seeds():
 def test_python_m_asg_runs_the_cli():
     done = subprocess.run([sys.executable, "-m", "asg", "train", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "--config" in done.stdout
+
+
+def _dying_worker(rank: int, port: int, out: Path) -> None:
+    """Rank 1 exits abruptly (no Python clean-up) in step 3; rank 0 records what it raised."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+    trainer = Trainer(load_config(None, OVERRIDES), out, data=_bundle(), quiet=True)
+    step = trainer._train_step
+
+    def maybe_die(*args):
+        if trainer.dist.rank == 1 and trainer.step + 1 == 3:
+            os._exit(3)
+        return step(*args)
+
+    trainer._train_step = maybe_die
+    try:
+        trainer.run()
+        message = "finished"
+    except AsgError as exc:
+        message = f"AsgError: {exc}"
+    except Exception as exc:  # anything else is what this test forbids
+        message = f"{type(exc).__name__}: {exc}"
+    (out.parent / "rank0_error.txt").write_text(message)
+
+
+def test_a_rank_that_dies_stops_the_others_with_a_message_and_an_intact_checkpoint(tmp_path):
+    saved_env = {k: os.environ.pop(k) for k in TORCHRUN_ENV if k in os.environ}
+    try:
+        context = mp.spawn(_dying_worker, args=(_free_port(), tmp_path / "run"), nprocs=2, join=False)
+        deadline = time.time() + 180
+        while not all(p.exitcode is not None for p in context.processes):
+            if time.time() > deadline:
+                for p in context.processes:
+                    p.kill()
+                pytest.fail("rank 0 kept waiting for the dead rank")
+            time.sleep(0.5)
+    finally:
+        os.environ.update(saved_env)
+    assert [p.exitcode for p in context.processes] == [0, 3]
+    message = (tmp_path / "rank0_error.txt").read_text()
+    assert message.startswith("AsgError: process 0 of 2: the all_reduce"), message
+    assert "failed because another process of the run stopped" in message and "--resume" in message
+    assert "pair.cc" not in message
+    manifest = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
+    assert manifest["step"] == 2 and not (tmp_path / "run" / "done").exists()
+    assert not list((tmp_path / "run").glob("*.tmp*"))
+    Trainer(load_config(None, OVERRIDES), tmp_path / "run", data=_bundle(), quiet=True, resume=True).run()
+    assert (tmp_path / "run" / "done").exists()
+
+
+def test_commands_other_than_train_refuse_torchrun(monkeypatch, capsys):
+    from asg.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["adapt", "--config", "digits_cbst", "--out", "unused"]) == 2
+    assert "asg adapt runs on one process; under torchrun only `asg train`" in capsys.readouterr().err

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
+import os
 import re
 import sys
 import warnings
@@ -141,6 +143,8 @@ def _train(args: argparse.Namespace) -> int:
 
     _check_config_args(args, "train", default_run_dir)
     result = train(args.config, args.overrides, out=args.out, resume=args.resume)
+    if os.environ.get("RANK", "0") not in ("", "0"):  # under torchrun, process 0 alone reports
+        return 0
     print(f"\nrun folder: {result.out_dir}")
     for rule, sel in result.selections.items():
         metric = "miou" if any("miou" in v for v in sel["metrics"].values()) else "mean_class_acc"
@@ -150,8 +154,24 @@ def _train(args: argparse.Namespace) -> int:
         if "real_average" in sel:
             avg = sel["real_average"]
             print(f"    average over {', '.join(avg['over'])}: {100 * avg['value']:.1f}")
+    timing = _timing_line(result.out_dir)
+    if timing:
+        print(timing)
     print(f"report: {result.out_dir}/report.md")
     return 0
+
+
+def _timing_line(out_dir: Path | None) -> str | None:
+    """Where this process's wall time went (from summary.json), one line."""
+    try:
+        t = json.loads((Path(out_dir) / "summary.json").read_text())["timing"] if out_dir is not None else None
+    except (OSError, ValueError, KeyError):
+        return None
+    if not t or not t.get("wall_s"):
+        return None
+    parts = ", ".join(f"{k} {100 * t.get(f'{k}_s', 0.0) / t['wall_s']:.0f} %"
+                      for k in ("setup", "train_step", "eval", "final"))  # fmt: skip
+    return f"time: {t['steps']} steps in {t['wall_s']:.1f} s ({parts})"
 
 
 def _adapt(args: argparse.Namespace) -> int:
@@ -304,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     handlers = {"train": _train, "adapt": _adapt, "evaluate": _evaluate, "demo": _demo}
     try:
+        if args.command != "train" and os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):
+            raise AsgError(f"asg {args.command} runs on one process; under torchrun only `asg train` is "
+                           "distributed (start this command without torchrun)")  # fmt: skip
         if args.command == "data":
             return _data_check(args) if args.data_command == "check" else _data_prepare(args)
         if args.command == "l2o":

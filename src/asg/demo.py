@@ -408,6 +408,7 @@ def build_report(
         },
         "wall_time_s": round(wall_s, 1),
         "train_wall_time_s": round(train_wall_s if train_wall_s is not None else wall_s, 1),
+        "timing": runs_timing(summaries, train_wall_s if train_wall_s is not None else wall_s),
         "choices": choices or {},
         "choice_rule": choice_rule,
         "grid": grid or [],
@@ -531,12 +532,13 @@ def _markdown(bench: Benchmark, report: dict) -> str:
     where = (
         f"on the class-balanced subsets of the training curves ({cap} images per set)" if cap else "on the full sets"
     )
+    train_min = report["train_wall_time_s"] / 60
     return f"""# asg demo: {bench.title}
 
 {bench.metric_label} (%) as mean ± std over seeds, **last checkpoint** (no early stopping), full
 evaluation sets, tta_flip={p["tta_flip"]}. ImageNet retention: top-1 agreement (%) and KL(teacher ‖ model) of
 the frozen ImageNet head against the frozen teacher on the real photos shipped with scikit-image and scikit-learn.
-Wall time {report["wall_time_s"] / 60:.1f} min (training runs {report["train_wall_time_s"] / 60:.1f} min);
+Wall time {report["wall_time_s"] / 60:.1f} min (training runs {train_min:.1f} min{_timing_words(report)});
 settings: `{" ".join(p["settings"])}`.
 
 {report["markdown_table"]}
@@ -552,6 +554,27 @@ selected on {real[0]}); source-val and oracle evaluated {where}:
 Per-run details: `runs/<method>_seed<k>/summary.json` (every selection rule, labelled), `results.jsonl`
 (one line per evaluation during training) and `report.md`.
 """
+
+
+def runs_timing(summaries: list[dict], train_wall_s: float) -> dict[str, Any]:
+    """Seconds per trainer phase summed over the runs trained now (a reused finished run counts its own), and the
+    share of training steps in the training stage's wall time (building the data included)."""
+    timings = [s["timing"] for s in summaries if s.get("timing")]
+    if not timings:
+        return {}
+    phases = sorted({k for t in timings for k in t if k.endswith("_s") and k != "wall_s"})
+    out: dict[str, Any] = {k: round(sum(t.get(k, 0.0) for t in timings), 1) for k in phases}
+    out["runs"], out["steps"] = len(timings), sum(t.get("steps", 0) for t in timings)
+    out["train_step_fraction"] = round(out["train_step_s"] / train_wall_s, 4) if train_wall_s > 0 else None
+    return out
+
+
+def _timing_words(report: dict) -> str:
+    t = report.get("timing") or {}
+    if not t.get("train_step_fraction") or not report.get("train_wall_time_s"):
+        return ""
+    return (f", of which training steps {100 * t['train_step_fraction']:.0f} %, evaluation "
+            f"{100 * (t.get('eval_s', 0) + t.get('final_s', 0)) / report['train_wall_time_s']:.0f} %")  # fmt: skip
 
 
 def _combined_markdown(reports: dict[str, dict], wall_s: float) -> str:

@@ -18,7 +18,9 @@ run is bit-identical to one without this module.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -102,14 +104,16 @@ class Dist:
 
     def barrier(self) -> None:
         if self.world > 1:
-            td.barrier()
+            with collective("barrier"):
+                td.barrier()
 
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
         """Sum ``tensor`` over the ranks, in place; returns it."""
         if self.world == 1:
             return tensor
         work = tensor.to(self.comm_device)
-        td.all_reduce(work)
+        with collective("all_reduce"):
+            td.all_reduce(work)
         if work is not tensor:
             tensor.copy_(work)
         return tensor
@@ -119,7 +123,8 @@ class Dist:
         if self.world == 1:
             return tensor
         work = tensor.to(self.comm_device)
-        td.broadcast(work, src)
+        with collective("broadcast"):
+            td.broadcast(work, src)
         if work is not tensor:
             tensor.copy_(work)
         return tensor
@@ -149,13 +154,30 @@ class Dist:
             error = exc
         text = None if error is None else str(error) if isinstance(error, AsgError) else repr(error)
         messages: list[str | None] = [None] * self.world
-        td.all_gather_object(messages, text)
+        with collective("all_gather_object"):
+            td.all_gather_object(messages, text)
         if error is not None:
             raise error
         for rank, message in enumerate(messages):
             if message is not None:
                 raise AsgError(f"process {rank} of {self.world} stopped: {message}")
         return result
+
+
+@contextlib.contextmanager
+def collective(what: str) -> Iterator[None]:
+    """Turn a failed collective (a process died, or the network between them broke) into one AsgError."""
+    try:
+        yield
+    except RuntimeError as exc:  # torch.distributed.DistError and gloo/NCCL errors derive from RuntimeError
+        rank, world = (td.get_rank(), td.get_world_size()) if td.is_initialized() else ("?", "?")
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\] ", "", first).split(" This is typically")[0]  # gloo's C++ source
+        raise AsgError(
+            f"process {rank} of {world}: the {what} failed because another process of the run stopped or lost "
+            f"contact ({first}); its own error, if any, is in its output. Only process 0 writes checkpoints, "
+            "each with a rename, so the last one is complete: continue with --resume"
+        ) from None
 
 
 def _env_int(name: str, default: str = "") -> int:
@@ -181,7 +203,8 @@ def _reduce(d: Dist, params: list[Tensor], values: dict[str, Tensor], weight: fl
     flags = torch.tensor([float(g is not None) for g in grads], device=dev, dtype=dtype)
     scalars = [v.detach().to(dev, dtype).reshape(1) * weight for v in values.values()]
     buffer = torch.cat([*parts, flags, *scalars, torch.tensor([float(weight)], device=dev, dtype=dtype)])
-    td.all_reduce(buffer)
+    with collective("all_reduce of the gradients"):
+        td.all_reduce(buffer)
     total, offset = buffer[-1], 0
     had_grad = buffer[sum(part.numel() for part in parts) :][: len(params)] > 0
     for p, part, had in zip(params, parts, had_grad.tolist()):
@@ -236,7 +259,8 @@ def global_mean(value: Tensor, weight: float) -> Tensor:
     dtype = _common_dtype([value])
     pair = torch.tensor([0.0, float(weight)], device=dev, dtype=dtype)
     pair[0] = value.detach().reshape(()).to(dev, dtype) * weight
-    td.all_reduce(pair)
+    with collective("all_reduce"):
+        td.all_reduce(pair)
     return (pair[0] / pair[1]).to(value.device)
 
 

@@ -9,12 +9,30 @@ with the loss read on the host, so on a GPU the step time includes its kernels.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
+
 PHASES = ("setup", "data", "train_step", "checkpoint", "eval", "final")
+
+
+def peak_memory_mib(device: torch.device) -> dict[str, float]:
+    """This process's peak resident memory (MiB, Linux/macOS) and, on CUDA, the peak allocated on ``device``."""
+    out: dict[str, float] = {}
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out["peak_rss_mib"] = round(rss / (2**20 if sys.platform == "darwin" else 1024), 1)  # bytes / KiB
+    except ImportError:  # Windows
+        pass
+    if device.type == "cuda":
+        out["peak_cuda_allocated_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
 
 
 class PhaseTimer:

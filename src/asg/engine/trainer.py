@@ -57,7 +57,7 @@ from asg.engine.rundir import RunDir
 from asg.engine.sampler import EpochBatchSampler, IndexedDataset, steps_per_epoch
 from asg.engine.schedule import build_schedule
 from asg.engine.teacher_cache import TeacherLogitCache, UnfingerprintableDataset, cache_key
-from asg.engine.timing import PhaseTimer
+from asg.engine.timing import PhaseTimer, peak_memory_mib
 from asg.errors import AsgError, TrainingDiverged
 from asg.l2o.base import LRController, StepStats
 from asg.methods import Batch, Method, TargetBatch, build_method, cross_entropy
@@ -405,7 +405,7 @@ class Trainer:
         self.timer.mark_setup_done()
         while True:
             with self.timer("data"):
-                batch = next(batches, _END)
+                batch: Any = next(batches, _END)
                 target = next(targets) if targets is not None and batch is not _END else None
             if batch is _END:
                 break
@@ -723,7 +723,8 @@ class Trainer:
         }
         with self.timer("final"):
             summary["figures"] = self._figures()
-        summary["timing"] = {**self.timer.summary(self.step - self.first_step), "first_step": self.first_step}
+        timing = self.timer.summary(self.step - self.first_step)
+        summary["timing"] = {**timing, "first_step": self.first_step, **peak_memory_mib(self.device)}
         self.run_dir.write_text("summary.json", json.dumps(summary, indent=1))
         self.run_dir.write_text("report.md", run_report_markdown(summary, self.history))
         self.run_dir.write_text("done", time.strftime("%Y-%m-%d %H:%M:%S\n"))
