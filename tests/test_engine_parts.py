@@ -107,3 +107,18 @@ def test_confusion_leaves_out_the_ignore_label_and_gives_iou():
     assert seg.to_dict()["pixel_acc"] == pytest.approx(2 / 4)
     assert EvalResult(conf).primary == EvalResult(conf).mean_class_acc  # classification's headline
     assert confusion_matrix(torch.tensor([255]), torch.tensor([0]), 256).sum() == 1  # no ignore by default
+
+
+def test_retention_with_precomputed_teacher_logits_equals_the_live_teacher():
+    from asg.engine.evaluate import imagenet_retention, teacher_photo_logits
+    from asg.models import build_model, make_teacher
+
+    model = build_model(load_config(None).model, 3)
+    teacher = make_teacher(model)
+    with torch.no_grad():
+        model.head[0].weight.add_(0.5)  # the task head moves; the ImageNet head and the features do not
+        next(model.backbone.parameters()).mul_(1.1)  # the features do: the two predictions now differ
+    photos = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    live = imagenet_retention(model, teacher, photos, batch_size=2)
+    cached = imagenet_retention(model, teacher_photo_logits(teacher, photos, batch_size=4), photos, batch_size=2)
+    assert live["kl"] > 0 and cached == pytest.approx(live, rel=1e-6, abs=1e-7)

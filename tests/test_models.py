@@ -354,3 +354,40 @@ def test_unsupported_output_stride_is_a_config_error(name, output_stride):
         build_backbone(name, "none", output_stride=output_stride)
     with pytest.raises(ConfigError, match="supports only output stride 32"):
         build_model(ModelConfig(backbone="efficientnet_lite2", weights="none"), 3, output_stride=8)
+
+
+def _random_bn_statistics(model: torch.nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: build_model(ModelConfig(backbone="efficientnet_lite0"), 7),
+        lambda: build_model(ModelConfig(backbone="resnet50", weights="none"), 7),
+        lambda: build_model(ModelConfig(weights="none", segmenter="lraspp"), 5, task="segmentation"),
+        lambda: build_model(ModelConfig(backbone="resnet50", weights="none", segmenter="deeplabv3"), 5,
+                            task="segmentation"),  # fmt: skip
+    ],
+    ids=["lite0", "resnet50", "lite0+lraspp", "resnet50+deeplabv3"],
+)
+def test_inference_copy_folds_batchnorm_and_predicts_the_same(make):
+    from asg.models.fusion import inference_copy
+
+    torch.manual_seed(0)
+    model = make()
+    _random_bn_statistics(model)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fused = inference_copy(model)
+    backbone_bns = [m for m in fused.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert backbone_bns == []  # every backbone BatchNorm folded
+    assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, got = model.eval()(x), fused(x)
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-4, atol=1e-4)

@@ -141,6 +141,9 @@ class EvalConfig:
     oracle_set: str | None = None  # real set used by "oracle" selection (default: first real set)
     full_eval_selected: bool = True  # re-evaluate source-val/oracle checkpoints on the full sets at the end
     retention: bool = True  # ImageNet retention on the real photos shipped with scikit-image/-learn
+    # evaluate (and pseudo-label) an inference copy with BatchNorm folded into the convolutions: the same
+    # predictions up to float rounding, ~1.6x faster on CPU (asg.models.fusion)
+    fuse_bn: bool = True
     # segmentation inference: None = whole image at once; [h, w] = sliding windows of that size
     sliding_window: list[int] | None = None
     sliding_stride: list[int] | None = None  # [h, w] window step (default: 2/3 of the window)

@@ -27,6 +27,7 @@ from asg.data.bundle import IGNORE_INDEX
 from asg.engine.checkpoint import atomic_write
 from asg.engine.evaluate import predict_scores, segmentation_probs, sliding_options
 from asg.errors import AsgError
+from asg.models.fusion import inference_copy
 from asg.utils import progress
 
 STATS_FILE = "pseudo_labels.json"
@@ -89,6 +90,7 @@ def pseudo_label(
     round's files into ``folder`` and return them."""
     was_training = model.training
     model.eval()
+    original, model = model, inference_copy(model) if cfg.eval.fuse_bn else model
     bs = cfg.data.eval_batch_size
     rule = cfg.adapt.thresholds
     n = len(target)  # type: ignore[arg-type]
@@ -149,7 +151,7 @@ def pseudo_label(
         atomic_write(folder / LABELS_FILE, write_npz)
         result = PseudoLabels(folder, sel_indices, sel_labels, {})
         selected, total = int(kept.sum()), n
-    model.train(was_training)
+    original.train(was_training)
     if selected == 0:
         raise AsgError(f"adaptation: no target {'pixel' if task == 'segmentation' else 'image'} was selected")
     result.stats = {

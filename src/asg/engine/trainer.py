@@ -46,6 +46,7 @@ from asg.engine.evaluate import (
     same_size_groups,
     segmentation_probs,
     sliding_options,
+    teacher_photo_logits,
 )
 from asg.engine.guards import LossGuard, non_finite_tensors
 from asg.engine.init_from import load_init_weights
@@ -839,7 +840,8 @@ class Trainer:
             from asg.data import real_photos
 
             self._photos = real_photos(224)[0]
-        cache[step] = imagenet_retention(self.model, self.teacher, self._photos)
+            self._photo_teacher = teacher_photo_logits(self.teacher, self._photos)  # the same for every step
+        cache[step] = imagenet_retention(self.model, self._photo_teacher, self._photos)
 
     @staticmethod
     def _retention_entry(cache: dict[int, dict[str, float]], step: int) -> dict[str, Any]:
