@@ -113,3 +113,60 @@ def trainer_step_time(
     result = queue.get()
     proc.join()
     return result
+
+
+def _paired(variants: dict, device: str, steps: int, warmup: int, queue) -> None:
+    import statistics as st
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from asg.config import load_config
+    from asg.data import build_data, collate_skip_none
+    from asg.engine.sampler import IndexedDataset
+    from asg.engine.trainer import Trainer
+
+    common = ["train.progress=false", f"train.device={device}", "eval.retention=false"]
+    configs = {name: load_config(recipe, common + overrides) for name, (recipe, overrides, _) in variants.items()}
+    data = build_data(next(iter(configs.values())).data)
+    trainers = {name: Trainer(cfg, None, data=data, quiet=True) for name, cfg in configs.items()}
+    batch = next(iter(configs.values())).data.batch_size
+    loader = DataLoader(IndexedDataset(data.train), batch_size=batch, shuffle=True, drop_last=True,
+                        collate_fn=collate_skip_none, generator=torch.Generator().manual_seed(0))  # fmt: skip
+    batches = [b for b, _ in zip(loader, range(steps + warmup))]
+    names = list(trainers)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i, (x, y, idx) in enumerate(batches):
+        order = names[i % len(names) :] + names[: i % len(names)]  # each variant in each position in turn
+        for name in order:
+            trainer = trainers[name]
+            t0 = time.perf_counter()
+            trainer._train_step(x, y, idx)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+            trainer.step += 1
+    first = names[0]
+    queue.put(
+        {
+            name: {
+                "step_s_median": st.median(times[name][warmup:]),
+                # per step, the variant's time over the first variant's on the same batch
+                "step_time_ratio": st.median(a / b for a, b in zip(times[name][warmup:], times[first][warmup:])),
+            }
+            for name in names
+        }
+    )
+
+
+def paired_step_times(variants: dict, device: str = "cpu", steps: int = 30, warmup: int = 3) -> dict:
+    """Every variant's ``Trainer._train_step`` in one process, taking turns on the same batches (the order rotated
+    each step): the ratio to the first variant is the median of per-step ratios, so a load that changes during
+    the measurement hits every variant alike. Memory is measured per process by :func:`trainer_step_time`."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_paired, args=(variants, device, steps, warmup, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result

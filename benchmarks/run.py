@@ -30,21 +30,22 @@ def main() -> None:
     device = next((a for a in sys.argv[1:] if not a.startswith("--")), "cpu")
     steps = 20
     sys.path.insert(0, str(Path(__file__).parent))
-    from bench_trainer import trainer_step_time
+    from bench_trainer import paired_step_times, trainer_step_time
 
-    # two interleaved rounds (erm, live, cached, erm, live, cached), the faster of each variant's two kept: a
-    # neighbour's load on a shared machine then has to hit both rounds of a variant to bias its ratio
-    rounds: dict[str, list[dict]] = {name: [] for name in VARIANTS}
-    for _ in range(2):
-        for name, (recipe, overrides, extra) in VARIANTS.items():
-            rounds[name].append(trainer_step_time(recipe, overrides, device, steps, warmup=3 + extra))
-    results = {name: min(rs, key=lambda r: r["step_s_median"]) for name, rs in rounds.items()}
-    for name, rs in rounds.items():
-        results[name]["step_s_median_per_round"] = [r["step_s_median"] for r in rs]
+    # memory and the whole loop: each variant in its own process; step-time ratios: all variants in one process
+    # taking turns on the same batches (on a shared machine the load changes between separate processes)
+    results = {
+        name: trainer_step_time(recipe, overrides, device, steps, warmup=3 + extra)
+        for name, (recipe, overrides, extra) in VARIANTS.items()
+    }
+    paired = paired_step_times(VARIANTS, device, steps=30)
+    for name, r in results.items():
+        r["separate_process_step_s_median"] = r["step_s_median"]
+        r["step_s_median"] = paired[name]["step_s_median"]
     erm = results["erm"]
     ratios = {
         name: {
-            "step_time_ratio": r["step_s_median"] / erm["step_s_median"],
+            "step_time_ratio": paired[name]["step_time_ratio"],
             "peak_mem_ratio": r["peak_mem_mib"] / erm["peak_mem_mib"],
             "end_to_end_time_ratio": erm["end_to_end_steps_per_s"] / r["end_to_end_steps_per_s"],
         }
@@ -54,8 +55,9 @@ def main() -> None:
         "device": device,
         "recipes": {name: [recipe, *overrides] for name, (recipe, overrides, _) in VARIANTS.items()},
         "timed": "Trainer._train_step (the trainer's own step: teacher, forward, loss, guard, backward, clipping, "
-        "optimizer, controller) on the trainer's own batches, median over 20 steps after warm-up; each variant run "
-        "twice, interleaved, the faster run kept",
+        "optimizer, controller) on the trainer's own batches: step_s_median and step_time_ratio from one process "
+        "where the variants take turns on the same 30 batches (ratio = median of per-step ratios); memory and "
+        "the end-to-end loop rate from each variant's own process (20 steps after warm-up)",
         "steps": steps,
         "variants": results,
         "ratios_vs_erm": ratios,
@@ -90,6 +92,7 @@ def main() -> None:
         out["torchrun"] = torchrun_throughput()
     path = Path(__file__).parent / "results.json"
     path.write_text(json.dumps(out, indent=1))
+    (path.parent / "results.md").write_text(markdown_table(out))
     for name, r in results.items():
         print(
             f"{name:<20} step {1000 * r['step_s_median']:7.1f} ms  peak {r['peak_mem_mib']:7.0f} MiB  "
@@ -121,6 +124,65 @@ def main() -> None:
               f"{t['nproc_2']['train_images_per_s']} images/s (ratio {t['throughput_ratio_2_vs_1']}); rank-0 peak "
               f"RSS {t['nproc_1'].get('peak_rss_mib')} / {t['nproc_2'].get('peak_rss_mib')} MiB")  # fmt: skip
     print(f"wrote {path}")
+
+
+def markdown_table(out: dict) -> str:
+    """``benchmarks/results.md``: the measured figures and their ratios, one row each."""
+    v, r = out["variants"], out["ratios_vs_erm"]
+
+    def step(name: str) -> str:
+        return f"{1000 * v[name]['step_s_median']:.1f} ms, {v[name]['peak_mem_mib']:.0f} MiB"
+
+    rows = [
+        ("digits ERM step", step("erm"), "1"),
+        ("digits ASG, live teacher", step("asg_live_teacher"),
+         f"{r['asg_live_teacher']['step_time_ratio']:.2f} time (target <= 1.35), "
+         f"{r['asg_live_teacher']['peak_mem_ratio']:.2f} memory (target <= 1.20)"),
+        ("digits ASG, teacher logits from the disk cache", step("asg_cached_teacher"),
+         f"{r['asg_cached_teacher']['step_time_ratio']:.2f} time (target <= 1.05), "
+         f"{r['asg_cached_teacher']['peak_mem_ratio']:.2f} memory"),
+        ("whole training loop (data, steps, checkpoints, evaluations) ERM / ASG live / ASG cached",
+         " / ".join(f"{v[n]['end_to_end_steps_per_s']:.2f}" for n in v) + " steps/s",
+         " / ".join(f"{r[n]['end_to_end_time_ratio']:.2f}" for n in v) + " time"),
+    ]  # fmt: skip
+    if "adaptation" in out:
+        a = out["adaptation"]
+        rows.append(
+            (
+                "adaptation step (32 synthetic + 32 pseudo-labelled real)",
+                f"{1000 * a['step']['step_s_median']:.1f} ms",
+                f"{a['step_time_ratio_vs_erm']:.2f} time",
+            )
+        )
+        rows.append(("pseudo-labelling (asg adapt's pseudo_label)", f"{a['pseudo_label_images_per_s']:.0f} images/s",
+                     ""))  # fmt: skip
+    if "segmentation" in out:
+        seg = out["segmentation"]
+        sv, sr = seg["variants"], seg["ratios_vs_erm"]["asg_live_teacher"]
+        rows.append(("scenes ERM / ASG live step",
+                     f"{1000 * sv['erm']['step_s_median']:.1f} / {1000 * sv['asg_live_teacher']['step_s_median']:.1f}"
+                     f" ms", f"{sr['step_time_ratio']:.2f} time, {sr['peak_mem_ratio']:.2f} memory"))  # fmt: skip
+        workers = {int(k): w for k, w in seg["data_pipeline_by_workers"].items()}  # int keys, or str from JSON
+        by = [workers[0], seg["data_pipeline"], workers[4]]
+        rows.append(("segmentation data pipeline at 0 / 2 / 4 DataLoader workers",
+                     " / ".join(f"{b['images_per_s']:.1f}" for b in by) + " images/s", ""))  # fmt: skip
+    if "demo_run" in out:
+        d = out["demo_run"]
+        rows.append((f"share of training steps in a digits demo run (`{d['command']}`)",
+                     f"{100 * d['train_step_fraction']:.1f} % of {d['training_stage_wall_s']:.1f} s",
+                     "target >= 80 %"))  # fmt: skip
+    if "torchrun" in out:
+        t = out["torchrun"]
+        rows.append(("torchrun gloo on the CPU, digits ERM, global batch 32: 1 / 2 processes",
+                     f"{t['nproc_1']['train_images_per_s']:.1f} / {t['nproc_2']['train_images_per_s']:.1f} images/s, "
+                     f"rank-0 peak {t['nproc_1'].get('peak_rss_mib', 0):.0f} / "
+                     f"{t['nproc_2'].get('peak_rss_mib', 0):.0f} MiB",
+                     f"{t['throughput_ratio_2_vs_1']:.2f} throughput"))  # fmt: skip
+    l2o = out["l2o"]
+    rows.append(("L2O controller", f"{1e6 * l2o['controller_s_per_step']:.0f} µs per step",
+                 f"{100 * l2o['overhead_vs_erm_step']:.2f} % of an ERM step"))  # fmt: skip
+    lines = [f"Measured by `make bench` on {out['device']}.", "", "| what | measured | ratio |", "|---|---|---|"]
+    return "\n".join(lines + [f"| {a} | {b} | {c} |" for a, b, c in rows]) + "\n"
 
 
 if __name__ == "__main__":

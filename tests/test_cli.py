@@ -39,6 +39,12 @@ def test_cli_train_then_evaluate_end_to_end(tmp_path, capsys):
     last = summary["selections"]["last"]
     assert set(last["metrics"]["real_photos"]) == {"top1_agreement", "kl"}
     assert (out / "done").exists()
+    timing = summary["timing"]  # where the time went: each phase timed where it happens
+    assert timing["steps"] == 4 and timing["first_step"] == 0 and timing["peak_rss_mib"] > 0
+    assert all(timing[f"{p}_s"] > 0 for p in ("setup", "train_step", "checkpoint", "eval", "final"))
+    assert timing["train_step_s"] + timing["eval_s"] + timing["final_s"] < timing["wall_s"]
+    assert "## Where the time went" in (out / "report.md").read_text()
+    assert "time: 4 steps in" in capsys.readouterr().out
 
     assert main(["evaluate", str(out), "--checkpoint", "source-val", "--tta-flip"]) == 0
     printed = capsys.readouterr().out
