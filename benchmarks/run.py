@@ -38,10 +38,11 @@ def main() -> None:
         name: trainer_step_time(recipe, overrides, device, steps, warmup=3 + extra)
         for name, (recipe, overrides, extra) in VARIANTS.items()
     }
-    paired = paired_step_times(VARIANTS, device, steps=30)
+    paired = paired_step_times(VARIANTS, device, steps=40)
     for name, r in results.items():
         r["separate_process_step_s_median"] = r["step_s_median"]
         r["step_s_median"] = paired[name]["step_s_median"]
+        r["median_per_step_ratio"] = paired[name]["median_per_step_ratio"]
     erm = results["erm"]
     ratios = {
         name: {
@@ -56,7 +57,8 @@ def main() -> None:
         "recipes": {name: [recipe, *overrides] for name, (recipe, overrides, _) in VARIANTS.items()},
         "timed": "Trainer._train_step (the trainer's own step: teacher, forward, loss, guard, backward, clipping, "
         "optimizer, controller) on the trainer's own batches: step_s_median and step_time_ratio from one process "
-        "where the variants take turns on the same 30 batches (ratio = median of per-step ratios); memory and "
+        "where the variants take turns on the same 40 batches (ratio of the medians; the median of per-step ratios "
+        "is in variants.*.median_per_step_ratio); memory and "
         "the end-to-end loop rate from each variant's own process (20 steps after warm-up)",
         "steps": steps,
         "variants": results,
