@@ -370,8 +370,9 @@ def _random_bn_statistics(model: torch.nn.Module, seed: int = 0) -> None:
         lambda: build_model(ModelConfig(backbone="efficientnet_lite0"), 7),
         lambda: build_model(ModelConfig(backbone="resnet50", weights="none"), 7),
         lambda: build_model(ModelConfig(weights="none", segmenter="lraspp"), 5, task="segmentation"),
-        lambda: build_model(ModelConfig(backbone="resnet50", weights="none", segmenter="deeplabv3"), 5,
-                            task="segmentation"),  # fmt: skip
+        lambda: build_model(
+            ModelConfig(backbone="resnet50", weights="none", segmenter="deeplabv3"), 5, task="segmentation"
+        ),  # fmt: skip
     ],
     ids=["lite0", "resnet50", "lite0+lraspp", "resnet50+deeplabv3"],
 )

@@ -103,3 +103,17 @@ def test_teacher_cache_is_refused_with_a_note_when_training_images_are_random(ti
     trainer = Trainer(tiny_config("method.teacher_cache=true"), None, data=random_bundle)
     assert not trainer.use_cache and "teacher_cache is off" in capsys.readouterr().err
     assert Trainer(tiny_config("method.teacher_cache=true"), None, data=tiny_bundle, quiet=True).use_cache
+
+
+def test_teacher_runs_with_batchnorm_folded_and_gives_the_imagenet_logits(tiny_bundle, tiny_config):
+    from asg.models import make_teacher
+
+    trainer = Trainer(tiny_config(), None, data=tiny_bundle, quiet=True)
+    plain = make_teacher(trainer.model)  # the student is still the ImageNet network before training
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in trainer.teacher.modules())
+    assert not any(p.requires_grad for p in trainer.teacher.parameters())
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(trainer.teacher(x), plain(x), rtol=1e-4, atol=1e-4)
+    unfused = Trainer(tiny_config("method.teacher_fuse_bn=false"), None, data=tiny_bundle, quiet=True)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in unfused.teacher.modules())

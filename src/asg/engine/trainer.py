@@ -63,6 +63,7 @@ from asg.errors import AsgError, TrainingDiverged
 from asg.l2o.base import LRController, StepStats
 from asg.methods import Batch, Method, TargetBatch, build_method, cross_entropy
 from asg.models import ASGClassifier, ASGSegmenter, Teacher, build_model, make_teacher
+from asg.models.fusion import inference_copy
 from asg.utils import progress, seed_everything, versions
 
 if TYPE_CHECKING:
@@ -132,6 +133,8 @@ class Trainer:
             model = build_model(cfg.model, self.num_classes, task=self.data.task)
         self.model = model.to(self.device)
         self.teacher: Teacher = make_teacher(self.model).to(self.device)  # ImageNet weights, before init_from
+        if cfg.method.teacher_fuse_bn:  # it is always in eval mode: its BatchNorms are fixed affine maps
+            self.teacher = cast(Teacher, inference_copy(self.teacher))
         self.precision = Precision(cfg.train.precision, self.device)
         self.init_weights: str | None = None
         if cfg.model.init_from and not resume:  # (a resume restores its own weights)
