@@ -31,13 +31,13 @@ NAMED_PAIRS = (
 )
 
 
-def _foldable(conv: object, bn: object) -> bool:
-    return (
-        isinstance(conv, nn.Conv2d)
-        and type(bn) is nn.BatchNorm2d
-        and bn.track_running_stats
-        and bn.num_features == conv.out_channels
-    )
+def _fold(conv: object, bn: object) -> nn.Conv2d | None:
+    """``conv`` with ``bn`` folded in (a new module), or None when the pair cannot be folded."""
+    if not (isinstance(conv, nn.Conv2d) and type(bn) is nn.BatchNorm2d):
+        return None
+    if not bn.track_running_stats or bn.num_features != conv.out_channels:
+        return None
+    return fuse_conv_bn_eval(conv, bn)
 
 
 def inference_copy(model: nn.Module) -> nn.Module:
@@ -49,14 +49,13 @@ def inference_copy(model: nn.Module) -> nn.Module:
         if isinstance(module, nn.Sequential):
             names = list(module._modules)
             for a, b in zip(names, names[1:]):
-                conv, bn = module._modules[a], module._modules[b]
-                if _foldable(conv, bn):
-                    module._modules[a] = fuse_conv_bn_eval(conv, bn)
-                    module._modules[b] = nn.Identity()
+                folded = _fold(module._modules[a], module._modules[b])
+                if folded is not None:
+                    module._modules[a], module._modules[b] = folded, nn.Identity()
         for conv_name, bn_name in NAMED_PAIRS:
-            conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
-            if _foldable(conv, bn):
-                setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))  # type: ignore[arg-type]
+            folded = _fold(getattr(module, conv_name, None), getattr(module, bn_name, None))
+            if folded is not None:
+                setattr(module, conv_name, folded)
                 setattr(module, bn_name, nn.Identity())
         if isinstance(module, nn.ReLU6):  # each applies to a fresh conv/BN output that nothing else reads
             module.inplace = True
