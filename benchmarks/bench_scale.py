@@ -29,7 +29,7 @@ def demo_training_fraction(method: str = "asg") -> dict:
         report = json.loads((Path(tmp) / "digits" / "report.json").read_text())
     timing = report["timing"]
     return {
-        "command": "asg " + " ".join(a for a in cmd[3:] if a != tmp).replace("--out ", "--out TMP "),
+        "command": "asg " + " ".join(cmd[3:]).replace(tmp, "TMP"),
         "process_wall_s": round(process_wall, 1),
         "training_stage_wall_s": report["train_wall_time_s"],
         "phases_s": {k: v for k, v in timing.items() if k.endswith("_s")},

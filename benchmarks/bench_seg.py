@@ -22,9 +22,9 @@ def segmentation_step_times(device: str = "cpu") -> dict:
     variant's own process."""
     from bench_trainer import paired_step_times, trainer_step_time
 
-    variants = {name: (recipe, ["method.teacher_cache=false"], 0) for name, recipe in SEG_VARIANTS.items()}
+    variants = {name: (recipe, ["method.teacher_cache=false"]) for name, recipe in SEG_VARIANTS.items()}
     results = {name: trainer_step_time(recipe, overrides, device, STEPS, WARMUP)
-               for name, (recipe, overrides, _) in variants.items()}  # fmt: skip
+               for name, (recipe, overrides) in variants.items()}  # fmt: skip
     paired = paired_step_times(variants, device, steps=20, warmup=WARMUP)
     for name, r in results.items():
         r["separate_process_step_s_median"] = r["step_s_median"]

@@ -127,7 +127,7 @@ def _paired(variants: dict, device: str, steps: int, warmup: int, queue) -> None
     from asg.engine.trainer import Trainer
 
     common = ["train.progress=false", f"train.device={device}", "eval.retention=false"]
-    configs = {name: load_config(recipe, common + overrides) for name, (recipe, overrides, _) in variants.items()}
+    configs = {name: load_config(recipe, common + overrides) for name, (recipe, overrides) in variants.items()}
     data = build_data(next(iter(configs.values())).data)
     trainers = {name: Trainer(cfg, None, data=data, quiet=True) for name, cfg in configs.items()}
     batch = next(iter(configs.values())).data.batch_size

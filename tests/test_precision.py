@@ -14,8 +14,7 @@ from asg.errors import TrainingDiverged
 
 def _overflow_at(trainer, steps):
     """Make the task head's weight gradient infinite (a finite loss) during the given 0-based steps."""
-    weight = trainer.model.head[0].weight if isinstance(trainer.model.head, torch.nn.Sequential) else None
-    weight = weight if weight is not None else next(trainer.model.head.parameters())
+    weight = trainer.model.head[0].weight
     weight.register_hook(lambda g: g * float("inf") if trainer.step in steps else g)
     return weight
 

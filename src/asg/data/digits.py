@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import tempfile
-import warnings
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
@@ -23,6 +21,7 @@ from torch.utils.data import Dataset
 
 from asg.config import DataConfig
 from asg.data.bundle import DataBundle, LabeledSubset, split_source_val
+from asg.data.npz_cache import cached_arrays
 from asg.data.targets import ImagesOf, split_halves
 from asg.data.transforms import array_to_tensor
 from asg.errors import DataError
@@ -222,25 +221,14 @@ def cache_path(n: int, seed: int, cache_dir: str | Path | None = None, fonts: tu
 def synthetic_digits(n: int, seed: int, cache_dir: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Rendered digits (uint8 [n, 28, 28], int64 [n]), loaded from the .npz cache or rendered and cached."""
     fonts = digit_fonts()
+
+    def render() -> dict[str, np.ndarray]:
+        images, labels = render_digits(n, seed, fonts)
+        return {"images": images, "labels": labels, "fonts": np.array([p.name for p in fonts])}
+
     path = cache_path(n, seed, cache_dir, fonts)
-    if path.is_file():
-        try:
-            with np.load(path) as z:
-                images, labels = z["images"], z["labels"]
-            if images.shape == (n, SIZE, SIZE) and labels.shape == (n,):
-                return images, labels
-        except (OSError, ValueError, KeyError) as exc:
-            warnings.warn(f"ignoring unreadable digits cache {path} ({exc}); rendering again", stacklevel=2)
-    images, labels = render_digits(n, seed, fonts)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, images=images, labels=labels, fonts=np.array([p.name for p in fonts]))
-        os.replace(tmp, path)
-    except OSError as exc:
-        warnings.warn(f"could not cache rendered digits at {path} ({exc})", stacklevel=2)
-    return images, labels
+    z = cached_arrays(path, render, "rendered digits", {"images": (n, SIZE, SIZE), "labels": (n,)}, compressed=True)
+    return z["images"], z["labels"]
 
 
 # --------------------------------------------------------------------------- real digits
@@ -268,22 +256,8 @@ def _cached_real_digits(
     stat = source.stat()
     key = hashlib.sha1(f"{source}|{stat.st_size}|{stat.st_mtime_ns}|v{REAL_CACHE_VERSION}".encode()).hexdigest()[:12]
     path = default_cache_dir() / f"{name}_{key}.npz"
-    if path.is_file():
-        try:
-            with np.load(path) as z:
-                return z["images"], z["labels"]
-        except (OSError, ValueError, KeyError) as exc:
-            warnings.warn(f"ignoring unreadable cache {path} ({exc}); reading {source} again", stacklevel=2)
-    images, labels = load()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, images=images, labels=labels)
-        os.replace(tmp, path)
-    except OSError as exc:
-        warnings.warn(f"could not cache {name} at {path} ({exc})", stacklevel=2)
-    return images, labels
+    z = cached_arrays(path, lambda: dict(zip(("images", "labels"), load())), name, {"images": None, "labels": None})
+    return z["images"], z["labels"]
 
 
 def _read_only(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

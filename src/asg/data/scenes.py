@@ -18,9 +18,6 @@ mirrored. Training samples are therefore fixed (``has_augmentation=False``) and 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -32,6 +29,7 @@ from torch.utils.data import Dataset
 from asg.config import DataConfig
 from asg.data import digits
 from asg.data.bundle import IGNORE_INDEX, DataBundle, LabeledSubset, stratified_split
+from asg.data.npz_cache import cached_arrays
 from asg.data.photos import photo_files
 from asg.data.targets import ImagesOf, split_halves
 
@@ -272,24 +270,9 @@ def _cached(
     path: Path, n: int, size: int, render: Callable[[], tuple[np.ndarray, np.ndarray]]
 ) -> tuple[np.ndarray, np.ndarray]:
     """(images, masks) from the ``.npz`` at ``path`` if it holds ``n`` scenes of ``size``, else rendered and saved."""
-    if path.is_file():
-        try:
-            with np.load(path) as z:
-                images, masks = z["images"], z["masks"]
-            if images.shape == (n, size, size, 3) and masks.shape == (n, size, size):
-                return images, masks
-        except (OSError, ValueError, KeyError) as exc:
-            warnings.warn(f"ignoring unreadable scenes cache {path} ({exc}); rendering again", stacklevel=3)
-    images, masks = render()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, images=images, masks=masks)
-        os.replace(tmp, path)
-    except OSError as exc:
-        warnings.warn(f"could not cache rendered scenes at {path} ({exc})", stacklevel=3)
-    return images, masks
+    shapes: dict[str, tuple[int, ...] | None] = {"images": (n, size, size, 3), "masks": (n, size, size)}
+    z = cached_arrays(path, lambda: dict(zip(("images", "masks"), render())), "rendered scenes", shapes)
+    return z["images"], z["masks"]
 
 
 def _folder(cache_dir: str | Path | None) -> Path:

@@ -41,20 +41,15 @@ class PhaseTimer:
     def __init__(self) -> None:
         self.start = time.perf_counter()
         self.seconds = dict.fromkeys(PHASES, 0.0)
-        self._open: str | None = None
 
     @contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
-        """Time the block as ``phase``; a phase nested in another counts only once (the outer one)."""
-        if self._open is not None:
-            yield
-            return
-        self._open, t = phase, time.perf_counter()
+        """Add the block's wall time to ``phase`` (phases are not nested)."""
+        t = time.perf_counter()
         try:
             yield
         finally:
             self.seconds[phase] += time.perf_counter() - t
-            self._open = None
 
     def mark_setup_done(self) -> None:
         """Everything from construction until now (not already in another phase) is ``setup``."""
