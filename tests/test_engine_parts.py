@@ -122,3 +122,16 @@ def test_retention_with_precomputed_teacher_logits_equals_the_live_teacher():
     live = imagenet_retention(model, teacher, photos, batch_size=2)
     cached = imagenet_retention(model, teacher_photo_logits(teacher, photos, batch_size=4), photos, batch_size=2)
     assert live["kl"] > 0 and cached == pytest.approx(live, rel=1e-6, abs=1e-7)
+
+
+def test_adamw_keeps_the_layer_group_rates():
+    groups = [("stem", [torch.nn.Parameter(torch.ones(2))]), ("head", [torch.nn.Parameter(torch.ones(3))])]
+    opt = build_optimizer(groups, OptimConfig(optimizer="adamw", lr=0.01, backbone_lr_mult=0.1, momentum=0.8))
+    assert isinstance(opt, torch.optim.AdamW)
+    assert [(g["name"], g["base_lr"]) for g in opt.param_groups] == [("stem", 0.01 * 0.1), ("head", 0.01)]
+    assert opt.param_groups[0]["betas"] == (0.8, 0.999)
+    groups[1][1][0].grad = torch.ones(3)
+    opt.step()  # Adam's first step moves each coordinate by lr (its gradient's sign), plus the decoupled decay
+    expected = 1.0 - 0.01 - 0.01 * opt.param_groups[1]["weight_decay"]
+    assert torch.allclose(groups[1][1][0].detach(), torch.full((3,), expected), atol=1e-6)
+    assert torch.equal(groups[0][1][0].detach(), torch.ones(2))  # no gradient: untouched

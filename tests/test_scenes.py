@@ -127,3 +127,39 @@ def test_cache_is_reused_and_keyed(tmp_path, monkeypatch):
     assert np.array_equal(sc.real_scenes(5, 0, SIZE, tmp_path)[1], real[1])
     with pytest.raises(pytest.fail.Exception):
         sc.synthetic_scenes(10, 1, SIZE, tmp_path)  # another seed is another cache file
+
+
+def test_pen_digits_every_variant_draws_a_digit_deterministically():
+    from asg.data.pen_digits import TEMPLATES, pen_digit, smooth_path
+
+    path = smooth_path([(0.0, 0.0), (1.0, 0.0), (1.0, 1.0)])
+    assert np.allclose(path[0], [0, 0]) and np.allclose(path[-1], [1, 1])  # the spline passes through its ends
+    assert np.allclose(smooth_path([(0.0, 0.0), (1.0, 1.0)])[6], [0.5, 0.5])  # two points: a straight line
+    for digit, variants in TEMPLATES.items():
+        assert variants and all(len(stroke) >= 2 for v in variants for stroke in v)
+        a = pen_digit(np.random.default_rng(digit), digit, px=24)
+        b = pen_digit(np.random.default_rng(digit), digit, px=24)
+        assert a.shape == (48, 48) and a.dtype == np.float32 and np.array_equal(a, b)
+        assert 0.0 <= a.min() and a.max() <= 1.0 and (a > 0.5).sum() > 20  # ink, with a solid core
+        rows = np.flatnonzero((a > 0.5).any(1))
+        assert rows[-1] - rows[0] >= 12  # about px tall (after rotation and shear)
+
+
+def test_distractor_letters_are_background_and_digits_only_from_pen_or_font():
+    image = np.full((6, 6, 3), 0.5, np.float32)
+    mask = np.zeros((6, 6), np.uint8)
+    mask[2, 3] = 5  # a digit pixel under the letter's faint edge keeps its label
+    sc.paste_digit(image, mask, np.array([[1.0, 0.3, 0.1]], np.float32), 2, 1, np.ones(3, np.float32), cls=0)
+    assert mask[2, 1:4].tolist() == [0, 0, 5] and (image[2, 1] == 1.0).all()  # painted, labelled background
+    fonts = [sc.ImageFont.truetype(str(p), 32) for p in sc.digits.digit_fonts()[:2]]
+    rng = np.random.default_rng(0)
+    for text in ("A", "k", "7"):
+        alpha = sc.synthetic_glyph(rng, fonts, text)
+        assert alpha.ndim == 2 and alpha.max() > 0.5 and alpha.dtype == np.float32
+    assert set(sc.DISTRACTORS) & set("0123456789OoIlSsZzBGbgq") == set()
+
+
+def test_synthetic_scenes_hold_two_to_four_digits():
+    _, masks = sc.render_synthetic_scenes(20, seed=3, size=48)
+    counts = [len(set(np.unique(m)) - {0, 255}) for m in masks]  # classes visible (two digits may share one)
+    assert all(1 <= c <= sc.DIGITS_PER_SCENE[1] for c in counts) and max(counts) >= 3

@@ -24,13 +24,19 @@ from asg.models import (
 from asg.models.segmenter import FCN8sHead, bilinear_kernel
 from asg.models.vgg import CACHE_FILE, cached_weights_path, vgg16
 
-COMBOS = [("lraspp", "efficientnet_lite0"), ("deeplabv3", "resnet50"), ("fcn8s", "vgg16")]
+COMBOS = [
+    ("lraspp", "efficientnet_lite0"),
+    ("deeplabv3", "resnet50"),
+    ("fcn8s", "vgg16"),
+    ("fpn", "efficientnet_lite0"),
+]
 GROUPS = {
     "lraspp": ["conv_stem", "bn0", "stage1", "stage2", "stage3", "stage4", "head"],
     "deeplabv3": ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "head"],
     "fcn8s": ["conv1", "conv2", "conv3", "conv4", "conv5", "fc", "head"],
+    "fpn": ["conv_stem", "bn0", "stage1", "stage2", "stage3", "stage4", "head"],
 }
-FEATURE_DIM = {"lraspp": 1280, "deeplabv3": 2048, "fcn8s": 512 * 7 * 7}
+FEATURE_DIM = {"lraspp": 1280, "deeplabv3": 2048, "fcn8s": 512 * 7 * 7, "fpn": 1280}
 
 
 def _cfg(segmenter: str, backbone: str, **kw) -> ModelConfig:
@@ -100,7 +106,7 @@ def test_layer_groups(segmenters, segmenter, backbone):
     pretrained, task = model.pretrained_parameters(), model.task_parameters()
     assert [id(p) for p in pretrained + task] == ids
     assert [id(p) for p in task] == [id(p) for p in groups[-1][1]]
-    expected = {"lraspp": (5, 128), "deeplabv3": (5, 256), "fcn8s": (5, 5 * 16 * 16)}[segmenter]
+    expected = {"lraspp": (5, 128), "deeplabv3": (5, 256), "fcn8s": (5, 5 * 16 * 16), "fpn": (5, 64)}[segmenter]
     assert model.last_layer_weight.shape == expected
 
 
@@ -285,6 +291,23 @@ def test_unsupported_segmenter_output_stride(segmenter, backbone, output_stride)
     cfg = ModelConfig(backbone=backbone, weights="imagenet", segmenter=segmenter, output_stride=output_stride)
     with pytest.raises(ConfigError, match=f"output_stride={output_stride}"):
         build_model(cfg, 3, task="segmentation")
+
+
+def test_fpn_head_reads_its_finest_level_and_checks_it():
+    """The FPN logits come from the level of model.fpn_finest_stride: a change confined to one stride-2 pixel of
+    that map moves the logits only near that pixel (stride 2), not across a stride-8 cell."""
+    torch.manual_seed(0)
+    model = build_model(_cfg("fpn", "efficientnet_lite0", fpn_finest_stride=2, fpn_channels=16), 3, task="segmentation")
+    head = model.head
+    assert model.backbone.stage_strides[head.first] == 2 and model.last_layer_weight.shape == (3, 16)
+    stages = [torch.randn(1, c, 64 // s, 64 // s) for c, s in zip(model.backbone.stage_channels, (2, 4, 8, 16, 32))]
+    base = head(stages, (64, 64))
+    stages[0][:, :, 10, 10] += 5.0
+    moved = (head(stages, (64, 64)) - base).abs().sum(1)[0] > 1e-6
+    rows, cols = torch.nonzero(moved, as_tuple=True)
+    assert moved.any() and rows.min() >= 14 and rows.max() <= 27 and cols.min() >= 14 and cols.max() <= 27
+    with pytest.raises(ConfigError, match="fpn_finest_stride=3"):
+        build_model(_cfg("fpn", "efficientnet_lite0", fpn_finest_stride=3), 3, task="segmentation")
 
 
 def test_unknown_segmenter():

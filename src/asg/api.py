@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,21 +76,26 @@ def adapt(
     return run_adaptation(cfg, out, resume=resume, quiet=quiet)
 
 
-def evaluate(
-    run_dir: str | Path,
-    checkpoint: str = "last",
-    tta_flip: bool | None = None,
-    overrides: list[str] | None = None,
-    show_progress: bool = True,
-) -> dict[str, Any]:
-    """Evaluate a run folder's checkpoint on every evaluation set (full sets, no subsetting).
+@dataclass
+class LoadedRun:
+    """A run folder's config, data and model with one checkpoint's weights loaded, ready to evaluate."""
 
-    ``checkpoint`` is ``last``, ``source-val``, ``oracle`` or a path to a ``.safetensors`` file. The result
-    names the checkpoint, the TTA and each set, with accuracy, mean per-class accuracy and confusion matrices.
+    run_dir: Path
+    cfg: Config
+    checkpoint: str
+    path: Path  # the checkpoint file
+    device: Any  # torch.device
+    data: Any  # asg.data.DataBundle
+    model: Any  # ASGClassifier | ASGSegmenter, on ``device``
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "last", overrides: list[str] | None = None) -> LoadedRun:
+    """Load a run folder's saved config (plus ``overrides``), its data and the model with ``checkpoint``'s weights.
+
+    ``checkpoint`` is ``last``, ``source-val``, ``oracle`` or a path to a ``.safetensors`` file.
     """
     from asg.data import build_data
     from asg.engine.checkpoint import load_weights
-    from asg.engine.evaluate import PRIMARY_METRIC, evaluate_sets, real_average
     from asg.engine.rundir import EXPORTS, RunDir
     from asg.models import build_model
     from asg.utils import resolve_device
@@ -106,31 +112,97 @@ def evaluate(
     if not path.is_file():
         found = ", ".join(sorted(f.name for f in run_dir.glob("*.safetensors"))) or "none"
         raise WeightsError(f"checkpoint {path} does not exist (checkpoints in {run_dir}: {found})")
-    tta = cfg.eval.tta_flip if tta_flip is None else tta_flip
     device = resolve_device(cfg.train.device)  # before the (slow) data, so a missing GPU fails at once
     data = build_data(cfg.data)
     model = build_model(cfg.model, data.num_classes, task=data.task)
     load_weights(model, path)
     model.to(device)
-    sets = {}
-    results = evaluate_sets(model, data.eval_sets, data.num_classes, cfg, device, tta_flip=tta,
+    return LoadedRun(run_dir, cfg, checkpoint, path, device, data, model)
+
+
+def _evaluate_loaded(
+    run: LoadedRun, names: list[str] | None, tta: bool, show_progress: bool, label: dict[str, Any] | None = None
+) -> dict[str, dict[str, Any]]:
+    """``{set: metrics, confusion, n, role}`` of ``run.model`` as it is now on the evaluation sets ``names``
+    (None: all, full sets); ``label`` is added to every set's entry."""
+    from asg.engine.evaluate import evaluate_sets
+
+    data = run.data
+    chosen = data.eval_sets if names is None else {n: data.eval_sets[n] for n in names}
+    results = evaluate_sets(run.model, chosen, data.num_classes, run.cfg, run.device, tta_flip=tta,
                             show_progress=show_progress, task=data.task)  # fmt: skip
-    for name, r in results.items():
-        sets[name] = {
+    return {
+        name: {
             **r.to_dict(),
             "confusion": r.confusion.tolist(),
             "n": int(r.confusion.sum()),
             "role": "source-val" if name == data.source_val_name else "real",
+            **(label or {}),
         }
+        for name, r in results.items()
+    }
+
+
+def _check_set_names(run: LoadedRun, sets: list[str] | tuple[str, ...] | None) -> list[str] | None:
+    if sets is None:
+        return None
+    unknown = [n for n in sets if n not in run.data.eval_sets]
+    if unknown:
+        raise AsgError(f"evaluation set {unknown[0]!r} is not one of this run's: {', '.join(run.data.eval_sets)}")
+    return list(sets)
+
+
+def _pretrained_backbone_state(run: LoadedRun) -> dict[str, Any]:
+    """The ImageNet backbone the run started from (its config's weights, before any ``model.init_from``)."""
+    from asg.models import build_model
+
+    if run.cfg.model.weights == "none":
+        raise AsgError("WiSE-FT interpolates towards the pretrained backbone, but this run's model.weights is none")
+    pretrained = build_model(run.cfg.model, run.data.num_classes, task=run.data.task)
+    return {k: v.to(run.device) for k, v in pretrained.backbone.state_dict().items()}
+
+
+def evaluate(
+    run_dir: str | Path,
+    checkpoint: str = "last",
+    tta_flip: bool | None = None,
+    overrides: list[str] | None = None,
+    show_progress: bool = True,
+    wise_ft: float | None = None,
+) -> dict[str, Any]:
+    """Evaluate a run folder's checkpoint on every evaluation set (full sets, no subsetting).
+
+    ``checkpoint`` is ``last``, ``source-val``, ``oracle`` or a path to a ``.safetensors`` file. The result
+    names the checkpoint, the TTA and each set, with accuracy, mean per-class accuracy and confusion matrices.
+    ``wise_ft``: evaluate the WiSE-FT interpolation at this alpha in [0, 1] instead (backbone = (1 - alpha) x
+    ImageNet + alpha x fine-tuned, fine-tuned task head; ``asg.methods.wise_ft``); the result and each set's
+    entry then carry ``wise_ft_alpha``.
+    """
+    from asg.engine.evaluate import PRIMARY_METRIC, real_average
+
+    alpha = None
+    if wise_ft is not None:
+        from asg.methods.wise_ft import check_alpha, interpolate_backbone
+
+        alpha = check_alpha(wise_ft)  # before the (slow) data
+    run = load_run(run_dir, checkpoint, overrides)
+    cfg, data = run.cfg, run.data
+    tta = cfg.eval.tta_flip if tta_flip is None else tta_flip
+    label: dict[str, Any] = {}
+    if alpha is not None:
+        interpolate_backbone(run.model, _pretrained_backbone_state(run), alpha)
+        label = {"wise_ft_alpha": alpha}
+    sets = _evaluate_loaded(run, None, tta, show_progress, label)
     if checkpoint == "oracle":
         note = "oracle: checkpoint chosen with real test labels; an upper bound, not a valid protocol"
     else:
         note = ""
     result = {
-        "run": str(run_dir),
+        "run": str(run.run_dir),
         "checkpoint": checkpoint,
-        "checkpoint_file": str(path),
+        "checkpoint_file": str(run.path),
         "tta_flip": tta,
+        **label,
         "task": data.task,
         "sliding_window": cfg.eval.sliding_window,
         "eval_resize": cfg.data.eval_resize,
@@ -140,12 +212,49 @@ def evaluate(
     }
     average = real_average(sets, data.real_set_names, PRIMARY_METRIC[data.task])
     if average is not None:
-        result["real_average"] = average
+        result["real_average"] = {**average, **label}
     return result
 
 
+def evaluate_wise_ft(
+    run_dir: str | Path,
+    alphas: tuple[float, ...] | list[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+    checkpoint: str = "last",
+    sets: list[str] | tuple[str, ...] | None = None,
+    *,
+    tta_flip: bool | None = None,
+    overrides: list[str] | None = None,
+    show_progress: bool = False,
+) -> dict[float, dict[str, dict[str, Any]]]:
+    """WiSE-FT of a run's checkpoint at each alpha: ``{alpha: {set name: metrics}}``.
+
+    The run, its data and the model are loaded once; for each alpha (in the given order) the backbone is set to
+    ``(1 - alpha) x ImageNet + alpha x fine-tuned`` (``asg.methods.wise_ft.interpolate_backbone``, task head
+    fine-tuned) and evaluated on the evaluation sets ``sets`` (None: all of the run's, e.g. ``["synthetic"]``
+    for the source-val split only; full sets). Each set's metrics are those of ``evaluate`` (``acc``,
+    ``mean_class_acc`` or ``miou``..., ``confusion``, ``n``, ``role``) plus ``wise_ft_alpha``. Choose alpha on
+    source-val with ``asg.methods.wise_ft.choose_alpha``.
+    """
+    from asg.methods.wise_ft import check_alpha, interpolate_backbone
+
+    checked = [check_alpha(a) for a in alphas]
+    if not checked:
+        raise AsgError("evaluate_wise_ft needs at least one alpha")
+    run = load_run(run_dir, checkpoint, overrides)
+    names = _check_set_names(run, sets)
+    tta = run.cfg.eval.tta_flip if tta_flip is None else tta_flip
+    pretrained = _pretrained_backbone_state(run)
+    finetuned = {k: v.detach().clone() for k, v in run.model.backbone.state_dict().items()}
+    out: dict[float, dict[str, dict[str, Any]]] = {}
+    for alpha in checked:
+        interpolate_backbone(run.model, pretrained, alpha, finetuned)
+        out[alpha] = _evaluate_loaded(run, names, tta, show_progress, {"wise_ft_alpha": alpha})
+    return out
+
+
 def save_evaluation(result: dict[str, Any], out_dir: str | Path) -> Path:
-    """Write ``eval_<checkpoint>[_tta].json`` (atomically) and confusion-matrix plots into ``out_dir``.
+    """Write ``eval_<checkpoint>[_tta][_wise_ft<alpha>].json`` (atomically) and confusion-matrix plots into
+    ``out_dir``.
 
     ``out_dir`` is created if needed; an OSError (e.g. a read-only folder) is left to the caller.
     """
@@ -155,6 +264,9 @@ def save_evaluation(result: dict[str, Any], out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = Path(result["checkpoint"]).stem.replace("-", "_") + ("_tta" if result["tta_flip"] else "")
+    alpha = result.get("wise_ft_alpha")
+    if alpha is not None:  # beside the plain evaluation, never over it
+        tag += f"_wise_ft{alpha:g}"
     path = out_dir / f"eval_{tag}.json"
     text = json.dumps(result, indent=1)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
@@ -163,6 +275,7 @@ def save_evaluation(result: dict[str, Any], out_dir: str | Path) -> Path:
             r["confusion"],
             result["class_names"],
             out_dir / f"confusion_{tag}_{name}.png",
-            title=f"{name} ({result['checkpoint']}, tta_flip={result['tta_flip']})",
+            title=f"{name} ({result['checkpoint']}, tta_flip={result['tta_flip']}"
+            + (f", wise_ft_alpha={alpha:g})" if alpha is not None else ")"),
         )
     return path

@@ -72,6 +72,15 @@ def _parser() -> argparse.ArgumentParser:
     tta.add_argument("--no-tta-flip", dest="tta_flip", action="store_false")
     _add_set(p, "override the run's config, e.g. --set data.root=/new/path")
     p.add_argument("--out", type=Path, default=None, help="folder for the results (default: the run folder)")
+    p.add_argument(
+        "--wise-ft",
+        dest="wise_ft",
+        type=float,
+        default=None,
+        metavar="ALPHA",
+        help="WiSE-FT: evaluate the backbone (1-ALPHA) x ImageNet + ALPHA x fine-tuned with the fine-tuned head "
+        "(ALPHA in [0, 1]; written to eval_<checkpoint>_wise_ft<ALPHA>.json)",
+    )
 
     p = sub.add_parser("demo", help="the embedded synthetic-to-real benchmarks (digits, digit scenes)")
     length = p.add_mutually_exclusive_group()
@@ -88,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
         help="tune each method on its grid, choosing on source-val only (default: with --full)",
     )
     p.add_argument("--no-adapt", dest="adapt", action="store_false", help="skip the adaptation stage (digits)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs trained side by side in worker processes (default: one per CPU core, at most 4; "
+                   "1 on a GPU)")  # fmt: skip
     _add_set(p, "override every demo run's config, e.g. --set train.device=cuda")
 
     p = sub.add_parser("data", help="dataset tools")
@@ -197,19 +209,23 @@ def _adapt(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from asg.api import evaluate, save_evaluation
 
-    result = evaluate(args.run_dir, args.checkpoint, args.tta_flip, args.overrides)
-    print(f"checkpoint {result['checkpoint']} ({result['checkpoint_file']}), tta_flip={result['tta_flip']}")
+    result = evaluate(args.run_dir, args.checkpoint, args.tta_flip, args.overrides, wise_ft=args.wise_ft)
+    alpha = result.get("wise_ft_alpha")
+    label = f", wise_ft_alpha={alpha:g}" if alpha is not None else ""  # on every result line of a WiSE-FT model
+    print(f"checkpoint {result['checkpoint']} ({result['checkpoint_file']}), tta_flip={result['tta_flip']}{label}")
     if result["note"]:
         print(result["note"])
     seg = result.get("task") == "segmentation"
     overall, primary = ("pixel_acc", "miou") if seg else ("acc", "mean_class_acc")
     heads = ("pixel acc %", "mIoU %") if seg else ("acc %", "mean-class %")
-    print(f"{'set':<16}{'role':<12}{'n':>10}{heads[0]:>12}{heads[1]:>14}")
+    extra = f"{'wise_ft_alpha':>15}" if alpha is not None else ""
+    print(f"{'set':<16}{'role':<12}{'n':>10}{heads[0]:>12}{heads[1]:>14}{extra}")
     for name, r in result["sets"].items():
-        print(f"{name:<16}{r['role']:<12}{r['n']:>10}{100 * r[overall]:>12.2f}{100 * r[primary]:>14.2f}")
+        extra = f"{alpha:>15g}" if alpha is not None else ""
+        print(f"{name:<16}{r['role']:<12}{r['n']:>10}{100 * r[overall]:>12.2f}{100 * r[primary]:>14.2f}{extra}")
     if "real_average" in result:
         avg = result["real_average"]
-        print(f"average {avg['metric']} over {', '.join(avg['over'])}: {100 * avg['value']:.2f}")
+        print(f"average {avg['metric']} over {', '.join(avg['over'])}: {100 * avg['value']:.2f}{label}")
     out = args.out if args.out is not None else args.run_dir
     try:
         path = save_evaluation(result, out)
@@ -245,7 +261,8 @@ def _demo(args: argparse.Namespace) -> int:
     methods = args.methods.split(",") if args.methods else None
     benchmarks = args.benchmarks.split(",") if args.benchmarks else None
     report = run_demo(out=args.out, quick=args.quick, seeds=args.seeds, methods=methods, overrides=args.overrides,
-                      benchmarks=benchmarks, full=args.full, tune=args.tune, adapt=args.adapt)  # fmt: skip
+                      benchmarks=benchmarks, full=args.full, tune=args.tune, adapt=args.adapt,
+                      jobs=args.jobs)  # fmt: skip
     print(report["markdown_table"])
     print(f"\nreport: {report['out_dir']}/report.md")
     return 0

@@ -68,9 +68,11 @@ class ModelConfig:
     weights: str = "imagenet"  # "imagenet" (packaged or cached), "none", or a .pth/.safetensors path
     hidden_dim: int = 512  # task head: feat -> hidden -> ReLU -> classes, as in ASG
     channels_last: bool = True
-    # segmentation: head on the backbone ("fcn8s" | "deeplabv3" | "lraspp") and the backbone's output stride
+    # segmentation: head on the backbone ("fcn8s" | "deeplabv3" | "lraspp" | "fpn") and the backbone's output stride
     segmenter: str = "lraspp"
     output_stride: int | None = None  # None: 32 for classification, the segmenter's default for segmentation
+    fpn_channels: int = 64  # segmenter "fpn": channels of its pyramid
+    fpn_finest_stride: int = 4  # segmenter "fpn": its finest level (4, or 2 for thin structures in small images)
     # start from a whole trained model (backbone and heads): a run folder or a .safetensors file; training
     # still starts at step 0 with a fresh optimizer (unlike --resume); the teacher stays the ImageNet network
     init_from: str | None = None
@@ -95,6 +97,9 @@ class MethodConfig:
     # logits up to float rounding, a forward about 1.6x cheaper on the CPU
     teacher_fuse_bn: bool = True
     kl_cap: float | None = None  # cap lambda*KL at this value (the GTA5 L2O script uses 9); None = off
+    probe_steps: int = 50  # LP-FT: steps that train the new head alone (backbone frozen) before full fine-tuning
+    feature_weight: float = 1.0  # feature guidance: beta of CE + beta * d(student features, teacher features)
+    feature_distance: str = "cosine"  # feature guidance: "cosine" (1 - cos, scale-free, in [0, 2]) | "mse"
 
 
 @dataclass
@@ -105,6 +110,8 @@ class OptimConfig:
     backbone_lr_mult: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    # "sgd" (ASG's optimizer, all official recipes) | "adamw" (betas (momentum, 0.999), decoupled weight decay)
+    optimizer: str = "sgd"
     sgd: str = "torch"  # "torch" | "lr_in_momentum" (the official VisDA variant)
     schedule: str = "warmup_poly_floor"  # | "warmup_poly" | "constant"
     warmup_steps: int = 100
@@ -356,6 +363,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 _CHOICES = {
     "optim.sgd": ("torch", "lr_in_momentum"),
+    "optim.optimizer": ("sgd", "adamw"),
     "optim.schedule": ("warmup_poly_floor", "warmup_poly", "constant"),
     "optim.bn_mode": ("frozen", "train"),
     "train.precision": ("fp32", "bf16", "fp16"),
@@ -365,9 +373,10 @@ _CHOICES = {
     "data.on_bad_image": ("error", "skip"),
     "data.split": ("train", "all", "val"),
     "data.class_set": (19, 16, 13),
-    "model.segmenter": ("fcn8s", "deeplabv3", "lraspp"),
+    "model.segmenter": ("fcn8s", "deeplabv3", "lraspp", "fpn"),
     "model.init_checkpoint": ("last", "source-val", "oracle"),
     "method.teacher_cache_storage": ("memory", "fp32", "fp16", "topk"),
+    "method.feature_distance": ("cosine", "mse"),
     "data.real_split": ("all", "halves"),
     "adapt.thresholds": ("class_balanced", "global"),
     "adapt.regularizer": ("none", "mrkld", "mrent"),
@@ -413,6 +422,8 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
             "optim.warmup_steps",
             "method.kl_weight",
             "method.l2sp_alpha",
+            "method.probe_steps",
+            "method.feature_weight",
             "adapt.portion_step",
             "adapt.target_weight",
             "adapt.reg_weight",

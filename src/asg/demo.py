@@ -1,17 +1,19 @@
 """The embedded synthetic-to-real benchmarks behind ``asg demo``: digits (classification) and digit scenes
 (segmentation).
 
-Within a benchmark every method trains on the same synthetic data, with the same seeds, steps and rates, and is
+Within a benchmark every method trains on the same synthetic data, with the same seeds and steps, and is
 evaluated during training on the held-out synthetic split and the real sets. Finished runs are skipped and
-interrupted ones resumed, so re-running the command continues where it stopped.
+interrupted ones resumed, so re-running the command continues where it stopped. Independent runs go to
+``jobs`` worker processes side by side (``asg.sweep``).
 
-Fair tuning (``--full`` or ``tune=True``): each method's own hyper-parameter (ERM's learning rate, ASG's lambda,
-L2-SP's alpha) gets the same grid of three values, trained with seed 0 at the benchmark's length, and the value
-with the best **source-val** score of the last checkpoint is chosen (no real label is used); the report shows
-the whole grid. Without tuning, the values in ``Benchmark.chosen`` are used (chosen by that rule on a grid run
-at the default length; see docs/demo). Digits then adapts every trained model to the unlabelled adaptation half
-of MNIST-5k (``asg adapt``, the same self-training for every starting model) and reports the test halves before
-and after.
+One grid for every method (``--tune``, and ``--full``): each method is trained with seed 0 at every learning
+rate of ``Benchmark.grid_lrs`` crossed with its own knob (ASG's lambda, LP-FT's probe length, feature guidance's
+weight, L2-SP's alpha; ERM has none), and the point with the best **source-val** score of the last checkpoint
+is chosen (no real label is used); WiSE-FT evaluates every fine-tuned ERM grid run at each alpha and is chosen
+the same way. The report shows the whole grid. Without tuning, ``Benchmark.chosen`` holds the choices of the
+grid run at the default length (docs/demo). Digits then adapts the ERM and ASG models to the unlabelled
+adaptation half of MNIST-5k (``asg adapt``, the same self-training for every starting model) and reports the
+test halves before and after.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from typing import Any
 import numpy as np
 
 from asg.config import load_config
+from asg.engine.checkpoint import atomic_write
 from asg.engine.report import plot_curves, plot_per_class
 from asg.engine.rundir import RunDir
 from asg.errors import ConfigError
+from asg.sweep import default_jobs, run_tasks, shared_data
 
 
 @dataclass(frozen=True)
@@ -46,12 +50,20 @@ class Benchmark:
     default: tuple[str, ...]  # overrides of `asg demo`
     quick: tuple[str, ...]
     full: tuple[str, ...]
-    # fair tuning: label -> (config key, grid values); labels in grid_from take another label's choice
-    grid: tuple[tuple[str, str, tuple[float, ...]], ...] = ()
+    # one grid for every method: each label is trained at every learning rate of ``grid_lrs`` crossed with its
+    # own knob (config key, values; key None: the rate alone); labels in grid_from take another label's choice
+    grid_lrs: tuple[float, ...] = ()
+    grid: tuple[tuple[str, str | None, tuple[float, ...]], ...] = ()
     grid_from: tuple[tuple[str, str], ...] = ()
-    chosen: tuple[tuple[str, str], ...] = ()  # label -> "key=value" used when not tuning
+    chosen: tuple[tuple[str, tuple[str, ...]], ...] = ()  # label -> overrides used when not tuning
+    # WiSE-FT: the backbones of this label's runs interpolated towards the pretrained one, alpha chosen on source-val
+    wise_ft_from: str | None = "erm"
+    wise_ft_alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    # segmentation: class groups reported beside the mIoU (name, class indices)
+    class_groups: tuple[tuple[str, tuple[int, ...]], ...] = ()
     # adaptation of every trained model to an unlabelled target set (None: no adaptation stage)
     adapt_target: str | None = None
+    adapt_methods: tuple[str, ...] | None = None  # the starting models adapted (None: every trained label)
     adapt: tuple[str, ...] = ()
     adapt_quick: tuple[str, ...] = ()
 
@@ -65,11 +77,14 @@ DIGITS = Benchmark(
     methods={
         "erm": "digits_erm",
         "asg": "digits_asg",
+        "lp-ft": "digits_lpft",
+        "wise-ft": "digits_erm",
+        "feature": "digits_feature",
         "l2sp": "digits_l2sp",
         "asg+l2o": "digits_asg_l2o",
         "asg+random": "digits_asg_random",
     },
-    default_methods=("erm", "asg", "asg+l2o"),
+    default_methods=("erm", "asg", "lp-ft", "wise-ft", "feature", "asg+l2o"),  # --full: all
     default_seeds=3,
     sets=("synthetic", "mnist5k_test", "uci_digits_test"),
     default=(
@@ -94,16 +109,20 @@ DIGITS = Benchmark(
         "data.eval_max_per_set=300",
         "eval.full_eval_selected=true",
     ),
+    grid_lrs=(0.01, 0.03, 0.1),
     grid=(
-        ("erm", "optim.lr", (0.003, 0.01, 0.03)),
+        ("erm", None, ()),
         ("asg", "method.kl_weight", (0.01, 0.1, 1.0)),
+        ("lp-ft", "method.probe_steps", (25, 50, 75)),
+        ("feature", "method.feature_weight", (0.1, 1.0, 10.0)),
         ("l2sp", "method.l2sp_alpha", (0.001, 0.01, 0.1)),
     ),
     grid_from=(("asg+l2o", "asg"), ("asg+random", "asg")),
-    # chosen on source-val by `asg demo --benchmarks digits --tune --no-adapt --seeds 1 --methods erm,asg,l2sp`
-    # at the default length (docs/demo/digits_grid/report.md)
-    chosen=(("erm", "optim.lr=0.03"), ("asg", "method.kl_weight=0.01"), ("l2sp", "method.l2sp_alpha=0.01")),
+    # chosen on source-val by `asg demo --benchmarks digits --tune --no-adapt --seeds 1 --methods all` at the
+    # default length (docs/demo/digits_grid/report.md)
+    chosen=(),
     adapt_target="mnist5k_adapt",
+    adapt_methods=("erm", "asg"),  # is a proxy-guided model a better start than plain fine-tuning?
     adapt=(
         "method.name=erm",  # the same self-training (CBST: cross-entropy on both parts) for every starting model
         "lr_controller=fixed",
@@ -123,20 +142,38 @@ SCENES = Benchmark(
     metric="miou",
     metric_label="mIoU",
     per_class_key="per_class_iou",
-    methods={"erm": "digit_scenes_erm", "asg": "digit_scenes_asg", "asg+l2o": "digit_scenes_asg_l2o"},
-    default_methods=("erm", "asg", "asg+l2o"),
+    methods={
+        "erm": "digit_scenes_erm",
+        "asg": "digit_scenes_asg",
+        "lp-ft": "digit_scenes_lpft",
+        "wise-ft": "digit_scenes_erm",
+        "feature": "digit_scenes_feature",
+        "asg+l2o": "digit_scenes_asg_l2o",
+    },
+    default_methods=("erm", "asg", "lp-ft", "wise-ft", "feature"),
     default_seeds=3,
     sets=("synthetic", "mnist_photos"),
-    default=("train.steps=150", "train.eval_every=75", "data.eval_max_per_set=200", "eval.full_eval_selected=false"),
+    default=("train.steps=300", "train.eval_every=100", "data.eval_max_per_set=200", "eval.full_eval_selected=false"),
     quick=(
-        "train.steps=80",
-        "train.eval_every=40",
+        "train.steps=150",
+        "train.eval_every=50",
         "data.num_train=800",
         "data.eval_max_per_set=100",
         "eval.full_eval_selected=false",
     ),  # fmt: skip
-    full=("train.steps=400", "train.eval_every=100", "data.eval_max_per_set=200", "eval.full_eval_selected=false"),
+    full=("train.steps=1200", "train.eval_every=150", "data.eval_max_per_set=200", "eval.full_eval_selected=true"),
+    grid_lrs=(0.02, 0.05),
+    grid=(
+        ("erm", None, ()),
+        ("asg", "method.kl_weight", (0.1, 1.0)),
+        ("lp-ft", "method.probe_steps", (50, 100)),
+        ("feature", "method.feature_weight", (0.1, 1.0)),
+    ),
+    grid_from=(("asg+l2o", "asg"),),
+    chosen=(),
+    class_groups=(("digit", tuple(range(1, 11))), ("background", (0,))),
 )
+WISE_FT = "wise-ft"  # a demo label without training of its own (see Benchmark.wise_ft_from)
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (DIGITS, SCENES)}
 
 
@@ -145,15 +182,28 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
 
-def _train_one(recipe: str, overrides: list[str], out_dir: Path, data) -> dict[str, Any]:
+def _train_one(recipe: str, overrides: list[str], out_dir: Path, quiet: bool = False) -> dict[str, Any]:
+    """Train one run into ``out_dir`` (or read the finished one, or resume the interrupted one): its summary."""
     from asg.engine.trainer import Trainer
 
     if (out_dir / "done").exists():
         return json.loads((out_dir / "summary.json").read_text())
     resume = RunDir(out_dir).has_checkpoint()
     cfg = load_config(out_dir / "config.yaml" if resume else recipe, overrides)
-    Trainer(cfg, out_dir, data=data, resume=resume).run()
+    Trainer(cfg, out_dir, data=shared_data(cfg.data), resume=resume, quiet=quiet).run()
     return json.loads((out_dir / "summary.json").read_text())
+
+
+def _train_all(tasks: list[tuple[str, list[str], Path]], jobs: int) -> list[dict[str, Any]]:
+    """Every (recipe, overrides, folder) task trained (``jobs`` at a time): their summaries, in order; one line
+    per finished run when the runs go to worker processes (their progress bars are off)."""
+    if jobs <= 1:
+        return [_train_one(*task) for task in tasks]
+    todo = [t for t in tasks if not (t[2] / "done").exists()]
+    if todo:
+        print(f"asg demo: {len(todo)} runs, {min(jobs, len(todo))} at a time", flush=True)
+    run_tasks(_train_one, [(*t, True) for t in todo], jobs)
+    return [_train_one(*task) for task in tasks]  # all finished now: read back
 
 
 def run_demo(
@@ -166,13 +216,14 @@ def run_demo(
     full: bool = False,
     tune: bool | None = None,
     adapt: bool = True,
+    jobs: int | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate each benchmark's methods over ``seeds`` seeds; write report.md/report.json and plots.
 
     Each benchmark goes to ``out/<benchmark>/`` (its own report) and ``out/report.md`` gathers them. ``methods``
     picks labels present in a benchmark (others are skipped there); ``full`` runs every method, longer, after
     tuning each on its grid (``tune``, default: ``full``); ``adapt`` runs the adaptation stage where a benchmark
-    has one.
+    has one. ``jobs``: runs trained side by side in worker processes (default ``asg.sweep.default_jobs``).
     """
     out_dir = Path(out) if out is not None else Path("runs") / ("demo-quick" if quick else "demo")
     names = benchmarks or list(BENCHMARKS)
@@ -183,6 +234,9 @@ def run_demo(
     bad = [m for m in methods or [] if m not in known]
     if bad:
         raise ConfigError(f"unknown demo method {bad[0]!r}; choose from {', '.join(sorted(known))}")
+    first = BENCHMARKS[names[0]]
+    device = load_config(first.methods[first.default_methods[0]], list(overrides)).train.device
+    n_jobs = jobs if jobs is not None else default_jobs(device)
     with RunDir(out_dir):  # one demo per folder at a time
         t0 = time.time()
         reports = {}
@@ -192,10 +246,10 @@ def run_demo(
             if chosen:
                 do_tune = full if tune is None else tune
                 reports[name] = _run_benchmark(bench, out_dir / name, quick, full, seeds, chosen, overrides,
-                                               do_tune, adapt)  # fmt: skip
+                                               do_tune, adapt, n_jobs)  # fmt: skip
         wall = time.time() - t0
-        combined = {"wall_time_s": round(wall, 1), "benchmarks": reports, "out_dir": str(out_dir)}
-        (out_dir / "report.md").write_text(_combined_markdown(reports, wall))
+        combined = {"wall_time_s": round(wall, 1), "benchmarks": reports, "out_dir": str(out_dir), "jobs": n_jobs}
+        (out_dir / "report.md").write_text(_combined_markdown(reports, wall, n_jobs))
         combined["markdown_table"] = "\n\n".join(
             f"{BENCHMARKS[n].title}, {BENCHMARKS[n].metric_label} (%):\n{r['markdown_table']}"
             for n, r in reports.items()
@@ -213,93 +267,206 @@ def _run_benchmark(
     overrides: list[str] | tuple[str, ...],
     tune: bool = False,
     adapt: bool = True,
+    jobs: int = 1,
 ) -> dict[str, Any]:
-    from asg.data import build_data
-
     seeds = seeds if seeds is not None else (1 if quick else bench.default_seeds if not full else 3)
     common = list(bench.quick if quick else bench.full if full else bench.default) + list(overrides)
     t0 = time.time()
-    data = build_data(load_config(bench.methods[methods[0]], common).data)
     grid_rows: list[dict[str, Any]] = []
     tuned_runs: dict[str, Path] = {}  # label -> its chosen grid run (= that label's seed-0 run: not trained twice)
     if tune and bench.grid:
-        choices, grid_rows = _tune(bench, out_dir, common, data, methods)
-        for label, key, _values in bench.grid:
-            if label in choices:
-                value = float(choices[label][0].split("=", 1)[1])
-                tuned_runs[label] = out_dir / "tune" / f"{label}_{key.rsplit('.', 1)[-1]}={value:g}"
+        choices, grid_rows, tuned_runs = _tune(bench, out_dir, common, methods, jobs)
         how = "tuned now: best source-val score of the last checkpoint, seed 0, whole grid below"
     else:
-        choices = {label: [kv] for label, kv in bench.chosen}
+        choices = {label: list(kv) for label, kv in bench.chosen}
         how = "the recipe's values" if not choices else "chosen earlier by the same rule (docs/demo)"
     for label, other in bench.grid_from:
         if other in choices:
             choices[label] = choices[other]
-    summaries, trained = [], []
+    trained = []  # (label, seed, folder, overrides)
     for seed in range(seeds):
         for method in methods:
+            if method == WISE_FT:
+                continue
             run_overrides = common + choices.get(method, []) + [f"train.seed={seed}", f"name={method}_seed{seed}"]
             run_dir = out_dir / "runs" / f"{method}_seed{seed}"
             if seed == 0 and method in tuned_runs:
                 run_dir = tuned_runs[method]
-            summary = _train_one(bench.methods[method], run_overrides, run_dir, data)
-            summary["label"], summary["run_dir"] = method, str(run_dir)
-            summaries.append(summary)
             trained.append((method, seed, run_dir, run_overrides))
+    summaries = _train_all([(bench.methods[m], over, folder) for m, _, folder, over in trained], jobs)
+    for (method, _seed, run_dir, _over), summary in zip(trained, summaries):
+        summary["label"], summary["run_dir"] = method, str(run_dir)
+    if WISE_FT in methods and bench.wise_ft_from is not None:
+        summaries += _wise_ft_runs(bench, out_dir, common, choices, tuned_runs, seeds, jobs)
     train_wall = time.time() - t0
     adaptations = []
     if adapt and bench.adapt_target is not None:
         extra = list(bench.adapt) + (list(bench.adapt_quick) if quick else [])
-        for method, seed, run_dir, run_overrides in trained:
-            over = run_overrides + extra + list(overrides)  # the caller's overrides win
-            adaptations.append(_adapt_one(bench, method, seed, run_dir, over, out_dir, data))
+        tasks = [(bench.methods[method], bench.adapt_target, method, seed, run_dir, run_overrides + extra +
+                  list(overrides), out_dir, jobs > 1) for method, seed, run_dir, run_overrides in trained
+                 if bench.adapt_methods is None or method in bench.adapt_methods]  # fmt: skip
+        adaptations = run_tasks(_adapt_one, tasks, jobs)
     report = build_report(bench, summaries, out_dir, quick=quick, wall_s=time.time() - t0, settings=common,
                           grid=grid_rows, choices={k: v for k, v in choices.items() if k in methods},
                           choice_rule=how, adaptations=adaptations, train_wall_s=train_wall)  # fmt: skip
     return report
 
 
-def _tune(
-    bench: Benchmark, out_dir: Path, common: list[str], data: Any, methods: list[str]
-) -> tuple[dict[str, list[str]], list[dict[str, Any]]]:
-    """Train each grid point (seed 0) of the methods in use; choose per method on source-val only.
+def _grid_name(label: str, lr: float, key: str | None, value: float | None) -> str:
+    knob = f"_{key.rsplit('.', 1)[-1]}={value:g}" if key is not None else ""
+    return f"{label}_lr={lr:g}{knob}"
 
-    Returns (label -> the chosen ``key=value`` overrides, one row per grid point)."""
-    source_val, real = bench.sets[0], bench.sets[1:]
+
+def _tune(
+    bench: Benchmark, out_dir: Path, common: list[str], methods: list[str], jobs: int = 1
+) -> tuple[dict[str, list[str]], list[dict[str, Any]], dict[str, Path]]:
+    """Train each grid point (seed 0) of the methods in use: every learning rate of ``bench.grid_lrs`` crossed
+    with the method's own knob; choose per method on source-val only (the first of equal scores, in grid order).
+
+    WiSE-FT adds no training: each of its source label's grid runs is evaluated at every alpha.
+    Returns (label -> the chosen overrides, one row per grid point, label -> its chosen grid run)."""
     wanted = {dict(bench.grid_from).get(m, m) for m in methods}
-    choices: dict[str, list[str]] = {}
-    rows: list[dict[str, Any]] = []
+    with_wise = WISE_FT in methods and bench.wise_ft_from is not None
+    if with_wise:
+        wanted.add(str(bench.wise_ft_from))
+    points = []  # (label, lr, key, value, overrides, folder)
     for label, key, values in bench.grid:
-        if label not in wanted:
-            continue
-        scores = []
-        for value in values:
-            name = f"{label}_{key.rsplit('.', 1)[-1]}={value:g}"
-            run = common + ["train.seed=0", f"name=tune_{name}", f"{key}={value}"]
-            last = _train_one(bench.methods[label], run, out_dir / "tune" / name, data)["selections"]["last"]
-            metrics = last["metrics"]
-            scores.append(metrics[source_val][bench.metric])
-            rows.append({"method": label, "key": key, "value": value, "source_val": scores[-1],
-                         "real": {s: metrics[s][bench.metric] for s in real if s in metrics}})  # fmt: skip
-        best = max(range(len(values)), key=lambda i: (scores[i], -i))  # the first of equal scores
-        choices[label] = [f"{key}={values[best]}"]
-        for row in rows[-len(values) :]:
-            row["chosen"] = row["value"] == values[best]
-    return choices, rows
+        if label in wanted:
+            for lr in bench.grid_lrs:
+                for value in values if key is not None else (None,):
+                    over = [f"optim.lr={lr}"] + ([f"{key}={value}"] if key is not None else [])
+                    points.append((label, lr, key, value, over, out_dir / "tune" / _grid_name(label, lr, key, value)))
+    summaries = _train_all([(bench.methods[label], common + ["train.seed=0", f"name=tune_{folder.name}", *over],
+                             folder) for label, _, _, _, over, folder in points], jobs)  # fmt: skip
+    wise_rows: dict[Path, list[dict[str, Any]]] = {}
+    if with_wise:
+        folders = [pt[5] for pt in points if pt[0] == bench.wise_ft_from]
+        results = run_tasks(_wise_ft_eval, [(f, bench.wise_ft_alphas, None) for f in folders], jobs)
+        for _label, lr, *_rest, folder in (pt for pt in points if pt[0] == bench.wise_ft_from):
+            res = results[folders.index(folder)]
+            wise_rows[folder] = [_grid_row(bench, WISE_FT, lr, "wise_ft_alpha", alpha, metrics, [f"optim.lr={lr}"])
+                                 for alpha, metrics in res.items()]  # fmt: skip
+    choices: dict[str, list[str]] = {}
+    runs: dict[str, Path] = {}
+    rows: list[dict[str, Any]] = []
+    for label in dict.fromkeys(pt[0] for pt in points):
+        label_rows = []
+        for (lbl, lr, key, value, over, folder), summary in zip(points, summaries):
+            if lbl == label:
+                metrics = summary["selections"]["last"]["metrics"]
+                label_rows.append(_grid_row(bench, label, lr, key, value, metrics, over) | {"folder": str(folder)})
+        best = _choose(label_rows)
+        choices[label], runs[label] = best["overrides"], Path(best["folder"])
+        for row in label_rows:
+            rows.append(row)
+            rows += wise_rows.get(Path(row.pop("folder")), [])
+    wise = [r for r in rows if r["method"] == WISE_FT]
+    if wise:
+        choices[WISE_FT] = [f"optim.lr={_choose(wise)['lr']}"]
+    return choices, rows, runs
+
+
+def _grid_row(bench: Benchmark, label: str, lr: float, key: str | None, value: float | None,
+              metrics: dict[str, Any], over: list[str]) -> dict[str, Any]:  # fmt: skip
+    source_val, real = bench.sets[0], bench.sets[1:]
+    return {"method": label, "lr": lr, "key": key, "value": value, "overrides": over,
+            "source_val": metrics[source_val][bench.metric],
+            "real": {s: metrics[s][bench.metric] for s in real if s in metrics}}  # fmt: skip
+
+
+def _choose(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The row with the best source-val score (the first of equal scores); marks every row's ``chosen``."""
+    best = max(range(len(rows)), key=lambda i: (rows[i]["source_val"], -i))
+    for i, row in enumerate(rows):
+        row["chosen"] = i == best
+    return rows[best]
+
+
+def _wise_ft_eval(
+    folder: Path, alphas: tuple[float, ...], sets: list[str] | None
+) -> dict[float, dict[str, dict[str, Any]]]:
+    """``asg.api.evaluate_wise_ft`` of a finished run's last weights, without the confusion matrices."""
+    from asg.api import evaluate_wise_ft
+
+    results = evaluate_wise_ft(folder, alphas, sets=sets)
+    return {a: {k: {m: v for m, v in r.items() if m != "confusion"} for k, r in res.items()}
+            for a, res in results.items()}  # fmt: skip
+
+
+def _wise_ft_one(folder: Path, alphas: tuple[float, ...], source_val: str, metric: str) -> dict[str, Any]:
+    """WiSE-FT of one fine-tuned run: alpha chosen on ``source_val``, then evaluated on every set; kept in
+    ``<folder>/wise_ft.json`` (read back when present)."""
+    from asg.methods.wise_ft import choose_alpha
+
+    cached = folder / "wise_ft.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    source = _wise_ft_eval(folder, alphas, [source_val])
+    alpha = choose_alpha({a: m[source_val][metric] for a, m in source.items()})
+    result = {"alpha": alpha, "source_val": {str(a): m[source_val][metric] for a, m in source.items()},
+              "metrics": _wise_ft_eval(folder, (alpha,), None)[alpha]}  # fmt: skip
+    atomic_write(cached, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+    return result
+
+
+def _wise_ft_runs(
+    bench: Benchmark,
+    out_dir: Path,
+    common: list[str],
+    choices: dict[str, list[str]],
+    tuned_runs: dict[str, Path],
+    seeds: int,
+    jobs: int = 1,
+) -> list[dict[str, Any]]:
+    """WiSE-FT rows: per seed, the fine-tuned run of ``bench.wise_ft_from`` at WiSE-FT's chosen rate (that
+    label's own run when the rates agree, else trained here) with its backbone interpolated towards the
+    pretrained one; alpha chosen on source-val per run, the chosen alpha evaluated on every set.
+
+    Returns run summaries shaped like the trainer's (selection "last", ``wise_ft_alpha`` recorded)."""
+    base = str(bench.wise_ft_from)
+    own = choices.get(WISE_FT, choices.get(base, []))
+    same = own == choices.get(base, [])
+    tasks = []
+    for seed in range(seeds):
+        name = f"{base if same else WISE_FT + '-base'}_seed{seed}"
+        folder = out_dir / "runs" / name
+        if seed == 0 and same and base in tuned_runs:
+            folder = tuned_runs[base]
+        elif seed == 0 and own:  # WiSE-FT's own rate: its grid run is ERM's run at that rate
+            grid_dir = out_dir / "tune" / _grid_name(base, float(own[0].split("=", 1)[1]), None, None)
+            folder = grid_dir if (grid_dir / "done").exists() else folder
+        tasks.append((bench.methods[base], common + own + [f"train.seed={seed}", f"name={name}"], folder))
+    summaries = _train_all(tasks, jobs)
+    results = run_tasks(_wise_ft_one, [(t[2], bench.wise_ft_alphas, bench.sets[0], bench.metric) for t in tasks],
+                        jobs)  # fmt: skip
+    out = []
+    for seed, (summary, result) in enumerate(zip(summaries, results)):
+        last = {"step": summary["selections"]["last"]["step"], "tta_flip": False, "metrics": result["metrics"],
+                "wise_ft_alpha": result["alpha"]}  # fmt: skip
+        out.append({"label": WISE_FT, "seed": seed, "class_names": summary["class_names"], "wise_ft": result,
+                    "selections": {"last": last}, "timing": None})  # fmt: skip
+    return out
 
 
 def _adapt_one(
-    bench: Benchmark, method: str, seed: int, run_dir: Path, overrides: list[str], out_dir: Path, data: Any
+    recipe: str,
+    target: str,
+    method: str,
+    seed: int,
+    run_dir: Path,
+    overrides: list[str],
+    out_dir: Path,
+    quiet: bool = False,
 ) -> dict[str, Any]:
-    """Adapt one trained run to ``bench.adapt_target`` (or read the finished adaptation)."""
+    """Adapt one trained run to the target set ``target`` (or read the finished adaptation)."""
     from asg.adapt import Adaptation
 
     folder = out_dir / "adapt" / f"{method}_seed{seed}"
     if not (folder / "done").exists():
-        over = overrides + [f"model.init_from={run_dir}", f"adapt.target={bench.adapt_target}",
-                            f"name=adapt_{method}_seed{seed}"]  # fmt: skip
-        Adaptation(load_config(bench.methods[method], over), folder, data=data,
-                   resume=(folder / "config.yaml").exists()).run()  # fmt: skip
+        over = overrides + [f"model.init_from={run_dir}", f"adapt.target={target}", f"name=adapt_{method}_seed{seed}"]
+        cfg = load_config(recipe, over)
+        Adaptation(cfg, folder, data=shared_data(cfg.data), resume=(folder / "config.yaml").exists(),
+                   quiet=quiet).run()  # fmt: skip
     state = json.loads((folder / "adaptation.json").read_text())
     return {"method": method, "seed": seed, "folder": str(folder.relative_to(out_dir)), **state}
 
@@ -327,7 +494,7 @@ def build_report(
     for s in summaries:
         last = s["selections"]["last"]
         metrics = {
-            k: {key: val for key, val in v.items() if not key.startswith("per_class")}
+            k: {key: val for key, val in v.items() if not key.startswith("per_class")} | group_means(bench, v)
             for k, v in last["metrics"].items()
         }
         runs.append(
@@ -337,6 +504,7 @@ def build_report(
                 "selection": "last",
                 "step": last["step"],
                 "tta_flip": last["tta_flip"],
+                "wise_ft_alpha": last.get("wise_ft_alpha"),
                 "metrics": metrics,
                 "oracle": _brief(s["selections"].get("oracle"), metric),
                 "source_val": _brief(s["selections"].get("source-val"), metric),
@@ -356,6 +524,13 @@ def build_report(
             vals = [r["metrics"][set_name][metric] for r in rows if set_name in r["metrics"]]
             if vals:
                 entry[set_name] = _mean_std(vals)
+            for group, _ in bench.class_groups:
+                vals = [r["metrics"][set_name][f"{group}_iou"] for r in rows if set_name in r["metrics"]]
+                if vals:
+                    entry[f"{set_name}_{group}_iou"] = _mean_std(vals)
+        alphas = [r["wise_ft_alpha"] for r in rows if r.get("wise_ft_alpha") is not None]
+        if alphas:
+            entry["wise_ft_alpha"] = alphas
         for key in ("top1_agreement", "kl"):
             vals = [r["metrics"]["real_photos"][key] for r in rows if "real_photos" in r["metrics"]]
             if vals:
@@ -375,7 +550,7 @@ def build_report(
     for set_name in bench.sets:
         path = out_dir / f"curve_{set_name}.png"
         plot_curves(
-            {label: mean_curves[label].get(set_name, []) for label in labels},
+            {label: mean_curves[label].get(set_name, []) for label in labels if label in mean_curves},
             path,
             title=f"{set_name}: {bench.metric_label} during training (mean over seeds)",
             ylabel=f"{bench.metric_label} (%)",
@@ -451,12 +626,28 @@ def _fmt(ms: tuple[float, float] | None, scale: float = 100.0, digits: int = 1) 
     return f"{scale * ms[0]:.{digits}f} ± {scale * ms[1]:.{digits}f}"
 
 
+def group_means(bench: Benchmark, metrics: dict[str, Any]) -> dict[str, float]:
+    """``{"<group>_iou": mean IoU over the group's classes present in the set}`` for ``bench.class_groups``."""
+    per_class = metrics.get(bench.per_class_key)
+    if not bench.class_groups or per_class is None:
+        return {}
+    out = {}
+    for group, classes in bench.class_groups:
+        vals = [per_class[c] for c in classes if per_class[c] is not None]
+        out[f"{group}_iou"] = float(np.mean(vals)) if vals else float("nan")
+    return out
+
+
 def markdown_table(bench: Benchmark, table: dict) -> str:
-    header = ["method", "seeds", *(f"{s} (held-out)" if i == 0 else s for i, s in enumerate(bench.sets))]
-    header += ["ImageNet top-1 agreement", "ImageNet KL"]
+    columns = []  # (header, key)
+    for i, s in enumerate(bench.sets):
+        name = f"{s} (held-out)" if i == 0 else s
+        columns.append((f"{name} {bench.metric_label}" if bench.class_groups else name, s))
+        columns += [(f"{s} {group} IoU", f"{s}_{group}_iou") for group, _ in bench.class_groups]
+    header = ["method", "seeds", *(h for h, _ in columns), "ImageNet top-1 agreement", "ImageNet KL"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, e in table.items():
-        cells = [label, str(e["seeds"]), *(_fmt(e.get(s)) for s in bench.sets)]
+        cells = [label, str(e["seeds"]), *(_fmt(e.get(key)) for _, key in columns)]
         cells += [_fmt(e.get("real_photos_top1_agreement")), _fmt(e.get("real_photos_kl"), 1.0, 3)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -493,11 +684,12 @@ def adaptation_markdown(bench: Benchmark, table: dict[str, Any]) -> str:
 
 def _grid_markdown(bench: Benchmark, grid: list[dict]) -> str:
     real = bench.sets[1:]
-    head = ["method", "setting", f"{bench.sets[0]} (source-val, used)"] + [f"{s} (not used)" for s in real]
+    head = ["method", "optim.lr", "own knob", f"{bench.sets[0]} (source-val, used)"] + [f"{s} (not used)" for s in real]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in grid:
         mark = " **chosen**" if row.get("chosen") else ""
-        cells = [row["method"], f"{row['key']}={row['value']:g}{mark}", f"{100 * row['source_val']:.1f}"]
+        knob = f"{row['key']}={row['value']:g}" if row.get("key") else "–"
+        cells = [row["method"] + mark, f"{row['lr']:g}", knob, f"{100 * row['source_val']:.1f}"]
         cells += [f"{100 * row['real'][s]:.1f}" if s in row["real"] else "–" for s in real]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -517,8 +709,9 @@ def _markdown(bench: Benchmark, report: dict) -> str:
         extra += f"\nHyper-parameters per method ({report['choice_rule']}): {chosen}.\n"
     if report.get("grid"):
         extra += (
-            "\nTuning grid (seed 0, same length; each method's own parameter over three values, chosen on the "
-            f"held-out synthetic split only):\n\n{_grid_markdown(bench, report['grid'])}\n"
+            f"\nTuning grid (seed 0, same length; every method at the learning rates {list(bench.grid_lrs)} crossed "
+            "with its own knob; WiSE-FT evaluates each fine-tuned ERM run at every alpha; chosen on the held-out "
+            f"synthetic split only):\n\n{_grid_markdown(bench, report['grid'])}\n"
         )
     if report.get("adaptation_markdown"):
         extra += (
@@ -577,8 +770,9 @@ def _timing_words(report: dict) -> str:
             f"{100 * (t.get('eval_s', 0) + t.get('final_s', 0)) / report['train_wall_time_s']:.0f} %")  # fmt: skip
 
 
-def _combined_markdown(reports: dict[str, dict], wall_s: float) -> str:
-    parts = [f"# asg demo\n\nWall time {wall_s / 60:.1f} min for {len(reports)} benchmark(s).\n"]
+def _combined_markdown(reports: dict[str, dict], wall_s: float, jobs: int = 1) -> str:
+    parts = [f"# asg demo\n\nWall time {wall_s / 60:.1f} min for {len(reports)} benchmark(s), {jobs} run(s) at a "
+             "time.\n"]  # fmt: skip
     for name, r in reports.items():
         bench = BENCHMARKS[name]
         parts.append(f"## {bench.title}: {bench.metric_label} (%), last checkpoint\n\n{r['markdown_table']}\n\n"

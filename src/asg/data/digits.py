@@ -160,6 +160,22 @@ def digit_fonts(dirs: tuple[Path, ...] = FONT_DIRS) -> tuple[Path, ...]:
 # --------------------------------------------------------------------------- rendering
 
 
+def random_affine(canvas: Image.Image, rng: np.random.Generator) -> np.ndarray:
+    """``canvas`` (mode "L") under a random rotation (±15°), shear (±0.3) and aspect (0.75-1.15) about its centre:
+    float32 [H, W] in [0, 1]."""
+    c = canvas.width / 2
+    theta, shear, sx = np.deg2rad(rng.uniform(-15, 15)), rng.uniform(-0.3, 0.3), rng.uniform(0.75, 1.15)
+    rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    fwd = rot @ np.array([[1.0, shear], [0.0, 1.0]]) @ np.diag([sx, 1.0])  # acts on (x, y) about the centre
+    inv = np.linalg.inv(fwd)
+    off = np.array([c, c]) - inv @ np.array([c, c])
+    coeffs = (inv[0, 0], inv[0, 1], off[0], inv[1, 0], inv[1, 1], off[1])
+    return (
+        np.asarray(canvas.transform(canvas.size, Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR), np.float32)
+        / 255.0
+    )
+
+
 def _render_one(rng: np.random.Generator, font: ImageFont.FreeTypeFont, digit: int) -> np.ndarray:
     """One randomised digit: stroke width, rotation, shear, aspect, box size, jitter, blur, contrast, noise."""
     canvas = Image.new("L", (CANVAS, CANVAS))
@@ -167,16 +183,7 @@ def _render_one(rng: np.random.Generator, font: ImageFont.FreeTypeFont, digit: i
     c = CANVAS / 2
     draw = ImageDraw.Draw(canvas)
     draw.text((c, c), str(digit), font=font, fill=255, anchor="mm", stroke_width=stroke, stroke_fill=255)
-    theta, shear, sx = np.deg2rad(rng.uniform(-15, 15)), rng.uniform(-0.3, 0.3), rng.uniform(0.75, 1.15)
-    rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
-    fwd = rot @ np.array([[1.0, shear], [0.0, 1.0]]) @ np.diag([sx, 1.0])  # acts on (x, y) about the centre
-    inv = np.linalg.inv(fwd)
-    off = np.array([c, c]) - inv @ np.array([c, c])
-    coeffs = (inv[0, 0], inv[0, 1], off[0], inv[1, 0], inv[1, 1], off[1])
-    glyph = (
-        np.asarray(canvas.transform(canvas.size, Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR), np.float32)
-        / 255.0
-    )
+    glyph = random_affine(canvas, rng)
     img = frame_digit(glyph, box=rng.uniform(16.0, 22.0), shift=tuple(rng.uniform(-1.5, 1.5, size=2)))
     if rng.random() < 0.5:
         from scipy.ndimage import gaussian_filter

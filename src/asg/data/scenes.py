@@ -30,17 +30,25 @@ from asg.config import DataConfig
 from asg.data import digits
 from asg.data.bundle import IGNORE_INDEX, DataBundle, LabeledSubset, stratified_split
 from asg.data.npz_cache import cached_arrays
+from asg.data.pen_digits import pen_digit
 from asg.data.photos import photo_files
 from asg.data.targets import ImagesOf, split_halves
 
 CLASSES = ["background", *digits.CLASSES]
 PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
            (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]  # fmt: skip
-SCENES_VERSION = 1  # bump when rendering changes: it is part of the cache keys
+SCENES_VERSION = 6  # bump when rendering changes: it is part of the cache keys
 CORE, EDGE = 0.5, 0.15  # glyph coverage thresholds: >= CORE is the digit, (EDGE, CORE) is ignored (255)
 SOURCE_VAL, REAL_SET = "synthetic", "mnist_photos"  # set names (source-val as in the digits benchmark)
 NUM_REAL, REAL_SEED = 500, 0  # the real set is fixed: always the same 500 scenes at a given image size
-DIGIT_HEIGHT = (0.3, 0.55)  # digit height as a fraction of the image side
+DIGIT_HEIGHT = (0.3, 0.5)  # digit height as a fraction of the image side
+DIGITS_PER_SCENE = (1, 3)  # fewest and most digits in a scene (both domains)
+PEN_FRACTION = 0.6  # synthetic digits drawn with a pen (asg.data.pen_digits); the others come from fonts
+DISTRACTORS_PER_SCENE = 1  # most distractor letters in a synthetic scene
+PHOTO_CROP = (0.25, 0.9)  # a real background: a square crop of this fraction of a photo's short side
+# distractor letters (labelled background): none that a font or a hand draws like a digit (O, I, l, S, Z, B, G, b,
+# g, q, ...)
+DISTRACTORS = "ACEFHKMNPRTUVWXYacefhkmnrtuvwxy"
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
@@ -83,10 +91,11 @@ def _resize(arr: np.ndarray, w: int, h: int) -> np.ndarray:
 
 
 def texture(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A procedural background, float32 [size, size, 3] in [0, 1]: smooth colour noise, stripes, a gradient or
-    soft blobs, in random colours, plus a little pixel noise."""
+    """A procedural background, float32 [size, size, 3] in [0, 1]: smooth colour noise, stripes, a gradient,
+    multi-octave noise, "dead leaves" (the occlusion statistics of natural images) or soft blobs, in random
+    colours, plus a little pixel noise."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    kind = rng.integers(4)
+    kind = rng.integers(6)
     c1, c2 = rng.random(3, dtype=np.float32), rng.random(3, dtype=np.float32)
     if kind == 0:  # smooth colour noise
         k = int(rng.integers(2, 7))
@@ -97,6 +106,22 @@ def texture(rng: np.random.Generator, size: int) -> np.ndarray:
         t = 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(1.5, 6.0) * u + rng.uniform(0, 2 * np.pi)) if kind == 1 else u
         t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
         bg = c1 + t[..., None] * (c2 - c1)
+    elif kind == 4:  # multi-octave (1/f-like) colour noise: the clutter statistics of natural images
+        bg = np.zeros((size, size, 3), np.float32)
+        for octave in range(4):
+            k = 2 ** (octave + 2)
+            layer = np.stack([_resize(rng.random((k, k), dtype=np.float32), size, size) for _ in range(3)], -1)
+            bg += layer / 2**octave
+        bg = c1 + (bg / bg.max() - 0.5) * (c2 - c1) * 1.5
+    elif kind == 5:  # "dead leaves": overlapping discs and boxes with power-law sizes (natural-image statistics)
+        img = Image.new("RGB", (size, size), tuple(int(255 * v) for v in c1))
+        draw = ImageDraw.Draw(img)
+        for _ in range(int(rng.integers(30, 120))):
+            r = size * 0.03 / max(float(rng.random()), 0.03) ** 0.7  # many small shapes, a few large ones
+            cy, cx = rng.uniform(-0.1, 1.1, size=2) * size
+            fill = tuple(int(v) for v in rng.integers(0, 256, size=3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        bg = np.asarray(img, np.float32) / 255.0
     else:  # soft blobs of random colours on a plain colour
         bg = np.broadcast_to(c1, (size, size, 3)).copy()
         for _ in range(int(rng.integers(3, 9))):
@@ -108,10 +133,10 @@ def texture(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def photo_crop(rng: np.random.Generator, photos: Sequence[np.ndarray], size: int) -> np.ndarray:
-    """A random square crop (25-90% of the short side) of a random photo, resized: float32 [size, size, 3]."""
+    """A random square crop (``PHOTO_CROP`` of the short side) of a random photo, resized: float32 [size, size, 3]."""
     photo = photos[int(rng.integers(len(photos)))]
     h, w = photo.shape[:2]
-    side = int(rng.uniform(0.25, 0.9) * min(h, w))
+    side = int(rng.uniform(*PHOTO_CROP) * min(h, w))
     top, left = int(rng.integers(h - side + 1)), int(rng.integers(w - side + 1))
     crop = Image.fromarray(photo[top : top + side, left : left + side]).resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(crop, np.float32) / 255.0
@@ -163,7 +188,8 @@ def paste_digit(
     h, w = alpha.shape
     region, labels = image[top : top + h, left : left + w], mask[top : top + h, left : left + w]
     region += alpha[..., None] * (colour - region)
-    labels[(alpha > EDGE) & (alpha < CORE)] = IGNORE_INDEX
+    if cls > 0:  # a digit; class 0 is a distractor: its core is background, its edge keeps the label below
+        labels[(alpha > EDGE) & (alpha < CORE)] = IGNORE_INDEX
     labels[alpha >= CORE] = cls
 
 
@@ -213,22 +239,66 @@ def _heights(rng: np.random.Generator, size: int, n: int) -> np.ndarray:
     return rng.uniform(*DIGIT_HEIGHT, size=n) * size
 
 
+def font_glyph(rng: np.random.Generator, font: ImageFont.FreeTypeFont, text: str) -> np.ndarray:
+    """``text`` in ``font`` with a stroke of 0-3 px at the font size, under
+    :func:`asg.data.digits.random_affine` (rotation ±15°, shear ±0.3, aspect 0.75-1.15): float32 [2 px, 2 px]."""
+    px = int(font.size)
+    canvas = Image.new("L", (2 * px, 2 * px))
+    stroke = int(rng.choice([0, 0, 1, 2, 3]))
+    ImageDraw.Draw(canvas).text((px, px), text, font=font, fill=255, anchor="mm", stroke_width=stroke, stroke_fill=255)
+    return digits.random_affine(canvas, rng)
+
+
+def wobble_and_blur(rng: np.random.Generator, alpha: np.ndarray, px: int) -> np.ndarray:
+    """A glyph's coverage (float [H, W], glyph about ``px`` tall) -> float32 [h, w] in [0, 1], cropped to its ink:
+    with probability 0.5 an elastic wobble (a smooth random displacement field, up to ~5% of the glyph size), with
+    probability 0.5 a slight blur (soft edges, as the real digits' upscaled strokes)."""
+    from scipy.ndimage import gaussian_filter, map_coordinates
+
+    if rng.random() < 0.5:
+        amp, smooth = rng.uniform(0.02, 0.05) * px, px / 6
+        field = [gaussian_filter(rng.standard_normal(alpha.shape), smooth) for _ in range(2)]
+        field = [f * amp / max(float(np.abs(f).max()), 1e-6) for f in field]
+        yy, xx = np.mgrid[0 : alpha.shape[0], 0 : alpha.shape[1]].astype(np.float64)
+        alpha = map_coordinates(alpha, [yy + field[0], xx + field[1]], order=1).astype(np.float32)
+    if rng.random() < 0.5:
+        alpha = gaussian_filter(alpha, rng.uniform(0.3, 1.0) * px / 28).astype(np.float32)
+        alpha /= max(float(alpha.max()), 1e-6)
+    return _crop_ink(np.clip(alpha, 0.0, 1.0).astype(np.float32))
+
+
+def synthetic_glyph(rng: np.random.Generator, fonts: Sequence[ImageFont.FreeTypeFont], text: str) -> np.ndarray:
+    """One synthetic glyph's coverage, float32 [h, w] in [0, 1], cropped to its ink: a digit drawn with a pen
+    (:func:`asg.data.pen_digits.pen_digit`, probability ``PEN_FRACTION``) or ``text`` in a random font, then
+    :func:`wobble_and_blur`. Letters (distractors) always come from a font."""
+    font = fonts[int(rng.integers(len(fonts)))]
+    px = int(font.size)
+    if text.isdigit() and rng.random() < PEN_FRACTION:
+        return wobble_and_blur(rng, pen_digit(rng, int(text), px), px)
+    return wobble_and_blur(rng, font_glyph(rng, font, text), px)
+
+
 def render_synthetic_scenes(
     n: int, seed: int, size: int, fonts: tuple[Path, ...] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """``n`` font-digit scenes on textures: (uint8 images [n, size, size, 3], uint8 masks [n, size, size]).
 
-    Deterministic for ``(n, seed, size, fonts)``; each digit has a random class, font, weight and rotation (±12°).
+    Deterministic for ``(n, seed, size, fonts)``. Each scene: a texture, 0-2 distractor letters (labelled
+    background: strokes that are not digits), then 2-4 digits of random classes, each drawn with a pen
+    or from a random font (:func:`synthetic_glyph`).
     """
     fonts = digits.digit_fonts() if fonts is None else fonts
-    bank = glyph_bank(fonts, max(digits.FONT_PX, size))
+    loaded = [ImageFont.truetype(str(p), max(digits.FONT_PX, size)) for p in fonts]
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 16180]))
     images, masks = np.zeros((n, size, size, 3), np.uint8), np.zeros((n, size, size), np.uint8)
     for i in range(n):
-        k = int(rng.integers(2, 5))
-        classes, variants, heights = rng.integers(10, size=k), rng.integers(len(bank), size=k), _heights(rng, size, k)
-        glyphs = [(fit_glyph(bank[v][c], hgt, size, rng.uniform(-12, 12)), int(c) + 1)
-                  for c, v, hgt in zip(classes, variants, heights)]  # fmt: skip
+        glyphs = []
+        for _ in range(int(rng.integers(0, DISTRACTORS_PER_SCENE + 1))):
+            letter = DISTRACTORS[int(rng.integers(len(DISTRACTORS)))]
+            glyphs.append((fit_glyph(synthetic_glyph(rng, loaded, letter), _heights(rng, size, 1)[0], size), 0))
+        for _ in range(int(rng.integers(DIGITS_PER_SCENE[0], DIGITS_PER_SCENE[1] + 1))):
+            cls = int(rng.integers(10))
+            glyphs.append((fit_glyph(synthetic_glyph(rng, loaded, str(cls)), _heights(rng, size, 1)[0], size), cls + 1))
         images[i], masks[i] = compose(rng, texture(rng, size), glyphs)
     return images, masks
 
@@ -251,7 +321,7 @@ def render_real_scenes(n: int, seed: int, size: int) -> tuple[np.ndarray, np.nda
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 31415]))
     images, masks = np.zeros((n, size, size, 3), np.uint8), np.zeros((n, size, size), np.uint8)
     for i in range(n):
-        k = int(rng.integers(2, 5))
+        k = int(rng.integers(DIGITS_PER_SCENE[0], DIGITS_PER_SCENE[1] + 1))
         picks, heights = rng.integers(len(mnist), size=k), _heights(rng, size, k)
         glyphs = [(fit_glyph(_crop_ink(mnist[j] / np.float32(255.0)), hgt, size), int(labels[j]) + 1)
                   for j, hgt in zip(picks, heights)]  # fmt: skip

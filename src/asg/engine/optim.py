@@ -1,4 +1,4 @@
-"""Optimizers over layer groups: torch SGD or the official "learning rate inside momentum" SGD."""
+"""Optimizers over layer groups: torch SGD, the official "learning rate inside momentum" SGD, or AdamW."""
 
 from __future__ import annotations
 
@@ -46,6 +46,8 @@ def build_optimizer(groups: list[tuple[str, list[nn.Parameter]]], cfg: OptimConf
         param_groups.append(
             {"params": [p for p in params if p.requires_grad], "lr": base, "base_lr": base, "name": name}
         )
+    if cfg.optimizer == "adamw":  # decoupled weight decay; momentum is beta1
+        return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
     if cfg.sgd == "lr_in_momentum":
         return LRInMomentumSGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)

@@ -59,7 +59,7 @@ from asg.engine.sampler import EpochBatchSampler, IndexedDataset, steps_per_epoc
 from asg.engine.schedule import build_schedule
 from asg.engine.teacher_cache import TeacherLogitCache, UnfingerprintableDataset, cache_key
 from asg.engine.timing import PhaseTimer, peak_memory_mib
-from asg.errors import AsgError, TrainingDiverged
+from asg.errors import AsgError, ConfigError, TrainingDiverged
 from asg.l2o.base import LRController, StepStats
 from asg.methods import Batch, Method, TargetBatch, build_method, cross_entropy
 from asg.models import ASGClassifier, ASGSegmenter, Teacher, build_model, make_teacher
@@ -140,6 +140,7 @@ class Trainer:
         if cfg.model.init_from and not resume:  # (a resume restores its own weights)
             self.init_weights = load_init_weights(self.model, cfg, self.num_classes, self.data.task)
         self.method: Method = method if method is not None else build_method(cfg.method)
+        self.teacher.set_output(self.method.teacher_output)  # ImageNet logits, or pooled features (feature guidance)
         self.method.setup(self.model)
         self.target = target
         self.groups = self.model.layer_groups()
@@ -167,7 +168,12 @@ class Trainer:
         self.teacher_cache: torch.Tensor | None = None
         self.cached: torch.Tensor | None = None
         self.disk_cache: TeacherLogitCache | None = None
-        if self.use_cache and cfg.method.teacher_cache_storage != "memory":  # rank 0 builds it, then the others open it
+        storage = cfg.method.teacher_cache_storage
+        if self.use_cache and self.teacher.output != "logits" and storage not in ("memory", "fp32"):
+            raise ConfigError(f"method.teacher_cache_storage={storage} stores and measures ImageNet logits, but the "
+                              f"teacher gives {self.teacher.output} to method {cfg.method.name}: use memory or "
+                              "fp32")  # fmt: skip
+        if self.use_cache and storage != "memory":  # rank 0 builds it, then the others open it
             first = self.dist.together(self._open_disk_cache if self.dist.is_main else None)
             self.disk_cache = first if self.dist.is_main else self._open_disk_cache()
         self.loss_guard = LossGuard(cfg.train.loss_explosion_factor)
@@ -200,6 +206,8 @@ class Trainer:
         transform = (
             f"{d.name} image_size={d.image_size} train_resize={d.train_resize} backbone={self.cfg.model.backbone}"
         )
+        if self.teacher.output != "logits":  # another cache than the logits' (their keys stay as they were)
+            transform += f" teacher_output={self.teacher.output}"
         try:
             key = cache_key(self.data.train, transform, self.teacher, m.teacher_cache_storage, m.teacher_cache_topk)
         except UnfingerprintableDataset as exc:
@@ -475,12 +483,12 @@ class Trainer:
             return self.teacher(x)
         if self.disk_cache is not None:
             return self.disk_cache.logits(idx).to(self.device, non_blocking=True)
-        if self.teacher_cache is None:
-            self.teacher_cache = torch.zeros(_size(self.data.train), 1000)
-            self.cached = torch.zeros(_size(self.data.train), dtype=torch.bool)
-        assert self.cached is not None  # allocated (or restored) together with teacher_cache
-        if not bool(self.cached[idx].all()):
-            self.teacher_cache[idx] = self.teacher(x).float().cpu()
+        if self.teacher_cache is None or self.cached is None or not bool(self.cached[idx].all()):
+            out = self.teacher(x).float().cpu()  # [B, 1000] logits or [B, D] features (teacher.output)
+            if self.teacher_cache is None or self.cached is None:  # allocated (or restored) together
+                self.teacher_cache = torch.zeros(_size(self.data.train), out.shape[1])
+                self.cached = torch.zeros(_size(self.data.train), dtype=torch.bool)
+            self.teacher_cache[idx] = out
             self.cached[idx] = True
         return self.teacher_cache[idx].to(self.device)
 
@@ -493,6 +501,7 @@ class Trainer:
         for group, scale in zip(self.optimizer.param_groups, self.scales):
             group["lr"] = group["base_lr"] * mult * scale
         self.model.train(cfg.optim.bn_mode == "train")  # "frozen": eval mode, ImageNet BN statistics kept
+        self.method.begin_step(self.model, self.step)  # e.g. LP-FT freezes or unfreezes the backbone
         if self.dist.rank > 0:  # rank 0 keeps the run's RNG stream (checkpointed); the others draw other dropout
             torch.manual_seed(rank_seed(cfg.train.seed, self.step, self.dist.rank))
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -843,7 +852,8 @@ class Trainer:
             from asg.data import real_photos
 
             self._photos = real_photos(224)[0]
-            self._photo_teacher = teacher_photo_logits(self.teacher, self._photos)  # the same for every step
+            logits_teacher = self.teacher.with_output("logits")  # feature guidance's teacher answers features
+            self._photo_teacher = teacher_photo_logits(logits_teacher, self._photos)  # the same for every step
         cache[step] = imagenet_retention(self.model, self._photo_teacher, self._photos)
 
     @staticmethod

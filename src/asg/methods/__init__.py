@@ -1,5 +1,6 @@
 """Training methods: each turns a batch into a loss (``METHODS`` maps names to classes; ``SelfTraining`` wraps one
-of them for domain adaptation, see ``asg.adapt``)."""
+of them for domain adaptation, see ``asg.adapt``). Baselines beside ASG: ``erm``, ``l2sp``, ``lpft`` and
+``feature``; WiSE-FT acts after training (``asg.methods.wise_ft``). See docs/baselines.md."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ from asg.errors import ConfigError
 from asg.methods.asg import ASG
 from asg.methods.base import Batch, LossOutput, Method, TargetBatch, cross_entropy, kl_teacher_student
 from asg.methods.erm import ERM
+from asg.methods.feature import FeatureGuidance, feature_distance
 from asg.methods.l2sp import L2SP
+from asg.methods.lpft import LPFT
 from asg.methods.self_training import SelfTraining, model_regularizer
 
-METHODS: dict[str, type] = {"erm": ERM, "asg": ASG, "l2sp": L2SP}
+METHODS: dict[str, type] = {"erm": ERM, "asg": ASG, "l2sp": L2SP, "lpft": LPFT, "feature": FeatureGuidance}
 
 
 def build_method(cfg: MethodConfig) -> Method:
@@ -29,6 +32,7 @@ __all__ = [
     "TargetBatch",
     "build_method",
     "cross_entropy",
+    "feature_distance",
     "kl_teacher_student",
     "model_regularizer",
 ]

@@ -38,8 +38,12 @@ class TargetBatch:
 @dataclass
 class Batch:
     """One step's data on the device: source images x [B, 3, H, W], labels y [B] (or [B, H, W], 255 = ignore),
-    dataset indices idx [B], the frozen teacher's ImageNet logits [B, 1000] when the method asked for them, and
-    an optional target part (adaptation)."""
+    dataset indices idx [B], the frozen teacher's output when the method asked for it (``needs_teacher``), and
+    an optional target part (adaptation).
+
+    ``teacher_logits`` holds what the method's ``teacher_output`` names: the teacher's ImageNet logits [B, 1000]
+    ("logits", ASG), or its pooled deepest backbone features [B, D] ("features", feature guidance). The field keeps
+    its historical name for both."""
 
     x: Tensor
     y: Tensor
@@ -49,12 +53,20 @@ class Batch:
 
 
 class Method(Protocol):
-    """Objective of one training method. ``needs_teacher`` asks the loop for the frozen teacher's logits."""
+    """Objective of one training method. ``needs_teacher`` asks the loop for the frozen teacher's output, and
+    ``teacher_output`` says which: "logits" (ImageNet logits [B, 1000]) or "features" (pooled features [B, D])."""
 
     needs_teacher: bool
+    teacher_output: str
 
     def setup(self, model: nn.Module) -> None:
         """Called once before training, on the starting weights (e.g. L2-SP snapshots them)."""
+        ...
+
+    def begin_step(self, model: nn.Module, step: int) -> None:
+        """Called before the forward pass of every optimizer step, with the number of steps already taken (0 for
+        the first; after a resume the restored step). A method that changes what trains over time (LP-FT) derives
+        its state from ``step`` here, so that a resumed run is exact."""
         ...
 
     def forward_loss(self, model: nn.Module, batch: Batch) -> LossOutput:
@@ -63,7 +75,8 @@ class Method(Protocol):
 
     def loss(self, out: Any, labels: Tensor, teacher_logits: Tensor | None) -> LossOutput:
         """The loss of one labelled forward pass: ``out`` an ``asg.models.ModelOutput``; labels [B] (or [B, H, W],
-        255 = ignore); teacher_logits [B, 1000] or None (one ImageNet prediction per image for both tasks)."""
+        255 = ignore); teacher_logits [B, 1000] or None (one ImageNet prediction per image for both tasks), or
+        the teacher's features [B, D] for a method whose ``teacher_output`` is "features"."""
         ...
 
     def after_step(self, model: nn.Module) -> None:
@@ -104,11 +117,15 @@ class MethodBase:
     """
 
     needs_teacher = False
+    teacher_output = "logits"
 
     def __init__(self, cfg: MethodConfig) -> None:
         self.cfg = cfg
 
     def setup(self, model: nn.Module) -> None:
+        pass
+
+    def begin_step(self, model: nn.Module, step: int) -> None:
         pass
 
     def loss(self, out: Any, labels: Tensor, teacher_logits: Tensor | None) -> LossOutput:

@@ -46,12 +46,16 @@ class SelfTraining:
     def __init__(self, source: Method, adapt: AdaptConfig) -> None:
         self.source, self.adapt = source, adapt
         self.needs_teacher = source.needs_teacher
+        self.teacher_output = source.teacher_output
         self.ema: dict[str, Tensor] | None = None
 
     def setup(self, model: nn.Module) -> None:
         self.source.setup(model)
         if self.adapt.ema_decay is not None:
             self.ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def begin_step(self, model: nn.Module, step: int) -> None:
+        self.source.begin_step(model, step)
 
     def loss(self, out: Any, labels: Tensor, teacher_logits: Tensor | None) -> LossOutput:
         return self.source.loss(out, labels, teacher_logits)

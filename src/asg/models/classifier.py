@@ -75,8 +75,15 @@ class ASGClassifier(nn.Module):
         return list(self.head.parameters())
 
 
+TEACHER_OUTPUTS = ("logits", "features")
+
+
 class Teacher(nn.Module):
     """Frozen ImageNet network: ``forward(x [B,3,H,W] in [0,1]) -> [B, 1000]`` logits, without autograd.
+
+    ``output`` says what ``forward`` returns: "logits" (default, the ImageNet logits [B, 1000]) or "features"
+    (the pooled deepest backbone features [B, D], the ImageNet head unused; feature guidance). The trainer sets it
+    from the method's ``teacher_output``; ``imagenet_logits`` and ``features`` give either one whatever it is.
 
     A deep copy of ``backbone`` (weights and ImageNet head) re-strided to output stride 32: the ImageNet network
     as it was trained. A dilated ResNet student (output stride 16/8, segmentation) thus gets an undilated teacher
@@ -93,15 +100,43 @@ class Teacher(nn.Module):
         for p in self.backbone.parameters():
             p.requires_grad_(False)
             p.grad = None
+        self.output = "logits"
         super().train(False)
 
     def train(self, mode: bool = True) -> Teacher:
         return super().train(False)
 
     @torch.no_grad()
-    def forward(self, x: Tensor) -> Tensor:
-        """x [B,3,H,W] in [0,1] -> ImageNet logits of the pooled deepest features."""
+    def features(self, x: Tensor) -> Tensor:
+        """x [B,3,H,W] in [0,1] -> pooled deepest features [B, D]."""
+        return self.backbone(x)
+
+    @torch.no_grad()
+    def imagenet_logits(self, x: Tensor) -> Tensor:
+        """x [B,3,H,W] in [0,1] -> ImageNet logits [B, 1000] of the pooled deepest features."""
         return self.backbone.imagenet_head(self.backbone(x))
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        """x [B,3,H,W] in [0,1] -> ImageNet logits [B, 1000] or, with ``output="features"``, features [B, D]."""
+        if self.output == "features":
+            return self.features(x)
+        return self.imagenet_logits(x)
+
+    def set_output(self, output: str) -> None:
+        """What ``forward`` returns from now on: "logits" or "features" (ConfigError otherwise)."""
+        if output not in TEACHER_OUTPUTS:
+            raise ConfigError(f"teacher output {output!r}: choose one of {', '.join(TEACHER_OUTPUTS)}")
+        self.output = output
+
+    def with_output(self, output: str) -> Teacher:
+        """This teacher answering ``output`` ("logits" or "features"): itself, or a view sharing its modules and
+        weights (nothing is copied but the attribute)."""
+        if output == self.output:
+            return self
+        view = copy.copy(self)  # a shallow copy shares the submodules; only ``output`` differs
+        view.set_output(output)
+        return view
 
 
 def make_teacher(model: ASGClassifier | ASGSegmenter) -> Teacher:
