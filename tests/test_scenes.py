@@ -72,13 +72,12 @@ def test_paste_digit_labels_core_edge_and_occlusion():
 
 
 def test_composed_scene_labels_match_pixels():
-    fonts = sc.digits.digit_fonts()[:3]
-    bank = sc.glyph_bank(fonts)
-    for seed in range(12):
+    fonts = [sc.ImageFont.truetype(str(p), 48) for p in sc.digits.digit_fonts()[:3]]
+    for seed in range(12):  # every texture kind, pen and font digits
         rng = np.random.default_rng(seed)
         background = sc.texture(rng, SIZE)
         classes = [int(c) + 1 for c in rng.integers(10, size=3)]
-        glyphs = [(sc.fit_glyph(bank[seed % len(bank)][c - 1], 14, SIZE, 10.0), c) for c in classes]
+        glyphs = [(sc.fit_glyph(sc.synthetic_glyph(rng, fonts, str(c - 1)), 14, SIZE, 10.0), c) for c in classes]
         image, mask = sc.compose(rng, background, glyphs)
         diff = np.abs(image / 255.0 - background)
         digit = (mask >= 1) & (mask <= 10)
@@ -163,3 +162,17 @@ def test_synthetic_scenes_hold_two_to_four_digits():
     _, masks = sc.render_synthetic_scenes(20, seed=3, size=48)
     counts = [len(set(np.unique(m)) - {0, 255}) for m in masks]  # classes visible (two digits may share one)
     assert all(1 <= c <= sc.DIGITS_PER_SCENE[1] for c in counts) and max(counts) >= 3
+
+
+def test_synthetic_side_never_reads_real_digits_or_photos(monkeypatch, bundle):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the synthetic renderer read real data")
+
+    monkeypatch.setattr(sc.digits, "mnist5k", refuse)
+    monkeypatch.setattr(sc, "_photos", refuse)
+    monkeypatch.setattr(sc, "photo_files", refuse)
+    images, _ = sc.render_synthetic_scenes(4, seed=0, size=SIZE)
+    assert images.shape == (4, SIZE, SIZE, 3)
+    b, _ = bundle
+    real = {x.tobytes() for x in b.eval_sets["mnist_photos"].images}
+    assert not real & {x.tobytes() for x in b.train.images}  # no real scene among the training scenes

@@ -153,10 +153,10 @@ SCENES = Benchmark(
     default_methods=("erm", "asg", "lp-ft", "wise-ft", "feature"),
     default_seeds=3,
     sets=("synthetic", "mnist_photos"),
-    default=("train.steps=300", "train.eval_every=100", "data.eval_max_per_set=200", "eval.full_eval_selected=false"),
+    default=("train.steps=400", "train.eval_every=100", "data.eval_max_per_set=200", "eval.full_eval_selected=false"),
     quick=(
-        "train.steps=150",
-        "train.eval_every=50",
+        "train.steps=200",
+        "train.eval_every=100",
         "data.num_train=800",
         "data.eval_max_per_set=100",
         "eval.full_eval_selected=false",
@@ -166,7 +166,7 @@ SCENES = Benchmark(
     grid=(
         ("erm", None, ()),
         ("asg", "method.kl_weight", (0.1, 1.0)),
-        ("lp-ft", "method.probe_steps", (50, 100)),
+        ("lp-ft", "method.probe_steps", (50, 150)),
         ("feature", "method.feature_weight", (0.1, 1.0)),
     ),
     grid_from=(("asg+l2o", "asg"),),

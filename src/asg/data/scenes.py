@@ -37,14 +37,14 @@ from asg.data.targets import ImagesOf, split_halves
 CLASSES = ["background", *digits.CLASSES]
 PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
            (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]  # fmt: skip
-SCENES_VERSION = 6  # bump when rendering changes: it is part of the cache keys
+SCENES_VERSION = 5  # bump when rendering changes: it is part of the cache keys (v5: docs/demo/scenes_design.md)
 CORE, EDGE = 0.5, 0.15  # glyph coverage thresholds: >= CORE is the digit, (EDGE, CORE) is ignored (255)
 SOURCE_VAL, REAL_SET = "synthetic", "mnist_photos"  # set names (source-val as in the digits benchmark)
 NUM_REAL, REAL_SEED = 500, 0  # the real set is fixed: always the same 500 scenes at a given image size
-DIGIT_HEIGHT = (0.3, 0.5)  # digit height as a fraction of the image side
-DIGITS_PER_SCENE = (1, 3)  # fewest and most digits in a scene (both domains)
+DIGIT_HEIGHT = (0.3, 0.55)  # digit height as a fraction of the image side
+DIGITS_PER_SCENE = (2, 4)  # fewest and most digits in a scene (both domains)
 PEN_FRACTION = 0.6  # synthetic digits drawn with a pen (asg.data.pen_digits); the others come from fonts
-DISTRACTORS_PER_SCENE = 1  # most distractor letters in a synthetic scene
+DISTRACTORS_PER_SCENE = 2  # most distractor letters in a synthetic scene
 PHOTO_CROP = (0.25, 0.9)  # a real background: a square crop of this fraction of a photo's short side
 # distractor letters (labelled background): none that a font or a hand draws like a digit (O, I, l, S, Z, B, G, b,
 # g, q, ...)
@@ -151,23 +151,6 @@ def _crop_ink(alpha: np.ndarray) -> np.ndarray:
         return alpha
     rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
     return alpha[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-
-
-def glyph_bank(fonts: Sequence[Path], px: int = digits.FONT_PX) -> list[list[np.ndarray]]:
-    """Each font's digits '0'..'9', plain and bold (stroke 2): ``bank[2 * font + bold][digit]`` is the glyph's
-    coverage, float32 [h, w] in [0, 1], cropped to its ink."""
-    bank = []
-    for path in fonts:
-        font = ImageFont.truetype(str(path), px)
-        for stroke in (0, 2):
-            row = []
-            for d in range(10):
-                img = Image.new("L", (2 * px, 2 * px))
-                ImageDraw.Draw(img).text((px, px), str(d), font=font, fill=255, anchor="mm", stroke_width=stroke,
-                                         stroke_fill=255)  # fmt: skip
-                row.append(_crop_ink(np.asarray(img, np.float32) / 255.0))
-            bank.append(row)
-    return bank
 
 
 def fit_glyph(alpha: np.ndarray, height: float, size: int, angle: float = 0.0) -> np.ndarray:
