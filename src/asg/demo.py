@@ -118,9 +118,16 @@ DIGITS = Benchmark(
         ("l2sp", "method.l2sp_alpha", (0.001, 0.01, 0.1)),
     ),
     grid_from=(("asg+l2o", "asg"), ("asg+random", "asg")),
-    # chosen on source-val by `asg demo --benchmarks digits --tune --no-adapt --seeds 1 --methods all` at the
-    # default length (docs/demo/digits_grid/report.md)
-    chosen=(),
+    # chosen on source-val by `asg demo --benchmarks digits --tune --no-adapt --seeds 1
+    # --methods erm,asg,lp-ft,wise-ft,feature,l2sp` at the default length (docs/demo/digits_grid/report.md)
+    chosen=(
+        ("erm", ("optim.lr=0.03",)),
+        ("asg", ("optim.lr=0.03", "method.kl_weight=0.01")),
+        ("lp-ft", ("optim.lr=0.03", "method.probe_steps=25")),
+        ("feature", ("optim.lr=0.1", "method.feature_weight=1.0")),
+        ("l2sp", ("optim.lr=0.1", "method.l2sp_alpha=0.1")),
+        ("wise-ft", ("optim.lr=0.03",)),
+    ),
     adapt_target="mnist5k_adapt",
     adapt_methods=("erm", "asg"),  # is a proxy-guided model a better start than plain fine-tuning?
     adapt=(
@@ -170,7 +177,15 @@ SCENES = Benchmark(
         ("feature", "method.feature_weight", (0.1, 1.0)),
     ),
     grid_from=(("asg+l2o", "asg"),),
-    chosen=(),
+    # chosen on source-val by `asg demo --benchmarks scenes --tune --seeds 1 --methods erm,asg,lp-ft,wise-ft,feature`
+    # at the default length (docs/demo/scenes_grid/report.md)
+    chosen=(
+        ("erm", ("optim.lr=0.05",)),
+        ("asg", ("optim.lr=0.05", "method.kl_weight=0.1")),
+        ("lp-ft", ("optim.lr=0.05", "method.probe_steps=50")),
+        ("feature", ("optim.lr=0.05", "method.feature_weight=0.1")),
+        ("wise-ft", ("optim.lr=0.05",)),
+    ),
     class_groups=(("digit", tuple(range(1, 11))), ("background", (0,))),
 )
 WISE_FT = "wise-ft"  # a demo label without training of its own (see Benchmark.wise_ft_from)
@@ -766,8 +781,10 @@ def _timing_words(report: dict) -> str:
     t = report.get("timing") or {}
     if not t.get("train_step_fraction") or not report.get("train_wall_time_s"):
         return ""
-    return (f", of which training steps {100 * t['train_step_fraction']:.0f} %, evaluation "
-            f"{100 * (t.get('eval_s', 0) + t.get('final_s', 0)) / report['train_wall_time_s']:.0f} %")  # fmt: skip
+    evaluation = t.get("eval_s", 0) + t.get("final_s", 0)
+    return (f"; the {t['runs']} runs of the table spent {t['train_step_s'] / 60:.1f} min in training steps and "
+            f"{evaluation / 60:.1f} min in evaluation, summed over runs, which overlap when several run at a "
+            "time")  # fmt: skip
 
 
 def _combined_markdown(reports: dict[str, dict], wall_s: float, jobs: int = 1) -> str:
