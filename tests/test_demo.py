@@ -109,4 +109,5 @@ def test_demo_tunes_every_method_on_one_grid_on_source_val_only(tmp_path, monkey
     for a in adaptations:
         assert set(a["start"]["metrics"]) >= {"mnist5k_test", "uci_digits_test"} and len(a["rounds"]) == 1
     md = (tmp_path / "digits" / "report.md").read_text()
-    assert "Tuning grid" in md and "**chosen**" in md and "mnist5k_test before" in md and "| wise-ft | 1 |" in md
+    assert "Tuning grid" in md and "**chosen**" in md and "mnist5k_test before" in md
+    assert f"| wise-ft (α {wise['wise_ft_alpha']:g}) | 1 |" in md

@@ -662,7 +662,9 @@ def markdown_table(bench: Benchmark, table: dict) -> str:
     header = ["method", "seeds", *(h for h, _ in columns), "ImageNet top-1 agreement", "ImageNet KL"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, e in table.items():
-        cells = [label, str(e["seeds"]), *(_fmt(e.get(key)) for _, key in columns)]
+        alphas = e.get("wise_ft_alpha")
+        name = f"{label} (α {', '.join(f'{a:g}' for a in alphas)})" if alphas else label  # per seed, from source-val
+        cells = [name, str(e["seeds"]), *(_fmt(e.get(key)) for _, key in columns)]
         cells += [_fmt(e.get("real_photos_top1_agreement")), _fmt(e.get("real_photos_kl"), 1.0, 3)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
