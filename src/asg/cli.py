@@ -342,8 +342,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"asg: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("asg: interrupted; continue with the same command and --resume", file=sys.stderr)
+        print(f"asg: interrupted; {_continue_hint(args)}", file=sys.stderr)
         return 130
+
+
+def _continue_hint(args: argparse.Namespace) -> str:
+    """How to continue an interrupted command."""
+    if args.command == "data":
+        if args.data_command == "prepare":
+            return "rerun the same command to continue (labels already converted and recorded are kept)"
+        return "rerun the same command"
+    if args.command in ("evaluate", "demo"):
+        return "rerun the same command"
+    return "continue with the same command and --resume"
 
 
 if __name__ == "__main__":
