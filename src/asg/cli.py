@@ -57,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="target images: a target set of the benchmark, a list file or a folder (= adapt.target)",
     )
+    p.add_argument(
+        "--from-unfinished",
+        action="store_true",
+        help="accept a --from run that never finished (= --set adapt.from_unfinished=true)",
+    )
 
     p = sub.add_parser("evaluate", help="evaluate a run's checkpoint on its evaluation sets")
     p.add_argument("run_dir", type=Path)
@@ -181,6 +186,8 @@ def _adapt(args: argparse.Namespace) -> int:
         args.overrides.append(f"model.init_from={args.init_from}")
     if args.target is not None:
         args.overrides.append(f"adapt.target={args.target}")
+    if args.from_unfinished:
+        args.overrides.append("adapt.from_unfinished=true")
     _check_config_args(args, "adapt", default_run_dir)
     result = adapt(args.config, args.overrides, out=args.out, resume=args.resume)
     metric = result.primary_metric

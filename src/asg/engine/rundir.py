@@ -95,6 +95,23 @@ class RunDir:
         os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename} since {time.strftime('%H:%M:%S')}".encode(), 0)
         self._lock_fd = fd
 
+    def holder(self) -> str | None:
+        """Who holds this folder's lock ("pid N on HOST since T"), or None when no process does."""
+        lock_path = self.path / ".lock"
+        if fcntl is None or self._lock_fd is not None or not lock_path.is_file():
+            return None
+        try:
+            fd = os.open(lock_path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+        finally:
+            os.close(fd)  # drops the shared lock taken to test it
+        return None
+
     def unlock(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing drops the flock
