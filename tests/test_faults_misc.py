@@ -1,0 +1,142 @@
+"""Faults of run folders, checkpoints and messages (issue 18: cases 7, 11, 13, 14, 15, 17)."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import asg
+
+SRC_DIR = str(Path(asg.__file__).resolve().parents[1])
+TESTS_DIR = str(Path(__file__).resolve().parent)
+
+# ``asg train`` (the CLI's main) on the conftest's tiny data, under a file-size limit given as argv[2]
+LIMITED_TRAIN = textwrap.dedent(f"""
+    import resource, sys
+    sys.path.insert(0, {TESTS_DIR!r})
+    import torch
+    from conftest import TINY_OVERRIDES, RandomImages
+    from asg import cli
+    from asg.data import DataBundle
+    import asg.engine.trainer
+    torch.set_num_threads(1)
+    sets = {{"source_val": RandomImages(12, seed=1), "real": RandomImages(12, seed=2)}}
+    bundle = DataBundle(RandomImages(48, seed=0), sets, "source_val", ["a", "b", "c"])
+    asg.engine.trainer.build_data = lambda cfg: bundle
+    limit = int(sys.argv[2])
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    sets = [a for o in TINY_OVERRIDES + sys.argv[3:] for a in ("--set", o)]
+    sys.exit(cli.main(["train", "--config", sys.argv[1] + "/recipe.yaml", "--out", sys.argv[1] + "/run", *sets]))
+""")
+
+
+def limited_train(folder: Path, limit: int, *overrides: str) -> subprocess.CompletedProcess:
+    folder.mkdir(exist_ok=True)
+    (folder / "recipe.yaml").write_text("name: tiny\n")
+    env = {**os.environ, "PYTHONPATH": SRC_DIR}
+    argv = [sys.executable, "-c", LIMITED_TRAIN, str(folder), str(limit), "train.progress=false", *overrides]
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_file_size_limit_at_a_checkpoint_is_one_message(tmp_path):
+    """Case 7: ``ulimit -f`` below a checkpoint's size: one line, exit 2, no traceback."""
+    proc = limited_train(tmp_path, 64 << 10)
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr and len(err) == 1, proc.stderr
+    assert err[0].startswith("asg: error: cannot write") and "ulimit -f" in err[0] and "--resume" in err[0]
+    assert "no checkpoint had been written yet" in err[0]
+    assert not list((tmp_path / "run").rglob("*.tmp"))
+
+
+def test_torch_save_write_failure_is_one_message_and_the_last_checkpoint_is_kept(tmp_path, monkeypatch):
+    """Case 7, the trainer-state file: torch.save hides the OSError in a RuntimeError."""
+    import torch
+
+    from asg.engine import checkpoint
+    from asg.engine.rundir import RunDir, RunFolderError
+
+    rd = RunDir(tmp_path)
+    weights = {"w": torch.zeros(3)}
+    with rd:
+        rd.save_checkpoint(2, weights, {"x": 1}, {}, None)
+
+        def full(obj, f):
+            Path(f).write_bytes(b"partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:778] . unexpected pos 832 vs 768")
+
+        monkeypatch.setattr(checkpoint.torch, "save", full)
+        kept = r"cannot write .*step_0000004.state.pt .*checkpoint of step 2 is kept"
+        with pytest.raises(RunFolderError, match=kept):
+            rd.save_checkpoint(4, weights, {"x": 2}, {}, None)
+        monkeypatch.undo()
+        assert rd.load_checkpoint()[0]["step"] == 2
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": SRC_DIR}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script), *args], env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+
+
+def test_kill_during_a_checkpoint_write_leaves_no_temporary_file(tmp_path):
+    """Case 14: SIGKILL while the weights file is being written; the next open of the folder cleans it."""
+    proc = _run(
+        """
+        import os, signal, sys, torch
+        import asg.engine.checkpoint as c
+        from asg.engine.rundir import RunDir
+        def dying(state, tmp, metadata=None):
+            open(tmp, "wb").write(b"x" * 100_000)
+            os.kill(os.getpid(), signal.SIGKILL)
+        rd = RunDir(sys.argv[1])
+        rd.lock()
+        rd.save_checkpoint(2, {"w": torch.zeros(3)}, {}, {}, None)
+        c.save_file = dying
+        rd.save_checkpoint(4, {"w": torch.ones(3)}, {}, {}, None)
+        """,
+        str(tmp_path),
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert len(list((tmp_path / "checkpoints").glob(".*.tmp"))) == 1
+    from asg.engine.rundir import RunDir
+
+    with RunDir(tmp_path) as rd:
+        assert not list(tmp_path.rglob("*.tmp"))
+        assert rd.load_checkpoint()[0]["step"] == 2
+
+
+def test_lock_dies_with_its_process_not_with_its_forked_workers(tmp_path):
+    """Case 13: kill -9 of a process whose forked child (a data worker) lives on: the folder is free at once."""
+    proc = _run(
+        """
+        import os, signal, sys, time
+        from asg.engine.rundir import RunDir
+        RunDir(sys.argv[1]).lock()
+        child = os.fork()
+        if child == 0:  # the worker: off the test's pipes, so that the test does not wait for it
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, 1)
+            os.dup2(null, 2)
+            time.sleep(60)
+            os._exit(0)
+        print(child, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+        """,
+        str(tmp_path),
+    )
+    child = int(proc.stdout.split()[0])
+    try:
+        assert proc.returncode == -signal.SIGKILL
+        os.kill(child, 0)  # the orphaned worker is alive
+        from asg.engine.rundir import RunDir
+
+        with RunDir(tmp_path):
+            pass
+    finally:
+        os.kill(child, signal.SIGKILL)
