@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
@@ -102,3 +103,42 @@ def test_resumed_adaptation_refuses_a_start_model_that_changed(tiny_bundle, tiny
     save_file(state, str(weights))
     with pytest.raises(AsgError, match="starting model changed since this adaptation began"):
         Adaptation(cfg, tmp_path / "a", data=bundle, quiet=True, resume=True).run()
+
+
+def test_damaged_pseudo_labels_on_resume_are_computed_again(
+    tiny_bundle, tiny_config, tmp_path, monkeypatch, capsys, one_thread
+):
+    """Case 8: pseudo_labels.npz damaged while the round was stopped: the resume labels again, same result."""
+    from asg.adapt.pseudo import DamagedPseudoLabels, load_pseudo_labels
+    from asg.engine.trainer import Trainer
+
+    src = tmp_path / "src"
+    Trainer(tiny_config("method.name=erm"), src, data=tiny_bundle, quiet=True).run()
+    cfg, bundle = adapt_config(tiny_bundle, tiny_config, src, "adapt.steps_per_round=4")
+    Adaptation(cfg, tmp_path / "a", data=bundle, quiet=True).run()
+    original = Trainer._train_step
+
+    def crash(self, *args):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, "_train_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        Adaptation(cfg, tmp_path / "b", data=bundle, quiet=True).run()
+    monkeypatch.setattr(Trainer, "_train_step", original)
+    npz = tmp_path / "b" / "round_01" / "pseudo_labels.npz"
+    data = bytearray(npz.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    npz.write_bytes(bytes(data))
+    with pytest.raises(DamagedPseudoLabels, match="does not match its checksum"):
+        load_pseudo_labels(npz.parent)
+    npz.write_bytes(bytes(data[:100]))
+    with pytest.raises(DamagedPseudoLabels):
+        load_pseudo_labels(npz.parent)
+    capsys.readouterr()
+    Adaptation(cfg, tmp_path / "b", data=bundle, resume=True).run()
+    assert "pseudo-labels are computed again" in capsys.readouterr().err
+    a = load_file(str(tmp_path / "a" / "round_01" / "last.safetensors"))
+    b = load_file(str(tmp_path / "b" / "round_01" / "last.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

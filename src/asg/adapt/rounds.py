@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from asg.adapt.pseudo import PseudoLabels, load_pseudo_labels, pseudo_label
+from asg.adapt.pseudo import DamagedPseudoLabels, PseudoLabels, load_pseudo_labels, pseudo_label
 from asg.config import Config, config_to_dict, load_config
 from asg.data import DataBundle, build_data, check_bundle_files
 from asg.data.pairs import PairTransform
@@ -225,7 +225,11 @@ class Adaptation:
     def _round(self, r: int) -> dict[str, Any]:
         cfg, folder = self.cfg, self.out / round_folder(r)
         prev = self.out / round_folder(r - 1) if r > 1 else None
-        pseudo = load_pseudo_labels(folder)
+        try:
+            pseudo = load_pseudo_labels(folder)
+        except DamagedPseudoLabels as exc:
+            self._say(f"asg: note: round {r}: {exc} (with the same model, so the same labels)")
+            pseudo = None
         if pseudo is None:
             ema_file = prev / "ema.safetensors" if prev is not None else None
             labeller = ema_file if ema_file is not None and ema_file.is_file() and cfg.adapt.ema_decay else None
