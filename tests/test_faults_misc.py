@@ -140,3 +140,30 @@ def test_lock_dies_with_its_process_not_with_its_forked_workers(tmp_path):
             pass
     finally:
         os.kill(child, signal.SIGKILL)
+
+
+class Payload:
+    """A pickled object (it would run code on load with weights_only=False)."""
+
+    def __reduce__(self):
+        return (print, ("payload ran",))
+
+
+def test_refused_pickle_files_are_one_line_of_ours(tmp_path, capsys):
+    """Case 15: backbone weights, trainer state and policy files holding pickled objects."""
+    import torch
+
+    from asg.engine.checkpoint import load_state
+    from asg.errors import AsgError
+    from asg.l2o.policy import _read_state
+    from asg.models.backbones import load_state_dict_file
+
+    path = tmp_path / "evil.pt"
+    torch.save({"w": torch.zeros(2), "x": Payload()}, path)
+    for load in (load_state_dict_file, load_state, _read_state):
+        with pytest.raises(AsgError) as info:
+            load(path)
+        msg = str(info.value)
+        assert "\n" not in msg and "weights_only" not in msg and "pickled Python object (print)" in msg
+        assert str(path) in msg
+    assert "payload ran" not in capsys.readouterr().out
