@@ -167,3 +167,23 @@ def test_refused_pickle_files_are_one_line_of_ours(tmp_path, capsys):
         assert "\n" not in msg and "weights_only" not in msg and "pickled Python object (print)" in msg
         assert str(path) in msg
     assert "payload ran" not in capsys.readouterr().out
+
+
+def test_inferred_classes_warn_about_an_off_by_one_top_label(tmp_path):
+    """Case 17: labels 0..2 with 20 images each, one image labelled 3: a fourth class, silently."""
+    import numpy as np
+    from PIL import Image
+
+    from asg.config import DataConfig
+    from asg.data.bundle import DataWarning
+    from asg.data.check import check_listfile
+    from asg.data.listfile import build_listfile
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "x.png")
+    lines = [f"x.png {c}" for c in range(3) for _ in range(20)] + ["x.png 3"]
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    cfg = DataConfig(name="listfile", train_list=str(tmp_path / "train.txt"), image_size=8, source_val_fraction=0.0)
+    with pytest.warns(DataWarning, match=r"inferred as 4 from the highest label 3, which has only 1 image"):
+        assert len(build_listfile(cfg).class_names) == 4
+    assert any("off-by-one" in w for w in check_listfile(tmp_path / "train.txt").warnings)
+    assert not any("off-by-one" in w for w in check_listfile(tmp_path / "train.txt", num_classes=4).warnings)

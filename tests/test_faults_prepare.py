@@ -144,3 +144,28 @@ def test_labels_link_into_the_source_is_refused(tmp_path):
     with pytest.raises(DataError, match="is a link into the source"):
         prepare("synthia", src, dst, class_set=16)
     assert tree_hash(src) == before
+
+
+def test_check_refuses_an_empty_seglist_and_an_empty_prepared_split(tmp_path):
+    """Case 10: `data check` said OK where training refuses."""
+    (tmp_path / "empty.txt").write_text("")
+    report = check("seglist", tmp_path / "empty.txt")
+    assert not report.ok and "lists no image/label pair" in report.format()
+    src, dst = tmp_path / "synthia", tmp_path / "prepared"
+    make_synthia(src, 2)
+    prepare("synthia", src, dst, class_set=16)
+    (dst / "train.txt").write_text("")
+    report = check("synthia", dst, class_set=16)
+    assert not report.ok and "synthia train" in report.format() and "lists no image/label pair" in report.format()
+
+
+def test_check_seglist_against_a_custom_class_count(tmp_path, capsys):
+    save_image(tmp_path / "a.png", 0)
+    Image.fromarray(np.array([[0, 1, 2, 5] * 3] * 8, np.uint8)).save(tmp_path / "a_label.png")
+    (tmp_path / "l.txt").write_text("a.png a_label.png\n")
+    assert check("seglist", tmp_path / "l.txt", num_classes=6).ok
+    report = check("seglist", tmp_path / "l.txt", num_classes=4)
+    assert not report.ok and "ids outside 4-class train ids" in report.format()
+    assert cli.main(["data", "check", "seglist", str(tmp_path / "l.txt"), "--num-classes", "4"]) == 1
+    assert cli.main(["data", "check", "visda17", str(tmp_path), "--split", "train"]) == 2
+    assert "--split: not an option of the visda17 check" in capsys.readouterr().err

@@ -105,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--split", default=None, help="segmentation: the split to check (default: all there are)")
     c.add_argument("--class-set", type=int, default=None, help="segmentation: 19, or 16/13 for synthia")
     c.add_argument("--max-items", type=int, default=None, help="segmentation: read at most this many labels")
+    c.add_argument("--num-classes", type=int, default=None, help="listfile, seglist: labels must be below this")
     c = dsub.add_parser("prepare", help="write train-id label PNGs and list files for a segmentation dataset")
     c.add_argument("name", help="gta5 | synthia | cityscapes | bdd100k | mapillary")
     c.add_argument("src", type=Path, help="the dataset as downloaded (only read)")
@@ -232,7 +233,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _data_check(args: argparse.Namespace) -> int:
     from asg.data import check_dataset
 
-    options = {k: v for k in ("split", "class_set", "max_items") if (v := getattr(args, k)) is not None}
+    options = {k: v for k in ("split", "class_set", "max_items", "num_classes") if (v := getattr(args, k)) is not None}
     report = check_dataset(args.name, args.root, verify_images=args.verify_images, **options)
     print(report.format())
     return 0 if report.ok else 1

@@ -325,6 +325,8 @@ def check_source(
     """Check the pairs of one split, appending errors to ``report``; returns its summary (counts, pixels)."""
     tag = f"{source.name} {source.split}"
     n = len(source.images)
+    if n == 0 and not source.images_without_label and not source.missing_images:
+        report.errors.append(f"{tag}: {source.root} lists no image/label pair (training refuses an empty split)")
     _quote(report, f"{tag}: {len(source.images_without_label):,} image(s) without a label file:",
            [str(p) for p in source.images_without_label])  # fmt: skip
     _quote(report, f"{tag}: {len(source.missing_images):,} image(s) of the split are missing:",
@@ -403,6 +405,7 @@ def check(
     class_set: int = 19,
     max_items: int | None = None,
     verify_images: bool = False,
+    num_classes: int | None = None,
 ) -> CheckReport:
     """Check a segmentation dataset without training; ``report.ok`` is False when there are errors.
 
@@ -410,11 +413,18 @@ def check(
     seglist (``root``: the list file). ``split`` None: gta5/synthia "all", the others train and val (those
     present; a prepared folder: every list). ``max_items``: check at most this many evenly spaced pairs per split
     (per-class pixel counts then cover the sample). ``verify_images``: decode image pixels, not only headers.
+    ``num_classes`` (seglist only): ids must lie in 0..num_classes-1 (or be 255), instead of ``class_set``'s.
     """
     sampled = f", at most {max_items:,} pairs per split" if max_items is not None else ""
     report = CheckReport(title=f"{name} check of {root} (pixels per class{sampled})")
     names = class_names(class_set)
     root = Path(root)
+    if num_classes is not None:
+        if name != "seglist":
+            raise ConfigError(f"--num-classes is for seglist (and listfile) checks; {name} uses --class-set")
+        if not 1 <= num_classes <= 255:
+            raise ConfigError(f"--num-classes must be in [1, 255] (255 = ignore), got {num_classes}")
+        names = [str(i) for i in range(num_classes)]
     if name == "seglist":
         try:
             sources = [pair_list(root, None, identity_lut(len(names)), f"{len(names)}-class train ids")]
