@@ -187,3 +187,33 @@ def test_inferred_classes_warn_about_an_off_by_one_top_label(tmp_path):
         assert len(build_listfile(cfg).class_names) == 4
     assert any("off-by-one" in w for w in check_listfile(tmp_path / "train.txt").warnings)
     assert not any("off-by-one" in w for w in check_listfile(tmp_path / "train.txt", num_classes=4).warnings)
+
+
+def test_evaluate_while_the_training_commits_and_deletes_the_checkpoint(
+    tiny_bundle, tiny_config, tmp_path, monkeypatch
+):
+    """Case 11: `asg evaluate` on a running training whose next checkpoint deletes the file it looked up."""
+    import shutil
+
+    import asg.data
+    from asg.api import evaluate
+    from asg.engine.rundir import RunDir
+    from asg.engine.trainer import Trainer
+
+    run = tmp_path / "run"
+    Trainer(tiny_config("method.name=erm"), run, data=tiny_bundle, quiet=True).run()
+    rd = RunDir(run)
+    manifest = rd.read_manifest()
+    looked_up = run / manifest["weights"]["file"]
+
+    def slow_data(cfg):  # the trainer commits step 6 (and deletes the step-4 files) while the data is built
+        new = run / "checkpoints" / "step_0000006.safetensors"
+        shutil.copyfile(looked_up, new)
+        with RunDir(run) as writer:
+            writer.commit({**manifest, "step": 6, "weights": writer._entry(new, 6)})
+        assert not looked_up.exists()
+        return tiny_bundle
+
+    monkeypatch.setattr(asg.data, "build_data", slow_data)
+    result = evaluate(run, "last", show_progress=False)
+    assert result["checkpoint_file"] == str(looked_up) and set(result["sets"]) == {"source_val", "real"}

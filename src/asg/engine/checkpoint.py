@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
 from torch import nn
 
 from asg.errors import AsgError, WeightsError
@@ -40,17 +40,17 @@ def save_weights(
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata))
 
 
-def load_weights(model: nn.Module, path: Path) -> None:
-    """Load a safetensors file written by ``save_weights`` into ``model``.
+def load_weights(model: nn.Module, path: Path, data: bytes | None = None) -> None:
+    """Load a safetensors file written by ``save_weights`` into ``model`` (``data``: its bytes, read earlier).
 
     Raises WeightsError (one line, naming the file) when it is missing, unreadable, corrupt or truncated, or
     does not fit the model (other keys or shapes: another backbone, head size or number of classes).
     """
     path = Path(path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise WeightsError(f"checkpoint {path} does not exist")
     try:
-        state = load_file(str(path))
+        state = load_file(str(path)) if data is None else load(data)
     except OSError as exc:
         raise WeightsError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
     except SafetensorError as exc:

@@ -386,6 +386,21 @@ class RunDir:
             return ""
         return f" (the checkpoint of step {step} is kept)"
 
+    def read_checkpoint(self, checkpoint: str, attempts: int = 3) -> tuple[Path, bytes]:
+        """(path, bytes) of ``resolve(checkpoint)``, read at once; a file that a running training deleted between
+        the manifest and the read (it committed a newer checkpoint) is looked up again."""
+        for attempt in range(attempts):
+            path = self.resolve(checkpoint)
+            try:
+                with open(path, "rb") as f:  # once open, a deletion by the trainer cannot take the bytes away
+                    return path, f.read()
+            except FileNotFoundError:
+                if attempt == attempts - 1:
+                    break
+                time.sleep(0.2)
+        found = ", ".join(sorted(f.name for f in self.path.glob("*.safetensors"))) or "none"
+        raise RunFolderError(f"checkpoint {path} does not exist (checkpoints in {self.path}: {found})")
+
     def resolve(self, checkpoint: str) -> Path:
         """The weights file of ``last``, ``source-val`` or ``oracle`` per the manifest (exports as fallback)."""
         if self.manifest_path.exists():
