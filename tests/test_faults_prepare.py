@@ -169,3 +169,17 @@ def test_check_seglist_against_a_custom_class_count(tmp_path, capsys):
     assert cli.main(["data", "check", "seglist", str(tmp_path / "l.txt"), "--num-classes", "4"]) == 1
     assert cli.main(["data", "check", "visda17", str(tmp_path), "--split", "train"]) == 2
     assert "--split: not an option of the visda17 check" in capsys.readouterr().err
+
+
+def test_16_bit_colour_labels_have_the_same_pixel_limit_as_pil(tmp_path, monkeypatch):
+    """Case 9: torchvision decodes SYNTHIA's 16-bit colour PNGs, without PIL's decompression-bomb limit."""
+    from asg.data.pairs import read_label
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # an error beyond 2000 pixels
+    write_png16(tmp_path / "wide16.png", np.zeros((60, 60, 3)))
+    Image.fromarray(np.zeros((60, 60), np.uint8)).save(tmp_path / "wide8.png")
+    for name in ("wide16.png", "wide8.png"):
+        with pytest.raises(Image.DecompressionBombError, match="3600 pixels"):
+            read_label(tmp_path / name, channel=0)
+    write_png16(tmp_path / "small16.png", np.zeros((40, 40, 3)))  # 1600 pixels: decoded
+    assert read_label(tmp_path / "small16.png", channel=0).shape == (40, 40)
