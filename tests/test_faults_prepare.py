@@ -70,6 +70,7 @@ def test_killed_prepare_rerun_with_another_class_set_converts_every_label_again(
     assert len(prepared_ids(dst)) == 10
     with pytest.raises(DataError, match="did not finish"):  # an interrupted folder is not trained on
         find_pairs("synthia", dst, "all", 19)
+    assert "did not finish" in check("synthia", dst, class_set=19).format()  # nor said OK by data check
     report = prepare("synthia", src, dst, class_set=16)
     assert report.ok and (report.written, report.skipped) == (30, 0)
     assert report.redone == {"prepared with other settings (class set 19)": 10}

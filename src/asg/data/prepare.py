@@ -31,6 +31,7 @@ from asg.data.segmentation import (
     PairSource,
     find_pairs,
     pair_list,
+    read_prepared,
 )
 from asg.engine.checkpoint import atomic_write
 from asg.errors import ConfigError, DataError
@@ -437,7 +438,13 @@ def check(
         if split is not None:
             splits = [split]
         elif (root / PREPARED_FILE).is_file():
+            try:
+                read_prepared(root)  # refuses a folder whose prepare did not finish
+            except DataError as exc:
+                report.errors.append(str(exc))
             splits = sorted(p.stem for p in root.glob("*.txt"))
+            if not splits:
+                report.errors.append(f"{root} holds {PREPARED_FILE} but no list file (<split>.txt)")
         else:
             splits = DEFAULT_SPLITS.get(name, ["train", "val"])
         sources, failed = [], []
