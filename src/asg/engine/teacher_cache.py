@@ -314,8 +314,8 @@ def _reserve(path: Path) -> None:
 def _check_space(folder: Path, needed: int) -> None:
     free = shutil.disk_usage(folder).free
     if free < needed + SPACE_MARGIN:
-        raise OSError(errno.ENOSPC, f"not enough free space (it needs {needed / 2**20:,.1f} MiB, "
-                      f"{free / 2**20:,.1f} MiB are free)")  # fmt: skip
+        raise OSError(errno.ENOSPC, f"not enough free space (it needs {(needed + SPACE_MARGIN) / 2**20:,.1f} MiB "
+                      f"with a margin of {SPACE_MARGIN >> 20} MiB, {free / 2**20:,.1f} MiB are free)")  # fmt: skip
 
 
 def _images(batch: list[Any], start: int) -> Tensor:
