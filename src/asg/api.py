@@ -107,15 +107,20 @@ def load_run(run_dir: str | Path, checkpoint: str = "last", overrides: list[str]
     cfg = load_config(saved, overrides)
     if checkpoint not in EXPORTS and not checkpoint.endswith(".safetensors"):
         raise AsgError(f"checkpoint {checkpoint!r}: use {', '.join(EXPORTS)} or the path of a .safetensors file")
-    # a named checkpoint is the file the manifest commits (checkpoint.json), not whatever a link points at
-    path = RunDir(run_dir).resolve(checkpoint) if checkpoint in EXPORTS else Path(checkpoint)
-    if not path.is_file():
-        found = ", ".join(sorted(f.name for f in run_dir.glob("*.safetensors"))) or "none"
-        raise WeightsError(f"checkpoint {path} does not exist (checkpoints in {run_dir}: {found})")
+    # a named checkpoint is the file the manifest commits (checkpoint.json), not whatever a link points at; read
+    # now, as a training running in the folder may delete it once it commits the next checkpoint
+    if checkpoint in EXPORTS:
+        path, blob = RunDir(run_dir).read_checkpoint(checkpoint)
+    else:
+        path = Path(checkpoint)
+        if not path.is_file():
+            found = ", ".join(sorted(f.name for f in run_dir.glob("*.safetensors"))) or "none"
+            raise WeightsError(f"checkpoint {path} does not exist (checkpoints in {run_dir}: {found})")
+        blob = path.read_bytes()
     device = resolve_device(cfg.train.device)  # before the (slow) data, so a missing GPU fails at once
     data = build_data(cfg.data)
     model = build_model(cfg.model, data.num_classes, task=data.task)
-    load_weights(model, path)
+    load_weights(model, path, blob)
     model.to(device)
     return LoadedRun(run_dir, cfg, checkpoint, path, device, data, model)
 

@@ -57,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="target images: a target set of the benchmark, a list file or a folder (= adapt.target)",
     )
+    p.add_argument(
+        "--from-unfinished",
+        action="store_true",
+        help="accept a --from run that never finished (= --set adapt.from_unfinished=true)",
+    )
 
     p = sub.add_parser("evaluate", help="evaluate a run's checkpoint on its evaluation sets")
     p.add_argument("run_dir", type=Path)
@@ -112,6 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--split", default=None, help="segmentation: the split to check (default: all there are)")
     c.add_argument("--class-set", type=int, default=None, help="segmentation: 19, or 16/13 for synthia")
     c.add_argument("--max-items", type=int, default=None, help="segmentation: read at most this many labels")
+    c.add_argument("--num-classes", type=int, default=None, help="listfile, seglist: labels must be below this")
     c = dsub.add_parser("prepare", help="write train-id label PNGs and list files for a segmentation dataset")
     c.add_argument("name", help="gta5 | synthia | cityscapes | bdd100k | mapillary")
     c.add_argument("src", type=Path, help="the dataset as downloaded (only read)")
@@ -193,6 +199,8 @@ def _adapt(args: argparse.Namespace) -> int:
         args.overrides.append(f"model.init_from={args.init_from}")
     if args.target is not None:
         args.overrides.append(f"adapt.target={args.target}")
+    if args.from_unfinished:
+        args.overrides.append("adapt.from_unfinished=true")
     _check_config_args(args, "adapt", default_run_dir)
     result = adapt(args.config, args.overrides, out=args.out, resume=args.resume)
     metric = result.primary_metric
@@ -241,7 +249,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _data_check(args: argparse.Namespace) -> int:
     from asg.data import check_dataset
 
-    options = {k: v for k in ("split", "class_set", "max_items") if (v := getattr(args, k)) is not None}
+    options = {k: v for k in ("split", "class_set", "max_items", "num_classes") if (v := getattr(args, k)) is not None}
     report = check_dataset(args.name, args.root, verify_images=args.verify_images, **options)
     print(report.format())
     return 0 if report.ok else 1
@@ -359,8 +367,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"asg: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("asg: interrupted; continue with the same command and --resume", file=sys.stderr)
+        print(f"asg: interrupted; {_continue_hint(args)}", file=sys.stderr)
         return 130
+
+
+def _continue_hint(args: argparse.Namespace) -> str:
+    """How to continue an interrupted command."""
+    if args.command == "data":
+        if args.data_command == "prepare":
+            return "rerun the same command to continue (labels already converted and recorded are kept)"
+        return "rerun the same command"
+    if args.command in ("evaluate", "demo"):
+        return "rerun the same command"
+    return "continue with the same command and --resume"
 
 
 if __name__ == "__main__":

@@ -93,6 +93,9 @@ class MethodConfig:
     teacher_cache_storage: str = "memory"
     teacher_cache_topk: int = 32
     teacher_cache_dir: str | None = None  # default $XDG_CACHE_HOME/asg/teacher
+    # what names a disk cache's training images: "content" (their bytes), "stat" (path, size, mtime: an image
+    # replaced with its mtime kept is missed) or "auto" (content up to 2 GiB of image files, else stat)
+    teacher_cache_key: str = "auto"
     # the frozen teacher runs with its BatchNorms folded into the convolutions (asg.models.fusion): the same
     # logits up to float rounding, a forward about 1.6x cheaper on the CPU
     teacher_fuse_bn: bool = True
@@ -202,6 +205,7 @@ class AdaptConfig:
     regularizer: str = "none"  # CRST model regulariser on the target predictions: "none" | "mrkld" | "mrent"
     reg_weight: float = 0.1
     ema_decay: float | None = None  # pseudo-label with an exponential moving average of the weights; None = off
+    from_unfinished: bool = False  # accept model.init_from from a run that never finished (no 'done' file)
 
 
 @dataclass
@@ -377,6 +381,7 @@ _CHOICES = {
     "model.init_checkpoint": ("last", "source-val", "oracle"),
     "method.teacher_cache_storage": ("memory", "fp32", "fp16", "topk"),
     "method.feature_distance": ("cosine", "mse"),
+    "method.teacher_cache_key": ("auto", "stat", "content"),
     "data.real_split": ("all", "halves"),
     "adapt.thresholds": ("class_balanced", "global"),
     "adapt.regularizer": ("none", "mrkld", "mrent"),

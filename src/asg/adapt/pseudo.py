@@ -9,7 +9,10 @@ and ``pseudo_labels.json`` last, so a round whose pseudo-labels exist can be res
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +36,10 @@ from asg.utils import progress
 STATS_FILE = "pseudo_labels.json"
 LABELS_FILE = "pseudo_labels.npz"
 PNG_FOLDER = "pseudo"
+
+
+class DamagedPseudoLabels(AsgError):
+    """A round's pseudo-label files do not match the SHA-256 recorded in its ``pseudo_labels.json``."""
 
 
 @dataclass
@@ -104,6 +111,7 @@ def pseudo_label(
         counts = np.zeros(num_classes, dtype=np.int64)
         selected_pixels, total_pixels = 0, 0
         indices: list[int] = []
+        digest = hashlib.sha256()  # over the PNG files' bytes, in index order
         (folder / PNG_FOLDER).mkdir(parents=True, exist_ok=True)
         for batch in progress(_batches(target, bs), desc="pseudo-labels 2/2", enabled=show_progress, leave=False):
             probs = _seg_probs(model, [x for _, x in batch], cfg, device)
@@ -113,11 +121,13 @@ def pseudo_label(
                 counts += np.bincount(ids[on].numpy(), minlength=num_classes)[:num_classes]
                 selected_pixels += int(on.sum())
                 total_pixels += ids.numel()
-                arr = ids.numpy().astype(np.uint8)
-                atomic_write(png_path(folder, i), lambda tmp, a=arr: Image.fromarray(a).save(tmp, format="PNG"))
+                png = _png_bytes(ids.numpy().astype(np.uint8))
+                digest.update(png)
+                atomic_write(png_path(folder, i), lambda tmp, b=png: Path(tmp).write_bytes(b))
                 indices.append(i)
         result = PseudoLabels(folder, np.asarray(indices, dtype=np.int64), None, {})
         selected, total = selected_pixels, total_pixels
+        checksum = digest.hexdigest()
     else:
         all_idx: list[int] = []
         all_probs: list[Tensor] = []
@@ -144,11 +154,11 @@ def pseudo_label(
         counts = np.bincount(sel_labels, minlength=num_classes)[:num_classes]
         arrays = {"indices": sel_indices, "labels": sel_labels, "conf": conf.numpy()[kept]}
 
-        def write_npz(tmp: str) -> None:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-
-        atomic_write(folder / LABELS_FILE, write_npz)
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        data = buf.getvalue()
+        atomic_write(folder / LABELS_FILE, lambda tmp: Path(tmp).write_bytes(data))
+        checksum = hashlib.sha256(data).hexdigest()
         result = PseudoLabels(folder, sel_indices, sel_labels, {})
         selected, total = int(kept.sum()), n
     original.train(was_training)
@@ -163,20 +173,47 @@ def pseudo_label(
         "total": total,
         "unit": "pixels" if task == "segmentation" else "images",
         "images": len(result.indices),
+        "sha256": checksum,  # of pseudo_labels.npz, or of the PNGs' bytes in index order
     }
     text = json.dumps(result.stats, indent=1)
     atomic_write(folder / STATS_FILE, lambda tmp: Path(tmp).write_text(text))
     return result
 
 
+def _png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def load_pseudo_labels(folder: Path) -> PseudoLabels | None:
-    """The round's pseudo-labels written by :func:`pseudo_label`, or None when they were not completed."""
+    """The round's pseudo-labels written by :func:`pseudo_label`, or None when they were not completed.
+
+    DamagedPseudoLabels when a file cannot be read or does not match the SHA-256 in ``pseudo_labels.json``."""
     stats_path = folder / STATS_FILE
     if not stats_path.is_file():
         return None
-    stats = json.loads(stats_path.read_text())
-    if stats["unit"] == "pixels":
-        names = sorted((folder / PNG_FOLDER).glob("*.png"))
-        return PseudoLabels(folder, np.asarray([int(p.stem) for p in names], dtype=np.int64), None, stats)
-    data = np.load(folder / LABELS_FILE)
-    return PseudoLabels(folder, data["indices"], data["labels"], stats)
+    redo = "its pseudo-labels are computed again"
+    try:
+        stats = json.loads(stats_path.read_text())
+        if stats["unit"] == "pixels":
+            names = sorted((folder / PNG_FOLDER).glob("*.png"))
+            indices = np.asarray([int(p.stem) for p in names], dtype=np.int64)
+            if "sha256" in stats:
+                digest = hashlib.sha256()
+                for p in names:
+                    digest.update(p.read_bytes())
+                if digest.hexdigest() != stats["sha256"] or len(names) != stats.get("images", len(names)):
+                    raise DamagedPseudoLabels(f"{folder / PNG_FOLDER} does not match its checksum in {stats_path}; "
+                                              f"{redo}")  # fmt: skip
+            return PseudoLabels(folder, indices, None, stats)
+        data = (folder / LABELS_FILE).read_bytes()
+        if "sha256" in stats and hashlib.sha256(data).hexdigest() != stats["sha256"]:
+            raise DamagedPseudoLabels(f"{folder / LABELS_FILE} does not match its checksum in {stats_path}; {redo}")
+        with np.load(io.BytesIO(data)) as arrays:
+            return PseudoLabels(folder, arrays["indices"], arrays["labels"], stats)
+    except DamagedPseudoLabels:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+        raise DamagedPseudoLabels(f"cannot read the pseudo-labels in {folder} ({type(exc).__name__}: {exc}); "
+                                  f"{redo}") from None  # fmt: skip

@@ -24,15 +24,15 @@ from typing import Any
 
 import yaml
 
-from asg.adapt.pseudo import PseudoLabels, load_pseudo_labels, pseudo_label
+from asg.adapt.pseudo import DamagedPseudoLabels, PseudoLabels, load_pseudo_labels, pseudo_label
 from asg.config import Config, config_to_dict, load_config
 from asg.data import DataBundle, build_data, check_bundle_files
 from asg.data.pairs import PairTransform
 from asg.data.targets import PseudoLabeled, target_dataset
 from asg.engine.checkpoint import load_weights, save_weights
 from asg.engine.evaluate import PRIMARY_METRIC, evaluate_sets, real_average
-from asg.engine.init_from import ADAPTATION_FILE, load_init_weights
-from asg.engine.rundir import RunDir
+from asg.engine.init_from import ADAPTATION_FILE, init_record, init_weights_path, load_init_weights
+from asg.engine.rundir import RunDir, sha256
 from asg.errors import AsgError, ConfigError
 from asg.methods import SelfTraining, build_method
 from asg.models import build_model
@@ -168,14 +168,29 @@ class Adaptation:
         return out
 
     def _start(self) -> dict[str, Any]:
-        """Evaluation of the starting model (``start.json``, computed once)."""
+        """Evaluation of the starting model and what it is (``start.json``, computed once; on a resume the
+        starting weights must still be the recorded ones)."""
         path = self.out / START_FILE
+        m = self.cfg.model
+        assert m.init_from is not None
         if path.is_file():
-            return json.loads(path.read_text())
-        start = self._evaluated_by_init_run() or {
-            "init_from": self.cfg.model.init_from,
-            **self._evaluate(self._model()),
-        }
+            start = json.loads(path.read_text())
+            recorded = start.get("init_weights")
+            if recorded is not None:
+                weights, _ = init_weights_path(m.init_from, m.init_checkpoint)
+                if not weights.is_file() or sha256(weights) != recorded["sha256"]:
+                    raise AsgError(
+                        f"the starting model changed since this adaptation began: {weights} is not the file of "
+                        f"step {recorded['step']} (SHA-256 {recorded['sha256'][:12]}...) recorded in {path}; "
+                        "start a new adaptation (another --out)"
+                    )
+            return start
+        record = init_record(m.init_from, m.init_checkpoint, self.cfg.adapt.from_unfinished)
+        if record["finished"] is False:
+            self._say(f"asg: warning: starting from {m.init_from}, which never finished (checkpoint of step "
+                      f"{record['step']}; adapt.from_unfinished)")  # fmt: skip
+        start = self._evaluated_by_init_run() or {"init_from": m.init_from, **self._evaluate(self._model())}
+        start["init_weights"] = record
         self.rd.write_text(START_FILE, json.dumps(start, indent=1))
         return start
 
@@ -210,7 +225,11 @@ class Adaptation:
     def _round(self, r: int) -> dict[str, Any]:
         cfg, folder = self.cfg, self.out / round_folder(r)
         prev = self.out / round_folder(r - 1) if r > 1 else None
-        pseudo = load_pseudo_labels(folder)
+        try:
+            pseudo = load_pseudo_labels(folder)
+        except DamagedPseudoLabels as exc:
+            self._say(f"asg: note: round {r}: {exc} (with the same model, so the same labels)")
+            pseudo = None
         if pseudo is None:
             ema_file = prev / "ema.safetensors" if prev is not None else None
             labeller = ema_file if ema_file is not None and ema_file.is_file() and cfg.adapt.ema_decay else None

@@ -5,6 +5,7 @@ Each file is checked with one ``os.stat`` (missing, empty); pixels are only deco
 
 from __future__ import annotations
 
+import inspect
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from typing import Any
 from asg.data import visda17
 from asg.data.files import file_problem
 from asg.data.images import IMG_EXTENSIONS, list_images, open_image
-from asg.data.listfile import LIST_LAYOUT, class_folders, parse_list_file, split_folders
+from asg.data.listfile import LIST_LAYOUT, class_folders, parse_list_file, split_folders, top_class_warning
 from asg.errors import ConfigError, DataError
 
 MAX_LISTED = 5  # examples quoted per kind of problem
@@ -110,6 +111,9 @@ def check_list(
     empty = [names[c] for c in range(n_cls) if counts.get(c, 0) == 0]
     if empty and parsed.paths:
         report.warnings.append(f"{parsed.path}: no images for class(es) {', '.join(empty)}")
+    top = top_class_warning(parsed.path, dict(counts)) if num_classes is None and class_names is None else None
+    if top is not None:
+        report.warnings.append(top)
     summary: dict[str, Any] = {
         "list": str(parsed.path),
         "images": len(parsed.paths),
@@ -240,4 +244,11 @@ def check_dataset(name: str, root: str, verify_images: bool = False, **options: 
     ``class_set``, ``max_items``."""
     if name not in CHECKS:
         raise ConfigError(f"no check for dataset {name!r}; checks exist for: {', '.join(CHECKS)}")
-    return CHECKS[name](root, verify_images=verify_images, **options)
+    check = CHECKS[name]
+    func = getattr(check, "func", check)  # (segmentation checks are partials)
+    accepted = set(inspect.signature(func).parameters)
+    unknown = [k for k in options if k not in accepted]
+    if unknown and not any(p.kind == p.VAR_KEYWORD for p in inspect.signature(func).parameters.values()):
+        flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
+        raise ConfigError(f"{flags}: not an option of the {name} check")
+    return check(root, verify_images=verify_images, **options)

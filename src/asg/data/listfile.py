@@ -7,6 +7,7 @@ Every problem is a :class:`DataError` that names the file (and the list line) to
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from asg.config import DataConfig
-from asg.data.bundle import DataBundle, split_source_val
+from asg.data.bundle import DataBundle, DataWarning, split_source_val
 from asg.data.images import (
     IMG_EXTENSIONS,
     FileImageDataset,
@@ -177,10 +178,34 @@ def split_folders(root: Path) -> dict[str, Path]:
     return {name: root / name for name in class_folders(root) if name != "train"}
 
 
+TOP_CLASS_SHARE = 0.05  # an inferred top class with fewer images than this share of the others' median is suspect
+
+
+def top_class_warning(list_path: str | Path, counts: dict[int, int]) -> str | None:
+    """A warning when the number of classes is inferred from the labels (highest id + 1) and the highest class
+    has very few images against the others (an off-by-one label adds a class silently); None otherwise."""
+    if len(counts) < 2:
+        return None
+    top = max(counts)
+    others = [n for c, n in counts.items() if c != top]
+    median = float(np.median(others))
+    if counts[top] > TOP_CLASS_SHARE * median:
+        return None
+    return (
+        f"{list_path}: the number of classes is inferred as {top + 1} from the highest label {top}, which has "
+        f"only {counts[top]:,} image(s) against a median of {median:,.0f} for the other classes: an off-by-one "
+        f"label? Fix the labels, or set data.num_classes={top + 1} (or {top}) to say how many there are"
+    )
+
+
 def _check_class_ids(list_path: str | Path, labels: np.ndarray) -> int:
-    """Number of classes of a training list whose labels must be exactly 0..K-1 (no id without an image)."""
-    present = np.unique(labels)
+    """Number of classes of a training list whose labels must be exactly 0..K-1 (no id without an image); a
+    DataWarning when the top class looks like an off-by-one label (:func:`top_class_warning`)."""
+    present, n = np.unique(labels, return_counts=True)
     k = int(present[-1]) + 1
+    warning = top_class_warning(list_path, dict(zip(present.tolist(), n.tolist())))
+    if warning is not None:
+        warnings.warn(warning, DataWarning, stacklevel=2)
     gaps = np.setdiff1d(np.arange(k), present).tolist()
     if gaps:
         shown = ", ".join(map(str, gaps[:10])) + (f" (+{len(gaps) - 10} more)" if len(gaps) > 10 else "")

@@ -44,6 +44,21 @@ def png_header(path: str | Path) -> tuple[int, int] | None:
     return head[24], head[25]
 
 
+def check_pixel_limit(path: str | Path) -> None:
+    """PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, an error beyond twice it) for decoders that
+    do not apply it: raises ``Image.DecompressionBombError`` from the PNG header's width and height."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is None or len(head) < 24 or not head.startswith(PNG_SIGNATURE):
+        return
+    pixels = int.from_bytes(head[16:20], "big") * int.from_bytes(head[20:24], "big")
+    if pixels > 2 * limit:
+        raise Image.DecompressionBombError(
+            f"Image size ({pixels} pixels) exceeds limit of {2 * limit} pixels, could be decompression bomb DOS attack."
+        )
+
+
 def read_label(path: str | Path, channel: int | None = None) -> np.ndarray:
     """Decode a label image -> raw ids, int array [H, W] (uint8, or int32 for 16-bit files).
 
@@ -53,6 +68,7 @@ def read_label(path: str | Path, channel: int | None = None) -> np.ndarray:
     """
     header = png_header(path)
     if header is not None and header[0] == 16 and header[1] in (2, 6):  # 16-bit RGB(A): PIL keeps 8 bits only
+        check_pixel_limit(path)  # (torchvision has no pixel limit)
         with warnings.catch_warnings():  # torchvision 0.29 marks its decoders deprecated (in favour of torchcodec)
             warnings.simplefilter("ignore", DeprecationWarning)
             arr = decode_image(str(path), mode=ImageReadMode.UNCHANGED).to(torch.int32).numpy()  # [C, H, W]

@@ -9,6 +9,8 @@ table and the pixels of each class.
 from __future__ import annotations
 
 import functools
+import hashlib
+import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,11 +31,14 @@ from asg.data.segmentation import (
     PairSource,
     find_pairs,
     pair_list,
+    read_prepared,
 )
 from asg.engine.checkpoint import atomic_write
 from asg.errors import ConfigError, DataError
 
 DEFAULT_SPLITS = {"gta5": ["all"], "synthia": ["all"]}  # others: train and val, those present
+PROVENANCE_FILE = "provenance.jsonl"  # one line per label written: what produced it
+PROVENANCE_FORMAT = 1
 
 
 # ------------------------------------------------------------------------------------------------------- prepare
@@ -47,6 +52,7 @@ class PrepareReport:
     class_set: int
     written: int = 0
     skipped: int = 0
+    redone: dict[str, int] = field(default_factory=dict)  # why labels already in dst were converted again -> count
     lists: dict[str, int] = field(default_factory=dict)  # split -> pairs in dst/{split}.txt
     problems: list[str] = field(default_factory=list)  # pairs left out of the lists, one line each
     notes: list[str] = field(default_factory=list)
@@ -61,6 +67,9 @@ class PrepareReport:
             f"prepared {self.name} ({self.class_set} classes) from {self.src} into {self.dst}: {verdict}",
             f"  labels: {self.written:,} written, {self.skipped:,} skipped (already prepared)",
         ]
+        if self.redone:
+            why = ", ".join(f"{n:,} {reason}" for reason, n in self.redone.items())
+            out.append(f"  converted again (labels already in {self.dst / 'labels'}): {why}")
         out += [f"  {self.dst / (split + '.txt')}: {n:,} pairs" for split, n in self.lists.items()]
         shown = self.problems[:MAX_LISTED]
         out += [f"  left out: {p}" for p in shown]
@@ -99,31 +108,103 @@ def _splits(name: str, src: Path, split: str) -> list[str]:
     return found
 
 
-def _check_dst(src: Path, dst: Path, name: str, class_set: int) -> None:
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _check_dst(src: Path, dst: Path, name: str, class_set: int) -> dict[str, Any] | None:
+    """Refuse a destination that overlaps the source or holds another complete preparation; the
+    ``prepared.json`` of an interrupted preparation found in ``dst`` (None when there is none)."""
     if not src.is_dir():
         raise DataError(f"source folder {src} does not exist")
-    if dst == src or src in dst.parents:
-        raise DataError(f"destination {dst} is inside the source {src}: prepare never writes into the source; "
+    labels = (dst / "labels").resolve()  # resolved: a symlink dst/labels -> SRC/... would write into the source
+    if _inside(dst, src) or _inside(labels, src):
+        where = dst if _inside(dst, src) else f"{dst / 'labels'} (a link to {labels})"
+        raise DataError(f"destination {where} is inside the source {src}: prepare never writes into the source; "
                         f"choose a folder outside it")  # fmt: skip
-    if dst / "labels" == src or dst / "labels" in src.parents:
+    if _inside(src, labels):
         raise DataError(f"source {src} lies inside {dst / 'labels'}, where prepare writes; choose another dst")
     if (src / PREPARED_FILE).is_file():
         raise DataError(f"{src} is already a prepared folder ({PREPARED_FILE}); give the original dataset as src")
-    if (dst / PREPARED_FILE).is_file():
+    if not (dst / PREPARED_FILE).is_file():
+        return None
+    try:
         info = json.loads((dst / PREPARED_FILE).read_text(encoding="utf-8"))
-        same = (info.get("name"), info.get("class_set"), info.get("src")) == (name, class_set, str(src))
-        if not same:
-            raise DataError(
-                f"{dst} already holds {info.get('name')} prepared from {info.get('src')} with class_set "
-                f"{info.get('class_set')}; choose another dst or delete it"
-            )
+    except (OSError, ValueError):
+        return None  # a damaged prepared.json: rewritten, every label proven by provenance.jsonl or converted
+    if info.get("complete") is False:
+        return info
+    same = (info.get("name"), info.get("class_set"), info.get("src")) == (name, class_set, str(src))
+    if not same:
+        raise DataError(
+            f"{dst} already holds {info.get('name')} prepared from {info.get('src')} with class_set "
+            f"{info.get('class_set')}; choose another dst or delete it"
+        )
+    return None
 
 
-def _convert(ds: SegmentationPairs, i: int, src: Path, dst: Path, report: PrepareReport) -> str | None:
-    """Write the train-id PNG of pair ``i`` (unless one of the right size is there); its path relative to dst."""
+def _recipe(name: str, class_set: int, ds: SegmentationPairs) -> str:
+    """What decides a prepared label besides its source file: dataset, class set, id table, label channel."""
+    h = hashlib.sha256(json.dumps([PROVENANCE_FORMAT, name, class_set, ds.label_channel]).encode())
+    h.update(np.ascontiguousarray(ds.lut, dtype=np.int16).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class _Provenance:
+    """``dst/provenance.jsonl``: per label written, the recipe, the source file and both files' SHA-256.
+
+    A label is appended after its file is on disk, so a kill loses at most lines of labels converted again."""
+
+    def __init__(self, dst: Path) -> None:
+        self.path = dst / PROVENANCE_FILE
+        self.entries: dict[str, dict[str, Any]] = {}
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            lines = []
+        for line in lines:
+            try:
+                entry = json.loads(line)
+                self.entries[entry["label"]] = entry
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut by a kill: its label is converted again
+
+    def why_not(self, rel: str, out: Path, recipe: str, source: Path, source_sha: str) -> str | None:
+        """None when ``out`` is proven to be ``source`` converted by ``recipe``; else why it must be redone."""
+        entry = self.entries.get(rel)
+        if entry is None:
+            return "not recorded in provenance.jsonl"
+        if entry.get("recipe") != recipe:
+            return f"prepared with other settings (class set {entry.get('class_set')})"
+        if entry.get("source") != str(source) or entry.get("source_sha256") != source_sha:
+            return "from a source label that changed since"
+        try:
+            if _sha256(out) != entry.get("sha256"):
+                return "damaged since written"
+        except OSError:
+            return "unreadable"
+        return None
+
+    def record(self, entry: dict[str, Any]) -> None:
+        self.entries[entry["label"]] = entry
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+def _convert(ds: SegmentationPairs, i: int, src: Path, dst: Path, report: PrepareReport, prov: _Provenance,
+             recipe: str) -> str | None:  # fmt: skip
+    """Write the train-id PNG of pair ``i`` (unless provenance.jsonl proves the one there); its path relative to
+    dst."""
     label = ds.label_path(i)
     out = dst / "labels" / label.relative_to(src)
     rel = out.relative_to(dst).as_posix()
+    if _inside(out.parent.resolve(), src):  # a linked folder under dst/labels
+        raise DataError(f"{out.parent} is a link into the source {src}: prepare never writes into the source; "
+                        "remove the link")  # fmt: skip
     try:
         size = image_size(ds.image_path(i))
     except FileNotFoundError:
@@ -132,14 +213,23 @@ def _convert(ds: SegmentationPairs, i: int, src: Path, dst: Path, report: Prepar
     except Exception as exc:
         report.problems.append(f"{ds.image_path(i)}: cannot read image ({type(exc).__name__}: {exc})")
         return None
+    try:
+        source_sha = _sha256(label)
+    except OSError as exc:
+        report.problems.append(f"{label}: cannot read label ({exc.strerror or exc})")
+        return None
     if out.is_file():
-        try:
-            with Image.open(out) as done:
-                if done.size == size and done.mode == "L":
-                    report.skipped += 1
-                    return rel
-        except Exception:
-            pass  # unreadable leftover: write it again
+        why = prov.why_not(rel, out, recipe, label, source_sha)
+        if why is None:
+            try:
+                with Image.open(out) as done:
+                    if done.size == size and done.mode == "L":
+                        report.skipped += 1
+                        return rel
+                why = "of another size than its image"
+            except Exception:
+                why = "unreadable"
+        report.redone[why] = report.redone.get(why, 0) + 1
     try:
         ids = ds.read_label_ids(i)
     except DataError as exc:
@@ -149,7 +239,12 @@ def _convert(ds: SegmentationPairs, i: int, src: Path, dst: Path, report: Prepar
     if why is not None:
         report.problems.append(f"image {ds.image_path(i)} {why}: {label}")
         return None
-    atomic_write(out, lambda tmp: Image.fromarray(ids, mode="L").save(tmp, format="PNG"))
+    buf = io.BytesIO()
+    Image.fromarray(ids, mode="L").save(buf, format="PNG")
+    data = buf.getvalue()
+    atomic_write(out, lambda tmp: Path(tmp).write_bytes(data))
+    prov.record({"label": rel, "recipe": recipe, "class_set": report.class_set, "source": str(label),
+                 "source_sha256": source_sha, "sha256": hashlib.sha256(data).hexdigest()})  # fmt: skip
     report.written += 1
     return rel
 
@@ -160,14 +255,28 @@ def prepare(name: str, src: str | Path, dst: str | Path, *, split: str = "all", 
     Writes ``dst/labels/<label path relative to src>`` (PNG mode "L", ids of ``class_set``, 255 ignore),
     ``dst/{split}.txt`` (lines ``ABS_IMAGE_PATH LABEL_PATH_RELATIVE_TO_DST``) for ``split`` or, with "all",
     every split the source has (gta5: all, plus train/val/test with split.mat; synthia: all and train; others:
-    train and val), and ``dst/prepared.json``. Idempotent: labels already there with the image's size are
-    skipped. Pairs that cannot be converted are left out of the lists and listed in ``report.problems``.
+    train and val), ``dst/prepared.json`` ("complete": false until the end) and ``dst/provenance.jsonl``.
+    Resumable and idempotent: a label already there is kept only when provenance.jsonl proves it is this
+    source file (SHA-256) converted with these settings, else it is converted again (``report.redone``).
+    Pairs that cannot be converted are left out of the lists and listed in ``report.problems``.
     """
     if name not in LAYOUTS:
         raise ConfigError(f"prepare: unknown dataset {name!r}; valid names: {', '.join(LAYOUTS)}")
     src_p, dst_p = Path(src).resolve(), Path(dst).resolve()
-    _check_dst(src_p, dst_p, name, class_set)
+    unfinished = _check_dst(src_p, dst_p, name, class_set)
     report = PrepareReport(name, src_p, dst_p, class_set)
+    if unfinished is not None:
+        settings = (unfinished.get("name"), unfinished.get("class_set"), unfinished.get("src"))
+        same = settings == (name, class_set, str(src_p))
+        report.notes.append(
+            f"continued an interrupted prepare into {dst_p}" if same else
+            f"{dst_p} held an interrupted prepare of {settings[0]} from {settings[2]} with class_set {settings[1]}: "
+            "its labels were converted again"
+        )  # fmt: skip
+    info = {"name": name, "src": str(src_p), "class_set": class_set, "class_names": class_names(class_set),
+            "labels": "train ids, PNG mode L, 255 = ignore", "provenance": PROVENANCE_FILE}  # fmt: skip
+    _write_text(dst_p / PREPARED_FILE, json.dumps({**info, "complete": False}, indent=2) + "\n")
+    prov = _Provenance(dst_p)
     done: dict[Path, str | None] = {}  # source label -> its prepared path (None: left out)
     counts: dict[str, int] = {}
     for sp in _splits(name, src_p, split):
@@ -178,19 +287,18 @@ def prepare(name: str, src: str | Path, dst: str | Path, *, split: str = "all", 
             n = len(source.labels_without_image)
             report.notes.append(f"{sp}: {n:,} label file(s) without an image, e.g. {source.labels_without_image[0]}")
         ds = source.dataset()
+        recipe = _recipe(name, class_set, ds)
         lines = []
         for i in range(len(ds)):
             label = ds.label_path(i)
             if label not in done:
-                done[label] = _convert(ds, i, src_p, dst_p, report)
+                done[label] = _convert(ds, i, src_p, dst_p, report, prov, recipe)
             rel = done[label]
             if rel is not None:
                 lines.append(_list_line(ds.image_path(i), rel))
         _write_text(dst_p / f"{sp}.txt", "".join(line + "\n" for line in lines))
         report.lists[sp] = counts[sp] = len(lines)
-    info = {"name": name, "src": str(src_p), "class_set": class_set, "class_names": class_names(class_set),
-            "counts": counts, "labels": "train ids, PNG mode L, 255 = ignore"}  # fmt: skip
-    _write_text(dst_p / PREPARED_FILE, json.dumps(info, indent=2) + "\n")
+    _write_text(dst_p / PREPARED_FILE, json.dumps({**info, "counts": counts, "complete": True}, indent=2) + "\n")
     return report
 
 
@@ -218,6 +326,8 @@ def check_source(
     """Check the pairs of one split, appending errors to ``report``; returns its summary (counts, pixels)."""
     tag = f"{source.name} {source.split}"
     n = len(source.images)
+    if n == 0 and not source.images_without_label and not source.missing_images:
+        report.errors.append(f"{tag}: {source.root} lists no image/label pair (training refuses an empty split)")
     _quote(report, f"{tag}: {len(source.images_without_label):,} image(s) without a label file:",
            [str(p) for p in source.images_without_label])  # fmt: skip
     _quote(report, f"{tag}: {len(source.missing_images):,} image(s) of the split are missing:",
@@ -296,6 +406,7 @@ def check(
     class_set: int = 19,
     max_items: int | None = None,
     verify_images: bool = False,
+    num_classes: int | None = None,
 ) -> CheckReport:
     """Check a segmentation dataset without training; ``report.ok`` is False when there are errors.
 
@@ -303,11 +414,18 @@ def check(
     seglist (``root``: the list file). ``split`` None: gta5/synthia "all", the others train and val (those
     present; a prepared folder: every list). ``max_items``: check at most this many evenly spaced pairs per split
     (per-class pixel counts then cover the sample). ``verify_images``: decode image pixels, not only headers.
+    ``num_classes`` (seglist only): ids must lie in 0..num_classes-1 (or be 255), instead of ``class_set``'s.
     """
     sampled = f", at most {max_items:,} pairs per split" if max_items is not None else ""
     report = CheckReport(title=f"{name} check of {root} (pixels per class{sampled})")
     names = class_names(class_set)
     root = Path(root)
+    if num_classes is not None:
+        if name != "seglist":
+            raise ConfigError(f"--num-classes is for seglist (and listfile) checks; {name} uses --class-set")
+        if not 1 <= num_classes <= 255:
+            raise ConfigError(f"--num-classes must be in [1, 255] (255 = ignore), got {num_classes}")
+        names = [str(i) for i in range(num_classes)]
     if name == "seglist":
         try:
             sources = [pair_list(root, None, identity_lut(len(names)), f"{len(names)}-class train ids")]
@@ -320,7 +438,13 @@ def check(
         if split is not None:
             splits = [split]
         elif (root / PREPARED_FILE).is_file():
+            try:
+                read_prepared(root)  # refuses a folder whose prepare did not finish
+            except DataError as exc:
+                report.errors.append(str(exc))
             splits = sorted(p.stem for p in root.glob("*.txt"))
+            if not splits:
+                report.errors.append(f"{root} holds {PREPARED_FILE} but no list file (<split>.txt)")
         else:
             splits = DEFAULT_SPLITS.get(name, ["train", "val"])
         sources, failed = [], []

@@ -329,9 +329,13 @@ def read_prepared(root: Path) -> dict:
     """The ``prepared.json`` of a folder written by ``asg data prepare``."""
     path = root / PREPARED_FILE
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        info = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot read {path}: {exc}; run `asg data prepare` again into this folder") from None
+    if info.get("complete") is False:  # written first by prepare, set True at its end (older files lack it)
+        raise DataError(f"`asg data prepare` into {root} did not finish (interrupted?): rerun the same command to "
+                        "complete the folder")  # fmt: skip
+    return info
 
 
 def prepared_lut(prepared_set: int, class_set: int, where: str) -> np.ndarray:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
 from torch import nn
 
 from asg.errors import AsgError, WeightsError
@@ -39,17 +40,17 @@ def save_weights(
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata))
 
 
-def load_weights(model: nn.Module, path: Path) -> None:
-    """Load a safetensors file written by ``save_weights`` into ``model``.
+def load_weights(model: nn.Module, path: Path, data: bytes | None = None) -> None:
+    """Load a safetensors file written by ``save_weights`` into ``model`` (``data``: its bytes, read earlier).
 
     Raises WeightsError (one line, naming the file) when it is missing, unreadable, corrupt or truncated, or
     does not fit the model (other keys or shapes: another backbone, head size or number of classes).
     """
     path = Path(path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise WeightsError(f"checkpoint {path} does not exist")
     try:
-        state = load_file(str(path))
+        state = load_file(str(path)) if data is None else load(data)
     except OSError as exc:
         raise WeightsError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
     except SafetensorError as exc:
@@ -84,6 +85,21 @@ def save_state(state: dict[str, Any], path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+def torch_load_problem(exc: BaseException) -> str:
+    """One line saying why ``torch.load(..., weights_only=True)`` refused a file (never torch's advice to load it
+    with ``weights_only=False``, which would run the file's code)."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        what = f"a pickled Python object ({found.group(1)})" if found else "pickled Python code or objects"
+        return f"it holds {what}, which asg never loads (only tensors and plain containers): a file of another "\
+               "program, or a damaged or tampered one"  # fmt: skip
+    if isinstance(exc, OSError):
+        return exc.strerror or text
+    first = " ".join(text.split())
+    return f"{type(exc).__name__}: {first[:200]}" + ("..." if len(first) > 200 else "")
+
+
 def load_state(path: Path) -> dict[str, Any]:
     """Load trainer state without executing pickled code (``weights_only=True``)."""
     try:
@@ -91,4 +107,4 @@ def load_state(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise AsgError(f"cannot resume: {path} does not exist (no checkpoint was written in this run folder)") from None
     except Exception as exc:  # corrupt or foreign file
-        raise AsgError(f"cannot read checkpoint state {path}: {exc}") from None
+        raise AsgError(f"cannot read checkpoint state {path}: {torch_load_problem(exc)}") from None

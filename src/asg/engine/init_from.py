@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -41,6 +42,36 @@ def init_weights_path(init_from: str, checkpoint: str = "last") -> tuple[Path, P
     if not rd.manifest_path.exists():
         raise WeightsError(f"model.init_from: {path} holds no checkpoint ({rd.manifest_path} is missing)")
     return rd.resolve(checkpoint), path
+
+
+def init_record(init_from: str, checkpoint: str = "last", allow_unfinished: bool = False) -> dict[str, Any]:
+    """What ``init_from`` names, for an adaptation's files: weights file, its SHA-256, its step and whether its run
+    finished. WeightsError for a run that is still running, or (unless ``allow_unfinished``) never finished."""
+    from asg.engine.rundir import RunDir, sha256
+
+    weights, run = init_weights_path(init_from, checkpoint)
+    record: dict[str, Any] = {"file": str(weights), "step": None, "finished": None}
+    top = Path(init_from)
+    if run is not None:
+        rd, top_rd = RunDir(run), RunDir(top)
+        holder = top_rd.holder() or rd.holder()
+        if holder is not None:
+            raise WeightsError(f"model.init_from: {top} is being written by a running asg process ({holder}); "
+                               "wait until it finishes, then start the adaptation")  # fmt: skip
+        manifest = rd.read_manifest()
+        entry = manifest["weights"] if checkpoint == "last" else manifest.get("best", {}).get(checkpoint, {})
+        record["step"] = entry.get("step", manifest.get("step"))
+        record["finished"] = (top / "done").is_file()
+        if not record["finished"] and not allow_unfinished:
+            raise WeightsError(
+                f"model.init_from: {top} never finished (no 'done' file; its last checkpoint is of step "
+                f"{manifest.get('step')}): resume it to the end first, or pass --from-unfinished "
+                "(adapt.from_unfinished=true) to start from that checkpoint anyway"
+            )
+    if not weights.is_file():
+        raise WeightsError(f"model.init_from: the weights file {weights} does not exist")
+    record["sha256"] = sha256(weights)
+    return record
 
 
 def load_init_weights(model: nn.Module, cfg: Config, num_classes: int, task: str = "classification") -> str:

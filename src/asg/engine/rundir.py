@@ -28,14 +28,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from asg.engine.checkpoint import atomic_write, load_state, save_state, save_weights
 from asg.errors import AsgError
 
 try:
     import fcntl
+    import resource
 except ImportError:  # Windows: no advisory lock (documented)
     fcntl = None  # type: ignore[assignment]
+    resource = None  # type: ignore[assignment]
 
 MANIFEST = "checkpoint.json"
 FORMAT = 1
@@ -43,6 +46,38 @@ EXPORTS = {"last": "last.safetensors", "source-val": "best_source_val.safetensor
 # files a run writes; removed when a run starts afresh in a folder whose earlier run never checkpointed
 RUN_FILES = ("results.jsonl", "summary.json", "done", "resumes.jsonl", "skipped_images.txt", *EXPORTS.values())
 RUN_FOLDERS = ("tb", "checkpoints")
+
+
+_HELD_LOCKS: dict[int, int] = {}  # lock fd -> pid of the process that took it
+
+
+def _close_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker): close the inherited lock fds, so that the lock dies with the
+    process that took it instead of living on in its orphaned children."""
+    for fd in list(_HELD_LOCKS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
+def _holder_note(holder: str) -> str:
+    """A hint when the PID named in the lock file is gone (its children may hold the lock for a moment)."""
+    parts = holder.split()
+    if len(parts) < 2 or parts[0] != "pid" or not parts[1].isdigit():
+        return ""
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return "; that process has exited: a child of it may hold the lock for a few seconds, retry"
+    except PermissionError:
+        pass
+    return ""
 
 
 class RunFolderError(AsgError):
@@ -57,6 +92,26 @@ def _hint(exc: OSError) -> str:
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return "the folder is not writable: fix its permissions or choose another --out"
     return "check the folder or choose another --out"
+
+
+def _write_failure_hint(path: Path) -> str:
+    """Why a write under ``path`` may have failed when the library does not say (safetensors, torch.save)."""
+    try:
+        free = shutil.disk_usage(path.parent if path.parent.exists() else path.parent.parent).free
+    except OSError:
+        free = None
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if resource is not None else -1
+    if limit not in (-1, getattr(resource, "RLIM_INFINITY", -1)):
+        return f"the file size limit (ulimit -f) is {limit:,} bytes: raise it, then resume with --resume"
+    if free is not None and free < 256 << 20:
+        return f"the disk is full ({free / 2**20:,.1f} MiB free): free space, then resume with --resume"
+    return "the disk may be full or failing: check it, then resume with --resume"
+
+
+def _is_write_failure(exc: Exception) -> bool:
+    """A SafetensorError, or torch.save's RuntimeError for a failed write (it hides the OSError)."""
+    text = str(exc)
+    return isinstance(exc, SafetensorError) or any(t in text for t in ("write", "unexpected pos", "inline_container"))
 
 
 def sha256(path: Path) -> str:
@@ -89,15 +144,48 @@ class RunDir:
             os.close(fd)
             raise RunFolderError(
                 f"run folder {self.path} is in use by another asg process ({holder}); wait for it to finish, "
-                "stop it, or choose another --out"
+                f"stop it, or choose another --out{_holder_note(holder)}"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename} since {time.strftime('%H:%M:%S')}".encode(), 0)
         self._lock_fd = fd
+        _HELD_LOCKS[fd] = os.getpid()
+        self._remove_temporary_files()
+
+    def _remove_temporary_files(self) -> None:
+        """Delete the temporary files of checkpoint writes that a kill interrupted (only the lock holder writes
+        them): everything ``.*.tmp`` in ``checkpoints/``, and those of the manifest and exports."""
+        names = (MANIFEST, *EXPORTS.values())
+        leftovers = list((self.path / "checkpoints").glob(".*.tmp"))
+        leftovers += [p for n in names for p in self.path.glob(f".{n}.*.tmp")]
+        for path in leftovers:
+            try:
+                path.unlink()
+            except OSError:
+                pass
+
+    def holder(self) -> str | None:
+        """Who holds this folder's lock ("pid N on HOST since T"), or None when no process does."""
+        lock_path = self.path / ".lock"
+        if fcntl is None or self._lock_fd is not None or not lock_path.is_file():
+            return None
+        try:
+            fd = os.open(lock_path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+        finally:
+            os.close(fd)  # drops the shared lock taken to test it
+        return None
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing drops the flock
+            if _HELD_LOCKS.get(self._lock_fd) == os.getpid():  # (in a forked child the fd is closed already)
+                del _HELD_LOCKS[self._lock_fd]
+                os.close(self._lock_fd)  # closing drops the flock
             self._lock_fd = None
 
     def __enter__(self) -> RunDir:
@@ -113,6 +201,11 @@ class RunDir:
             return fn()
         except OSError as exc:
             raise RunFolderError(f"cannot {what} {path}: {exc.strerror or exc}; {_hint(exc)}{extra}") from None
+        except (SafetensorError, RuntimeError) as exc:
+            if what != "write" or not _is_write_failure(exc):
+                raise
+            detail = " ".join(str(exc).split())[:160]
+            raise RunFolderError(f"cannot write {path} ({detail}); {_write_failure_hint(path)}{extra}") from None
 
     def write_text(self, name: str, text: str) -> Path:
         """Write ``name`` atomically (temporary file, then rename)."""
@@ -292,6 +385,21 @@ class RunDir:
         except (OSError, ValueError, KeyError):
             return ""
         return f" (the checkpoint of step {step} is kept)"
+
+    def read_checkpoint(self, checkpoint: str, attempts: int = 3) -> tuple[Path, bytes]:
+        """(path, bytes) of ``resolve(checkpoint)``, read at once; a file that a running training deleted between
+        the manifest and the read (it committed a newer checkpoint) is looked up again."""
+        for attempt in range(attempts):
+            path = self.resolve(checkpoint)
+            try:
+                with open(path, "rb") as f:  # once open, a deletion by the trainer cannot take the bytes away
+                    return path, f.read()
+            except FileNotFoundError:
+                if attempt == attempts - 1:
+                    break
+                time.sleep(0.2)
+        found = ", ".join(sorted(f.name for f in self.path.glob("*.safetensors"))) or "none"
+        raise RunFolderError(f"checkpoint {path} does not exist (checkpoints in {self.path}: {found})")
 
     def resolve(self, checkpoint: str) -> Path:
         """The weights file of ``last``, ``source-val`` or ``oracle`` per the manifest (exports as fallback)."""

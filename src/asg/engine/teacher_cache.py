@@ -13,12 +13,19 @@ C classes:
   stored log-probs; the rest mass spread uniformly over the other C - k classes.
 
 A folder is built under a temporary name and renamed into place when complete, so a crash never leaves a cache
-that looks usable; :meth:`TeacherLogitCache.open` refuses a folder that is incomplete, corrupt or built for
-something else, and :meth:`TeacherLogitCache.build_or_open` rebuilds it.
+that looks usable; :meth:`TeacherLogitCache.open` refuses a folder that is incomplete, corrupt (each file's
+SHA-256 is in meta.json, verified once per process and again when a file changes) or built for something else,
+and :meth:`TeacherLogitCache.build_or_open` rebuilds it. Space is checked and reserved (``posix_fallocate``)
+before the memory-mapped files are written, so a full disk is an error message, not a SIGBUS.
+
+The key covers the images (``key_mode`` "stat": each file's path, size and modification time; "content": each
+file's bytes; in-memory arrays: always their bytes), the caller's transform description, the teacher's weights
+and the storage. It does not cover what the transform description leaves out.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -40,6 +47,9 @@ from asg.errors import AsgError
 from asg.utils import progress
 
 STORAGES = ("fp32", "fp16", "topk")
+KEY_MODES = ("auto", "stat", "content")
+CONTENT_KEY_MAX_BYTES = 2 << 30  # "auto" hashes the bytes of image files up to this total size, else stats them
+SPACE_MARGIN = 16 << 20  # bytes kept free beyond the cache's own size
 FORMAT_VERSION = 1
 LOGP_FLOOR = -1.0e4  # log-prob of classes whose share underflows: finite, so 0 * (logp - floor) stays 0
 
@@ -75,14 +85,23 @@ def _tensor_bytes(t: Tensor) -> np.ndarray:
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
-def _feed_dataset(h: Any, ds: Any) -> None:
+def _file_bytes(path: str, h: Any) -> None:
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+    except OSError as exc:
+        raise UnfingerprintableDataset(f"cannot fingerprint image {path}: {exc.strerror}") from None
+
+
+def _feed_dataset(h: Any, ds: Any, content: bool) -> None:
     name = type(ds).__qualname__
     if hasattr(ds, "dataset") and hasattr(ds, "indices"):  # LabeledSubset, torch's Subset
         idx = np.ascontiguousarray(ds.indices, dtype=np.int64)
         h.update(f"subset {name} {len(idx)}\n".encode())
         h.update(idx.data)
-        _feed_dataset(h, ds.dataset)
-    elif callable(getattr(ds, "image_path", None)):  # file-backed: paths, sizes and modification times
+        _feed_dataset(h, ds.dataset, content)
+    elif callable(getattr(ds, "image_path", None)):  # file-backed: paths, sizes and mtimes, or contents
         transform = repr(getattr(ds, "transform", None))
         transform = type(getattr(ds, "transform", None)).__qualname__ if " at 0x" in transform else transform
         h.update(f"files {name} {len(ds)} {transform}\n".encode())
@@ -92,7 +111,12 @@ def _feed_dataset(h: Any, ds: Any) -> None:
                 st = os.stat(path)
             except OSError as exc:
                 raise UnfingerprintableDataset(f"cannot fingerprint image {path}: {exc.strerror}") from None
-            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            if content:
+                h.update(f"{path}\0{st.st_size}\0".encode())
+                _file_bytes(path, h)
+                h.update(b"\n")
+            else:
+                h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     elif isinstance(getattr(ds, "images", None), (np.ndarray, Tensor)):  # in-memory arrays
         arr = ds.images
         data = _tensor_bytes(arr) if isinstance(arr, Tensor) else np.ascontiguousarray(arr)
@@ -106,11 +130,38 @@ def _feed_dataset(h: Any, ds: Any) -> None:
         )
 
 
-def dataset_fingerprint(dataset: Dataset) -> str:
-    """sha256 hex of a dataset's images: file paths + sizes + mtimes, array bytes + image_size, or a subset's
-    indices + its parent's fingerprint. UnfingerprintableDataset for any other dataset."""
+def _files_total(ds: Any) -> int | None:
+    """Total bytes of a file-backed dataset's images (through subsets); None for in-memory data."""
+    if hasattr(ds, "dataset") and hasattr(ds, "indices"):
+        return _files_total(ds.dataset)
+    if not callable(getattr(ds, "image_path", None)):
+        return None
+    total = 0
+    for i in range(len(ds)):
+        try:
+            total += os.stat(ds.image_path(i)).st_size
+        except OSError:
+            pass  # reported by the fingerprint
+    return total
+
+
+def resolve_key_mode(dataset: Dataset, key_mode: str = "auto") -> str:
+    """ "stat" or "content": ``key_mode``, or for "auto" content up to CONTENT_KEY_MAX_BYTES of image files
+    (in-memory arrays are always hashed by content)."""
+    if key_mode not in KEY_MODES:
+        raise TeacherCacheError(f"teacher cache key must be one of {', '.join(KEY_MODES)}, got {key_mode!r}")
+    if key_mode != "auto":
+        return key_mode
+    total = _files_total(dataset)
+    return "content" if total is None or total <= CONTENT_KEY_MAX_BYTES else "stat"
+
+
+def dataset_fingerprint(dataset: Dataset, key_mode: str = "stat") -> str:
+    """sha256 hex of a dataset's images: file paths + sizes + mtimes ("stat") or + bytes ("content"), array
+    bytes + image_size, or a subset's indices + its parent's fingerprint. UnfingerprintableDataset for any other
+    dataset."""
     h = hashlib.sha256()
-    _feed_dataset(h, dataset)
+    _feed_dataset(h, dataset, resolve_key_mode(dataset, key_mode) == "content")
     return h.hexdigest()
 
 
@@ -123,17 +174,24 @@ def teacher_fingerprint(teacher: nn.Module) -> str:
     return h.hexdigest()
 
 
-def cache_key(dataset: Dataset, transform: str, teacher: nn.Module, storage: str, k: int = 32) -> str:
+def cache_key(
+    dataset: Dataset, transform: str, teacher: nn.Module, storage: str, k: int = 32, key_mode: str = "stat"
+) -> str:
     """sha256 hex naming the cache of ``teacher``'s logits on ``dataset`` seen through ``transform`` (a caller's
-    description of the deterministic training transform) in ``storage`` (k counts for "topk" only)."""
+    description of the deterministic training transform) in ``storage`` (k counts for "topk" only); image files
+    enter by path, size and mtime (``key_mode`` "stat") or by their bytes ("content"; "auto": see
+    :func:`resolve_key_mode`)."""
+    mode = resolve_key_mode(dataset, key_mode)
     parts = {
         "format": FORMAT_VERSION,
-        "dataset": dataset_fingerprint(dataset),
+        "dataset": dataset_fingerprint(dataset, mode),
         "transform": transform,
         "teacher": teacher_fingerprint(teacher),
         "storage": storage,
         "k": check_storage(storage, k),
     }
+    if mode == "content" and _files_total(dataset) is not None:  # (stat keys and array keys as before)
+        parts["dataset_key"] = "content"
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -233,6 +291,33 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _reserve(path: Path) -> None:
+    """Allocate a (sparse) file's blocks now: writing a memory map over a full disk would kill with SIGBUS."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+    finally:
+        os.close(fd)
+
+
+def _check_space(folder: Path, needed: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < needed + SPACE_MARGIN:
+        raise OSError(errno.ENOSPC, f"not enough free space (it needs {(needed + SPACE_MARGIN) / 2**20:,.1f} MiB "
+                      f"with a margin of {SPACE_MARGIN >> 20} MiB, {free / 2**20:,.1f} MiB are free)")  # fmt: skip
+
+
 def _images(batch: list[Any], start: int) -> Tensor:
     """Stack the image tensors [3, H, W] of a list of ``(image, target)`` items -> [B, 3, H, W]."""
     for j, item in enumerate(batch):
@@ -251,7 +336,9 @@ def _fill(folder: Path, key: str, dataset: Dataset, teacher: nn.Module, storage:
     if n == 0:
         raise TeacherCacheError("cannot cache the teacher's logits of an empty dataset")
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=list)
+    _check_space(folder, n)
     filled = np.lib.format.open_memmap(folder / "filled.npy", mode="w+", dtype=np.bool_, shape=(n,))
+    _reserve(folder / "filled.npy")
     arrays: dict[str, np.memmap] = {}
     start, c, kl_sum, kl_max = 0, 0, 0.0, 0.0
     was_training = teacher.training
@@ -266,10 +353,14 @@ def _fill(folder: Path, key: str, dataset: Dataset, teacher: nn.Module, storage:
                     c = z.shape[1]
                     if k > c or c > 32768:
                         raise TeacherCacheError(f"top-k {k} needs 1 <= k <= C <= 32768 classes, C = {c}")
+                    layout = _layout(storage, n, c, k)
+                    _check_space(folder, sum(dt.itemsize * math.prod(shape) for dt, shape in layout.values()))
                     arrays = {
                         name: np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dt, shape=shape)
-                        for name, (dt, shape) in _layout(storage, n, c, k).items()
+                        for name, (dt, shape) in layout.items()
                     }
+                    for name in arrays:
+                        _reserve(folder / f"{name}.npy")
                 encoded = _encode(z, storage, k)
                 for name, rows in encoded.items():
                     arrays[name][start : start + len(z)] = rows
@@ -283,6 +374,7 @@ def _fill(folder: Path, key: str, dataset: Dataset, teacher: nn.Module, storage:
         raise TeacherCacheError(f"the dataset yielded {start} of its {n} images")
     for arr in (filled, *arrays.values()):
         arr.flush()
+    checksums = {name: _file_sha256(folder / f"{name}.npy") for name in ("filled", *arrays)}
     meta = {
         "format": FORMAT_VERSION,
         "key": key,
@@ -294,6 +386,7 @@ def _fill(folder: Path, key: str, dataset: Dataset, teacher: nn.Module, storage:
         "description": description,
         "complete": True,
         "storage_error": {"kl_max": kl_max, "kl_mean": kl_sum / n, "what": "KL(p_exact || p_stored) per image, nats"},
+        "sha256": checksums,
     }
     (folder / "meta.json").write_text(json.dumps(meta, indent=1))
     for path in folder.iterdir():
@@ -315,6 +408,26 @@ def _install(tmp: Path, dest: Path, replace: bool) -> None:
         if not dest.is_dir():
             raise  # else another process installed this key first: its folder is used
     _fsync(dest.parent)
+
+
+_VERIFIED: set[tuple[str, str, int, int, int]] = set()  # (file, sha256, inode, size, ctime) verified here
+
+
+def _verify(path: Path, meta: dict[str, Any], names: list[str], fix: str) -> None:
+    """Check each data file against its SHA-256 in meta.json (once per process and file version)."""
+    sums = meta.get("sha256")
+    if not isinstance(sums, dict):
+        raise TeacherCacheError(f"teacher cache {path} has no checksums (built by an older asg); {fix}")
+    for name in names:
+        file = path / f"{name}.npy"
+        st = file.stat()
+        seen = (str(file), str(sums.get(name)), st.st_ino, st.st_size, st.st_ctime_ns)  # ctime: utime cannot reset it
+        if seen in _VERIFIED:
+            continue
+        if _file_sha256(file) != sums.get(name):
+            raise TeacherCacheError(f"teacher cache {path}: {name}.npy does not match its checksum (corrupted on "
+                                    f"disk or changed by hand); {fix}")  # fmt: skip
+        _VERIFIED.add(seen)
 
 
 # --------------------------------------------------------------------------- the cache
@@ -383,6 +496,7 @@ class TeacherLogitCache:
                 raise TeacherCacheError(f"teacher cache {path}: {name}.npy is {got}, expected {dtype} {shape}; {fix}")
         if not filled.all():
             raise TeacherCacheError(f"teacher cache {path} is incomplete ({int(filled.sum())}/{n_} filled); {fix}")
+        _verify(path, meta, ["filled", *layout], fix)
         return cls(path, meta, arrays)
 
     @classmethod
@@ -401,14 +515,28 @@ class TeacherLogitCache:
                 return cls.open(root, key, n=n, storage=storage, k=k)
             except TeacherCacheError as exc:
                 replaced = str(exc)
-        root.mkdir(parents=True, exist_ok=True)
-        _remove_dead_builds(root, key)
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=_tmp_prefix(key)))
+        tmp: Path | None = None
         try:
+            root.mkdir(parents=True, exist_ok=True)
+            _remove_dead_builds(root, key)
+            tmp = Path(tempfile.mkdtemp(dir=root, prefix=_tmp_prefix(key)))
             _fill(tmp, key, dataset, teacher, storage, k, batch_size, device, description, show_progress)
             _install(tmp, root / key, replace=replaced is not None)
+        except OSError as exc:
+            raise TeacherCacheError(_write_failure(root, exc)) from None
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
         cache = cls.open(root, key, n=n, storage=storage, k=k)
         cache.built, cache.replaced = True, replaced
         return cache
+
+
+def _write_failure(root: Path, exc: OSError) -> str:
+    """One line for an OSError while building a cache under ``root``, naming the setting to change."""
+    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(root) else ""
+    what = f"cannot write the teacher cache in {root}{where}: {exc.strerror or exc}"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return (f"{what}; free space, or set method.teacher_cache_dir to a folder on another disk (or "
+                "method.teacher_cache_storage=fp16/topk/memory)")  # fmt: skip
+    return f"{what}; set method.teacher_cache_dir to a folder you can write"

@@ -57,7 +57,7 @@ from asg.engine.resume import check_resume_changes
 from asg.engine.rundir import RunDir
 from asg.engine.sampler import EpochBatchSampler, IndexedDataset, steps_per_epoch
 from asg.engine.schedule import build_schedule
-from asg.engine.teacher_cache import TeacherLogitCache, UnfingerprintableDataset, cache_key
+from asg.engine.teacher_cache import TeacherLogitCache, UnfingerprintableDataset, cache_key, resolve_key_mode
 from asg.engine.timing import PhaseTimer, peak_memory_mib
 from asg.errors import AsgError, ConfigError, TrainingDiverged
 from asg.l2o.base import LRController, StepStats
@@ -209,7 +209,8 @@ class Trainer:
         if self.teacher.output != "logits":  # another cache than the logits' (their keys stay as they were)
             transform += f" teacher_output={self.teacher.output}"
         try:
-            key = cache_key(self.data.train, transform, self.teacher, m.teacher_cache_storage, m.teacher_cache_topk)
+            key = cache_key(self.data.train, transform, self.teacher, m.teacher_cache_storage, m.teacher_cache_topk,
+                            m.teacher_cache_key)  # fmt: skip
         except UnfingerprintableDataset as exc:
             self._say(f"asg: note: the teacher cache stays in memory: {exc}")
             return None
@@ -749,7 +750,9 @@ class Trainer:
             return None
         if self.disk_cache is not None:
             meta = self.disk_cache.meta
-            return {"storage": meta["storage"], "path": str(self.disk_cache.path), "error": meta.get("storage_error")}
+            key = resolve_key_mode(self.data.train, self.cfg.method.teacher_cache_key)
+            return {"storage": meta["storage"], "path": str(self.disk_cache.path), "error": meta.get("storage_error"),
+                    "key": key}  # fmt: skip
         return {"storage": "memory" if self.use_cache else "live"}
 
     def _figures(self, num_samples: int = 4) -> list[str]:

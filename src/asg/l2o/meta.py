@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from asg.config import Config, config_to_dict
-from asg.engine.checkpoint import atomic_write
+from asg.engine.checkpoint import atomic_write, torch_load_problem
 from asg.engine.rundir import RunDir
 from asg.errors import AsgError, TrainingDiverged
 from asg.l2o.controllers import L2OController
@@ -166,7 +166,7 @@ def _meta_train(
         try:
             state = torch.load(state_path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise AsgError(f"cannot read {state_path}: {exc}") from None
+            raise AsgError(f"cannot read {state_path}: {torch_load_problem(exc)}") from None
         policy.load_state_dict(state["policy"])
         learner.load_state_dict(state["learner"])
         torch.set_rng_state(state["torch_rng"])

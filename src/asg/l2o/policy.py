@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from asg.engine.checkpoint import atomic_write
+from asg.engine.checkpoint import atomic_write, torch_load_problem
 from asg.errors import WeightsError
 
 NUM_STATS = 5  # task loss, KL, progress, last-weight mean, last-weight std
@@ -168,7 +168,7 @@ def _read_state(path: Path) -> dict[str, Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise WeightsError(
-            f"cannot read policy file {path} as a weights-only torch state dict ({exc}); "
+            f"cannot read policy file {path} as a weights-only torch state dict ({torch_load_problem(exc)}); "
             "convert it to a plain state dict or safetensors"
         ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):

@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from asg.engine.checkpoint import torch_load_problem
 from asg.errors import ConfigError, WeightsError
 
 ParamGroups = list[tuple[str, list[nn.Parameter]]]
@@ -171,7 +172,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, pickled module, wrong format
-        raise WeightsError(f"cannot read weight file {path}: {type(exc).__name__}: {exc}") from None
+        raise WeightsError(f"cannot read weight file {path}: {torch_load_problem(exc)}") from None
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), Mapping):
