@@ -37,6 +37,8 @@ def test_demo_report_has_runs_table_curves_and_plots(tmp_path, monkeypatch):
     again = run_demo(out=tmp_path, seeds=2, methods=["erm", "asg"], overrides=over, benchmarks=["digits"],
                      adapt=False)  # fmt: skip
     assert again["benchmarks"]["digits"]["table"] == report["benchmarks"]["digits"]["table"]
+    kept = [p for p in (tmp_path / "digits").glob("report.*.md")]  # the first report is kept, not overwritten
+    assert len(kept) == 1 and kept[0].read_text() == md and len(list(tmp_path.glob("report.*.md"))) == 1
 
 
 def test_segmentation_demo_reports_miou_per_method(tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ test halves before and after.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,7 +265,7 @@ def run_demo(
                                                do_tune, adapt, n_jobs)  # fmt: skip
         wall = time.time() - t0
         combined = {"wall_time_s": round(wall, 1), "benchmarks": reports, "out_dir": str(out_dir), "jobs": n_jobs}
-        (out_dir / "report.md").write_text(_combined_markdown(reports, wall, n_jobs))
+        _write_report(out_dir / "report.md", _combined_markdown(reports, wall, n_jobs))
         combined["markdown_table"] = "\n\n".join(
             f"{BENCHMARKS[n].title}, {BENCHMARKS[n].metric_label} (%):\n{r['markdown_table']}"
             for n, r in reports.items()
@@ -612,10 +613,21 @@ def build_report(
     report["markdown_table"] = markdown_table(bench, table)
     if adaptations:
         report["adaptation_markdown"] = adaptation_markdown(bench, report["adaptation"])
-    (out_dir / "report.json").write_text(json.dumps(report, indent=1))
-    (out_dir / "report.md").write_text(_markdown(bench, report))
+    _write_report(out_dir / "report.json", json.dumps(report, indent=1))
+    _write_report(out_dir / "report.md", _markdown(bench, report))
     report["out_dir"] = str(out_dir)
     return report
+
+
+def _write_report(path: Path, text: str) -> None:
+    """Write a report atomically; an earlier one (a finished demo in the same ``--out``) is kept beside it as
+    ``<name>.<its time>.<ext>``, with a note, never overwritten silently."""
+    if path.exists():
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+        kept = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
+        os.replace(path, kept)
+        print(f"asg demo: note: the earlier {path} was kept as {kept.name}", flush=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _brief(sel: dict | None, metric: str) -> dict | None:
