@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from torch.utils.data import Dataset
+from test_adapt import ImagesLabelsRaise
 
 import asg
 from asg.adapt import Adaptation
@@ -48,22 +48,9 @@ def killed_training(out: Path, kill_at: int) -> None:
     assert proc.returncode == -signal.SIGKILL, proc.stderr
 
 
-class ImagesOnly(Dataset):
-    """Target images without labels."""
-
-    def __init__(self, base):
-        self.base = base
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        return self.base.images[i]
-
-
 def adapt_config(tiny_bundle, tiny_config, init_from: Path, *extra: str):
     bundle = DataBundle(tiny_bundle.train, tiny_bundle.eval_sets, "source_val", tiny_bundle.class_names,
-                        target_sets={"real_adapt": ImagesOnly(tiny_bundle.eval_sets["real"])})  # fmt: skip
+                        target_sets={"real_adapt": ImagesLabelsRaise(tiny_bundle.eval_sets["real"])})  # fmt: skip
     cfg = tiny_config("method.name=erm", f"model.init_from={init_from}", "adapt.target=real_adapt", "adapt.rounds=1",
                       "adapt.steps_per_round=2", "adapt.init_portion=0.5", *extra)  # fmt: skip
     return cfg, bundle

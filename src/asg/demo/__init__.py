@@ -1,0 +1,140 @@
+"""The embedded synthetic-to-real benchmarks behind ``asg demo``: digits (classification) and digit scenes
+(segmentation).
+
+Within a benchmark every method trains on the same synthetic data, with the same seeds and steps, and is
+evaluated during training on the held-out synthetic split and the real sets. Finished runs are skipped and
+interrupted ones resumed, so re-running the command continues where it stopped. Independent runs go to
+``jobs`` worker processes side by side (``asg.sweep``).
+
+One grid for every method (``--tune``, and ``--full``): each method is trained with seed 0 at every learning
+rate of ``Benchmark.grid_lrs`` crossed with its own knob (ASG's lambda, LP-FT's probe length, feature guidance's
+weight, L2-SP's alpha; ERM has none), and the point with the best **source-val** score of the last checkpoint
+is chosen (no real label is used); WiSE-FT evaluates every fine-tuned ERM grid run at each alpha and is chosen
+the same way. The report shows the whole grid. Without tuning, ``Benchmark.chosen`` holds the choices of the
+grid run at the default length (docs/demo). Digits then adapts the ERM and ASG models to the unlabelled
+adaptation half of MNIST-5k (``asg adapt``, the same self-training for every starting model) and reports the
+test halves before and after.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from asg.config import load_config
+from asg.demo.benchmarks import BENCHMARKS, DIGITS, SCENES, WISE_FT, Benchmark
+from asg.demo.grid import tune_grid, wise_ft_runs
+from asg.demo.report import build_report, combined_markdown, write_report
+from asg.demo.runs import adapt_one, train_all
+from asg.engine.rundir import RunDir
+from asg.errors import ConfigError
+from asg.sweep import default_jobs, run_tasks
+
+__all__ = ["BENCHMARKS", "DIGITS", "SCENES", "WISE_FT", "Benchmark", "build_report", "run_demo"]
+
+
+def run_demo(
+    out: str | Path | None = None,
+    quick: bool = False,
+    seeds: int | None = None,
+    methods: list[str] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    benchmarks: list[str] | None = None,
+    full: bool = False,
+    tune: bool | None = None,
+    adapt: bool = True,
+    jobs: int | None = None,
+) -> dict[str, Any]:
+    """Train and evaluate each benchmark's methods over ``seeds`` seeds; write report.md/report.json and plots.
+
+    Each benchmark goes to ``out/<benchmark>/`` (its own report) and ``out/report.md`` gathers them. ``methods``
+    picks labels present in a benchmark (others are skipped there); ``full`` runs every method, longer, after
+    tuning each on its grid (``tune``, default: ``full``); ``adapt`` runs the adaptation stage where a benchmark
+    has one. ``jobs``: runs trained side by side in worker processes (default ``asg.sweep.default_jobs``).
+    """
+    out_dir = Path(out) if out is not None else Path("runs") / ("demo-quick" if quick else "demo")
+    names = benchmarks or list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        raise ConfigError(f"unknown demo benchmark {unknown[0]!r}; choose from {', '.join(BENCHMARKS)}")
+    known = {m for n in names for m in BENCHMARKS[n].methods}
+    bad = [m for m in methods or [] if m not in known]
+    if bad:
+        raise ConfigError(f"unknown demo method {bad[0]!r}; choose from {', '.join(sorted(known))}")
+    first = BENCHMARKS[names[0]]
+    device = load_config(first.methods[first.default_methods[0]], list(overrides)).train.device
+    n_jobs = jobs if jobs is not None else default_jobs(device)
+    with RunDir(out_dir):  # one demo per folder at a time
+        t0 = time.time()
+        reports = {}
+        for name in names:
+            bench = BENCHMARKS[name]
+            chosen = [m for m in (methods or (bench.methods if full else bench.default_methods)) if m in bench.methods]
+            if chosen:
+                do_tune = full if tune is None else tune
+                reports[name] = _run_benchmark(bench, out_dir / name, quick, full, seeds, chosen, overrides,
+                                               do_tune, adapt, n_jobs)  # fmt: skip
+        wall = time.time() - t0
+        combined = {"wall_time_s": round(wall, 1), "benchmarks": reports, "out_dir": str(out_dir), "jobs": n_jobs}
+        write_report(out_dir / "report.md", combined_markdown(reports, wall, n_jobs))
+        combined["markdown_table"] = "\n\n".join(
+            f"{BENCHMARKS[n].title}, {BENCHMARKS[n].metric_label} (%):\n{r['markdown_table']}"
+            for n, r in reports.items()
+        )
+        return combined
+
+
+def _run_benchmark(
+    bench: Benchmark,
+    out_dir: Path,
+    quick: bool,
+    full: bool,
+    seeds: int | None,
+    methods: list[str],
+    overrides: list[str] | tuple[str, ...],
+    tune: bool = False,
+    adapt: bool = True,
+    jobs: int = 1,
+) -> dict[str, Any]:
+    seeds = seeds if seeds is not None else (1 if quick else bench.default_seeds if not full else 3)
+    common = list(bench.quick if quick else bench.full if full else bench.default) + list(overrides)
+    t0 = time.time()
+    grid_rows: list[dict[str, Any]] = []
+    tuned_runs: dict[str, Path] = {}  # label -> its chosen grid run (= that label's seed-0 run: not trained twice)
+    if tune and bench.grid:
+        choices, grid_rows, tuned_runs = tune_grid(bench, out_dir, common, methods, jobs)
+        how = "tuned now: best source-val score of the last checkpoint, seed 0, whole grid below"
+    else:
+        choices = {label: list(kv) for label, kv in bench.chosen}
+        how = "the recipe's values" if not choices else "chosen earlier by the same rule (docs/demo)"
+    for label, other in bench.grid_from:
+        if other in choices:
+            choices[label] = choices[other]
+    trained = []  # (label, seed, folder, overrides)
+    for seed in range(seeds):
+        for method in methods:
+            if method == WISE_FT:
+                continue
+            run_overrides = common + choices.get(method, []) + [f"train.seed={seed}", f"name={method}_seed{seed}"]
+            run_dir = out_dir / "runs" / f"{method}_seed{seed}"
+            if seed == 0 and method in tuned_runs:
+                run_dir = tuned_runs[method]
+            trained.append((method, seed, run_dir, run_overrides))
+    summaries = train_all([(bench.methods[m], over, folder) for m, _, folder, over in trained], jobs)
+    for (method, _seed, run_dir, _over), summary in zip(trained, summaries):
+        summary["label"], summary["run_dir"] = method, str(run_dir)
+    if WISE_FT in methods and bench.wise_ft_from is not None:
+        summaries += wise_ft_runs(bench, out_dir, common, choices, tuned_runs, seeds, jobs)
+    train_wall = time.time() - t0
+    adaptations = []
+    if adapt and bench.adapt_target is not None:
+        extra = list(bench.adapt) + (list(bench.adapt_quick) if quick else [])
+        tasks = [(bench.methods[method], bench.adapt_target, method, seed, run_dir, run_overrides + extra +
+                  list(overrides), out_dir, jobs > 1) for method, seed, run_dir, run_overrides in trained
+                 if bench.adapt_methods is None or method in bench.adapt_methods]  # fmt: skip
+        adaptations = run_tasks(adapt_one, tasks, jobs)
+    report = build_report(bench, summaries, out_dir, quick=quick, wall_s=time.time() - t0, settings=common,
+                          grid=grid_rows, choices={k: v for k, v in choices.items() if k in methods},
+                          choice_rule=how, adaptations=adaptations, train_wall_s=train_wall)  # fmt: skip
+    return report

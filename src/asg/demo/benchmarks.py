@@ -1,0 +1,163 @@
+"""The embedded benchmarks of ``asg demo``: their methods, sets, lengths, grids and the grid's choices."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One embedded benchmark of the demo: its methods (label -> recipe), sets, headline metric and lengths."""
+
+    name: str
+    title: str
+    metric: str  # "mean_class_acc" | "miou"
+    metric_label: str
+    per_class_key: str  # "per_class" | "per_class_iou"
+    methods: dict[str, str]
+    default_methods: tuple[str, ...]  # run by `asg demo` (all of ``methods`` with --full)
+    default_seeds: int  # seeds of `asg demo` and `asg demo --full` (1 with --quick)
+    sets: tuple[str, ...]  # source-val first, then the real sets
+    default: tuple[str, ...]  # overrides of `asg demo`
+    quick: tuple[str, ...]
+    full: tuple[str, ...]
+    # one grid for every method: each label is trained at every learning rate of ``grid_lrs`` crossed with its
+    # own knob (config key, values; key None: the rate alone); labels in grid_from take another label's choice
+    grid_lrs: tuple[float, ...] = ()
+    grid: tuple[tuple[str, str | None, tuple[float, ...]], ...] = ()
+    grid_from: tuple[tuple[str, str], ...] = ()
+    chosen: tuple[tuple[str, tuple[str, ...]], ...] = ()  # label -> overrides used when not tuning
+    # WiSE-FT: the backbones of this label's runs interpolated towards the pretrained one, alpha chosen on source-val
+    wise_ft_from: str | None = "erm"
+    wise_ft_alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    # segmentation: class groups reported beside the mIoU (name, class indices)
+    class_groups: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    # adaptation of every trained model to an unlabelled target set (None: no adaptation stage)
+    adapt_target: str | None = None
+    adapt_methods: tuple[str, ...] | None = None  # the starting models adapted (None: every trained label)
+    adapt: tuple[str, ...] = ()
+    adapt_quick: tuple[str, ...] = ()
+
+
+DIGITS = Benchmark(
+    name="digits",
+    title="synthetic -> real digits (classification)",
+    metric="mean_class_acc",
+    metric_label="mean per-class accuracy",
+    per_class_key="per_class",
+    methods={
+        "erm": "digits_erm",
+        "asg": "digits_asg",
+        "lp-ft": "digits_lpft",
+        "wise-ft": "digits_erm",
+        "feature": "digits_feature",
+        "l2sp": "digits_l2sp",
+        "asg+l2o": "digits_asg_l2o",
+        "asg+random": "digits_asg_random",
+    },
+    default_methods=("erm", "asg", "lp-ft", "wise-ft", "feature", "asg+l2o"),  # --full: all
+    default_seeds=3,
+    sets=("synthetic", "mnist5k_test", "uci_digits_test"),
+    default=(
+        "data.real_split=halves",
+        "train.steps=100",
+        "train.eval_every=50",
+        "data.eval_max_per_set=300",
+        "eval.full_eval_selected=false",
+    ),
+    quick=(
+        "data.real_split=halves",
+        "train.steps=100",
+        "train.eval_every=25",
+        "data.num_train=2000",
+        "data.eval_max_per_set=200",
+        "eval.full_eval_selected=false",
+    ),  # fmt: skip
+    full=(
+        "data.real_split=halves",
+        "train.steps=1200",
+        "train.eval_every=150",
+        "data.eval_max_per_set=300",
+        "eval.full_eval_selected=true",
+    ),
+    grid_lrs=(0.01, 0.03, 0.1),
+    grid=(
+        ("erm", None, ()),
+        ("asg", "method.kl_weight", (0.01, 0.1, 1.0)),
+        ("lp-ft", "method.probe_steps", (25, 50, 75)),
+        ("feature", "method.feature_weight", (0.1, 1.0, 10.0)),
+        ("l2sp", "method.l2sp_alpha", (0.001, 0.01, 0.1)),
+    ),
+    grid_from=(("asg+l2o", "asg"), ("asg+random", "asg")),
+    # chosen on source-val by `asg demo --benchmarks digits --tune --no-adapt --seeds 1
+    # --methods erm,asg,lp-ft,wise-ft,feature,l2sp` at the default length (docs/demo/digits_grid/report.md)
+    chosen=(
+        ("erm", ("optim.lr=0.03",)),
+        ("asg", ("optim.lr=0.03", "method.kl_weight=0.01")),
+        ("lp-ft", ("optim.lr=0.03", "method.probe_steps=25")),
+        ("feature", ("optim.lr=0.1", "method.feature_weight=1.0")),
+        ("l2sp", ("optim.lr=0.1", "method.l2sp_alpha=0.1")),
+        ("wise-ft", ("optim.lr=0.03",)),
+    ),
+    adapt_target="mnist5k_adapt",
+    adapt_methods=("erm", "asg"),  # is a proxy-guided model a better start than plain fine-tuning?
+    adapt=(
+        "method.name=erm",  # the same self-training (CBST: cross-entropy on both parts) for every starting model
+        "lr_controller=fixed",
+        "optim.backbone_lr_mult=0.1",
+        "optim.warmup_steps=0",
+        "adapt.rounds=2",
+        "adapt.steps_per_round=25",
+        "train.eval_every=25",
+        "data.eval_max_per_set=null",  # the round's last evaluation is on the full test halves, once
+        "eval.retention=false",
+    ),
+    adapt_quick=("adapt.rounds=1", "adapt.steps_per_round=20", "train.eval_every=20"),
+)
+SCENES = Benchmark(
+    name="scenes",
+    title="synthetic -> real digit scenes (segmentation)",
+    metric="miou",
+    metric_label="mIoU",
+    per_class_key="per_class_iou",
+    methods={
+        "erm": "digit_scenes_erm",
+        "asg": "digit_scenes_asg",
+        "lp-ft": "digit_scenes_lpft",
+        "wise-ft": "digit_scenes_erm",
+        "feature": "digit_scenes_feature",
+        "asg+l2o": "digit_scenes_asg_l2o",
+    },
+    default_methods=("erm", "asg", "lp-ft", "wise-ft", "feature"),
+    default_seeds=3,
+    sets=("synthetic", "mnist_photos"),
+    default=("train.steps=400", "train.eval_every=100", "data.eval_max_per_set=200", "eval.full_eval_selected=false"),
+    quick=(
+        "train.steps=200",
+        "train.eval_every=100",
+        "data.num_train=800",
+        "data.eval_max_per_set=100",
+        "eval.full_eval_selected=false",
+    ),  # fmt: skip
+    full=("train.steps=1200", "train.eval_every=150", "data.eval_max_per_set=200", "eval.full_eval_selected=true"),
+    grid_lrs=(0.02, 0.05),
+    grid=(
+        ("erm", None, ()),
+        ("asg", "method.kl_weight", (0.1, 1.0)),
+        ("lp-ft", "method.probe_steps", (50, 150)),
+        ("feature", "method.feature_weight", (0.1, 1.0)),
+    ),
+    grid_from=(("asg+l2o", "asg"),),
+    # chosen on source-val by `asg demo --benchmarks scenes --tune --seeds 1 --methods erm,asg,lp-ft,wise-ft,feature`
+    # at the default length (docs/demo/scenes_grid/report.md)
+    chosen=(
+        ("erm", ("optim.lr=0.05",)),
+        ("asg", ("optim.lr=0.05", "method.kl_weight=0.1")),
+        ("lp-ft", ("optim.lr=0.05", "method.probe_steps=50")),
+        ("feature", ("optim.lr=0.05", "method.feature_weight=0.1")),
+        ("wise-ft", ("optim.lr=0.05",)),
+    ),
+    class_groups=(("digit", tuple(range(1, 11))), ("background", (0,))),
+)
+WISE_FT = "wise-ft"  # a demo label without training of its own (see Benchmark.wise_ft_from)
+BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (DIGITS, SCENES)}

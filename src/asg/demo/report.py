@@ -1,0 +1,347 @@
+"""The demo's reports: per benchmark report.json / report.md and plots, and the combined report.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from asg.demo.benchmarks import BENCHMARKS, Benchmark
+from asg.engine.checkpoint import atomic_write
+from asg.engine.report import plot_curves, plot_per_class
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=float)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def build_report(
+    bench: Benchmark,
+    summaries: list[dict],
+    out_dir: Path,
+    quick: bool,
+    wall_s: float,
+    settings: list[str],
+    grid: list[dict] | None = None,
+    choices: dict[str, list[str]] | None = None,
+    choice_rule: str = "",
+    adaptations: list[dict] | None = None,
+    train_wall_s: float | None = None,
+) -> dict:
+    """Aggregate a benchmark's run summaries (and tuning grid, adaptations) into report.json, report.md, plots."""
+    metric, real_sets = bench.metric, bench.sets[1:]
+    runs: list[dict[str, Any]] = []
+    curves: dict[str, dict[str, dict[int, list[float]]]] = {}  # label -> set -> step -> one value per seed
+    per_class: dict[str, list[list[float]]] = {}  # label -> one per-class list (first real set) per seed
+    labels = list(dict.fromkeys(s["label"] for s in summaries))
+    class_names = summaries[0]["class_names"]
+    for s in summaries:
+        last = s["selections"]["last"]
+        metrics = {
+            k: {key: val for key, val in v.items() if not key.startswith("per_class")} | group_means(bench, v)
+            for k, v in last["metrics"].items()
+        }
+        runs.append(
+            {
+                "method": s["label"],
+                "seed": s["seed"],
+                "selection": "last",
+                "step": last["step"],
+                "tta_flip": last["tta_flip"],
+                "wise_ft_alpha": last.get("wise_ft_alpha"),
+                "metrics": metrics,
+                "oracle": _brief(s["selections"].get("oracle"), metric),
+                "source_val": _brief(s["selections"].get("source-val"), metric),
+            }
+        )
+        per_class.setdefault(s["label"], []).append(last["metrics"][real_sets[0]][bench.per_class_key])
+        folder = Path(s["run_dir"]) if "run_dir" in s else out_dir / "runs" / f"{s['label']}_seed{s['seed']}"
+        hist = _read_history(folder / "results.jsonl")
+        for row in hist:
+            for set_name, m in row["metrics"].items():
+                curves.setdefault(s["label"], {}).setdefault(set_name, {}).setdefault(row["step"], []).append(m[metric])
+    table = {}
+    for label in labels:
+        rows = [r for r in runs if r["method"] == label]
+        entry: dict[str, Any] = {}
+        for set_name in bench.sets:
+            vals = [r["metrics"][set_name][metric] for r in rows if set_name in r["metrics"]]
+            if vals:
+                entry[set_name] = _mean_std(vals)
+            for group, _ in bench.class_groups:
+                vals = [r["metrics"][set_name][f"{group}_iou"] for r in rows if set_name in r["metrics"]]
+                if vals:
+                    entry[f"{set_name}_{group}_iou"] = _mean_std(vals)
+        alphas = [r["wise_ft_alpha"] for r in rows if r.get("wise_ft_alpha") is not None]
+        if alphas:
+            entry["wise_ft_alpha"] = alphas
+        for key in ("top1_agreement", "kl"):
+            vals = [r["metrics"]["real_photos"][key] for r in rows if "real_photos" in r["metrics"]]
+            if vals:
+                entry[f"real_photos_{key}"] = _mean_std(vals)
+        for set_name in real_sets:
+            for rule in ("oracle", "source_val"):
+                vals = [r[rule]["metrics"][set_name] for r in rows if r[rule] and set_name in r[rule]["metrics"]]
+                if vals:
+                    entry[f"{rule}_{set_name}"] = _mean_std(vals)
+        entry["seeds"] = len(rows)
+        table[label] = entry
+    mean_curves = {
+        label: {k: sorted((step, float(np.mean(v))) for step, v in d.items()) for k, d in sets.items()}
+        for label, sets in curves.items()
+    }
+    plots = []
+    for set_name in bench.sets:
+        path = out_dir / f"curve_{set_name}.png"
+        plot_curves(
+            {label: mean_curves[label].get(set_name, []) for label in labels if label in mean_curves},
+            path,
+            title=f"{set_name}: {bench.metric_label} during training (mean over seeds)",
+            ylabel=f"{bench.metric_label} (%)",
+        )
+        plots.append(path.name)
+    bars = out_dir / f"per_class_{real_sets[0]}.png"
+    plot_per_class(
+        {label: list(np.mean(np.asarray(v, dtype=float), axis=0)) for label, v in per_class.items()},
+        class_names,
+        bars,
+        title=f"{real_sets[0]} per-class {bench.per_class_key[10:] or 'accuracy'} (last checkpoint, mean over seeds)",
+    )
+    plots.append(bars.name)
+    for s in summaries:
+        if s["seed"] == 0 and len(s.get("controller_history", [])) > 1:
+            from asg.l2o.plots import plot_scale_schedule
+
+            path = out_dir / f"scales_{s['label'].replace('+', '_')}.png"
+            plot_scale_schedule(s["controller_history"], s["group_names"], path)
+            plots.append(path.name)
+    report: dict[str, Any] = {
+        "benchmark": bench.name,
+        "protocol": {
+            "selection": "last",
+            "tta_flip": runs[0]["tta_flip"] if runs else False,
+            "metric": bench.metric_label,
+            "eval_sets": "full sets at the last step",
+            "quick": quick,
+            "settings": settings,
+        },
+        "wall_time_s": round(wall_s, 1),
+        "train_wall_time_s": round(train_wall_s if train_wall_s is not None else wall_s, 1),
+        "timing": runs_timing(summaries, train_wall_s if train_wall_s is not None else wall_s),
+        "choices": choices or {},
+        "choice_rule": choice_rule,
+        "grid": grid or [],
+        "adaptation": adaptation_table(bench, adaptations or []),
+        "adaptations": adaptations or [],
+        "runs": runs,
+        "table": table,
+        "curves": mean_curves,
+        "plots": plots,
+    }
+    report["markdown_table"] = markdown_table(bench, table)
+    if adaptations:
+        report["adaptation_markdown"] = adaptation_markdown(bench, report["adaptation"])
+    write_report(out_dir / "report.json", json.dumps(report, indent=1))
+    write_report(out_dir / "report.md", _markdown(bench, report))
+    report["out_dir"] = str(out_dir)
+    return report
+
+
+def write_report(path: Path, text: str) -> None:
+    """Write a report atomically; an earlier one (a finished demo in the same ``--out``) is kept beside it as
+    ``<name>.<its time>.<ext>``, with a note, never overwritten silently."""
+    if path.exists():
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+        kept = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
+        os.replace(path, kept)
+        print(f"asg demo: note: the earlier {path} was kept as {kept.name}", flush=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _brief(sel: dict | None, metric: str) -> dict | None:
+    if not sel:
+        return None
+    return {
+        "step": sel["step"],
+        "selected_on": sel.get("selected_on"),
+        "eval_max_per_set": sel.get("eval_max_per_set"),
+        "metrics": {k: v[metric] for k, v in sel["metrics"].items() if metric in v},
+    }
+
+
+def _read_history(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _fmt(ms: tuple[float, float] | None, scale: float = 100.0, digits: int = 1) -> str:
+    if ms is None:
+        return "–"
+    return f"{scale * ms[0]:.{digits}f} ± {scale * ms[1]:.{digits}f}"
+
+
+def group_means(bench: Benchmark, metrics: dict[str, Any]) -> dict[str, float]:
+    """``{"<group>_iou": mean IoU over the group's classes present in the set}`` for ``bench.class_groups``."""
+    per_class = metrics.get(bench.per_class_key)
+    if not bench.class_groups or per_class is None:
+        return {}
+    out = {}
+    for group, classes in bench.class_groups:
+        vals = [per_class[c] for c in classes if per_class[c] is not None]
+        out[f"{group}_iou"] = float(np.mean(vals)) if vals else float("nan")
+    return out
+
+
+def markdown_table(bench: Benchmark, table: dict) -> str:
+    columns = []  # (header, key)
+    for i, s in enumerate(bench.sets):
+        name = f"{s} (held-out)" if i == 0 else s
+        columns.append((f"{name} {bench.metric_label}" if bench.class_groups else name, s))
+        columns += [(f"{s} {group} IoU", f"{s}_{group}_iou") for group, _ in bench.class_groups]
+    header = ["method", "seeds", *(h for h, _ in columns), "ImageNet top-1 agreement", "ImageNet KL"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, e in table.items():
+        alphas = e.get("wise_ft_alpha")
+        name = f"{label} (α {', '.join(f'{a:g}' for a in alphas)})" if alphas else label  # per seed, from source-val
+        cells = [name, str(e["seeds"]), *(_fmt(e.get(key)) for _, key in columns)]
+        cells += [_fmt(e.get("real_photos_top1_agreement")), _fmt(e.get("real_photos_kl"), 1.0, 3)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def adaptation_table(bench: Benchmark, adaptations: list[dict]) -> dict[str, Any]:
+    """Per starting method: mean ± std over seeds of each real set before and after adaptation, and of the last
+    round's pseudo-label precision."""
+    out: dict[str, Any] = {}
+    for label in dict.fromkeys(a["method"] for a in adaptations):
+        rows = [a for a in adaptations if a["method"] == label]
+        entry: dict[str, Any] = {"seeds": len(rows)}
+        for s in bench.sets[1:]:
+            entry[f"before_{s}"] = _mean_std([a["start"]["metrics"][s][bench.metric] for a in rows])
+            entry[f"after_{s}"] = _mean_std([a["rounds"][-1]["metrics"][s][bench.metric] for a in rows])
+        precision = [a["rounds"][-1]["precision"]["precision"] for a in rows if a["rounds"][-1].get("precision")]
+        if precision:
+            entry["pseudo_precision"] = _mean_std(precision)
+        out[label] = entry
+    return out
+
+
+def adaptation_markdown(bench: Benchmark, table: dict[str, Any]) -> str:
+    real = bench.sets[1:]
+    head = ["starting model", "seeds"] + [f"{s} {when}" for s in real for when in ("before", "after")]
+    head.append("pseudo-label precision (last round)")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, e in table.items():
+        cells = [label, str(e["seeds"])] + [_fmt(e[f"{when}_{s}"]) for s in real for when in ("before", "after")]
+        cells.append(_fmt(e.get("pseudo_precision")))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _grid_markdown(bench: Benchmark, grid: list[dict]) -> str:
+    real = bench.sets[1:]
+    head = ["method", "optim.lr", "own knob", f"{bench.sets[0]} (source-val, used)"] + [f"{s} (not used)" for s in real]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in grid:
+        mark = " **chosen**" if row.get("chosen") else ""
+        knob = f"{row['key']}={row['value']:g}" if row.get("key") else "–"
+        cells = [row["method"] + mark, f"{row['lr']:g}", knob, f"{100 * row['source_val']:.1f}"]
+        cells += [f"{100 * row['real'][s]:.1f}" if s in row["real"] else "–" for s in real]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _markdown(bench: Benchmark, report: dict) -> str:
+    p = report["protocol"]
+    real = bench.sets[1:]
+    head = ["method"] + [f"{s} ({rule})" for s in real for rule in ("last", "source-val", "oracle")]
+    oracle = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, e in report["table"].items():
+        cells = [_fmt(e.get(key)) for s in real for key in (s, f"source_val_{s}", f"oracle_{s}")]
+        oracle.append(f"| {label} | " + " | ".join(cells) + " |")
+    extra = ""
+    if report.get("choices") or report.get("grid"):
+        chosen = ", ".join(f"{k}: `{' '.join(v)}`" for k, v in report["choices"].items()) or "recipe defaults"
+        extra += f"\nHyper-parameters per method ({report['choice_rule']}): {chosen}.\n"
+    if report.get("grid"):
+        extra += (
+            f"\nTuning grid (seed 0, same length; every method at the learning rates {list(bench.grid_lrs)} crossed "
+            "with its own knob; WiSE-FT evaluates each fine-tuned ERM run at every alpha; chosen on the held-out "
+            f"synthetic split only):\n\n{_grid_markdown(bench, report['grid'])}\n"
+        )
+    if report.get("adaptation_markdown"):
+        extra += (
+            f"\nDomain adaptation (`asg adapt`, class-balanced self-training to the unlabelled "
+            f"{bench.adapt_target}; the same rounds for every starting model; test halves before and after, last "
+            f"round's weights, mean ± std over seeds):\n\n{report['adaptation_markdown']}\n"
+        )
+    plots = "\n".join(f"![{name}]({name})" for name in report["plots"])
+    caps = {r["oracle"]["eval_max_per_set"] for r in report["runs"] if r["oracle"]}
+    cap = next(iter(caps - {None}), None)
+    where = (
+        f"on the class-balanced subsets of the training curves ({cap} images per set)" if cap else "on the full sets"
+    )
+    train_min = report["train_wall_time_s"] / 60
+    return f"""# asg demo: {bench.title}
+
+{bench.metric_label} (%) as mean ± std over seeds, **last checkpoint** (no early stopping), full
+evaluation sets, tta_flip={p["tta_flip"]}. ImageNet retention: top-1 agreement (%) and KL(teacher ‖ model) of
+the frozen ImageNet head against the frozen teacher on the real photos shipped with scikit-image and scikit-learn.
+Wall time {report["wall_time_s"] / 60:.1f} min (training runs {train_min:.1f} min{_timing_words(report)});
+settings: `{" ".join(p["settings"])}`.
+
+{report["markdown_table"]}
+{extra}
+Checkpoint rules side by side: last (no early stopping), best source-val step (held-out synthetic split: a valid
+protocol) and oracle (the best step chosen **with the real test labels**: an upper bound, not a valid protocol,
+selected on {real[0]}); source-val and oracle evaluated {where}:
+
+{chr(10).join(oracle)}
+
+{plots}
+
+Per-run details: `runs/<method>_seed<k>/summary.json` (every selection rule, labelled), `results.jsonl`
+(one line per evaluation during training) and `report.md`.
+"""
+
+
+def runs_timing(summaries: list[dict], train_wall_s: float) -> dict[str, Any]:
+    """Seconds per trainer phase summed over the runs trained now (a reused finished run counts its own), and the
+    share of training steps in the training stage's wall time (building the data included)."""
+    timings = [s["timing"] for s in summaries if s.get("timing")]
+    if not timings:
+        return {}
+    phases = sorted({k for t in timings for k in t if k.endswith("_s") and k != "wall_s"})
+    out: dict[str, Any] = {k: round(sum(t.get(k, 0.0) for t in timings), 1) for k in phases}
+    out["runs"], out["steps"] = len(timings), sum(t.get("steps", 0) for t in timings)
+    out["train_step_fraction"] = round(out["train_step_s"] / train_wall_s, 4) if train_wall_s > 0 else None
+    return out
+
+
+def _timing_words(report: dict) -> str:
+    t = report.get("timing") or {}
+    if not t.get("train_step_fraction") or not report.get("train_wall_time_s"):
+        return ""
+    evaluation = t.get("eval_s", 0) + t.get("final_s", 0)
+    return (f"; the {t['runs']} runs of the table spent {t['train_step_s'] / 60:.1f} min in training steps and "
+            f"{evaluation / 60:.1f} min in evaluation, summed over runs, which overlap when several run at a "
+            "time")  # fmt: skip
+
+
+def combined_markdown(reports: dict[str, dict], wall_s: float, jobs: int = 1) -> str:
+    parts = [f"# asg demo\n\nWall time {wall_s / 60:.1f} min for {len(reports)} benchmark(s), {jobs} run(s) at a "
+             "time.\n"]  # fmt: skip
+    for name, r in reports.items():
+        bench = BENCHMARKS[name]
+        parts.append(f"## {bench.title}: {bench.metric_label} (%), last checkpoint\n\n{r['markdown_table']}\n\n"
+                     f"Details, oracle rows and plots: [{name}/report.md]({name}/report.md)\n")  # fmt: skip
+        if r.get("adaptation_markdown"):
+            parts.append(f"Adaptation to {bench.adapt_target} (test halves before/after):\n\n"
+                         f"{r['adaptation_markdown']}\n")  # fmt: skip
+    return "\n".join(parts)
