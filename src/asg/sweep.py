@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch
@@ -22,6 +23,7 @@ import torch
 T = TypeVar("T")
 
 _DATA: dict[str, Any] = {}  # per worker process: data bundles by their data config
+_POOL: dict[int, ProcessPoolExecutor] = {}  # the pool of worker_pool(jobs), by jobs
 
 
 def default_jobs(device: str = "auto") -> int:
@@ -46,19 +48,43 @@ def shared_data(data_cfg: Any) -> Any:
     return _DATA[key]
 
 
+def _new_pool(jobs: int) -> ProcessPoolExecutor:
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    return ProcessPoolExecutor(jobs, multiprocessing.get_context("spawn"), _init_worker, (threads,))
+
+
+@contextmanager
+def worker_pool(jobs: int) -> Iterator[None]:
+    """Keep one pool of ``jobs`` workers for every :func:`run_tasks` call in the block, so that the workers import
+    torch and build each data bundle once rather than once per call."""
+    if jobs <= 1 or jobs in _POOL:
+        yield
+        return
+    _POOL[jobs] = _new_pool(jobs)
+    try:
+        yield
+    finally:
+        _POOL.pop(jobs).shutdown(cancel_futures=True)
+
+
 def run_tasks(fn: Callable[..., T], tasks: Sequence[tuple[Any, ...]], jobs: int) -> list[T]:
     """``[fn(*task) for task in tasks]``, in ``jobs`` worker processes when ``jobs > 1`` (``fn`` then must be a
-    module-level function and its arguments picklable). Results in the order of ``tasks``; the first error is
-    raised once the running tasks stop."""
+    module-level function and its arguments picklable; the pool of an enclosing :func:`worker_pool` is used, else
+    one for this call). Results in the order of ``tasks``; the first error is raised once the running tasks stop."""
     if jobs <= 1 or len(tasks) <= 1:
         return [fn(*task) for task in tasks]
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(min(jobs, len(tasks)), context, _init_worker, (threads,)) as pool:
-        futures = [pool.submit(fn, *task) for task in tasks]
-        try:
-            return [f.result() for f in futures]
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
+    pool = _POOL.get(jobs)
+    if pool is None:
+        with _new_pool(min(jobs, len(tasks))) as own:
+            return _collect(own, fn, tasks)
+    return _collect(pool, fn, tasks)
+
+
+def _collect(pool: ProcessPoolExecutor, fn: Callable[..., T], tasks: Sequence[tuple[Any, ...]]) -> list[T]:
+    futures = [pool.submit(fn, *task) for task in tasks]
+    try:
+        return [f.result() for f in futures]
+    except BaseException:
+        for f in futures:
+            f.cancel()
+        raise

@@ -29,7 +29,7 @@ from asg.demo.report import build_report, combined_markdown, write_report
 from asg.demo.runs import adapt_one, train_all
 from asg.engine.rundir import RunDir
 from asg.errors import ConfigError
-from asg.sweep import default_jobs, run_tasks
+from asg.sweep import default_jobs, run_tasks, worker_pool
 
 __all__ = ["BENCHMARKS", "DIGITS", "SCENES", "WISE_FT", "Benchmark", "build_report", "run_demo"]
 
@@ -65,7 +65,7 @@ def run_demo(
     first = BENCHMARKS[names[0]]
     device = load_config(first.methods[first.default_methods[0]], list(overrides)).train.device
     n_jobs = jobs if jobs is not None else default_jobs(device)
-    with RunDir(out_dir):  # one demo per folder at a time
+    with RunDir(out_dir), worker_pool(n_jobs):  # one demo per folder at a time; one pool for all its runs
         t0 = time.time()
         reports = {}
         for name in names:
