@@ -12,7 +12,7 @@ def controller_overhead(steps: int = 300) -> dict:
     import torch
 
     from asg.config import L2OConfig
-    from asg.l2o.base import StepStats
+    from asg.engine.control import StepStats
     from asg.l2o.controllers import L2OController
     from asg.l2o.policy import LRPolicy
 

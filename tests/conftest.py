@@ -1,9 +1,15 @@
+import contextlib
+import os
+import signal
+
 import pytest
 import torch
 from torch.utils.data import Dataset
 
 from asg.config import load_config
 from asg.data import DataBundle
+from asg.engine.callbacks import Callback
+from asg.engine.trainer import Trainer
 
 
 class RandomImages(Dataset):
@@ -66,3 +72,34 @@ def tiny_config():
         return load_config(None, TINY_OVERRIDES + list(overrides))
 
     return make
+
+
+class CrashAt(Callback):
+    """Stop a run as a crash would, when the trainer is about to take step ``step + 1``: raise ``error``
+    (``KeyboardInterrupt`` by default), or with ``kill=True`` die by SIGKILL (no handler, no clean-up)."""
+
+    def __init__(self, step: int, error: type[BaseException] = KeyboardInterrupt, kill: bool = False, when=None):
+        self.step, self.error, self.kill, self.when = step, error, kill, when
+
+    def on_step_start(self, trainer, batch) -> None:
+        if trainer.step == self.step and (self.when is None or self.when(trainer)):
+            if self.kill:
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise self.error(f"CrashAt({self.step})")
+
+
+@contextlib.contextmanager
+def every_trainer_crashes_at(step: int, error: type[BaseException] = KeyboardInterrupt, when=None):
+    """Within the block, every trainer built (also those built inside ``asg.adapt``, the API...) gets a
+    ``CrashAt(step, error, when=when)`` callback."""
+    build = Trainer.__init__
+
+    def with_crash(self, *args, **kwargs):
+        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), CrashAt(step, error, when=when)]
+        build(self, *args, **kwargs)
+
+    Trainer.__init__ = with_crash
+    try:
+        yield
+    finally:
+        Trainer.__init__ = build

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import CrashAt, every_trainer_crashes_at
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
@@ -84,17 +85,11 @@ def test_post_step_hook_runs_once_per_optimizer_step_across_a_resume(tiny_bundle
     method = CountingERM(cfg.method)
     Trainer(cfg, None, data=tiny_bundle, method=method, quiet=True).run()
     assert method.calls == 5
-    original = Trainer._train_step
-
-    def crash(self, *args):
-        if self.step == 3:  # the checkpoint of step 2 is on disk
-            raise KeyboardInterrupt
-        return original(self, *args)
-
-    monkeypatch.setattr(Trainer, "_train_step", crash)
+    crash = [CrashAt(3)]  # the checkpoint of step 2 is on disk
     with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, tmp_path / "r", data=tiny_bundle, method=CountingERM(cfg.method), quiet=True).run()
-    monkeypatch.setattr(Trainer, "_train_step", original)
+        Trainer(
+            cfg, tmp_path / "r", data=tiny_bundle, method=CountingERM(cfg.method), quiet=True, callbacks=crash
+        ).run()
     resumed = CountingERM(cfg.method)
     Trainer(cfg, tmp_path / "r", data=tiny_bundle, method=resumed, quiet=True, resume=True).run()
     assert resumed.calls == 5  # 2 restored from the checkpoint + steps 3..5
@@ -184,17 +179,9 @@ def test_adaptation_never_reads_target_labels_and_resumes_mid_round_exactly(
     report = (tmp_path / "a" / "report.md").read_text()
     assert "pseudo-label precision is not available" in report  # no labelled view of this target
 
-    original = Trainer._train_step
-
-    def crash(self, *args):
-        if self.step == 3 and self.cfg.name.endswith("round 2"):  # round 2's checkpoint of step 2 is on disk
-            raise KeyboardInterrupt
-        return original(self, *args)
-
-    monkeypatch.setattr(Trainer, "_train_step", crash)
-    with pytest.raises(KeyboardInterrupt):
+    in_round_2 = lambda trainer: trainer.cfg.name.endswith("round 2")  # noqa: E731 (its checkpoint of step 2 is on disk)
+    with every_trainer_crashes_at(3, when=in_round_2), pytest.raises(KeyboardInterrupt):
         Adaptation(cfg, tmp_path / "b", data=bundle, quiet=True).run()
-    monkeypatch.setattr(Trainer, "_train_step", original)
     with pytest.raises(AsgError, match="round 2 at step 2.*--resume"):
         Adaptation(cfg, tmp_path / "b", data=bundle, quiet=True).run()
     resumed = Adaptation(cfg, tmp_path / "b", data=bundle, quiet=True, resume=True).run()

@@ -116,16 +116,16 @@ def test_lpft_probe_trains_only_the_head_then_everything(tiny_bundle, tiny_confi
     pretrained = model.pretrained_parameters()
     backbone0, head0 = _snapshot(model.backbone), _snapshot(model.head)
     seen = []
-    original = trainer._train_step
+    original = trainer.train_step
 
-    def step_and_record(*args):
-        logs = original(*args)
+    def step_and_record(batch):
+        out = original(batch)
         grads_none = all(p.grad is None for p in pretrained)
         momentum = any("momentum_buffer" in trainer.optimizer.state.get(p, {}) for p in pretrained)
         seen.append((_snapshot(model.backbone), _snapshot(model.head), grads_none, momentum))
-        return logs
+        return out
 
-    trainer._train_step = step_and_record
+    trainer.train_step = step_and_record
     trainer.run()
     assert len(seen) == 4
     for step in (0, 1):  # the probe: backbone bit-identical (weights and buffers), no grads, no momentum
@@ -223,11 +223,11 @@ def test_feature_guidance_starts_at_zero_on_the_untrained_model(tiny_bundle, tin
     assert float(feature_distance(f_s, f_t)) == pytest.approx(0.0, abs=1e-6)
     assert teacher.with_output("logits")(x).shape == (8, 1000) and teacher.output == "features"  # a view
     logs = []
-    original = trainer._train_step
-    trainer._train_step = lambda *args: logs.append(original(*args)) or logs[-1]
+    original = trainer.train_step
+    trainer.train_step = lambda batch: logs.append(original(batch)) or logs[-1]
     trainer.run()
-    assert logs[0]["feature_dist"] == pytest.approx(0.0, abs=1e-6)  # the guidance term at step 0
-    assert logs[0]["loss"] == pytest.approx(logs[0]["task_loss"], abs=1e-5)
+    assert logs[0].logs["feature_dist"] == pytest.approx(0.0, abs=1e-6)  # the guidance term at step 0
+    assert logs[0].logs["loss"] == pytest.approx(logs[0].logs["task_loss"], abs=1e-5)
 
 
 def test_feature_teacher_cache_holds_features(tiny_bundle, tiny_config, tmp_path, one_thread):
@@ -235,19 +235,24 @@ def test_feature_teacher_cache_holds_features(tiny_bundle, tiny_config, tmp_path
     trainer = Trainer(cfg, None, data=tiny_bundle, quiet=True)
     trainer.run()
     dim = trainer.model.backbone.feature_dim
-    assert trainer.teacher_cache is not None and trainer.teacher_cache.shape == (len(tiny_bundle.train), dim)
-    cached = trainer.cached.nonzero().flatten()
+    assert trainer.teacher_source.memory is not None and trainer.teacher_source.memory.shape == (
+        len(tiny_bundle.train),
+        dim,
+    )
+    cached = trainer.teacher_source.cached.nonzero().flatten()
     x = torch.stack([tiny_bundle.train[int(i)][0] for i in cached])
-    assert torch.allclose(trainer.teacher_cache[cached], trainer.teacher(x), atol=1e-5)
+    assert torch.allclose(trainer.teacher_source.memory[cached], trainer.teacher(x), atol=1e-5)
 
     disk = tiny_config("method.name=feature", "method.teacher_cache=true", "method.teacher_cache_storage=fp32",
                        f"method.teacher_cache_dir={tmp_path}", "train.steps=1")  # fmt: skip
     trainer = Trainer(disk, None, data=tiny_bundle, quiet=True)
-    assert trainer.disk_cache is not None and trainer.disk_cache.num_classes == dim  # features [N, D] on disk
+    assert (
+        trainer.teacher_source.disk_cache is not None and trainer.teacher_source.disk_cache.num_classes == dim
+    )  # features [N, D] on disk
     logits = tiny_config("method.teacher_cache=true", "method.teacher_cache_storage=fp32",
                          f"method.teacher_cache_dir={tmp_path}", "train.steps=1")  # fmt: skip
-    other = Trainer(logits, None, data=tiny_bundle, quiet=True).disk_cache
-    assert other is not None and other.num_classes == 1000 and other.path != trainer.disk_cache.path
+    other = Trainer(logits, None, data=tiny_bundle, quiet=True).teacher_source.disk_cache
+    assert other is not None and other.num_classes == 1000 and other.path != trainer.teacher_source.disk_cache.path
     for storage in ("fp16", "topk"):
         bad = tiny_config(
             "method.name=feature",

@@ -16,10 +16,11 @@ import pytest
 import torch
 import torch.distributed as td
 import torch.multiprocessing as mp
-from conftest import TINY_OVERRIDES, RandomImages
+from conftest import TINY_OVERRIDES, CrashAt, RandomImages
 
 from asg.config import load_config
 from asg.data import DataBundle
+from asg.engine.callbacks import Callback
 from asg.engine.distributed import Dist, ShardedBatchSampler
 from asg.engine.sampler import EpochBatchSampler
 from asg.engine.trainer import Trainer
@@ -45,18 +46,15 @@ def _bundle() -> DataBundle:
 def _train(out: Path, *, resume: bool = False, crash_at: int | None = None, nan_at: int | None = None) -> dict:
     """Train (or resume) the tiny run in ``out``; ``crash_at``/``nan_at``: interrupt before, or give rank 1 a
     NaN loss in, that 1-based step. Returns the per-step losses, final weights, error and evaluations."""
-    trainer = Trainer(load_config(None, OVERRIDES), out, data=_bundle(), quiet=True, resume=resume)
     losses: list[float] = []
-    step = trainer._train_step
 
-    def recording_step(*args):
-        if trainer.step + 1 == crash_at:
-            raise KeyboardInterrupt
-        logs = step(*args)
-        losses.append(logs["loss"])
-        return logs
+    class RecordLosses(Callback):
+        def on_step_end(self, trainer, out):
+            losses.append(out.logs["loss"])
 
-    trainer._train_step = recording_step
+    callbacks = [RecordLosses(), *([CrashAt(crash_at - 1)] if crash_at is not None else [])]
+    trainer = Trainer(load_config(None, OVERRIDES), out, data=_bundle(), quiet=True, resume=resume,
+                      callbacks=callbacks)  # fmt: skip
     if nan_at is not None and trainer.dist.rank == 1:
         forward = trainer.method.forward_loss
 
@@ -75,8 +73,8 @@ def _train(out: Path, *, resume: bool = False, crash_at: int | None = None, nan_
     record["state"] = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     if record["error"] is None:
         sets = trainer.data.eval_sets
-        record["sharded"] = {k: r.confusion for k, r in trainer._eval_sharded(sets).items()}
-        record["full"] = {k: r.confusion for k, r in trainer._eval_all(sets).items()}
+        record["sharded"] = {k: r.confusion for k, r in trainer.evaluator.evaluate_sharded(sets).items()}
+        record["full"] = {k: r.confusion for k, r in trainer.evaluator.evaluate(sets).items()}
     return record
 
 
@@ -255,15 +253,8 @@ def _dying_worker(rank: int, port: int, out: Path) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
                       LOCAL_RANK=str(rank))  # fmt: skip
     torch.set_num_threads(1)
-    trainer = Trainer(load_config(None, OVERRIDES), out, data=_bundle(), quiet=True)
-    step = trainer._train_step
-
-    def maybe_die(*args):
-        if trainer.dist.rank == 1 and trainer.step + 1 == 3:
-            os._exit(3)
-        return step(*args)
-
-    trainer._train_step = maybe_die
+    rank_1_dies = CrashAt(2, kill=True, when=lambda trainer: trainer.dist.rank == 1)  # in step 3
+    trainer = Trainer(load_config(None, OVERRIDES), out, data=_bundle(), quiet=True, callbacks=[rank_1_dies])
     try:
         trainer.run()
         message = "finished"

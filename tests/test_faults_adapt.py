@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import every_trainer_crashes_at
 from safetensors.torch import load_file, save_file
 from test_adapt import ImagesLabelsRaise
 
@@ -28,20 +29,14 @@ def killed_training(out: Path, kill_at: int) -> None:
     script = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {TESTS_DIR!r})
-        from conftest import TINY_OVERRIDES, RandomImages
+        from conftest import TINY_OVERRIDES, CrashAt, RandomImages
         from asg.config import load_config
         from asg.data import DataBundle
         from asg.engine.trainer import Trainer
         sets = {{"source_val": RandomImages(12, seed=1), "real": RandomImages(12, seed=2)}}
         bundle = DataBundle(RandomImages(48, seed=0), sets, "source_val", ["a", "b", "c"])
-        real = Trainer._train_step
-        def step(self, *args):
-            if self.step == {kill_at}:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return real(self, *args)
-        Trainer._train_step = step
         cfg = load_config(None, TINY_OVERRIDES + ["method.name=erm", "train.steps=6"])
-        Trainer(cfg, {str(out)!r}, data=bundle, quiet=True).run()
+        Trainer(cfg, {str(out)!r}, data=bundle, quiet=True, callbacks=[CrashAt({kill_at}, kill=True)]).run()
     """)
     env = {**os.environ, "PYTHONPATH": SRC_DIR}
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
@@ -103,17 +98,8 @@ def test_damaged_pseudo_labels_on_resume_are_computed_again(
     Trainer(tiny_config("method.name=erm"), src, data=tiny_bundle, quiet=True).run()
     cfg, bundle = adapt_config(tiny_bundle, tiny_config, src, "adapt.steps_per_round=4")
     Adaptation(cfg, tmp_path / "a", data=bundle, quiet=True).run()
-    original = Trainer._train_step
-
-    def crash(self, *args):
-        if self.step == 3:
-            raise KeyboardInterrupt
-        return original(self, *args)
-
-    monkeypatch.setattr(Trainer, "_train_step", crash)
-    with pytest.raises(KeyboardInterrupt):
+    with every_trainer_crashes_at(3), pytest.raises(KeyboardInterrupt):
         Adaptation(cfg, tmp_path / "b", data=bundle, quiet=True).run()
-    monkeypatch.setattr(Trainer, "_train_step", original)
     npz = tmp_path / "b" / "round_01" / "pseudo_labels.npz"
     data = bytearray(npz.read_bytes())
     data[len(data) // 2] ^= 0x10

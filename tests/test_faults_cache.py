@@ -51,15 +51,15 @@ def test_trainer_rebuilds_a_corrupted_disk_cache(tiny_bundle, tiny_config, tmp_p
     from asg.engine.trainer import Trainer
 
     over = ["method.teacher_cache=true", "method.teacher_cache_storage=fp32", f"method.teacher_cache_dir={tmp_path}"]
-    first = Trainer(tiny_config(*over), None, data=tiny_bundle, quiet=True).disk_cache
+    first = Trainer(tiny_config(*over), None, data=tiny_bundle, quiet=True).teacher_source.disk_cache
     assert first is not None
     flip_bits(first.path / "logits.npy", 20)
     second = Trainer(tiny_config(*over), None, data=tiny_bundle)
-    assert second.disk_cache is not None and second.disk_cache.built
+    assert second.teacher_source.disk_cache is not None and second.teacher_source.disk_cache.built
     assert "rebuilt the teacher cache" in capsys.readouterr().err
     idx = torch.arange(8)
     x = torch.stack([tiny_bundle.train[i][0] for i in range(8)])
-    torch.testing.assert_close(second._teacher_logits(x, idx), second.teacher(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second.teacher_source.outputs(x, idx), second.teacher(x), rtol=1e-5, atol=1e-5)
 
 
 def test_cache_without_checksums_is_rebuilt(tmp_path):

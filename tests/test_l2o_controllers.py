@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from asg.config import Config, L2OConfig
+from asg.engine.control import FixedController, StepStats
 from asg.errors import ConfigError, TrainingDiverged, WeightsError
 from asg.l2o import (
     L2OController,
@@ -21,7 +22,6 @@ from asg.l2o import (
     save_policy,
     window_lengths,
 )
-from asg.l2o.base import FixedController, StepStats
 from asg.l2o.policy import SCALES
 
 GROUPS = ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc_new"]

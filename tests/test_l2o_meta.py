@@ -122,7 +122,9 @@ def test_heldout_reward_end_to_end(meta_setup, tmp_path):
     (row,) = [json.loads(line) for line in (tmp_path / "meta_history.jsonl").read_text().splitlines()]
     assert row["rewards"] and all(r < 0 for r in row["rewards"])
     assert len(set(row["rewards"])) > 1  # the source-val loss moves as the model trains
-    assert 0.0 <= row["source_val_acc"] <= 1.0  # only the synthetic split was evaluated
+    assert (
+        0.0 <= row["source_val_score"] <= 1.0 and row["source_val_metric"] == "mean_class_acc"
+    )  # only the synthetic split was evaluated
 
 
 @pytest.mark.parametrize("kind", ["l2o", "random"])

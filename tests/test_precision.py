@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import CrashAt
 from safetensors.torch import load_file
 
 from asg.config import load_config
@@ -40,13 +41,13 @@ def test_fp16_skips_an_overflowing_step_halves_the_scale_and_goes_on(tiny_bundle
     trainer = Trainer(cfg, None, data=tiny_bundle, quiet=True)
     weight = _overflow_at(trainer, {1})
     before = {}
-    step = trainer._train_step
+    step = trainer.train_step
 
-    def spy(*args):
+    def spy(batch):
         before[trainer.step] = weight.detach().clone()
-        return step(*args)
+        return step(batch)
 
-    trainer._train_step = spy
+    trainer.train_step = spy
     trainer.run()
     scale = trainer.precision.scaler.get_scale()
     assert scale == pytest.approx(2.0**16 / 2)  # the default initial scale, halved once
@@ -78,19 +79,10 @@ def test_fp16_resume_restores_the_loss_scale_and_equals_the_uninterrupted_run(
     _overflow_at(a, {0})
     a.run()
 
-    original = Trainer._train_step
-
-    def crash(self, *args):
-        if self.step == 3:  # after the checkpoint of step 2
-            raise KeyboardInterrupt
-        return original(self, *args)
-
-    b = Trainer(cfg, tmp_path / "b", data=tiny_bundle, quiet=True)
+    b = Trainer(cfg, tmp_path / "b", data=tiny_bundle, quiet=True, callbacks=[CrashAt(3)])  # after step 2's checkpoint
     _overflow_at(b, {0})
-    monkeypatch.setattr(Trainer, "_train_step", crash)
     with pytest.raises(KeyboardInterrupt):
         b.run()
-    monkeypatch.setattr(Trainer, "_train_step", original)
     resumed = Trainer(cfg, tmp_path / "b", data=tiny_bundle, quiet=True, resume=True)
     resumed.run()
     # halved at step 1 and restored from the checkpoint (a fresh scaler would still be at 2^16)

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CrashAt
 from safetensors.torch import load_file
 
 from asg.config import load_config
 from asg.engine.rundir import RunDir, RunFolderError
+from asg.engine.selection import Evaluator
 from asg.engine.trainer import Trainer
 from asg.errors import ConfigError, TrainingDiverged
 
@@ -34,19 +36,6 @@ def _same_weights(a, b):
 
 def _steps(run):
     return [json.loads(line)["step"] for line in (run / "results.jsonl").read_text().splitlines()]
-
-
-def _crash_at(monkeypatch, step):
-    """Make ``Trainer._train_step`` die when the trainer is about to take step ``step + 1``."""
-    original = Trainer._train_step
-
-    def crash(self, *args):
-        if self.step == step:
-            raise KeyboardInterrupt
-        return original(self, *args)
-
-    monkeypatch.setattr(Trainer, "_train_step", crash)
-    return original
 
 
 def test_second_process_into_a_locked_folder_is_refused_with_its_pid(tmp_path, tiny_bundle, tiny_config):
@@ -101,9 +90,8 @@ def test_crash_between_checkpoint_files_and_manifest_resumes_exactly(tiny_bundle
 
 def test_mismatched_checkpoint_files_are_refused(tiny_bundle, tiny_config, tmp_path, monkeypatch):
     cfg = tiny_config("train.steps=6")
-    _crash_at(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True).run()
+        Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True, callbacks=[CrashAt(5)]).run()
     manifest = json.loads((tmp_path / "checkpoint.json").read_text())
     weights = tmp_path / manifest["weights"]["file"]
     state = load_file(weights)
@@ -120,7 +108,7 @@ KILL_SCRIPT = textwrap.dedent(
     import os, signal, sys
     import torch
     sys.path.insert(0, sys.argv[2])
-    from conftest import RandomImages
+    from conftest import CrashAt, RandomImages
     from asg.config import load_config
     from asg.data import DataBundle
     from asg.engine.trainer import Trainer
@@ -128,13 +116,7 @@ KILL_SCRIPT = textwrap.dedent(
     bundle = DataBundle(RandomImages(48, seed=0), {"source_val": RandomImages(12, seed=1),
                         "real": RandomImages(12, seed=2)}, "source_val", ["a", "b", "c"])
     cfg = load_config(None, sys.argv[3:])
-    original = Trainer._train_step
-    def die(self, *args):
-        if self.step == 5:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return original(self, *args)
-    Trainer._train_step = die
-    Trainer(cfg, sys.argv[1], data=bundle, quiet=True).run()
+    Trainer(cfg, sys.argv[1], data=bundle, quiet=True, callbacks=[CrashAt(5, kill=True)]).run()
     """
 )
 
@@ -168,11 +150,9 @@ def _tiny_overrides(tiny_config):
 
 def test_rerun_over_a_run_that_never_checkpointed_starts_afresh(tiny_bundle, tiny_config, tmp_path, monkeypatch):
     cfg = tiny_config("train.steps=4", "train.eval_every=1", "train.checkpoint_every=4")
-    original = _crash_at(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True).run()
+        Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True, callbacks=[CrashAt(2)]).run()
     assert _steps(tmp_path) == [1, 2] and not (tmp_path / "checkpoint.json").exists()
-    monkeypatch.setattr(Trainer, "_train_step", original)
     Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True).run()
     assert _steps(tmp_path) == [1, 2, 3, 4]
 
@@ -182,19 +162,19 @@ def test_a_failed_evaluation_does_not_cost_the_checkpoint_and_is_redone_on_resum
 ):
     cfg = tiny_config("train.steps=4", "train.eval_every=2", "train.checkpoint_every=2")
     Trainer(cfg, tmp_path / "a", data=tiny_bundle, quiet=True).run()
-    original = Trainer._eval_all
+    original = Evaluator.evaluate
 
     def broken(self, sets):
-        if self.step == 2:
+        if self.trainer.step == 2:
             raise OSError("a bad image in the real set")
         return original(self, sets)
 
-    monkeypatch.setattr(Trainer, "_eval_all", broken)
+    monkeypatch.setattr(Evaluator, "evaluate", broken)
     with pytest.raises(OSError):
         Trainer(cfg, tmp_path / "b", data=tiny_bundle, quiet=True).run()
     manifest = json.loads((tmp_path / "b" / "checkpoint.json").read_text())
     assert manifest["step"] == 2 and manifest["evaluated_through"] is None  # saved before evaluating
-    monkeypatch.setattr(Trainer, "_eval_all", original)
+    monkeypatch.setattr(Evaluator, "evaluate", original)
     Trainer(cfg, tmp_path / "b", data=tiny_bundle, quiet=True, resume=True).run()
     assert _steps(tmp_path / "b") == [2, 4]
     _same_weights(tmp_path / "a" / "best_source_val.safetensors", tmp_path / "b" / "best_source_val.safetensors")
@@ -241,10 +221,8 @@ def test_exploded_weights_are_never_checkpointed(tiny_bundle, tiny_config, tmp_p
 
 def test_resume_applies_a_changed_learning_rate(tiny_bundle, tiny_config, tmp_path, monkeypatch):
     cfg = tiny_config("train.steps=4", "optim.schedule=constant")
-    original = _crash_at(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True).run()
-    monkeypatch.setattr(Trainer, "_train_step", original)
+        Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True, callbacks=[CrashAt(3)]).run()
     saved = tmp_path / "config.yaml"
     resumed = Trainer(load_config(saved, ["optim.lr=0.002"]), tmp_path, data=tiny_bundle, quiet=True, resume=True)
     resumed.run()
@@ -258,9 +236,8 @@ def test_resume_applies_a_changed_learning_rate(tiny_bundle, tiny_config, tmp_pa
 
 def test_resume_refuses_a_change_that_makes_another_experiment(tiny_bundle, tiny_config, tmp_path, monkeypatch):
     cfg = tiny_config("train.steps=4")
-    _crash_at(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True).run()
+        Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True, callbacks=[CrashAt(3)]).run()
     for override, key in (("method.name=erm", "method.name"), ("train.seed=5", "train.seed"),
                           ("train.steps=2", "train.steps")):  # fmt: skip
         with pytest.raises(ConfigError, match=key):

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from conftest import CrashAt
 from safetensors.torch import load_file
 
 from asg.engine.trainer import Trainer
@@ -32,17 +33,8 @@ def test_resume_equals_uninterrupted_run(tiny_bundle, tiny_config, tmp_path, mon
     cfg = tiny_config("train.steps=5", "method.teacher_cache=true", "optim.sgd=lr_in_momentum")
     Trainer(cfg, tmp_path / "a", data=tiny_bundle, quiet=True).run()
 
-    original = Trainer._train_step
-
-    def crash_after_checkpoint(self, *args):
-        if self.step == 3:  # checkpoint written at step 2; step 3 is lost
-            raise KeyboardInterrupt
-        return original(self, *args)
-
-    monkeypatch.setattr(Trainer, "_train_step", crash_after_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, tmp_path / "b", data=tiny_bundle, quiet=True).run()
-    monkeypatch.setattr(Trainer, "_train_step", original)
+    with pytest.raises(KeyboardInterrupt):  # checkpoint written at step 2; step 3 is lost
+        Trainer(cfg, tmp_path / "b", data=tiny_bundle, quiet=True, callbacks=[CrashAt(3)]).run()
     with pytest.raises(AsgError, match="--resume"):
         Trainer(cfg, tmp_path / "b", data=tiny_bundle, quiet=True).run()
     Trainer(cfg, tmp_path / "b", data=tiny_bundle, quiet=True, resume=True).run()
@@ -101,8 +93,8 @@ def test_teacher_cache_is_refused_with_a_note_when_training_images_are_random(ti
 
     random_bundle = dataclasses.replace(tiny_bundle, has_augmentation=True)
     trainer = Trainer(tiny_config("method.teacher_cache=true"), None, data=random_bundle)
-    assert not trainer.use_cache and "teacher_cache is off" in capsys.readouterr().err
-    assert Trainer(tiny_config("method.teacher_cache=true"), None, data=tiny_bundle, quiet=True).use_cache
+    assert not trainer.teacher_source.use_cache and "teacher_cache is off" in capsys.readouterr().err
+    assert Trainer(tiny_config("method.teacher_cache=true"), None, data=tiny_bundle, quiet=True).teacher_source.use_cache
 
 
 def test_teacher_runs_with_batchnorm_folded_and_gives_the_imagenet_logits(tiny_bundle, tiny_config):

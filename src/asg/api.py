@@ -57,7 +57,9 @@ def train(
     from asg.engine.trainer import Trainer
 
     cfg, out = run_config(config, overrides, out, resume, "a run folder", "training")
-    return Trainer(cfg, out, resume=resume, quiet=quiet).run()
+    from asg.l2o import build_controller
+
+    return Trainer(cfg, out, resume=resume, quiet=quiet, controller_factory=build_controller).fit()
 
 
 def adapt(

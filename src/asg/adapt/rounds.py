@@ -34,6 +34,7 @@ from asg.engine.evaluate import PRIMARY_METRIC, evaluate_sets, real_average
 from asg.engine.init_from import ADAPTATION_FILE, init_record, init_weights_path, load_init_weights
 from asg.engine.rundir import RunDir, sha256
 from asg.errors import AsgError, ConfigError
+from asg.l2o import build_controller
 from asg.methods import SelfTraining, build_method
 from asg.models import build_model
 from asg.utils import resolve_device, seed_everything, versions
@@ -282,7 +283,7 @@ class Adaptation:
         self._say(f"round {r}/{self.cfg.adapt.rounds}: training {cfg.train.steps} steps on the synthetic data and "
                   f"{len(target)} pseudo-labelled target images" + (" (resumed)" if resume else ""))  # fmt: skip
         return Trainer(cfg, folder, data=self.data, method=method, target=target, resume=resume,
-                       quiet=self.quiet, check_files=False)  # fmt: skip
+                       quiet=self.quiet, check_files=False, controller_factory=build_controller)  # fmt: skip
 
 
 def adapt(

@@ -10,6 +10,7 @@ from typing import Any
 from asg.config import load_config
 from asg.engine.checkpoint import atomic_write
 from asg.engine.rundir import RunDir
+from asg.l2o import build_controller
 from asg.sweep import run_tasks, shared_data
 
 
@@ -21,7 +22,9 @@ def train_one(recipe: str, overrides: list[str], out_dir: Path, quiet: bool = Fa
         return json.loads((out_dir / "summary.json").read_text())
     resume = RunDir(out_dir).has_checkpoint()
     cfg = load_config(out_dir / "config.yaml" if resume else recipe, overrides)
-    Trainer(cfg, out_dir, data=shared_data(cfg.data), resume=resume, quiet=quiet).run()
+    Trainer(
+        cfg, out_dir, data=shared_data(cfg.data), resume=resume, quiet=quiet, controller_factory=build_controller
+    ).fit()
     return json.loads((out_dir / "summary.json").read_text())
 
 

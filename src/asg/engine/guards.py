@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from asg.errors import TrainingDiverged
+
 
 class LossGuard:
     """Flags a finite loss explosion: a loss above ``factor`` times the loss scale at the start of training.
@@ -48,3 +50,12 @@ class LossGuard:
 def non_finite_tensors(module: nn.Module) -> list[str]:
     """Names of the floating-point parameters and buffers of ``module`` that hold NaN or inf."""
     return [k for k, v in module.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def diverged(what: str, values: dict[str, float], step: int, kept: str, detail: str = "") -> TrainingDiverged:
+    """The error that stops a diverging run: what went wrong at ``step``, its values, and what is kept on disk."""
+    return TrainingDiverged(
+        f"{what} at step {step} ({', '.join(f'{k}={v:.4g}' for k, v in values.items())}){detail}; "
+        f"training stopped and {kept}. Lower optim.lr or method.kl_weight, or set optim.max_grad_norm "
+        "(a resume applies them: --resume --set optim.lr=...)"
+    )

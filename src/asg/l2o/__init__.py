@@ -6,7 +6,7 @@ pluggable meta-training rewards (a reconstruction: the official reward was never
 
 from __future__ import annotations
 
-from asg.l2o.base import FixedController, LRController, StepStats
+from asg.engine.control import FixedController, LRController, StepStats
 from asg.l2o.controllers import (
     CONTROLLERS,
     L2OController,

@@ -1,4 +1,4 @@
-"""Learning-rate controllers (the ``LRController`` protocol of ``asg.l2o.base``).
+"""Learning-rate controllers (the ``LRController`` protocol of ``asg.engine.control``).
 
 * ``RandomController``: a new random scale per group at every decision (the released ``RANDOM=True``);
 * ``RandomInitController``: one random draw at start, kept all run (``RANDOM='init'``);
@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from asg.config import Config, L2OConfig
+from asg.engine.control import FixedController, LRController, StepStats
 from asg.errors import ConfigError, WeightsError
-from asg.l2o.base import FixedController, LRController, StepStats
 from asg.l2o.observation import WindowAccumulator, WindowSummary
 from asg.l2o.policy import SCALES, LRPolicy, load_policy
 from asg.l2o.reinforce import Reinforce

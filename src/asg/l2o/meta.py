@@ -33,6 +33,7 @@ from asg.l2o.plots import plot_meta_rewards, plot_scale_schedule
 from asg.l2o.policy import LRPolicy, save_policy
 from asg.l2o.reinforce import Reinforce
 from asg.l2o.rewards import get_reward
+from asg.tasks import task_of
 
 if TYPE_CHECKING:
     from asg.models import ASGClassifier, ASGSegmenter
@@ -86,7 +87,7 @@ def _summarise(ctrl: L2OController, episode: int, info: dict[str, Any]) -> dict[
 
 def _log_tb(writer: Any, row: dict[str, Any]) -> None:
     ep = row["episode"]
-    for key in ("mean_reward", "mean_entropy", "mean_update_loss", "last_window_task_loss", "source_val_acc"):
+    for key in ("mean_reward", "mean_entropy", "mean_update_loss", "last_window_task_loss", "source_val_score"):
         if row.get(key) is not None:
             writer.add_scalar(f"meta/{key}", row[key], ep)
     for group, value in row["mean_scale"].items():
@@ -211,7 +212,9 @@ def _meta_train(
             result = trainer.run()
             learner.update()  # flush a partial rollout (normally done by the controller at the last step)
             if result.history and bundle.source_val_name in result.history[-1]["metrics"]:
-                info["source_val_acc"] = result.history[-1]["metrics"][bundle.source_val_name]["mean_class_acc"]
+                metric = task_of(bundle).primary_metric  # mean-class accuracy, or mIoU for segmentation
+                info["source_val_score"] = result.history[-1]["metrics"][bundle.source_val_name][metric]
+                info["source_val_metric"] = metric
         except TrainingDiverged as exc:
             learner.clear()  # the rollout of a diverged episode is dropped
             info["diverged"] = str(exc)

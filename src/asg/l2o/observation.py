@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from asg.engine.control import StepStats
 from asg.errors import TrainingDiverged
-from asg.l2o.base import StepStats
 
 
 @dataclass

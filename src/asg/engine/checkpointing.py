@@ -1,0 +1,148 @@
+"""The run folder's side of training: open it (refuse, resume or start), restore a checkpoint, save checked ones.
+
+A checkpoint is written only after the weights pass the pre-save guard (finite, and a loss on the last batch that
+has not exploded), and before the step is evaluated, so a bad evaluation image cannot cost the step. Only rank 0
+writes; the decision to save is taken on every rank alike (the guard's loss is rank-averaged).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from asg.config import config_to_dict, load_config
+from asg.data import set_skip_log
+from asg.engine.checkpoint import load_weights
+from asg.engine.guards import diverged, non_finite_tensors
+from asg.engine.resume import check_resume_changes
+from asg.engine.rundir import RunDir
+from asg.errors import AsgError
+from asg.utils import versions
+
+if TYPE_CHECKING:
+    from asg.engine.trainer import Trainer
+
+
+class Checkpointer:
+    """Checkpoints of ``run_dir`` (None: an in-memory run, which saves nothing)."""
+
+    def __init__(self, run_dir: RunDir | None) -> None:
+        self.run_dir = run_dir
+        self.committed_step: int | None = None  # step of the checkpoint on disk
+        self.manifest: dict[str, Any] = {}  # of the restored checkpoint
+
+    def due(self, trainer: Trainer) -> bool:
+        every = trainer.cfg.train.checkpoint_every
+        return self.run_dir is not None and (trainer.step % every == 0 or trainer.step == trainer.cfg.train.steps)
+
+    def kept(self) -> str:
+        """What a run stopped now leaves on disk (for error messages)."""
+        if self.run_dir is None:
+            return "nothing is saved (in-memory run)"
+        if self.committed_step is not None:
+            return f"the last good checkpoint (step {self.committed_step}, {self.run_dir.manifest_path}) is kept"
+        return "no checkpoint was written yet"
+
+    # ------------------------------------------------------------------ opening
+    def open(self, trainer: Trainer) -> None:
+        """Rank 0: refuse a finished or foreign run, restore or clear leftovers, write config, versions and the
+        list of skipped images. Then the other ranks read the checkpoint rank 0 has verified."""
+        main = trainer.dist.is_main
+        trainer.dist.together((lambda: self._open_main(trainer)) if main else None)
+        trainer.dist.together((lambda: self.restore(trainer)) if trainer.resume and not main else None)
+
+    def _open_main(self, trainer: Trainer) -> None:
+        rd, cfg = self.run_dir, trainer.cfg
+        assert rd is not None
+        if rd.exists("done") and trainer.resume:
+            raise AsgError(f"{rd.path} already finished (remove its 'done' file or use another --out)")
+        if trainer.resume:
+            self.restore(trainer)
+        elif rd.has_checkpoint() or rd.exists("done"):
+            raise AsgError(f"{rd.path} holds a run already: pass --resume to continue it, or choose another --out")
+        else:
+            removed = rd.clear_leftovers()
+            if removed:
+                trainer.say(f"asg: note: {rd.path} held an earlier run that stopped before its first checkpoint; "
+                            f"removed its {', '.join(removed)} and starting afresh")  # fmt: skip
+        rd.write_text("config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        compiled = cfg.train.compile_backend if cfg.train.compile else None
+        computed = trainer.precision.describe(cfg.model.channels_last, compiled)
+        rd.write_text(
+            "versions.json", json.dumps({**versions(), "world_size": trainer.dist.world, **computed}, indent=1)
+        )
+        skip_log = rd.path / "skipped_images.txt"
+        if trainer.skipped:
+            rd.write_text(skip_log.name, "".join(line + "\n" for line in trainer.skipped))
+            trainer.say(f"asg: warning: left out {len(trainer.skipped)} missing or empty image(s) "
+                        "(data.on_bad_image=skip); they and any image that fails to decode later are listed in "
+                        f"{skip_log}")  # fmt: skip
+        if cfg.data.on_bad_image == "skip":
+            set_skip_log(trainer.data, skip_log)
+
+    def restore(self, trainer: Trainer) -> None:
+        """Load the committed checkpoint into ``trainer``; rank 0 also notes changes and makes the folder match."""
+        rd = self.run_dir
+        assert rd is not None
+        manifest, state, weights = rd.load_checkpoint()
+        step = int(manifest["step"])
+        if trainer.dist.is_main:
+            self._note_resume(trainer, step, int(state.get("world_size", 1)))
+        load_weights(trainer.model, weights)
+        trainer.load_state_dict(state)
+        trainer.step = self.committed_step = step
+        evaluated = manifest.get("evaluated_through")
+        trainer.evaluator.restore(dict(manifest.get("best", {})), evaluated, rd, main=trainer.dist.is_main)
+        if trainer.dist.is_main:
+            rd.sync_files(manifest)
+        trainer.say(f"resumed {rd.path} at step {step}/{trainer.cfg.train.steps}")
+
+    def _note_resume(self, trainer: Trainer, step: int, saved_world: int) -> None:
+        """Say (and append to resumes.jsonl) which settings and number of processes changed since the save."""
+        rd, world = self.run_dir, trainer.dist.world
+        assert rd is not None
+        row: dict[str, Any] = {"step": step}
+        if (rd.path / "config.yaml").is_file():
+            changes = check_resume_changes(load_config(rd.path / "config.yaml"), trainer.cfg, step)
+            if changes:
+                listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+                trainer.say(f"asg: note: resuming with changed settings, applied from step {step} on: {listed}")
+                row["changes"] = {k: list(v) for k, v in changes.items()}
+        if saved_world != world:
+            trainer.say(f"asg: note: the checkpoint of step {step} was saved by {saved_world} process(es) and "
+                        f"resumes on {world}; data.batch_size={trainer.cfg.data.batch_size} is the global batch, so "
+                        "batches and augmentations continue as before")  # fmt: skip
+            row["world_size"] = [saved_world, world]
+        if len(row) > 1:
+            rd.append_row(row, "resumes.jsonl")
+
+    # ------------------------------------------------------------------ saving
+    def save(self, trainer: Trainer) -> None:
+        """Check the weights, then commit a checkpoint of this step (on every rank; rank 0 writes)."""
+        if self.run_dir is None:
+            return
+        self._check_before_save(trainer)  # on every rank: its loss is reduced, so all ranks decide alike
+        trainer.dist.together((lambda: self._write(trainer)) if trainer.dist.is_main else None)
+        self.committed_step = trainer.step
+
+    def _write(self, trainer: Trainer) -> None:
+        assert self.run_dir is not None
+        history = trainer.evaluator.history
+        evaluated = history[-1]["step"] if history else None
+        self.run_dir.save_checkpoint(
+            trainer.step, trainer.model.state_dict(), trainer.state_dict(), trainer.evaluator.best, evaluated
+        )
+
+    def _check_before_save(self, trainer: Trainer) -> None:
+        """Refuse to checkpoint weights that are non-finite or whose loss on the last batch has exploded."""
+        bad = non_finite_tensors(trainer.model)
+        if bad:
+            raise diverged(
+                "non-finite weights", {"tensors": len(bad)}, trainer.step, self.kept(), f" (first: {bad[0]})"
+            )
+        loss = trainer.stepper.last_batch_loss()
+        if loss is not None and trainer.loss_guard.exploded(loss):
+            raise diverged("exploded loss of the weights to be saved",
+                           {"loss": loss, "scale": trainer.loss_guard.scale}, trainer.step, self.kept())  # fmt: skip
