@@ -17,12 +17,12 @@ WARMUP = 3
 
 
 def segmentation_step_times(device: str = "cpu") -> dict:
-    """``Trainer._train_step`` time of ERM and ASG (live teacher) on the digit scenes: the ratio from one process
+    """``Trainer.train_step`` time of ERM and ASG (live teacher) on the digit scenes: the ratio from one process
     where both take turns on the same batches (``bench_trainer.paired_step_times``), peak memory from each
     variant's own process."""
     from bench_trainer import paired_step_times, trainer_step_time
 
-    variants = {name: (recipe, ["method.teacher_cache=false"]) for name, recipe in SEG_VARIANTS.items()}
+    variants = {name: (recipe, ["teacher.cache=false"]) for name, recipe in SEG_VARIANTS.items()}
     results = {name: trainer_step_time(recipe, overrides, device, STEPS, WARMUP)
                for name, (recipe, overrides) in variants.items()}  # fmt: skip
     paired = paired_step_times(variants, device, steps=20, warmup=WARMUP)

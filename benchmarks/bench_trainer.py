@@ -1,5 +1,5 @@
-"""Time the trainer's own step (``Trainer._train_step``, as ``asg train`` calls it) for a recipe, in a fresh
-process so that its peak resident memory is its own."""
+"""Time the trainer's own step (``Trainer.train_step``, as ``asg train`` calls it) for a recipe, in a fresh
+process so that its peak resident memory is its own; and the loop's cost on top of its steps."""
 
 from __future__ import annotations
 
@@ -62,20 +62,20 @@ def _measure(recipe: str, overrides: list[str], device: str, steps: int, warmup:
     else:
         trainer = Trainer(cfg, tmp.name, data=data, quiet=True)
     times: list[float] = []
-    step = trainer._train_step
+    step = trainer.train_step
 
-    def timed(*batch):
+    def timed(batch):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        logs = step(*batch)
+        out = step(batch)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-        return logs
+        return out
 
-    trainer._train_step = timed  # type: ignore[method-assign]
-    trainer.run()
+    trainer.train_step = timed  # type: ignore[method-assign]
+    trainer.fit()
     loop = trainer.timer.summary(steps + warmup)
     loop_s = sum(loop[f"{k}_s"] for k in ("data", "train_step", "checkpoint", "eval")) - sum(times[:warmup])
     tmp.cleanup()
@@ -104,7 +104,7 @@ def _measure(recipe: str, overrides: list[str], device: str, steps: int, warmup:
 def trainer_step_time(
     recipe: str, overrides: list[str], device: str = "cpu", steps: int = 15, warmup: int = 3, adapt: bool = False
 ) -> dict:
-    """Median ``Trainer._train_step`` seconds (after ``warmup`` steps) and peak memory of ``recipe``; ``adapt``:
+    """Median ``Trainer.train_step`` seconds (after ``warmup`` steps) and peak memory of ``recipe``; ``adapt``:
     of an adaptation round's step (source + pseudo-labelled target batch), plus pseudo-labelling images/s."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -123,6 +123,7 @@ def _paired(variants: dict, device: str, steps: int, warmup: int, queue) -> None
 
     from asg.config import load_config
     from asg.data import build_data, collate_skip_none
+    from asg.engine.batches import StepBatch
     from asg.engine.sampler import IndexedDataset
     from asg.engine.trainer import Trainer
 
@@ -141,11 +142,10 @@ def _paired(variants: dict, device: str, steps: int, warmup: int, queue) -> None
         for name in order:
             trainer = trainers[name]
             t0 = time.perf_counter()
-            trainer._train_step(x, y, idx)
+            trainer.train_step(StepBatch(x, y, idx))
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t0)
-            trainer.step += 1
     first = names[0]
     queue.put(
         {
@@ -162,7 +162,7 @@ def _paired(variants: dict, device: str, steps: int, warmup: int, queue) -> None
 
 
 def paired_step_times(variants: dict, device: str = "cpu", steps: int = 40, warmup: int = 3) -> dict:
-    """Every variant's ``Trainer._train_step`` in one process, taking turns on the same batches (the order rotated
+    """Every variant's ``Trainer.train_step`` in one process, taking turns on the same batches (the order rotated
     each step): the ratio to the first variant is the ratio of their medians over the same interleaved steps, so
     a load that changes during the measurement hits every variant alike. Memory is measured per process by
     :func:`trainer_step_time`."""
@@ -173,3 +173,46 @@ def paired_step_times(variants: dict, device: str = "cpu", steps: int = 40, warm
     result = queue.get()
     proc.join()
     return result
+
+
+def _loop_vs_steps(recipe: str, overrides: list[str], steps: int, rounds: int, queue) -> None:
+    import dataclasses
+
+    import torch
+
+    from asg.config import load_config
+    from asg.data import build_data
+    from asg.engine.trainer import Trainer
+
+    torch.set_num_threads(1)  # one thread per measured process: less noise from the machine's other work
+    cfg = load_config(recipe, [f"train.steps={steps}", "train.progress=false", *overrides])
+    data = dataclasses.replace(build_data(cfg.data), eval_sets={}, source_val_name=None)  # evaluation off
+    loop_s, bare_s = [], []
+    for _ in range(rounds):  # alternate, so that a change of the machine's load hits both alike
+        trainer = Trainer(cfg, None, data=data, quiet=True)  # no run folder: no checkpoint
+        trainer.fit()
+        timing = trainer.timer.summary(steps)
+        loop_s.append(timing["wall_s"] - timing["setup_s"])
+        trainer = Trainer(cfg, None, data=data, quiet=True)
+        trainer.batches.begin(0)
+        batches = list(trainer.batches)  # the same batches, fetched before the clock starts
+        t0 = time.perf_counter()
+        for batch in batches:
+            trainer.train_step(batch)
+        bare_s.append(time.perf_counter() - t0)
+    queue.put({"loop_s": loop_s, "bare_steps_s": bare_s, "steps": steps})
+
+
+def loop_overhead(recipe: str = "digits_asg", overrides: list[str] | None = None, steps: int = 30, rounds: int = 3):
+    """``Trainer.fit`` (evaluation and checkpoints off: no evaluation set, no run folder) against the bare
+    ``Trainer.train_step`` on the same batches, in one process: the loop's own cost (data loading, callbacks,
+    logging). Ratio of the fastest of ``rounds`` alternated measurements; target <= 1.05."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    overrides = overrides if overrides is not None else ["data.num_train=360", "teacher.cache=false"]
+    proc = ctx.Process(target=_loop_vs_steps, args=(recipe, overrides, steps, rounds, queue))
+    proc.start()
+    r = queue.get()
+    proc.join()
+    r.update(recipe=[recipe, *overrides], ratio=min(r["loop_s"]) / min(r["bare_steps_s"]), target="<= 1.05")
+    return r

@@ -33,9 +33,20 @@ RUNS: dict[str, list[str]] = {
     "digits_asg": ["train", "--config", "digits_asg", *(f"--set={s}" for s in DIGITS)],
     "digits_l2o": ["train", "--config", "digits_asg_l2o", *(f"--set={s}" for s in DIGITS), "--set=l2o.min_steps=3"],
     "scenes_erm": [
-        "train", "--config", "digit_scenes_erm",
-        *(f"--set={s}" for s in ["data.num_train=48", "train.steps=6", "train.eval_every=3",
-                                 "train.checkpoint_every=3", "data.batch_size=8", *TINY]),
+        "train",
+        "--config",
+        "digit_scenes_erm",
+        *(
+            f"--set={s}"
+            for s in [
+                "data.num_train=48",
+                "train.steps=6",
+                "train.eval_every=3",
+                "train.checkpoint_every=3",
+                "data.batch_size=8",
+                *TINY,
+            ]
+        ),
     ],  # fmt: skip
 }
 DROP = {"elapsed_s", "timing", "wall_s", "seconds", "time", "started", "finished"}

@@ -18,8 +18,8 @@ from bench_trainer import trainer_step_time
 out, common = sys.argv[1], sys.argv[2:]
 variants = {
     "erm": ("digits_erm", []),
-    "asg_live_teacher": ("digits_asg", ["method.teacher_cache=false"]),
-    "asg_cached_teacher": ("digits_asg", ["method.teacher_cache=true", "method.teacher_cache_storage=fp16"]),
+    "asg_live_teacher": ("digits_asg", ["teacher.cache=false"]),
+    "asg_cached_teacher": ("digits_asg", ["teacher.cache=true", "teacher.cache_storage=fp16"]),
 }
 res = {k: trainer_step_time(r, common + o, "cuda", steps=30, warmup=5) for k, (r, o) in variants.items()}
 erm = res["erm"]["step_s_median"]

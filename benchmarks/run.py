@@ -2,9 +2,11 @@
 cost; adaptation (pseudo-labelling images/s, self-training step vs ERM step); segmentation step time and memory
 (ASG vs ERM) and data-pipeline throughput.
 
-Step times are the trainer's own ``Trainer._train_step`` on the digits recipes (EfficientNet-Lite0, batch 32 at
+Step times are the trainer's own ``Trainer.train_step`` on the digits recipes (EfficientNet-Lite0, batch 32 at
 64 px, BN frozen, channels_last), each variant in its own process so that its peak resident memory is its own;
-the same runs give the loop's end-to-end steps/s (``Trainer.run`` with a run folder, checkpoints and evaluations).
+the same runs give the loop's end-to-end steps/s (``Trainer.fit`` with a run folder, checkpoints and evaluations),
+and ``loop_overhead`` the loop's own cost: ``Trainer.fit`` with evaluation and checkpoints off against the bare
+``Trainer.train_step`` on the same batches.
 On the CPU also (``bench_scale``): the share of training steps in a digits demo run (``asg demo``, one run) and
 ``torchrun`` with 2 processes against 1 (gloo). ``--no-adapt``, ``--no-seg``, ``--no-meta``, ``--no-scale`` skip
 parts. Writes ``benchmarks/results.json``.
@@ -20,8 +22,8 @@ from pathlib import Path
 DATA = ["data.num_train=360"]
 VARIANTS = {
     "erm": ("digits_erm", DATA),
-    "asg_live_teacher": ("digits_asg", [*DATA, "method.teacher_cache=false"]),
-    "asg_cached_teacher": ("digits_asg", [*DATA, "method.teacher_cache=true"]),
+    "asg_live_teacher": ("digits_asg", [*DATA, "teacher.cache=false"]),
+    "asg_cached_teacher": ("digits_asg", [*DATA, "teacher.cache=true"]),
 }
 
 
@@ -29,7 +31,7 @@ def main() -> None:
     device = next((a for a in sys.argv[1:] if not a.startswith("--")), "cpu")
     steps = 20
     sys.path.insert(0, str(Path(__file__).parent))
-    from bench_trainer import paired_step_times, trainer_step_time
+    from bench_trainer import loop_overhead, paired_step_times, trainer_step_time
 
     # memory and the whole loop: each variant in its own process; step-time ratios: all variants in one process
     # taking turns on the same batches (on a shared machine the load changes between separate processes)
@@ -54,7 +56,7 @@ def main() -> None:
     out = {
         "device": device,
         "recipes": {name: [recipe, *overrides] for name, (recipe, overrides) in VARIANTS.items()},
-        "timed": "Trainer._train_step (the trainer's own step: teacher, forward, loss, guard, backward, clipping, "
+        "timed": "Trainer.train_step (the trainer's own step: teacher, forward, loss, guard, backward, clipping, "
         "optimizer, controller) on the trainer's own batches: step_s_median and step_time_ratio from one process "
         "where the variants take turns on the same 40 batches (ratio of the medians; the median of per-step ratios "
         "is in variants.*.median_per_step_ratio); memory and "
@@ -64,6 +66,7 @@ def main() -> None:
         "ratios_vs_erm": ratios,
         "target": "teacher forward adds at most 35% to an ERM step (asg_live_teacher step_time_ratio <= 1.35)",
     }
+    out["loop_overhead"] = loop_overhead()
     from bench_l2o import controller_overhead, meta_episode_time
 
     l2o = controller_overhead()
@@ -100,6 +103,9 @@ def main() -> None:
             f"ratio {ratios[name]['step_time_ratio']:.3f} time, {ratios[name]['peak_mem_ratio']:.3f} memory; "
             f"end to end {r['end_to_end_steps_per_s']:.2f} steps/s (ratio {ratios[name]['end_to_end_time_ratio']:.3f})"
         )
+    lo = out["loop_overhead"]
+    print(f"loop overhead: fit {min(lo['loop_s']):.2f} s vs bare train_step {min(lo['bare_steps_s']):.2f} s over "
+          f"{lo['steps']} steps: ratio {lo['ratio']:.3f} (target <= 1.05)")  # fmt: skip
     print("l2o:", json.dumps(out["l2o"]))
     if "adaptation" in out:
         a = out["adaptation"]
@@ -179,6 +185,11 @@ def markdown_table(out: dict) -> str:
                      f"rank-0 peak {t['nproc_1'].get('peak_rss_mib', 0):.0f} / "
                      f"{t['nproc_2'].get('peak_rss_mib', 0):.0f} MiB",
                      f"{t['throughput_ratio_2_vs_1']:.2f} throughput"))  # fmt: skip
+    if "loop_overhead" in out:
+        lo = out["loop_overhead"]
+        rows.append(("Trainer.fit with evaluation and checkpoints off vs bare train_step, same batches",
+                     f"{min(lo['loop_s']):.2f} / {min(lo['bare_steps_s']):.2f} s for {lo['steps']} steps",
+                     f"{lo['ratio']:.3f} time (target <= 1.05)"))  # fmt: skip
     l2o = out["l2o"]
     rows.append(("L2O controller", f"{1e6 * l2o['controller_s_per_step']:.0f} µs per step",
                  f"{100 * l2o['overhead_vs_erm_step']:.2f} % of an ERM step"))  # fmt: skip

@@ -231,7 +231,7 @@ def test_feature_guidance_starts_at_zero_on_the_untrained_model(tiny_bundle, tin
 
 
 def test_feature_teacher_cache_holds_features(tiny_bundle, tiny_config, tmp_path, one_thread):
-    cfg = tiny_config("method.name=feature", "method.teacher_cache=true", "train.steps=2", "train.eval_every=100")
+    cfg = tiny_config("method.name=feature", "teacher.cache=true", "train.steps=2", "train.eval_every=100")
     trainer = Trainer(cfg, None, data=tiny_bundle, quiet=True)
     trainer.run()
     dim = trainer.model.backbone.feature_dim
@@ -243,22 +243,22 @@ def test_feature_teacher_cache_holds_features(tiny_bundle, tiny_config, tmp_path
     x = torch.stack([tiny_bundle.train[int(i)][0] for i in cached])
     assert torch.allclose(trainer.teacher_source.memory[cached], trainer.teacher(x), atol=1e-5)
 
-    disk = tiny_config("method.name=feature", "method.teacher_cache=true", "method.teacher_cache_storage=fp32",
-                       f"method.teacher_cache_dir={tmp_path}", "train.steps=1")  # fmt: skip
+    disk = tiny_config("method.name=feature", "teacher.cache=true", "teacher.cache_storage=fp32",
+                       f"teacher.cache_dir={tmp_path}", "train.steps=1")  # fmt: skip
     trainer = Trainer(disk, None, data=tiny_bundle, quiet=True)
     assert (
         trainer.teacher_source.disk_cache is not None and trainer.teacher_source.disk_cache.num_classes == dim
     )  # features [N, D] on disk
-    logits = tiny_config("method.teacher_cache=true", "method.teacher_cache_storage=fp32",
-                         f"method.teacher_cache_dir={tmp_path}", "train.steps=1")  # fmt: skip
+    logits = tiny_config("teacher.cache=true", "teacher.cache_storage=fp32",
+                         f"teacher.cache_dir={tmp_path}", "train.steps=1")  # fmt: skip
     other = Trainer(logits, None, data=tiny_bundle, quiet=True).teacher_source.disk_cache
     assert other is not None and other.num_classes == 1000 and other.path != trainer.teacher_source.disk_cache.path
     for storage in ("fp16", "topk"):
         bad = tiny_config(
             "method.name=feature",
-            "method.teacher_cache=true",
-            f"method.teacher_cache_storage={storage}",
-            f"method.teacher_cache_dir={tmp_path}",
+            "teacher.cache=true",
+            f"teacher.cache_storage={storage}",
+            f"teacher.cache_dir={tmp_path}",
         )
         with pytest.raises(ConfigError, match="fp32"):
             Trainer(bad, None, data=tiny_bundle, quiet=True)

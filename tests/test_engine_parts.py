@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from asg.config import OptimConfig, load_config
+from asg.config import OptimConfig, config_to_dict, load_config
 from asg.engine.evaluate import EvalResult, confusion_matrix, predict_scores
 from asg.engine.optim import LRInMomentumSGD, build_optimizer
 from asg.engine.sampler import EpochBatchSampler
@@ -87,8 +87,11 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(None, ["optim.lrr=1"])
     with pytest.raises(ConfigError, match="train.steps"):
         load_config(None, ["train.steps=abc"])
-    with pytest.raises(ConfigError, match="lr_controller"):
-        load_config(None, ["lr_controller=magic"])
+    with pytest.raises(ConfigError, match="l2o.controller: 'magic' is not one of fixed, l2o, random"):
+        load_config(None, ["l2o.controller=magic"])
+    for key, value in (("method.name", "ersm"), ("data.name", "digitz"), ("l2o.reward", "joy")):  # registry names
+        with pytest.raises(ConfigError, match=f"{key}: '{value}' is not one of"):
+            load_config(None, [f"{key}={value}"])
     bad = tmp_path / "r.yaml"
     bad.write_text("optim: {lr: 0.1}\nmodle: {}\n")
     with pytest.raises(ConfigError, match="modle"):
@@ -135,3 +138,20 @@ def test_adamw_keeps_the_layer_group_rates():
     expected = 1.0 - 0.01 - 0.01 * opt.param_groups[1]["weight_decay"]
     assert torch.allclose(groups[1][1][0].detach(), torch.full((3,), expected), atol=1e-6)
     assert torch.equal(groups[0][1][0].detach(), torch.ones(2))  # no gradient: untouched
+
+
+def test_old_recipes_and_run_folders_keep_loading_with_todays_names(tmp_path):
+    old = tmp_path / "old.yaml"  # keys of earlier releases: teacher fields under method, lr_controller, selection
+    old.write_text(
+        "lr_controller: random\nmethod: {name: asg, teacher_cache: true, teacher_cache_storage: fp16, "
+        "teacher_fuse_bn: false}\neval: {selection: oracle, tta_flip: true}\ntrain: {amp: true}\n"
+    )
+    cfg = load_config(old)
+    assert (cfg.l2o.controller, cfg.teacher.cache, cfg.teacher.cache_storage, cfg.teacher.fuse_bn) == (
+        "random", True, "fp16", False)  # fmt: skip
+    assert cfg.eval.tta_flip and cfg.train.precision == "bf16"
+    new = load_config(None, ["l2o.controller=random", "teacher.cache=true", "teacher.cache_storage=fp16",
+                             "teacher.fuse_bn=false", "eval.tta_flip=true", "train.precision=bf16"])  # fmt: skip
+    assert config_to_dict(cfg) | {"name": ""} == config_to_dict(new) | {"name": ""}
+    # an old-style --set on a new-style recipe is applied, not ignored
+    assert load_config("digits_asg", ["method.teacher_cache_storage=memory"]).teacher.cache_storage == "memory"

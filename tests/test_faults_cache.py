@@ -50,7 +50,7 @@ def test_bit_flips_in_the_logits_are_refused_and_rebuilt(tmp_path):
 def test_trainer_rebuilds_a_corrupted_disk_cache(tiny_bundle, tiny_config, tmp_path, capsys, one_thread):
     from asg.engine.trainer import Trainer
 
-    over = ["method.teacher_cache=true", "method.teacher_cache_storage=fp32", f"method.teacher_cache_dir={tmp_path}"]
+    over = ["teacher.cache=true", "teacher.cache_storage=fp32", f"teacher.cache_dir={tmp_path}"]
     first = Trainer(tiny_config(*over), None, data=tiny_bundle, quiet=True).teacher_source.disk_cache
     assert first is not None
     flip_bits(first.path / "logits.npy", 20)
@@ -114,16 +114,16 @@ def test_auto_key_falls_back_to_stat_for_large_file_datasets(tmp_path, monkeypat
 def test_trainer_records_the_key_mode(tiny_config):
     from asg.config import ConfigError
 
-    assert tiny_config().method.teacher_cache_key == "auto"
+    assert tiny_config().teacher.cache_key == "auto"
     with pytest.raises(ConfigError, match="teacher_cache_key"):
-        tiny_config("method.teacher_cache_key=mtime")
+        tiny_config("teacher.cache_key=mtime")
 
 
 def test_too_little_free_space_is_one_message_and_leaves_nothing(tmp_path, monkeypatch):
     """Case 6, checked before writing."""
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(teacher_cache.shutil, "disk_usage", lambda p: usage._replace(free=1000))
-    with pytest.raises(TeacherCacheError, match=r"not enough free space .*method.teacher_cache_dir"):
+    with pytest.raises(TeacherCacheError, match=r"not enough free space .*teacher.cache_dir"):
         build(tmp_path, digits(), CountingTeacher())
     assert list(tmp_path.iterdir()) == []
 
@@ -158,7 +158,7 @@ def test_disk_that_fills_during_the_build_is_one_message_not_a_bus_error(tmp_pat
     proc = subprocess.run(["unshare", "-m", "sh", "-c", cmd], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 3, proc.stderr
     lines = proc.stdout.strip().splitlines()
-    assert "No space left on device" in lines[0] and "method.teacher_cache_dir" in lines[0]
+    assert "No space left on device" in lines[0] and "teacher.cache_dir" in lines[0]
     assert lines[1:] == []  # the tmpfs holds no temporary folder
 
 
@@ -169,6 +169,6 @@ def test_read_only_cache_folder_names_the_setting(tmp_path, monkeypatch):
         raise PermissionError(errno.EACCES, "Permission denied", dir)
 
     monkeypatch.setattr(teacher_cache.tempfile, "mkdtemp", denied)
-    with pytest.raises(TeacherCacheError, match="set method.teacher_cache_dir to a folder you can write") as info:
+    with pytest.raises(TeacherCacheError, match="set teacher.cache_dir to a folder you can write") as info:
         build(tmp_path, digits(), CountingTeacher())
     assert "--out" not in str(info.value) and str(tmp_path) in str(info.value)

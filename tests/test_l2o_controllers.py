@@ -235,11 +235,11 @@ def test_heldout_reward_uses_bound_probe():
 def test_build_controller(tmp_path):
     cfg = Config()
     assert isinstance(build_controller(cfg, 100), FixedController)
-    cfg.lr_controller = "random"
+    cfg.l2o.controller = "random"
     assert isinstance(build_controller(cfg, 100), RandomController)
-    cfg.lr_controller = "random-init"
+    cfg.l2o.controller = "random-init"
     assert isinstance(build_controller(cfg, 100), RandomInitController)
-    cfg.lr_controller = "l2o"
+    cfg.l2o.controller = "l2o"
     cfg.l2o.policy = str(tmp_path / "missing.safetensors")
     with pytest.raises(WeightsError, match="missing.safetensors"):
         build_controller(cfg, 100)
@@ -253,7 +253,7 @@ def test_build_controller(tmp_path):
 
 
 def test_controller_seed_depends_on_train_seed():
-    cfg = Config(lr_controller="random")
+    cfg = Config(l2o=L2OConfig(controller="random"))
     a = build_controller(cfg, 50)
     cfg.train.seed = 1
     b = build_controller(cfg, 50)

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 import asg.engine.trainer as trainer_mod
-from asg.errors import AsgError
+from asg.errors import AsgError, ConfigError
 from asg.l2o import load_policy
 from asg.l2o.meta import meta_train
 from asg.l2o.plots import plot_meta_rewards, plot_scale_schedule
@@ -130,16 +130,18 @@ def test_heldout_reward_end_to_end(meta_setup, tmp_path):
 @pytest.mark.parametrize("kind", ["l2o", "random"])
 def test_trainer_applies_controller_scales(kind, tiny_bundle, tiny_config, tmp_path):
     from asg.engine.trainer import Trainer
-    from asg.l2o import LRPolicy, save_policy
+    from asg.l2o import LRPolicy, build_controller, save_policy
 
     save_policy(LRPolicy(7), tmp_path / "p.safetensors")
     cfg = tiny_config(
-        "train.steps=6", f"lr_controller={kind}", f"l2o.policy={tmp_path / 'p.safetensors'}", "l2o.min_steps=2"
+        "train.steps=6", f"l2o.controller={kind}", f"l2o.policy={tmp_path / 'p.safetensors'}", "l2o.min_steps=2"
     )
-    trainer = Trainer(cfg, None, data=tiny_bundle, quiet=True)
-    result = trainer.run()
+    with pytest.raises(ConfigError, match="controller_factory"):  # the engine alone knows only "fixed"
+        Trainer(cfg, None, data=tiny_bundle, quiet=True)
+    trainer = Trainer(cfg, None, data=tiny_bundle, quiet=True, controller_factory=build_controller)
+    result = trainer.fit()
     steps = [h["step"] for h in result.controller_history]
     assert steps == [0, 2, 4]  # intended rule: windows of max(2, t // 20) steps
     assert trainer.scales == result.controller_history[-1]["scales"]
     for group, scale in zip(trainer.optimizer.param_groups, trainer.scales):
-        assert group["lr"] == pytest.approx(group["base_lr"] * trainer.schedule(5) * scale)
+        assert group["lr"] == pytest.approx(group["base_lr"] * trainer.stepper.schedule(5) * scale)

@@ -277,14 +277,14 @@ def test_trainer_disk_cache_gives_the_live_teachers_logits_and_is_shared_across_
 ):
     from asg.engine.trainer import Trainer
 
-    over = ["method.teacher_cache=true", "method.teacher_cache_storage=fp32", f"method.teacher_cache_dir={tmp_path}"]
+    over = ["teacher.cache=true", "teacher.cache_storage=fp32", f"teacher.cache_dir={tmp_path}"]
     trainer = Trainer(tiny_config(*over), None, data=tiny_bundle, quiet=True)
     assert trainer.teacher_source.disk_cache is not None and trainer.teacher_source.disk_cache.built
     idx = torch.tensor([5, 0, 17])
     x = torch.stack([tiny_bundle.train[int(i)][0] for i in idx])
     cached = trainer.teacher_source.outputs(x, idx)  # the trainer's own path, CPU memory map -> device
     torch.testing.assert_close(cached, trainer.teacher(x), rtol=1e-5, atol=1e-5)
-    live = Trainer(tiny_config("method.teacher_cache=false"), None, data=tiny_bundle, quiet=True).run()
+    live = Trainer(tiny_config("teacher.cache=false"), None, data=tiny_bundle, quiet=True).run()
     second = Trainer(tiny_config(*over, "train.seed=0"), None, data=tiny_bundle, quiet=True)
     assert (
         second.teacher_source.disk_cache is not None and not second.teacher_source.disk_cache.built

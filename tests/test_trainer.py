@@ -30,7 +30,7 @@ def test_step_moves_backbone_and_head_but_not_teacher_or_imagenet_head(tiny_bund
 
 
 def test_resume_equals_uninterrupted_run(tiny_bundle, tiny_config, tmp_path, monkeypatch):
-    cfg = tiny_config("train.steps=5", "method.teacher_cache=true", "optim.sgd=lr_in_momentum")
+    cfg = tiny_config("train.steps=5", "teacher.cache=true", "optim.sgd=lr_in_momentum")
     Trainer(cfg, tmp_path / "a", data=tiny_bundle, quiet=True).run()
 
     with pytest.raises(KeyboardInterrupt):  # checkpoint written at step 2; step 3 is lost
@@ -92,9 +92,9 @@ def test_teacher_cache_is_refused_with_a_note_when_training_images_are_random(ti
     import dataclasses
 
     random_bundle = dataclasses.replace(tiny_bundle, has_augmentation=True)
-    trainer = Trainer(tiny_config("method.teacher_cache=true"), None, data=random_bundle)
+    trainer = Trainer(tiny_config("teacher.cache=true"), None, data=random_bundle)
     assert not trainer.teacher_source.use_cache and "teacher_cache is off" in capsys.readouterr().err
-    assert Trainer(tiny_config("method.teacher_cache=true"), None, data=tiny_bundle, quiet=True).teacher_source.use_cache
+    assert Trainer(tiny_config("teacher.cache=true"), None, data=tiny_bundle, quiet=True).teacher_source.use_cache
 
 
 def test_teacher_runs_with_batchnorm_folded_and_gives_the_imagenet_logits(tiny_bundle, tiny_config):
@@ -107,5 +107,5 @@ def test_teacher_runs_with_batchnorm_folded_and_gives_the_imagenet_logits(tiny_b
     assert not any(p.requires_grad for p in trainer.teacher.parameters())
     x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(trainer.teacher(x), plain(x), rtol=1e-4, atol=1e-4)
-    unfused = Trainer(tiny_config("method.teacher_fuse_bn=false"), None, data=tiny_bundle, quiet=True)
+    unfused = Trainer(tiny_config("teacher.fuse_bn=false"), None, data=tiny_bundle, quiet=True)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in unfused.teacher.modules())

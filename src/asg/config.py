@@ -86,23 +86,29 @@ class MethodConfig:
     name: str = "asg"
     kl_weight: float = 0.1  # lambda of ASG proxy guidance
     l2sp_alpha: float = 0.01  # alpha of L2-SP
-    teacher_cache: bool = False  # cache teacher logits per training sample (only if no augmentation)
-    # where: "memory" (filled as batches come, kept in the checkpoint) or on disk, computed once for the whole
-    # training set and shared by every run and seed with the same images, transform and teacher:
-    # "fp32" (exact), "fp16", "topk" (top-k log-probs + a uniform remainder; the KL error is measured)
-    teacher_cache_storage: str = "memory"
-    teacher_cache_topk: int = 32
-    teacher_cache_dir: str | None = None  # default $XDG_CACHE_HOME/asg/teacher
-    # what names a disk cache's training images: "content" (their bytes), "stat" (path, size, mtime: an image
-    # replaced with its mtime kept is missed) or "auto" (content up to 2 GiB of image files, else stat)
-    teacher_cache_key: str = "auto"
-    # the frozen teacher runs with its BatchNorms folded into the convolutions (asg.models.fusion): the same
-    # logits up to float rounding, a forward about 1.6x cheaper on the CPU
-    teacher_fuse_bn: bool = True
     kl_cap: float | None = None  # cap lambda*KL at this value (the GTA5 L2O script uses 9); None = off
     probe_steps: int = 50  # LP-FT: steps that train the new head alone (backbone frozen) before full fine-tuning
     feature_weight: float = 1.0  # feature guidance: beta of CE + beta * d(student features, teacher features)
     feature_distance: str = "cosine"  # feature guidance: "cosine" (1 - cos, scale-free, in [0, 2]) | "mse"
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen ImageNet teacher of proxy guidance: where its outputs come from and how it runs."""
+
+    cache: bool = False  # cache the teacher's outputs per training sample (only if no augmentation)
+    # where: "memory" (filled as batches come, kept in the checkpoint) or on disk, computed once for the whole
+    # training set and shared by every run and seed with the same images, transform and teacher:
+    # "fp32" (exact), "fp16", "topk" (top-k log-probs + a uniform remainder; the KL error is measured)
+    cache_storage: str = "memory"
+    cache_topk: int = 32
+    cache_dir: str | None = None  # default $XDG_CACHE_HOME/asg/teacher
+    # what names a disk cache's training images: "content" (their bytes), "stat" (path, size, mtime: an image
+    # replaced with its mtime kept is missed) or "auto" (content up to 2 GiB of image files, else stat)
+    cache_key: str = "auto"
+    # the frozen teacher runs with its BatchNorms folded into the convolutions (asg.models.fusion): the same
+    # logits up to float rounding, a forward about 1.6x cheaper on the CPU
+    fuse_bn: bool = True
 
 
 @dataclass
@@ -150,7 +156,6 @@ class EvalConfig:
     """Evaluation protocol; every result line says which of these was used."""
 
     tta_flip: bool = False  # horizontal-flip TTA with sigmoid averaging (official VisDA eval)
-    selection: str = "last"  # checkpoint reported as the headline: "last" | "source-val" | "oracle"
     oracle_set: str | None = None  # real set used by "oracle" selection (default: first real set)
     full_eval_selected: bool = True  # re-evaluate source-val/oracle checkpoints on the full sets at the end
     retention: bool = True  # ImageNet retention on the real photos shipped with scikit-image/-learn
@@ -166,7 +171,9 @@ class EvalConfig:
 class L2OConfig:
     """The learned layer-wise learning-rate controller (spec 3)."""
 
-    policy: str | None = None  # policy weights for lr_controller=l2o
+    # the learning-rate controller: a key of asg.l2o.CONTROLLERS ("fixed" = the recipe's rates all run)
+    controller: str = "fixed"
+    policy: str | None = None  # policy weights for l2o.controller=l2o
     window_rule: str = "intended"  # "intended" | "released"
     min_steps: int = 10
     steps_per_epoch: int | None = None  # epoch length for the released window rule (default: data)
@@ -213,10 +220,10 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    lr_controller: str = "fixed"  # "fixed" | "random" | "random-init" | "l2o"
     l2o: L2OConfig = field(default_factory=L2OConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     name: str = ""  # run name (defaults to the recipe file's stem)
@@ -276,17 +283,40 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def config_from_dict(data: dict[str, Any]) -> Config:
-    """Build a Config from nested dicts (as read from YAML), checking keys and types."""
-    data = dict(data or {})
+# keys of earlier releases -> (section, key) now; recipes and run folders written with them keep loading
+RENAMED = {
+    **{
+        ("method", f"teacher_{k}"): ("teacher", k)
+        for k in ("cache_storage", "cache_topk", "cache_dir", "cache_key", "fuse_bn")
+    },
+    ("method", "teacher_cache"): ("teacher", "cache"),
+    (None, "lr_controller"): ("l2o", "controller"),
+}
+REMOVED = {("eval", "selection")}  # never read: every run reports last, source-val and oracle, each labelled
+
+
+def upgrade_old_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """Map keys of earlier releases to today's (``RENAMED``, ``REMOVED``, ``train.amp``); a key given both ways
+    takes the old-style value (an old-style ``--set`` on a new recipe)."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in (data or {}).items()}
+    for (section, key), (new_section, new_key) in RENAMED.items():
+        old = data if section is None else data.get(section)
+        if isinstance(old, dict) and key in old:
+            value = old.pop(key)
+            data.setdefault(new_section, {})[new_key] = value  # an old-style --set overrides a new-style recipe
+    for section, key in REMOVED:
+        if isinstance(data.get(section), dict):
+            data[section].pop(key, None)
     train = data.get("train")
     if isinstance(train, dict) and "amp" in train:  # before train.precision: amp meant bf16 autocast
-        train = dict(train)
         amp = train.pop("amp")
-        if "precision" not in train:
-            train["precision"] = "bf16" if amp else "fp32"
-        data["train"] = train
-    return _from_dict(Config, data)
+        train.setdefault("precision", "bf16" if amp else "fp32")
+    return data
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build a Config from nested dicts (as read from YAML), checking keys and types."""
+    return _from_dict(Config, upgrade_old_keys(data))
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -371,17 +401,15 @@ _CHOICES = {
     "optim.schedule": ("warmup_poly_floor", "warmup_poly", "constant"),
     "optim.bn_mode": ("frozen", "train"),
     "train.precision": ("fp32", "bf16", "fp16"),
-    "eval.selection": ("last", "source-val", "oracle"),
-    "lr_controller": ("fixed", "random", "random-init", "l2o"),
     "l2o.window_rule": ("intended", "released"),
     "data.on_bad_image": ("error", "skip"),
     "data.split": ("train", "all", "val"),
     "data.class_set": (19, 16, 13),
     "model.segmenter": ("fcn8s", "deeplabv3", "lraspp", "fpn"),
     "model.init_checkpoint": ("last", "source-val", "oracle"),
-    "method.teacher_cache_storage": ("memory", "fp32", "fp16", "topk"),
+    "teacher.cache_storage": ("memory", "fp32", "fp16", "topk"),
     "method.feature_distance": ("cosine", "mse"),
-    "method.teacher_cache_key": ("auto", "stat", "content"),
+    "teacher.cache_key": ("auto", "stat", "content"),
     "data.real_split": ("all", "halves"),
     "adapt.thresholds": ("class_balanced", "global"),
     "adapt.regularizer": ("none", "mrkld", "mrent"),
@@ -415,7 +443,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
             "adapt.rounds",
             "adapt.steps_per_round",
             "adapt.target_batch_size",
-            "method.teacher_cache_topk",
+            "teacher.cache_topk",
         ),
         _POSITIVE,
     ),
@@ -470,9 +498,29 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be {must}, got {value!r} (fix the recipe or pass --set {key}=VALUE)")
     if not DEVICE_PATTERN.fullmatch(cfg.train.device):
         raise ConfigError(f"train.device: {cfg.train.device!r} is not a device; use auto, cpu, cuda or cuda:N")
-    if cfg.lr_controller == "l2o" and not cfg.l2o.policy:
-        raise ConfigError("lr_controller=l2o needs l2o.policy=PATH (a policy from `asg l2o train`)")
+    check_registry_names(cfg)
+    if cfg.l2o.controller == "l2o" and not cfg.l2o.policy:
+        raise ConfigError("l2o.controller=l2o needs l2o.policy=PATH (a policy from `asg l2o train`)")
     if cfg.adapt.max_portion < cfg.adapt.init_portion:
         raise ConfigError(
             f"adapt.max_portion ({cfg.adapt.max_portion}) is below adapt.init_portion ({cfg.adapt.init_portion})"
         )
+
+
+def registry_names() -> dict[str, list[str]]:
+    """Config keys whose value names an entry of a registry -> the registered names."""
+    # the registries import these config types, so they are read when a config is checked, not at import
+    from asg.data import DATASETS
+    from asg.l2o import CONTROLLERS, REWARDS
+    from asg.methods import METHODS
+
+    return {"data.name": sorted(DATASETS), "method.name": sorted(METHODS), "l2o.controller": sorted(CONTROLLERS),
+            "l2o.reward": sorted(REWARDS)}  # fmt: skip
+
+
+def check_registry_names(cfg: Config) -> None:
+    """Every registry name of ``cfg`` is registered (a typo fails when the recipe loads, not hours later)."""
+    for key, names in registry_names().items():
+        value = _get(cfg, key)
+        if value not in names:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(names)}")

@@ -79,8 +79,8 @@ ControllerFactory = Callable[["Config", "int | None"], LRController]
 def fixed_only(cfg: Config, steps_per_epoch: int | None = None) -> LRController:
     """The trainer's default factory: the engine knows only the fixed controller; ``asg.l2o.build_controller``
     (passed by ``asg.train``, adaptation and meta-training) knows them all."""
-    if cfg.lr_controller != "fixed":
-        raise ConfigError(f"lr_controller={cfg.lr_controller} is built by asg.l2o.build_controller: pass "
+    if cfg.l2o.controller != "fixed":
+        raise ConfigError(f"l2o.controller={cfg.l2o.controller} is built by asg.l2o.build_controller: pass "
                           "Trainer(..., controller_factory=asg.l2o.build_controller) (asg.train does)")  # fmt: skip
     return FixedController()
 

@@ -78,9 +78,9 @@ def check_resume_changes(saved: Config, now: Config, step: int) -> dict[str, tup
     if "train.steps" in changes:
         if now.train.steps <= step:
             raise ConfigError(f"cannot resume with train.steps={now.train.steps}: the run is already at step {step}")
-        if now.lr_controller != "fixed":
+        if now.l2o.controller != "fixed":
             raise ConfigError(
-                f"cannot resume with train.steps changed under lr_controller={now.lr_controller}: its window "
+                f"cannot resume with train.steps changed under l2o.controller={now.l2o.controller}: its window "
                 "schedule was planned for the original length; start a new run instead"
             )
     return changes

@@ -1,7 +1,7 @@
 """Where the frozen teacher's outputs come from: the live teacher, a cache in memory, or a persistent disk cache.
 
 Without augmentation the teacher sees each training image identically every epoch, so its outputs are computed
-once: in memory (saved in the checkpoint) or in a disk cache shared by runs (``method.teacher_cache_storage``).
+once: in memory (saved in the checkpoint) or in a disk cache shared by runs (``teacher.cache_storage``).
 With a random training transform the teacher runs live on each augmented batch.
 """
 
@@ -31,18 +31,18 @@ class TeacherSource:
     ) -> None:  # fmt: skip
         self.cfg, self.teacher, self.method, self.data = cfg, teacher, method, data
         self.dist, self.device, self.quiet = dist, device, quiet
-        m = cfg.method
-        self.use_cache = m.teacher_cache and method.needs_teacher and not data.has_augmentation
-        if m.teacher_cache and method.needs_teacher and data.has_augmentation:
-            self._say("asg: note: method.teacher_cache is off for this run: the training transform is random, so "
+        m = cfg.teacher
+        self.use_cache = m.cache and method.needs_teacher and not data.has_augmentation
+        if m.cache and method.needs_teacher and data.has_augmentation:
+            self._say("asg: note: teacher.cache is off for this run: the training transform is random, so "
                       "the teacher must see each augmented image")  # fmt: skip
         self.memory: torch.Tensor | None = None  # [N, K] outputs of the training set, filled as batches come
         self.cached: torch.Tensor | None = None  # [N] bool: which rows of ``memory`` are filled
         self.disk_cache: TeacherLogitCache | None = None
-        storage = m.teacher_cache_storage
+        storage = m.cache_storage
         if self.use_cache and teacher.output != "logits" and storage not in ("memory", "fp32"):
-            raise ConfigError(f"method.teacher_cache_storage={storage} stores and measures ImageNet logits, but the "
-                              f"teacher gives {teacher.output} to method {m.name}: use memory or fp32")  # fmt: skip
+            raise ConfigError(f"teacher.cache_storage={storage} stores and measures ImageNet logits, but the teacher "
+                              f"gives {teacher.output} to method {cfg.method.name}: use memory or fp32")  # fmt: skip
         if self.use_cache and storage != "memory":  # rank 0 builds it, then the others open it
             first = dist.together(self._open_disk_cache if dist.is_main else None)
             self.disk_cache = first if dist.is_main else self._open_disk_cache()
@@ -83,7 +83,7 @@ class TeacherSource:
             return None
         if self.disk_cache is not None:
             meta = self.disk_cache.meta
-            key = resolve_key_mode(self.data.train, self.cfg.method.teacher_cache_key)
+            key = resolve_key_mode(self.data.train, self.cfg.teacher.cache_key)
             return {"storage": meta["storage"], "path": str(self.disk_cache.path), "error": meta.get("storage_error"),
                     "key": key}  # fmt: skip
         return {"storage": "memory" if self.use_cache else "live"}
@@ -95,21 +95,21 @@ class TeacherSource:
     def _open_disk_cache(self) -> TeacherLogitCache | None:
         """The persistent cache of this training set (built now if absent); None when the dataset cannot be
         fingerprinted (then the in-memory cache is used, with a note)."""
-        m, d = self.cfg.method, self.cfg.data
+        m, d = self.cfg.teacher, self.cfg.data
         transform = (
             f"{d.name} image_size={d.image_size} train_resize={d.train_resize} backbone={self.cfg.model.backbone}"
         )
         if self.teacher.output != "logits":  # another cache than the logits' (their keys stay as they were)
             transform += f" teacher_output={self.teacher.output}"
         try:
-            key = cache_key(self.data.train, transform, self.teacher, m.teacher_cache_storage, m.teacher_cache_topk,
-                            m.teacher_cache_key)  # fmt: skip
+            key = cache_key(self.data.train, transform, self.teacher, m.cache_storage, m.cache_topk,
+                            m.cache_key)  # fmt: skip
         except UnfingerprintableDataset as exc:
             self._say(f"asg: note: the teacher cache stays in memory: {exc}")
             return None
         cache = TeacherLogitCache.build_or_open(
-            m.teacher_cache_dir, key, self.data.train, self.teacher, storage=m.teacher_cache_storage,
-            k=m.teacher_cache_topk, batch_size=d.eval_batch_size, device=self.device,
+            m.cache_dir, key, self.data.train, self.teacher, storage=m.cache_storage,
+            k=m.cache_topk, batch_size=d.eval_batch_size, device=self.device,
             description=f"{self.cfg.name}: {d.name} training set, {dataset_size(self.data.train)} images, {transform}",
             show_progress=self.cfg.train.progress and not self.quiet,
         )  # fmt: skip

@@ -1,7 +1,7 @@
 """Where a run's wall time goes: seconds per phase of the trainer, written to ``summary.json`` and ``report.md``.
 
 Phases: ``setup`` (from the trainer's construction to its first batch: model, teacher, teacher cache, run folder,
-resume), ``data`` (waiting for the next batch from the DataLoader), ``train_step`` (``Trainer._train_step``:
+resume), ``data`` (waiting for the next batch from the DataLoader), ``train_step`` (``Trainer.train_step``:
 teacher, forward, loss, backward, gradient all-reduce, clipping, optimizer, controller), ``checkpoint``,
 ``eval`` (evaluations during training) and ``final`` (selections, retention, report, figures). Each step ends
 with the loss read on the host, so on a GPU the step time includes its kernels.

@@ -99,7 +99,7 @@ class Trainer:
             warn_bundle(self.data)  # e.g. a single-class training set trains to a meaningless 100%
         self.model = (model or build_model(cfg.model, self.data.num_classes, task=self.data.task)).to(self.device)
         self.teacher: Teacher = make_teacher(self.model).to(self.device)  # ImageNet weights, before init_from
-        if cfg.method.teacher_fuse_bn:  # it is always in eval mode: its BatchNorms are fixed affine maps
+        if cfg.teacher.fuse_bn:  # it is always in eval mode: its BatchNorms are fixed affine maps
             self.teacher = cast(Teacher, inference_copy(self.teacher))
         self.precision = Precision(cfg.train.precision, self.device)
         self.init_weights: str | None = None

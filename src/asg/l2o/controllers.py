@@ -276,7 +276,7 @@ def _random_init(cfg: Config, spe: int | None) -> LRController:
 
 def _l2o(cfg: Config, spe: int | None) -> LRController:
     if not cfg.l2o.policy:
-        raise ConfigError("lr_controller=l2o needs l2o.policy=PATH (a policy from `asg l2o train`)")
+        raise ConfigError("l2o.controller=l2o needs l2o.policy=PATH (a policy from `asg l2o train`)")
     policy = load_policy(cfg.l2o.policy, None)  # group count checked against the model in start()
     policy.eval()
     return L2OController(policy, cfg.l2o, spe, seed=controller_seed(cfg))
@@ -291,8 +291,8 @@ CONTROLLERS: dict[str, Callable[[Config, int | None], LRController]] = {
 
 
 def build_controller(cfg: Config, steps_per_epoch: int | None = None) -> LRController:
-    """The controller named by ``cfg.lr_controller``; ``l2o.steps_per_epoch`` overrides the data's epoch length."""
-    if cfg.lr_controller not in CONTROLLERS:
-        raise ConfigError(f"lr_controller: {cfg.lr_controller!r} is not one of {', '.join(CONTROLLERS)}")
+    """The controller named by ``l2o.controller``; ``l2o.steps_per_epoch`` overrides the data's epoch length."""
+    if cfg.l2o.controller not in CONTROLLERS:
+        raise ConfigError(f"l2o.controller: {cfg.l2o.controller!r} is not one of {', '.join(CONTROLLERS)}")
     spe = cfg.l2o.steps_per_epoch or steps_per_epoch
-    return CONTROLLERS[cfg.lr_controller](cfg, spe)
+    return CONTROLLERS[cfg.l2o.controller](cfg, spe)
