@@ -185,7 +185,8 @@ def evaluate(
     ImageNet + alpha x fine-tuned, fine-tuned task head; ``asg.methods.wise_ft``); the result and each set's
     entry then carry ``wise_ft_alpha``.
     """
-    from asg.engine.evaluate import PRIMARY_METRIC, real_average
+    from asg.engine.evaluate import real_average
+    from asg.tasks import task_of
 
     alpha = None
     if wise_ft is not None:
@@ -217,7 +218,7 @@ def evaluate(
         "sets": sets,
         "note": note,
     }
-    average = real_average(sets, data.real_set_names, PRIMARY_METRIC[data.task])
+    average = real_average(sets, data.real_set_names, task_of(data).primary_metric)
     if average is not None:
         result["real_average"] = {**average, **label}
     return result

@@ -165,9 +165,8 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     print(f"\nrun folder: {result.out_dir}")
     for rule, sel in result.selections.items():
-        metric = "miou" if any("miou" in v for v in sel["metrics"].values()) else "mean_class_acc"
+        metric, label = result.task.primary_metric, result.task.label
         values = ", ".join(f"{k} {100 * v[metric]:.1f}" for k, v in sel["metrics"].items() if metric in v)
-        label = "mIoU" if metric == "miou" else "mean-class acc"
         print(f"  [{rule} @ step {sel['step']}, tta_flip={sel['tta_flip']}] {label} %: {values}")
         if "real_average" in sel:
             avg = sel["real_average"]
@@ -194,6 +193,7 @@ def _timing_line(out_dir: Path | None) -> str | None:
 
 def _adapt(args: argparse.Namespace) -> int:
     from asg.api import adapt, default_run_dir
+    from asg.tasks import task_with_metric
 
     if args.init_from is not None:
         args.overrides.append(f"model.init_from={args.init_from}")
@@ -204,7 +204,7 @@ def _adapt(args: argparse.Namespace) -> int:
     _check_config_args(args, "adapt", default_run_dir)
     result = adapt(args.config, args.overrides, out=args.out, resume=args.resume)
     metric = result.primary_metric
-    label = "mIoU" if metric == "miou" else "mean-class acc"
+    label = task_with_metric(metric).label
     rows = [("start", result.start)] + [(f"round {r['round']}", r) for r in result.rounds]
     print(f"\nadaptation folder: {result.out_dir} (target {result.target})")
     for name, row in rows:
@@ -216,6 +216,7 @@ def _adapt(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from asg.api import evaluate, save_evaluation
+    from asg.tasks import get_task
 
     result = evaluate(args.run_dir, args.checkpoint, args.tta_flip, args.overrides, wise_ft=args.wise_ft)
     alpha = result.get("wise_ft_alpha")
@@ -223,9 +224,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(f"checkpoint {result['checkpoint']} ({result['checkpoint_file']}), tta_flip={result['tta_flip']}{label}")
     if result["note"]:
         print(result["note"])
-    seg = result.get("task") == "segmentation"
-    overall, primary = ("pixel_acc", "miou") if seg else ("acc", "mean_class_acc")
-    heads = ("pixel acc %", "mIoU %") if seg else ("acc %", "mean-class %")
+    task = get_task(result["task"])
+    overall, primary = task.overall, task.primary_metric
+    heads = (f"{task.overall_label} %", f"{task.label} %")
     extra = f"{'wise_ft_alpha':>15}" if alpha is not None else ""
     print(f"{'set':<16}{'role':<12}{'n':>10}{heads[0]:>12}{heads[1]:>14}{extra}")
     for name, r in result["sets"].items():

@@ -284,7 +284,7 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 
 
 # keys of earlier releases -> (section, key) now; recipes and run folders written with them keep loading
-RENAMED = {
+RENAMED: dict[tuple[str | None, str], tuple[str, str]] = {
     **{
         ("method", f"teacher_{k}"): ("teacher", k)
         for k in ("cache_storage", "cache_topk", "cache_dir", "cache_key", "fuse_bn")

@@ -22,14 +22,16 @@ from asg.methods import cross_entropy
 
 @dataclass(frozen=True)
 class Task:
-    """A task's facts: ``primary_metric`` (key of ``EvalResult.to_dict``), its ``label`` in reports, the
-    per-class key, the overall-accuracy key and the ``unit`` a label belongs to."""
+    """A task's facts: ``primary_metric`` (key of ``EvalResult.to_dict``) and its ``label`` in reports, the
+    per-class key and what it measures, the overall-accuracy key and its label, the ``unit`` a label belongs to."""
 
     name: str
     primary_metric: str
     label: str
     per_class: str
+    per_class_label: str
     overall: str
+    overall_label: str
     unit: str
 
     @property
@@ -64,8 +66,10 @@ class SegmentationTask(Task):
         return cross_entropy(logits, labels)
 
 
-CLASSIFICATION = Task("classification", "mean_class_acc", "mean-class acc", "per_class", "acc", "images")
-SEGMENTATION = SegmentationTask("segmentation", "miou", "mIoU", "per_class_iou", "pixel_acc", "pixels")
+CLASSIFICATION = Task("classification", "mean_class_acc", "mean-class acc", "per_class", "accuracy", "acc", "acc",
+                      "images")  # fmt: skip
+SEGMENTATION = SegmentationTask("segmentation", "miou", "mIoU", "per_class_iou", "IoU", "pixel_acc", "pixel acc",
+                                "pixels")  # fmt: skip
 TASKS: dict[str, Task] = {t.name: t for t in (CLASSIFICATION, SEGMENTATION)}
 
 
@@ -77,6 +81,11 @@ def get_task(name: str) -> Task:
 
 def task_of(data: DataBundle) -> Task:
     return get_task(data.task)
+
+
+def task_with_metric(metric: str) -> Task:
+    """The task whose primary metric is ``metric`` (as result files name it)."""
+    return next(t for t in TASKS.values() if t.primary_metric == metric)
 
 
 def protocol_fields(data: DataBundle, cfg: Config) -> dict[str, Any]:

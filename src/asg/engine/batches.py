@@ -93,7 +93,7 @@ class BatchStream:
             raise RuntimeError("BatchStream.begin(step) opens the loaders before iterating")
         while True:
             with self.timer("data") if self.timer is not None else contextlib.nullcontext():
-                batch = next(self._source, _END)
+                batch: Any = next(self._source, _END)
                 target = next(self._targets) if self._targets is not None and batch is not _END else None
             if batch is _END:
                 return

@@ -17,7 +17,6 @@ from torch import nn
 
 from asg.engine.checkpoint import atomic_write, load_weights
 from asg.engine.evaluate import (
-    PRIMARY_METRIC,
     imagenet_retention,
     real_average,
     segmentation_probs,
@@ -56,7 +55,7 @@ class FinalReport:
                 "group_names": [name for name, _ in t.groups],
                 "class_names": t.data.class_names,
                 "task": t.data.task,
-                "primary_metric": PRIMARY_METRIC[t.data.task],
+                "primary_metric": t.task.primary_metric,
                 "protocol": t.protocol(),
                 "teacher_cache": t.teacher_source.describe(),
                 "source_val_set": t.data.source_val_name,
@@ -116,7 +115,7 @@ class FinalReport:
         out["last"]["metrics"] = {**full.get(t.step, {}), **self._retention_entry(t.step)}
         for sel in out.values():
             sel.update(t.protocol())
-            average = real_average(sel.get("metrics", {}), t.data.real_set_names, PRIMARY_METRIC[t.data.task])
+            average = real_average(sel.get("metrics", {}), t.data.real_set_names, t.task.primary_metric)
             if average is not None:
                 sel["real_average"] = average
         return out
@@ -141,14 +140,14 @@ class FinalReport:
         """Write curves.png and, for segmentation, predictions.png (last weights on the first real set)."""
         t, path = self.t, self.rd.path
         history = t.evaluator.history
-        metric, title = PRIMARY_METRIC[t.data.task], t.cfg.name or "run"
+        metric, title = t.task.primary_metric, t.cfg.name or "run"
         written = []
         if history:
             atomic_write(path / "curves.png", lambda tmp: plot_run_curves(history, metric, Path(tmp), title))
             written.append("curves.png")
         names = t.data.real_set_names or list(t.data.eval_sets)
         palette = t.data.palette
-        if t.data.is_segmentation and palette and names:
+        if t.task.is_segmentation and palette and names:
             ds = t.data.eval_sets[names[0]]
             items = [ds[i] for i in range(min(num_samples, len(ds)))]  # type: ignore[arg-type]
             rows = [

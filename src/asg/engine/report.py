@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from asg.engine.timing import timing_markdown  # noqa: E402
+from asg.tasks import get_task  # noqa: E402
 
 
 def plot_confusion(confusion, class_names: list[str], path: Path, title: str = "") -> None:
@@ -135,11 +136,10 @@ def run_report_markdown(summary: dict, history: list[dict]) -> str:
                 lines.append(f"- {sel['note']}")
         lines.append("")
     last = selections.get("last", {}).get("metrics", {})
-    per_class_key = "per_class_iou" if task == "segmentation" else "per_class"
+    per_class_key, what = get_task(task).per_class, get_task(task).per_class_label
     names = summary.get("class_names", [])
     shown = [s for s in sets if per_class_key in last.get(s, {})]
     if shown and names:
-        what = "IoU" if task == "segmentation" else "accuracy"
         lines += [f"## Per-class {what} (%), last checkpoint", ""]
         lines += ["| class | " + " | ".join(shown) + " |", "|---|" + "---|" * len(shown)]
         for c, name in enumerate(names):

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset, Subset
 
 from asg.data import balanced_subset
 from asg.engine.batches import dataset_size
-from asg.engine.evaluate import PRIMARY_METRIC, EvalResult, evaluate_sets, real_average
+from asg.engine.evaluate import EvalResult, evaluate_sets, real_average
 from asg.engine.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ class Evaluator:
             "scales": list(t.scales),
             "metrics": {k: r.to_dict() for k, r in results.items()},
         }
-        average = real_average(row["metrics"], t.data.real_set_names, PRIMARY_METRIC[t.data.task])
+        average = real_average(row["metrics"], t.data.real_set_names, t.task.primary_metric)
         if average is not None:
             row["real_average"] = average
         self.history.append(row)

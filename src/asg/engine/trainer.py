@@ -41,7 +41,7 @@ from asg.errors import AsgError
 from asg.methods import Method, build_method
 from asg.models import ASGClassifier, ASGSegmenter, Teacher, build_model, make_teacher
 from asg.models.fusion import inference_copy
-from asg.tasks import heldout_loss, protocol_fields
+from asg.tasks import CLASSIFICATION, Task, heldout_loss, task_of
 from asg.utils import seed_everything
 
 
@@ -53,6 +53,7 @@ class TrainResult:
     selections: dict[str, dict[str, Any]] = field(default_factory=dict)
     out_dir: Path | None = None
     controller_history: list[dict[str, Any]] = field(default_factory=list)
+    task: Task = CLASSIFICATION  # what the metrics of ``selections`` measure
 
 
 class Trainer:
@@ -93,6 +94,7 @@ class Trainer:
         seed_everything(cfg.train.seed)
         self.device = self.dist.device(cfg.train.device)
         self.data = data if data is not None else build_data(cfg.data)
+        self.task = task_of(self.data)  # metrics, protocol fields, held-out loss of this task
         self.skipped: list[str] = []
         if check_files:
             self.data, self.skipped = check_bundle_files(self.data, cfg.data.on_bad_image)
@@ -192,8 +194,8 @@ class Trainer:
                 cb.on_eval_end(self, *done)
 
     def _finish(self) -> TrainResult:
-        result = TrainResult(history=self.evaluator.history, out_dir=self.out_dir,
-                             controller_history=list(getattr(self.controller, "history", [])))  # fmt: skip
+        history = list(getattr(self.controller, "history", []))
+        result = TrainResult(self.evaluator.history, out_dir=self.out_dir, controller_history=history, task=self.task)
         if self.run_dir is not None and self.dist.is_main:
             result.selections = FinalReport(self, self.run_dir).write()
         return result
@@ -239,7 +241,7 @@ class Trainer:
         cfg = self.cfg
         out = {"tta_flip": cfg.eval.tta_flip, "eval_max_per_set": cfg.data.eval_max_per_set,
                "bn_mode": cfg.optim.bn_mode, "world_size": self.dist.world}  # fmt: skip
-        return {**out, **protocol_fields(self.data, cfg)}
+        return {**out, **self.task.protocol(cfg, self.data.num_classes)}
 
     def source_val_loss(self, max_batches: int = 4) -> float:
         """Mean task loss of the current model on the held-out synthetic split (for L2O rewards)."""
