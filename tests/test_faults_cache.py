@@ -115,7 +115,7 @@ def test_trainer_records_the_key_mode(tiny_config):
     from asg.config import ConfigError
 
     assert tiny_config().teacher.cache_key == "auto"
-    with pytest.raises(ConfigError, match="teacher_cache_key"):
+    with pytest.raises(ConfigError, match="teacher.cache_key"):
         tiny_config("teacher.cache_key=mtime")
 
 
