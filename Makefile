@@ -6,7 +6,7 @@ STAMP := $(VENV)/.asg-installed
 # torch first, pinned, so that efficientnet-lite-pytorch's unpinned torch does not pull another build.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo demo-quick test bench lint typecheck clean
+.PHONY: setup demo demo-quick test test-fast bench lint typecheck clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ demo-quick: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+test-fast: setup  # the fast subset (under two minutes on 2 cores); CI runs everything
+	$(BIN)/python -m pytest -m "not slow"
 
 bench: setup
 	$(BIN)/python benchmarks/run.py

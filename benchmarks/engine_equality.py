@@ -58,28 +58,30 @@ def _tensor_hashes(path: Path) -> dict[str, str]:
     return {k: hashlib.sha256(v.contiguous().numpy().tobytes()).hexdigest()[:16] for k, v in load_file(path).items()}
 
 
-def _clean(value: Any) -> Any:
+def _clean(value: Any, work: str) -> Any:
+    """``value`` without wall times, and with the work folder's path replaced (runs of two versions live apart)."""
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items() if k not in DROP}
+        return {k: _clean(v, work) for k, v in value.items() if k not in DROP}
     if isinstance(value, list):
-        return [_clean(v) for v in value]
-    return value
+        return [_clean(v, work) for v in value]
+    return value.replace(work, "<work>") if isinstance(value, str) else value
 
 
 def fingerprint(run: Path) -> dict[str, Any]:
     """Weights of every checkpoint file, result rows and selections of a finished run folder."""
+    work = str(run.parent)
     out: dict[str, Any] = {"weights": {}}
     for f in sorted(run.rglob("*.safetensors")):
         out["weights"][str(f.relative_to(run))] = _tensor_hashes(f)
     for name in ("results.jsonl", "rounds.jsonl"):
         if (run / name).is_file():
-            out[name] = [_clean(json.loads(line)) for line in (run / name).read_text().splitlines() if line.strip()]
+            out[name] = [_clean(json.loads(line), work) for line in (run / name).read_text().splitlines() if line.strip()]
     if (run / "summary.json").is_file():
         summary = json.loads((run / "summary.json").read_text())
-        out["selections"] = _clean(summary.get("selections"))
-        out["controller_history"] = _clean(summary.get("controller_history"))
+        out["selections"] = _clean(summary.get("selections"), work)
+        out["controller_history"] = _clean(summary.get("controller_history"), work)
     if (run / "adaptation.json").is_file():
-        out["adaptation"] = _clean(json.loads((run / "adaptation.json").read_text()))
+        out["adaptation"] = _clean(json.loads((run / "adaptation.json").read_text()), work)
     return out
 
 

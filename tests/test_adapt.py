@@ -80,6 +80,7 @@ class CountingERM(ERM):
         self.calls = state["calls"]
 
 
+@pytest.mark.slow
 def test_post_step_hook_runs_once_per_optimizer_step_across_a_resume(tiny_bundle, tiny_config, tmp_path, monkeypatch):
     cfg = tiny_config("method.name=erm", "train.steps=5")
     method = CountingERM(cfg.method)
@@ -111,6 +112,7 @@ def test_ema_update_of_self_training(tiny_bundle, tiny_config):
     assert torch.equal(restored.ema["weight"], method.ema["weight"])
 
 
+@pytest.mark.slow
 def test_init_from_loads_every_weight_and_starts_at_step_zero(tiny_bundle, tiny_config, tmp_path):
     Trainer(tiny_config("method.name=erm"), tmp_path / "src", data=tiny_bundle, quiet=True).run()
     saved = load_file(str(tmp_path / "src" / "last.safetensors"))
@@ -167,6 +169,7 @@ def _adapt_setup(tiny_bundle, tiny_config, tmp_path):
     return cfg, bundle
 
 
+@pytest.mark.slow
 def test_adaptation_never_reads_target_labels_and_resumes_mid_round_exactly(
     tiny_bundle, tiny_config, tmp_path, monkeypatch
 ):
@@ -215,6 +218,7 @@ def test_target_folder_and_list_errors(tmp_path):
     assert ds[0].shape == (3, 32, 32)
 
 
+@pytest.mark.slow
 def test_cli_adapt_end_to_end_on_digit_halves(tmp_path, capsys):
     base = [
         "--set", f"data.root={tmp_path / 'cache'}", "--set", "data.num_train=120", "--set", "data.image_size=32",

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import yaml
 
 from asg.cli import main
@@ -27,6 +28,7 @@ def _recipe(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_cli_train_then_evaluate_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--config", str(_recipe(tmp_path)), "--out", str(out), "--set", "train.seed=3"]) == 0

@@ -4,6 +4,8 @@ import pytest
 
 from asg.demo import run_demo
 
+pytestmark = pytest.mark.slow  # end-to-end runs and spawned processes: `make test` runs them, `-m "not slow"` skips
+
 TINY = [
     "data.num_train=200",
     "data.image_size=32",

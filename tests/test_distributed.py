@@ -27,6 +27,8 @@ from asg.engine.sampler import EpochBatchSampler
 from asg.engine.trainer import Trainer
 from asg.errors import AsgError, TrainingDiverged
 
+pytestmark = pytest.mark.slow  # end-to-end runs and spawned processes: `make test` runs them, `-m "not slow"` skips
+
 OVERRIDES = [
     *TINY_OVERRIDES,  # data.batch_size=8 is the global batch: 4 images per process with 2
     "method.kl_cap=0.0005",  # binds from step 3: decided on one process's KL it would differ from the global one

@@ -220,7 +220,7 @@ def test_evaluate_into_an_unwritable_folder_prints_the_table_then_one_line(train
         trained_run.chmod(0o755)
     out, err = capsys.readouterr()
     assert code == 2
-    assert "mean-class %" in out and "real" in out  # the table came first
+    assert "mean-class acc %" in out and "real" in out  # the table came first
     last = err.splitlines()[-1]  # (progress bars come before it on stderr)
     assert last.startswith("asg: error: cannot write the evaluation: the folder ") and "Traceback" not in err
     assert "is not writable" in last and last.endswith("pass --out DIR to write it elsewhere")

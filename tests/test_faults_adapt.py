@@ -51,6 +51,7 @@ def adapt_config(tiny_bundle, tiny_config, init_from: Path, *extra: str):
     return cfg, bundle
 
 
+@pytest.mark.slow
 def test_adapt_refuses_a_killed_start_and_records_the_start_it_accepts(tiny_bundle, tiny_config, tmp_path, one_thread):
     """Case 3: the start run was killed at step 5 of 6 (last checkpoint: step 4, no 'done')."""
     src = tmp_path / "src"
@@ -71,6 +72,7 @@ def test_adapt_refuses_a_killed_start_and_records_the_start_it_accepts(tiny_bund
     assert "step 4, a run that never finished" in (tmp_path / "a" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_resumed_adaptation_refuses_a_start_model_that_changed(tiny_bundle, tiny_config, tmp_path, one_thread):
     from asg.engine.trainer import Trainer
 
@@ -87,6 +89,7 @@ def test_resumed_adaptation_refuses_a_start_model_that_changed(tiny_bundle, tiny
         Adaptation(cfg, tmp_path / "a", data=bundle, quiet=True, resume=True).run()
 
 
+@pytest.mark.slow
 def test_damaged_pseudo_labels_on_resume_are_computed_again(
     tiny_bundle, tiny_config, tmp_path, monkeypatch, capsys, one_thread
 ):

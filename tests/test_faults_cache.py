@@ -135,6 +135,7 @@ def _can_mount_tmpfs() -> bool:
     return probe.returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs root and unshare to mount a small tmpfs")
 def test_disk_that_fills_during_the_build_is_one_message_not_a_bus_error(tmp_path):
     """Case 6 on a real full disk: a 1 MiB tmpfs, a 4 MiB cache, the free-space check passed (another writer

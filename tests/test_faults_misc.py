@@ -42,6 +42,7 @@ def limited_train(folder: Path, limit: int, *overrides: str) -> subprocess.Compl
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_file_size_limit_at_a_checkpoint_is_one_message(tmp_path):
     """Case 7: ``ulimit -f`` below a checkpoint's size: one line, exit 2, no traceback."""
     proc = limited_train(tmp_path, 64 << 10)
@@ -189,6 +190,7 @@ def test_inferred_classes_warn_about_an_off_by_one_top_label(tmp_path):
     assert not any("off-by-one" in w for w in check_listfile(tmp_path / "train.txt", num_classes=4).warnings)
 
 
+@pytest.mark.slow
 def test_evaluate_while_the_training_commits_and_deletes_the_checkpoint(
     tiny_bundle, tiny_config, tmp_path, monkeypatch
 ):

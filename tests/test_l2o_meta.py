@@ -70,6 +70,7 @@ def test_meta_train_writes_policy_history_and_learns(meta_setup, tmp_path):
         meta_train(cfg, tmp_path, data=bundle, model=model, quiet=True)
 
 
+@pytest.mark.slow
 def test_resume_after_crash_equals_uninterrupted(meta_setup, tmp_path, monkeypatch):
     cfg, bundle, model = meta_setup
     meta_train(cfg, tmp_path / "a", data=bundle, model=model, quiet=True)

@@ -20,6 +20,7 @@ def _overflow_at(trainer, steps):
     return weight
 
 
+@pytest.mark.slow
 def test_bf16_runs_student_and_teacher_in_bf16_without_autograd_on_the_teacher(tiny_bundle, tiny_config):
     trainer = Trainer(tiny_config("train.precision=bf16", "train.steps=2"), None, data=tiny_bundle, quiet=True)
     seen = []
@@ -36,6 +37,7 @@ def test_bf16_runs_student_and_teacher_in_bf16_without_autograd_on_the_teacher(t
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # weights stay fp32
 
 
+@pytest.mark.slow
 def test_fp16_skips_an_overflowing_step_halves_the_scale_and_goes_on(tiny_bundle, tiny_config):
     cfg = tiny_config("train.precision=fp16", "train.steps=3", "method.kl_weight=0")
     trainer = Trainer(cfg, None, data=tiny_bundle, quiet=True)
@@ -62,6 +64,7 @@ def test_fp32_stops_at_a_non_finite_gradient(tiny_bundle, tiny_config):
         trainer.run()
 
 
+@pytest.mark.slow
 def test_fp16_stops_when_every_step_overflows(tiny_bundle, tiny_config):
     cfg = tiny_config("train.precision=fp16", f"train.steps={MAX_OVERFLOW_STREAK + 2}", "train.eval_every=1000")
     trainer = Trainer(cfg, None, data=tiny_bundle, quiet=True)
@@ -71,6 +74,7 @@ def test_fp16_stops_when_every_step_overflows(tiny_bundle, tiny_config):
     assert trainer.step == MAX_OVERFLOW_STREAK - 1
 
 
+@pytest.mark.slow
 def test_fp16_resume_restores_the_loss_scale_and_equals_the_uninterrupted_run(
     tiny_bundle, tiny_config, tmp_path, monkeypatch
 ):
@@ -105,6 +109,7 @@ def test_train_amp_of_older_recipes_reads_as_bf16():
         load_config(None, ["train.precision=fp8"])
 
 
+@pytest.mark.slow
 def test_compile_in_place_keeps_groups_and_checkpoint_keys(tiny_bundle, tiny_config, tmp_path):
     plain = Trainer(tiny_config("train.steps=2"), tmp_path / "plain", data=tiny_bundle, quiet=True)
     plain.run()

@@ -65,6 +65,7 @@ def test_lock_is_exclusive_within_one_process_and_released(tmp_path):
         pass
 
 
+@pytest.mark.slow
 def test_crash_between_checkpoint_files_and_manifest_resumes_exactly(tiny_bundle, tiny_config, tmp_path, monkeypatch):
     cfg = tiny_config("train.steps=6", "train.eval_every=1", "train.checkpoint_every=2")
     Trainer(cfg, tmp_path / "a", data=tiny_bundle, quiet=True).run()
@@ -121,6 +122,7 @@ KILL_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_writes_each_step_once(tiny_bundle, tiny_config, tmp_path, one_thread):
     overrides = ["train.steps=7", "train.eval_every=1", "train.checkpoint_every=3"]
     cfg = tiny_config(*overrides)

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import yaml
 from PIL import Image
 
@@ -34,6 +35,7 @@ def _trees(tmp_path):
     return gta, cs
 
 
+@pytest.mark.slow
 def test_gta5_to_cityscapes_through_the_cli(tmp_path, capsys):
     gta, cs = _trees(tmp_path)
     assert main(["data", "check", "gta5", str(gta), "--split", "all"]) == 0

@@ -179,6 +179,7 @@ class _Fixed(Dataset):
         return torch.full((3, 8, 8), i / 10), self.labels[i]
 
 
+@pytest.mark.slow
 def test_resume_with_random_augmentation_in_two_workers_equals_uninterrupted(
     tiny_bundle, tiny_config, tmp_path, monkeypatch
 ):

@@ -68,6 +68,7 @@ def test_heldout_loss_compares_at_the_labels_resolution_under_eval_resize(tiny_c
     assert loss == pytest.approx(float(expected), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_meta_training_a_segmenter_with_the_heldout_reward(tiny_config, tmp_path, one_thread):
     """Meta-training on a segmentation task reads the task's primary metric (it read mean_class_acc: KeyError)."""
     cfg = tiny_config(

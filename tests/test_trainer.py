@@ -93,7 +93,7 @@ def test_teacher_cache_is_refused_with_a_note_when_training_images_are_random(ti
 
     random_bundle = dataclasses.replace(tiny_bundle, has_augmentation=True)
     trainer = Trainer(tiny_config("teacher.cache=true"), None, data=random_bundle)
-    assert not trainer.teacher_source.use_cache and "teacher_cache is off" in capsys.readouterr().err
+    assert not trainer.teacher_source.use_cache and "teacher.cache is off" in capsys.readouterr().err
     assert Trainer(tiny_config("teacher.cache=true"), None, data=tiny_bundle, quiet=True).teacher_source.use_cache
 
 

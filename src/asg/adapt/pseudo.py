@@ -31,6 +31,7 @@ from asg.engine.checkpoint import atomic_write
 from asg.engine.evaluate import predict_scores, segmentation_probs, sliding_options
 from asg.errors import AsgError
 from asg.models.fusion import inference_copy
+from asg.tasks import get_task
 from asg.utils import progress
 
 STATS_FILE = "pseudo_labels.json"
@@ -98,72 +99,13 @@ def pseudo_label(
     was_training = model.training
     model.eval()
     original, model = model, inference_copy(model) if cfg.eval.fuse_bn else model
-    bs = cfg.data.eval_batch_size
-    rule = cfg.adapt.thresholds
-    n = len(target)  # type: ignore[arg-type]
-    if task == "segmentation":
-        hist = ConfidenceHistogram(num_classes)
-        for batch in progress(_batches(target, bs), desc="pseudo-labels 1/2", enabled=show_progress, leave=False):
-            for p in _seg_probs(model, [x for _, x in batch], cfg, device):
-                conf, pred = p.max(dim=0)
-                hist.add(conf, pred)
-        thresholds = hist.thresholds(portion, rule)
-        counts = np.zeros(num_classes, dtype=np.int64)
-        selected_pixels, total_pixels = 0, 0
-        indices: list[int] = []
-        digest = hashlib.sha256()  # over the PNG files' bytes, in index order
-        (folder / PNG_FOLDER).mkdir(parents=True, exist_ok=True)
-        for batch in progress(_batches(target, bs), desc="pseudo-labels 2/2", enabled=show_progress, leave=False):
-            probs = _seg_probs(model, [x for _, x in batch], cfg, device)
-            for (i, _), p in zip(batch, probs):
-                ids, _ = select(p, thresholds)
-                on = ids != IGNORE_INDEX
-                counts += np.bincount(ids[on].numpy(), minlength=num_classes)[:num_classes]
-                selected_pixels += int(on.sum())
-                total_pixels += ids.numel()
-                png = _png_bytes(ids.numpy().astype(np.uint8))
-                digest.update(png)
-                atomic_write(png_path(folder, i), lambda tmp, b=png: Path(tmp).write_bytes(b))
-                indices.append(i)
-        result = PseudoLabels(folder, np.asarray(indices, dtype=np.int64), None, {})
-        selected, total = selected_pixels, total_pixels
-        checksum = digest.hexdigest()
-    else:
-        all_idx: list[int] = []
-        all_probs: list[Tensor] = []
-        for batch in progress(_batches(target, bs), desc="pseudo-labels", enabled=show_progress, leave=False):
-            if not batch:
-                continue
-            x = torch.stack([img for _, img in batch]).to(device)
-            if cfg.model.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            scores = predict_scores(model, x, cfg.eval.tta_flip).float()
-            # flip TTA averages sigmoids (the VisDA protocol): normalised to sum 1 to serve as confidences
-            p = scores / scores.sum(1, keepdim=True) if cfg.eval.tta_flip else torch.softmax(scores, dim=1)
-            all_idx += [i for i, _ in batch]
-            all_probs.append(p.cpu())
-        if not all_probs:
-            raise AsgError("adapt.target: no target image could be read")
-        every = torch.cat(all_probs)
-        conf, pred = every.max(dim=1)
-        thresholds = class_thresholds(conf.numpy(), pred.numpy(), portion, num_classes, rule)
-        chosen, _ = select(every, thresholds)
-        kept = (chosen != IGNORE_INDEX).numpy()
-        sel_indices = np.asarray(all_idx, dtype=np.int64)[kept]
-        sel_labels = chosen.numpy()[kept]
-        counts = np.bincount(sel_labels, minlength=num_classes)[:num_classes]
-        arrays = {"indices": sel_indices, "labels": sel_labels, "conf": conf.numpy()[kept]}
-
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        data = buf.getvalue()
-        atomic_write(folder / LABELS_FILE, lambda tmp: Path(tmp).write_bytes(data))
-        checksum = hashlib.sha256(data).hexdigest()
-        result = PseudoLabels(folder, sel_indices, sel_labels, {})
-        selected, total = int(kept.sum()), n
+    unit = get_task(task).unit
+    labelled = LABELLERS[unit](model, target, cfg, portion, num_classes, folder, device, show_progress)
+    result, thresholds, counts, selected, total, checksum = labelled
     original.train(was_training)
     if selected == 0:
-        raise AsgError(f"adaptation: no target {'pixel' if task == 'segmentation' else 'image'} was selected")
+        raise AsgError(f"adaptation: no target {unit.rstrip('s')} was selected")
+    rule = cfg.adapt.thresholds
     result.stats = {
         "portion": portion,
         "rule": rule,
@@ -171,13 +113,91 @@ def pseudo_label(
         "class_counts": counts.tolist(),
         "selected": selected,
         "total": total,
-        "unit": "pixels" if task == "segmentation" else "images",
+        "unit": unit,
         "images": len(result.indices),
         "sha256": checksum,  # of pseudo_labels.npz, or of the PNGs' bytes in index order
     }
     text = json.dumps(result.stats, indent=1)
     atomic_write(folder / STATS_FILE, lambda tmp: Path(tmp).write_text(text))
     return result
+
+
+# result, class thresholds, class counts, selected and total items (images or pixels), sha256 of the files
+Labelled = tuple[PseudoLabels, Any, np.ndarray, int, int, str]
+
+
+def _label_pixels(
+    model: nn.Module, target: Dataset, cfg: Config, portion: float, num_classes: int, folder: Path,
+    device: torch.device, show_progress: bool,
+) -> Labelled:  # fmt: skip
+    """Segmentation: a confidence histogram pass for the class thresholds, then one PNG of pixel labels per image
+    (255 = not selected)."""
+    bs = cfg.data.eval_batch_size
+    hist = ConfidenceHistogram(num_classes)
+    for batch in progress(_batches(target, bs), desc="pseudo-labels 1/2", enabled=show_progress, leave=False):
+        for p in _seg_probs(model, [x for _, x in batch], cfg, device):
+            conf, pred = p.max(dim=0)
+            hist.add(conf, pred)
+    thresholds = hist.thresholds(portion, cfg.adapt.thresholds)
+    counts = np.zeros(num_classes, dtype=np.int64)
+    selected_pixels, total_pixels = 0, 0
+    indices: list[int] = []
+    digest = hashlib.sha256()  # over the PNG files' bytes, in index order
+    (folder / PNG_FOLDER).mkdir(parents=True, exist_ok=True)
+    for batch in progress(_batches(target, bs), desc="pseudo-labels 2/2", enabled=show_progress, leave=False):
+        probs = _seg_probs(model, [x for _, x in batch], cfg, device)
+        for (i, _), p in zip(batch, probs):
+            ids, _ = select(p, thresholds)
+            on = ids != IGNORE_INDEX
+            counts += np.bincount(ids[on].numpy(), minlength=num_classes)[:num_classes]
+            selected_pixels += int(on.sum())
+            total_pixels += ids.numel()
+            png = _png_bytes(ids.numpy().astype(np.uint8))
+            digest.update(png)
+            atomic_write(png_path(folder, i), lambda tmp, b=png: Path(tmp).write_bytes(b))
+            indices.append(i)
+    result = PseudoLabels(folder, np.asarray(indices, dtype=np.int64), None, {})
+    return result, thresholds, counts, selected_pixels, total_pixels, digest.hexdigest()
+
+
+def _label_images(
+    model: nn.Module, target: Dataset, cfg: Config, portion: float, num_classes: int, folder: Path,
+    device: torch.device, show_progress: bool,
+) -> Labelled:  # fmt: skip
+    """Classification: the kept images' indices, labels and confidences in one ``.npz``."""
+    all_idx: list[int] = []
+    all_probs: list[Tensor] = []
+    bs = cfg.data.eval_batch_size
+    for batch in progress(_batches(target, bs), desc="pseudo-labels", enabled=show_progress, leave=False):
+        if not batch:
+            continue
+        x = torch.stack([img for _, img in batch]).to(device)
+        if cfg.model.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        scores = predict_scores(model, x, cfg.eval.tta_flip).float()
+        # flip TTA averages sigmoids (the VisDA protocol): normalised to sum 1 to serve as confidences
+        p = scores / scores.sum(1, keepdim=True) if cfg.eval.tta_flip else torch.softmax(scores, dim=1)
+        all_idx += [i for i, _ in batch]
+        all_probs.append(p.cpu())
+    if not all_probs:
+        raise AsgError("adapt.target: no target image could be read")
+    every = torch.cat(all_probs)
+    conf, pred = every.max(dim=1)
+    thresholds = class_thresholds(conf.numpy(), pred.numpy(), portion, num_classes, cfg.adapt.thresholds)
+    chosen, _ = select(every, thresholds)
+    kept = (chosen != IGNORE_INDEX).numpy()
+    sel_indices = np.asarray(all_idx, dtype=np.int64)[kept]
+    sel_labels = chosen.numpy()[kept]
+    counts = np.bincount(sel_labels, minlength=num_classes)[:num_classes]
+    buf = io.BytesIO()
+    np.savez(buf, indices=sel_indices, labels=sel_labels, conf=conf.numpy()[kept])
+    data = buf.getvalue()
+    atomic_write(folder / LABELS_FILE, lambda tmp: Path(tmp).write_bytes(data))
+    result = PseudoLabels(folder, sel_indices, sel_labels, {})
+    return result, thresholds, counts, int(kept.sum()), len(target), hashlib.sha256(data).hexdigest()  # type: ignore[arg-type]
+
+
+LABELLERS = {"pixels": _label_pixels, "images": _label_images}  # by the task's unit
 
 
 def _png_bytes(arr: np.ndarray) -> bytes:
