@@ -263,8 +263,8 @@ def save_evaluation(result: dict[str, Any], out_dir: str | Path) -> Path:
 
     ``out_dir`` is created if needed; an OSError (e.g. a read-only folder) is left to the caller.
     """
-    from asg.engine.checkpoint import atomic_write
     from asg.engine.report import plot_confusion
+    from asg.io import atomic_write
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,8 @@ import torch
 from torch.nn import functional as F
 
 from asg.adapt.pseudo import load_pseudo_labels
-from asg.engine.checkpoint import atomic_write
 from asg.engine.report import plot_curves
+from asg.io import atomic_write
 
 if TYPE_CHECKING:
     from asg.adapt.rounds import Adaptation, AdaptResult

@@ -33,8 +33,8 @@ from asg.data.segmentation import (
     pair_list,
     read_prepared,
 )
-from asg.engine.checkpoint import atomic_write
 from asg.errors import ConfigError, DataError
+from asg.io import atomic_write
 
 DEFAULT_SPLITS = {"gta5": ["all"], "synthia": ["all"]}  # others: train and val, those present
 PROVENANCE_FILE = "provenance.jsonl"  # one line per label written: what produced it

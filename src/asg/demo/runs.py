@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from asg.config import load_config
-from asg.engine.checkpoint import atomic_write
 from asg.engine.rundir import RunDir
+from asg.io import atomic_write
 from asg.sweep import run_tasks, shared_data
 
 

@@ -25,9 +25,9 @@ import torch
 import yaml
 
 from asg.config import Config, config_to_dict
-from asg.engine.checkpoint import atomic_write, torch_load_problem
 from asg.engine.rundir import RunDir
 from asg.errors import AsgError, TrainingDiverged
+from asg.io import atomic_write, torch_load_problem
 from asg.l2o.controllers import L2OController
 from asg.l2o.plots import plot_meta_rewards, plot_scale_schedule
 from asg.l2o.policy import LRPolicy, save_policy
