@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
+def atomic_write(path: Path, write: Callable[..., Any]) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``: a crash never leaves a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
