@@ -262,7 +262,7 @@ def test_segmentation_pseudo_labels_per_pixel_with_precision_from_truth(tmp_path
 
     from asg.adapt import pseudo_label
     from asg.adapt.report import pseudo_precision
-    from asg.data.pairs import PairTransform
+    from asg.data.segmentation.pairs import PairTransform
     from asg.data.targets import ImagesOf, PseudoLabeled
 
     class Images(Scenes):

@@ -256,7 +256,7 @@ def _data_check(args: argparse.Namespace) -> int:
 
 
 def _data_prepare(args: argparse.Namespace) -> int:
-    from asg.data.prepare import prepare
+    from asg.data.segmentation.prepare import prepare
 
     report = prepare(args.name, args.src, args.dst, split=args.split, class_set=args.class_set)
     print(report.format())

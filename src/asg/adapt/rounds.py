@@ -24,7 +24,7 @@ from asg.adapt.pseudo import DamagedPseudoLabels, PseudoLabels, load_pseudo_labe
 from asg.adapt.report import AdaptResult, add_precision, write_report
 from asg.config import Config, load_config
 from asg.data import DataBundle, build_data, check_bundle_files
-from asg.data.pairs import PairTransform
+from asg.data.segmentation.pairs import PairTransform
 from asg.data.targets import PseudoLabeled, target_dataset
 from asg.engine.checkpoint import load_weights, save_weights
 from asg.engine.evaluate import PRIMARY_METRIC, evaluate_sets, real_average

@@ -22,9 +22,9 @@ from PIL import Image
 
 from asg.data.check import MAX_LISTED, CheckReport
 from asg.data.files import file_problem
-from asg.data.pairs import ImageReadError, LabelIdError, SegmentationPairs, image_size, size_problem
-from asg.data.seg_classes import class_names, identity_lut
-from asg.data.segmentation import (
+from asg.data.segmentation.pairs import ImageReadError, LabelIdError, SegmentationPairs, image_size, size_problem
+from asg.data.segmentation.street_classes import class_names, identity_lut
+from asg.data.segmentation.street_scenes import (
     LAYOUTS,
     OFFICIAL_COUNTS,
     PREPARED_FILE,
