@@ -86,7 +86,8 @@ class RunDir(CheckpointFiles):
         (``kind.fresh_note`` says so). ``where`` (e.g. "round 2 at step 40") names the point an earlier run
         stopped at in the refusal. The caller then restores its state when ``resume`` and progress exist."""
         if self.is_done():
-            raise AsgError(f"{self.path} already finished (remove its '{DONE}' file or use another --out)")
+            raise AsgError(f"{self.path} already finished (to continue it, remove its '{DONE}' file and pass "
+                           "--resume; or use another --out)")  # fmt: skip
         if self.has_progress(kind):
             if not resume:
                 stopped = f" that stopped in {where}" if where else " already"
