@@ -241,6 +241,7 @@ def test_cli_adapt_end_to_end_on_digit_halves(tmp_path, capsys):
         and state["start"]["metrics"]["uci_digits_test"] == source_last["uci_digits_test"]
     )  # the starting model's full-set evaluation is taken from its run, not computed again
     precision = state["rounds"][0]["precision"]["precision"]  # labelled view of the halves: report only
+    assert state["target_images"] > 0  # one writer: the report's precision is added, nothing else dropped
     assert 0.0 <= precision <= 1.0
     assert yaml.safe_load((out / "config.yaml").read_text())["adapt"]["target"] == "uci_digits_adapt"
     assert (out / "report.md").exists() and (out / "adaptation.png").exists() and (out / "done").exists()
@@ -253,7 +254,7 @@ def test_segmentation_pseudo_labels_per_pixel_with_precision_from_truth(tmp_path
 
     from asg.adapt import pseudo_label
     from asg.adapt.report import pseudo_precision
-    from asg.data.pairs import PairTransform
+    from asg.data.segmentation.pairs import PairTransform
     from asg.data.targets import ImagesOf, PseudoLabeled
 
     class Images(Scenes):

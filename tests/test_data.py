@@ -20,9 +20,9 @@ from asg.data import (
     check_dataset,
     real_photos,
 )
-from asg.data import digits as digits_mod
+from asg.data.classification import digits as digits_mod
+from asg.data.classification.visda17 import CLASSES as VISDA_CLASSES
 from asg.data.transforms import pil_to_tensor
-from asg.data.visda17 import CLASSES as VISDA_CLASSES
 from asg.errors import ConfigError, DataError
 
 

@@ -26,9 +26,9 @@ from asg.data import (
     warn_bundle,
 )
 from asg.data.check import CHECKS
+from asg.data.classification.listfile import LIST_LAYOUT
 from asg.data.files import unwrap
 from asg.data.images import ImageReadError, wide_gray_to_l
-from asg.data.listfile import LIST_LAYOUT
 from asg.errors import ConfigError, DataError
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 from test_teacher_cache import ALL, CountingTeacher, N, build, digits, exact_logits
 
 import asg
-from asg.data.listfile import ListFileDataset
+from asg.data.classification.listfile import ListFileDataset
 from asg.engine import teacher_cache
 from asg.engine.teacher_cache import TeacherCacheError, TeacherLogitCache, cache_key
 

@@ -178,7 +178,7 @@ def test_inferred_classes_warn_about_an_off_by_one_top_label(tmp_path):
     from asg.config import DataConfig
     from asg.data.bundle import DataWarning
     from asg.data.check import check_listfile
-    from asg.data.listfile import build_listfile
+    from asg.data.classification.listfile import build_listfile
 
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "x.png")
     lines = [f"x.png {c}" for c in range(3) for _ in range(20)] + ["x.png 3"]

@@ -14,8 +14,8 @@ from test_seg_data import random_ids, save_image, tree_hash, write_png16
 
 import asg
 from asg import cli
-from asg.data.prepare import check, prepare
-from asg.data.segmentation import find_pairs
+from asg.data.segmentation.prepare import check, prepare
+from asg.data.segmentation.street_scenes import find_pairs
 from asg.errors import DataError
 
 SRC_DIR = str(Path(asg.__file__).resolve().parents[1])
@@ -45,7 +45,7 @@ def killed_prepare(src: Path, dst: Path, class_set: int, after: int) -> None:
     """``asg data prepare`` in a subprocess that SIGKILLs itself when about to write label ``after + 1``."""
     script = textwrap.dedent(f"""
         import os, signal, sys
-        import asg.data.prepare as p
+        import asg.data.segmentation.prepare as p
         from asg import cli
         real, n = p.atomic_write, [0]
         def write(path, fn):
@@ -119,12 +119,12 @@ def test_prepared_label_changed_after_prepare_is_converted_again(tmp_path):
 
 
 def test_interrupted_prepare_says_how_to_continue(tmp_path, monkeypatch, capsys):
-    import asg.data.prepare
+    import asg.data.segmentation.prepare
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(asg.data.prepare, "prepare", interrupted)
+    monkeypatch.setattr(asg.data.segmentation.prepare, "prepare", interrupted)
     assert cli.main(["data", "prepare", "synthia", str(tmp_path), str(tmp_path / "out")]) == 130
     err = capsys.readouterr().err
     assert "rerun the same command" in err and "--resume" not in err
@@ -174,7 +174,7 @@ def test_check_seglist_against_a_custom_class_count(tmp_path, capsys):
 
 def test_16_bit_colour_labels_have_the_same_pixel_limit_as_pil(tmp_path, monkeypatch):
     """Case 9: torchvision decodes SYNTHIA's 16-bit colour PNGs, without PIL's decompression-bomb limit."""
-    from asg.data.pairs import read_label
+    from asg.data.segmentation.pairs import read_label
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # an error beyond 2000 pixels
     write_png16(tmp_path / "wide16.png", np.zeros((60, 60, 3)))

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 import asg.engine.trainer as trainer_mod
+from asg.engine.rundir import RunDir
 from asg.errors import AsgError, ConfigError
 from asg.l2o import load_policy
 from asg.l2o.meta import meta_train
@@ -68,6 +69,30 @@ def test_meta_train_writes_policy_history_and_learns(meta_setup, tmp_path):
         assert (tmp_path / name).is_file(), name
     with pytest.raises(AsgError, match="--resume"):
         meta_train(cfg, tmp_path, data=bundle, model=model, quiet=True)
+
+
+def test_meta_train_clears_an_unfinished_start_and_marks_done_through_the_run_folder(
+    meta_setup, tmp_path, monkeypatch, capsys
+):
+    cfg, bundle, model = meta_setup
+    cfg.l2o.episodes = 1
+    (tmp_path / "tb").mkdir()  # an earlier meta run killed during its first episode
+    (tmp_path / "meta_history.jsonl").write_text('{"episode": 1, "cut')
+    (tmp_path / "skipped_images.txt").write_text("gone.png\n")
+    finished = []
+    original = RunDir.finish
+    monkeypatch.setattr(RunDir, "finish", lambda self: (finished.append(self.path), original(self))[1])
+    meta_train(cfg, tmp_path, data=bundle, model=model)
+    err = capsys.readouterr().err
+    assert "held an earlier meta-training run that stopped before its first episode finished" in err
+    assert "removed its meta_history.jsonl, skipped_images.txt, tb/" in err
+    assert finished == [tmp_path] and (tmp_path / "done").is_file()  # done: written once, atomically, last
+    assert not (tmp_path / "skipped_images.txt").exists()
+    rows = [json.loads(line) for line in (tmp_path / "meta_history.jsonl").read_text().splitlines()]
+    assert [r["episode"] for r in rows] == [1]
+    for resume in (False, True):
+        with pytest.raises(AsgError, match=r"already finished .*--resume"):
+            meta_train(cfg, tmp_path, resume=resume, data=bundle, model=model, quiet=True)
 
 
 @pytest.mark.slow

@@ -15,10 +15,10 @@ from conftest import CrashAt
 from safetensors.torch import load_file
 
 from asg.config import load_config
-from asg.engine.rundir import RunDir, RunFolderError
+from asg.engine.rundir import TRAINING, RunDir, RunFolderError, RunKind
 from asg.engine.selection import Evaluator
 from asg.engine.trainer import Trainer
-from asg.errors import ConfigError, TrainingDiverged
+from asg.errors import AsgError, ConfigError, TrainingDiverged
 
 TESTS = Path(__file__).parent
 
@@ -295,3 +295,58 @@ def test_batch_norm_training_never_gets_a_one_image_batch():
     sizes = [len(b) for b in EpochBatchSampler(17, 8, seed=0, total_steps=6, min_batch=2)]
     assert sizes == [8, 8] * 3
     assert [len(b) for b in EpochBatchSampler(17, 8, seed=0, total_steps=3)] == [8, 8, 1]
+
+
+def test_begin_refuses_a_finished_run_with_or_without_resume(tmp_path):
+    with RunDir(tmp_path) as rd:
+        rd.save_checkpoint(2, {"w": torch.zeros(2)}, {}, {}, None)
+        rd.finish()
+        assert rd.is_done() and (tmp_path / "done").read_text().strip()
+        assert not list(tmp_path.glob(".done.*"))  # written whole, through a temporary file
+        for resume in (False, True):
+            with pytest.raises(AsgError, match=r"already finished .*remove its 'done' file and pass --resume"):
+                rd.begin(resume)
+
+
+def test_begin_refuses_progress_without_resume_and_resumes_it(tmp_path):
+    with RunDir(tmp_path) as rd:
+        rd.save_checkpoint(2, {"w": torch.zeros(2)}, {}, {}, None)
+        with pytest.raises(AsgError, match=r"holds a run already: pass --resume to continue it"):
+            rd.begin(False)
+        assert rd.begin(True) == [] and rd.has_checkpoint()  # nothing removed: the caller restores
+        kind = RunKind(noun="adaptation", markers=("start.json",), missing=None)
+        (tmp_path / "start.json").write_text("{}")
+        with pytest.raises(AsgError, match=r"holds an adaptation that stopped in round 2 at step 4: pass --resume"):
+            rd.begin(False, kind, where="round 2 at step 4")
+
+
+def test_begin_clears_the_leftovers_of_a_run_without_progress(tmp_path):
+    (tmp_path / "tb").mkdir()
+    (tmp_path / "results.jsonl").write_text('{"step": 2}\n')
+    (tmp_path / "config.yaml").write_text("name: kept\n")
+    with RunDir(tmp_path) as rd:
+        with pytest.raises(AsgError, match=r"cannot resume: .*checkpoint.json does not exist \(no checkpoint"):
+            rd.begin(True)
+        assert (tmp_path / "results.jsonl").exists()  # a refused resume removes nothing
+        removed = rd.begin(False)
+        assert removed == ["results.jsonl", "tb/"] and (tmp_path / "config.yaml").exists()
+        note = TRAINING.fresh_note(tmp_path, removed)
+        assert "stopped before its first checkpoint; removed its results.jsonl, tb/ and starting afresh" in note
+        lenient = RunKind(noun="adaptation", markers=("start.json",), missing=None, leftovers=("x.txt",))
+        (tmp_path / "x.txt").write_text("")
+        assert rd.begin(True, lenient) == ["x.txt"]  # a resume with nothing to resume starts afresh
+
+
+def test_saved_config_and_rows_read_back_tolerantly(tmp_path):
+    cfg = load_config(None, ["train.steps=7"])
+    rd = RunDir(tmp_path / "run")
+    with pytest.raises(AsgError, match="is not a run folder"):
+        rd.read_config()
+    with rd:
+        rd.write_config(cfg)
+        rd.append_row({"step": 1})
+    assert rd.read_config(["train.seed=3"]).train.steps == 7
+    with open(tmp_path / "run" / "results.jsonl", "a") as f:
+        f.write('\n[1, 2]\n{"step": 2, "cut by a cra')  # a blank line, a non-row, a line cut mid-write
+    assert rd.read_rows() == [{"step": 1}]
+    assert rd.read_json("missing.json") is None

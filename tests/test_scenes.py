@@ -6,8 +6,8 @@ import torch
 
 from asg.config import DataConfig
 from asg.data import balanced_subset
-from asg.data import scenes as sc
 from asg.data.bundle import IGNORE_INDEX
+from asg.data.segmentation import digit_scenes as sc
 
 SIZE = 32
 
@@ -129,7 +129,7 @@ def test_cache_is_reused_and_keyed(tmp_path, monkeypatch):
 
 
 def test_pen_digits_every_variant_draws_a_digit_deterministically():
-    from asg.data.pen_digits import TEMPLATES, pen_digit, smooth_path
+    from asg.data.classification.pen_digits import TEMPLATES, pen_digit, smooth_path
 
     path = smooth_path([(0.0, 0.0), (1.0, 0.0), (1.0, 1.0)])
     assert np.allclose(path[0], [0, 0]) and np.allclose(path[-1], [1, 1])  # the spline passes through its ends

@@ -12,16 +12,16 @@ from PIL import Image
 
 from asg.config import DataConfig
 from asg.data.bundle import IGNORE_INDEX
-from asg.data.pairs import EvalPairTransform, PairTransform, read_label
-from asg.data.prepare import check, prepare
-from asg.data.seg_classes import (
+from asg.data.segmentation.pairs import EvalPairTransform, PairTransform, read_label
+from asg.data.segmentation.prepare import check, prepare
+from asg.data.segmentation.street_classes import (
     CITYSCAPES_CLASSES,
     cityscapes_lut,
     class_names,
     mapillary_lut,
     synthia_lut,
 )
-from asg.data.segmentation import build_segmentation, find_pairs
+from asg.data.segmentation.street_scenes import build_segmentation, find_pairs
 from asg.errors import DataError
 
 H, W = 8, 12

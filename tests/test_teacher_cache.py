@@ -10,8 +10,8 @@ from PIL import Image
 from torch import nn
 
 from asg.data.bundle import LabeledSubset
-from asg.data.digits import ArrayDataset
-from asg.data.listfile import ListFileDataset
+from asg.data.classification.digits import ArrayDataset
+from asg.data.classification.listfile import ListFileDataset
 from asg.engine.teacher_cache import (
     TeacherCacheError,
     TeacherLogitCache,

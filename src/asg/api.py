@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from asg.config import Config, load_config
+from asg.engine.rundir import EXPORTS, RunDir
 from asg.errors import AsgError, WeightsError
 
 
-def default_run_dir(cfg: Config) -> Path:
-    return Path("runs") / (cfg.name or "run")
+def default_run_dir(cfg: Config, default_name: str = "run") -> Path:
+    """``runs/<name>``: the folder a recipe's run goes to without ``--out``."""
+    return Path("runs") / (cfg.name or default_name)
 
 
 def run_config(
@@ -22,23 +24,24 @@ def run_config(
     resume: bool,
     folder_kind: str = "a run folder",
     what: str = "training",
+    default_name: str = "run",
 ) -> tuple[Config, Path]:
     """(config, output folder) of a new run (the recipe + overrides) or, with ``resume``, of the folder's saved
-    config + overrides; ``config`` then only names the default folder (it may be None when ``out`` is given)."""
+    config + overrides; ``config`` then only names the default folder (it may be None when ``out`` is given).
+    Without ``out`` the folder is ``runs/<name>`` (``runs/<default_name>`` for a recipe without a name)."""
     if resume:
         if out is None:
             if config is None:
                 raise AsgError("resume needs the run folder (--out) or the recipe that named it (--config)")
             cfg = config if isinstance(config, Config) else load_config(config, overrides)
-            out = default_run_dir(cfg)
-        saved = Path(out) / "config.yaml"
-        if not saved.is_file():
-            raise AsgError(f"cannot resume: {saved} does not exist (is {out} {folder_kind}?)")
-        return load_config(saved, overrides), Path(out)
+            out = default_run_dir(cfg, default_name)
+        rd = RunDir(out)
+        missing = f"cannot resume: {rd.config_path} does not exist (is {out} {folder_kind}?)"
+        return rd.read_config(overrides, missing=missing), rd.path
     if config is None:
         raise AsgError(f"{what} needs a recipe (--config)")
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
-    return cfg, Path(out) if out is not None else default_run_dir(cfg)
+    return cfg, Path(out) if out is not None else default_run_dir(cfg, default_name)
 
 
 def train(
@@ -98,21 +101,19 @@ def load_run(run_dir: str | Path, checkpoint: str = "last", overrides: list[str]
     """
     from asg.data import build_data
     from asg.engine.checkpoint import load_weights
-    from asg.engine.rundir import EXPORTS, RunDir
     from asg.models import build_model
     from asg.utils import resolve_device
 
-    run_dir = Path(run_dir)
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        raise AsgError(f"{run_dir} is not a run folder: {saved} does not exist (pass the --out folder of `asg train`)")
-    cfg = load_config(saved, overrides)
+    rd = RunDir(run_dir)
+    run_dir = rd.path
+    missing = f"{run_dir} is not a run folder: {rd.config_path} does not exist (pass the --out folder of `asg train`)"
+    cfg = rd.read_config(overrides, missing=missing)
     if checkpoint not in EXPORTS and not checkpoint.endswith(".safetensors"):
         raise AsgError(f"checkpoint {checkpoint!r}: use {', '.join(EXPORTS)} or the path of a .safetensors file")
     # a named checkpoint is the file the manifest commits (checkpoint.json), not whatever a link points at; read
     # now, as a training running in the folder may delete it once it commits the next checkpoint
     if checkpoint in EXPORTS:
-        path, blob = RunDir(run_dir).read_checkpoint(checkpoint)
+        path, blob = rd.read_checkpoint(checkpoint)
     else:
         path = Path(checkpoint)
         if not path.is_file():
@@ -266,8 +267,8 @@ def save_evaluation(result: dict[str, Any], out_dir: str | Path) -> Path:
 
     ``out_dir`` is created if needed; an OSError (e.g. a read-only folder) is left to the caller.
     """
-    from asg.engine.checkpoint import atomic_write
     from asg.engine.report import plot_confusion
+    from asg.io import atomic_write
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

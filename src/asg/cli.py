@@ -257,7 +257,7 @@ def _data_check(args: argparse.Namespace) -> int:
 
 
 def _data_prepare(args: argparse.Namespace) -> int:
-    from asg.data.prepare import prepare
+    from asg.data.segmentation.prepare import prepare
 
     report = prepare(args.name, args.src, args.dst, split=args.split, class_set=args.class_set)
     print(report.format())
@@ -278,23 +278,18 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _l2o_default_out(cfg: Config) -> Path:
-    return Path("runs") / (cfg.name or "l2o")
+    from asg.api import default_run_dir
+
+    return default_run_dir(cfg, "l2o")
 
 
 def _l2o_train(args: argparse.Namespace) -> int:
-    from asg.config import load_config
+    from asg.api import run_config
     from asg.l2o.meta import meta_train
 
     _check_config_args(args, "l2o train", _l2o_default_out)
-    if args.resume:
-        out = args.out if args.out is not None else _l2o_default_out(load_config(args.config, args.overrides))
-        saved = out / "config.yaml"
-        if not saved.is_file():
-            raise AsgError(f"cannot resume: {saved} does not exist (is {out} an `asg l2o train` folder?)")
-        cfg = load_config(saved, args.overrides)
-    else:
-        cfg = load_config(args.config, args.overrides)
-        out = args.out if args.out is not None else _l2o_default_out(cfg)
+    cfg, out = run_config(args.config, args.overrides, args.out, args.resume, "an `asg l2o train` folder",
+                          "meta-training", default_name="l2o")  # fmt: skip
     policy = meta_train(cfg, out, resume=args.resume)
     print(f"policy: {policy}")
     return 0

@@ -1,22 +1,34 @@
 """The adaptation report: metric per round, pseudo-label precision per round (computed here, after the
-rounds, from the benchmark's labelled view of the target set when it has one), thresholds and class counts."""
+rounds, from the benchmark's labelled view of the target set when it has one), thresholds and class counts.
+
+It takes what it shows as arguments and writes only ``report.md`` and ``adaptation.png``; ``adaptation.json``
+has one writer, :class:`asg.adapt.rounds.Adaptation`."""
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
 from asg.adapt.pseudo import load_pseudo_labels
-from asg.engine.checkpoint import atomic_write
 from asg.engine.report import plot_curves
+from asg.engine.rundir import RunDir
+from asg.io import atomic_write
 
-if TYPE_CHECKING:
-    from asg.adapt.rounds import Adaptation, AdaptResult
+
+@dataclass
+class AdaptResult:
+    """What ``asg adapt`` returns: the folder, the starting model's evaluation and one row per round."""
+
+    out_dir: Path
+    start: dict[str, Any]
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    target: str = ""
+    primary_metric: str = ""
 
 
 def pseudo_precision(truth: Any, folder: Path, num_classes: int) -> dict[str, Any] | None:
@@ -90,25 +102,19 @@ def report_markdown(result: AdaptResult, class_names: list[str], sets: list[str]
     return "\n".join(lines) + "\n"
 
 
-def write_report(adaptation: Adaptation, result: AdaptResult) -> None:
-    """Add pseudo-label precision to each round (when the benchmark has labels for the target), then write
-    ``report.md`` and ``adaptation.png`` into the adaptation folder."""
-    data = adaptation.data
-    truth = data.target_truth.get(result.target)
-    for row in result.rounds:
-        if truth is not None:
-            row["precision"] = pseudo_precision(truth, result.out_dir / row["folder"], data.num_classes)
-    sets = data.real_set_names
-    note = adaptation.target_note
-    if truth is None:
-        extra = "pseudo-label precision is not available: the benchmark has no labelled view of this target"
-        note = f"{note}; {extra}" if note else extra
-    text = report_markdown(result, data.class_names, sets, note)
-    adaptation.rd.write_text("report.md", text)
-    adaptation.rd.write_text(
-        "adaptation.json",
-        json.dumps({"target": result.target, "start": result.start, "rounds": result.rounds}, indent=1),
-    )
+def add_precision(rounds: list[dict[str, Any]], out_dir: Path, truth: Any, num_classes: int) -> None:
+    """Add each round's pseudo-label precision (``row["precision"]``) against ``truth``, the labelled view of
+    the target set."""
+    for row in rounds:
+        row["precision"] = pseudo_precision(truth, out_dir / row["folder"], num_classes)
+
+
+def write_report(
+    run_dir: RunDir, result: AdaptResult, class_names: list[str], sets: list[str], note: str | None
+) -> None:
+    """Write ``report.md`` and ``adaptation.png`` (metric per round on ``sets``, pseudo-label precision when the
+    rounds have it) into the adaptation folder ``run_dir``; ``note`` is printed above the table."""
+    run_dir.write_text("report.md", report_markdown(result, class_names, sets, note))
     metric = result.primary_metric
     curves: dict[str, list[tuple[int, float]]] = {}
     for s in sets:

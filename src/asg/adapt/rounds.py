@@ -17,41 +17,33 @@ from __future__ import annotations
 import copy
 import json
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from asg.adapt.pseudo import DamagedPseudoLabels, PseudoLabels, load_pseudo_labels, pseudo_label
-from asg.config import Config, config_to_dict, load_config
+from asg.adapt.report import AdaptResult, add_precision, write_report
+from asg.config import Config, load_config
 from asg.data import DataBundle, build_data, check_bundle_files
-from asg.data.pairs import PairTransform
+from asg.data.segmentation.pairs import PairTransform
 from asg.data.targets import PseudoLabeled, target_dataset
 from asg.engine.checkpoint import load_weights, save_weights
 from asg.engine.evaluate import PRIMARY_METRIC, evaluate_sets, real_average
 from asg.engine.init_from import ADAPTATION_FILE, init_record, init_weights_path, load_init_weights
-from asg.engine.rundir import RunDir, sha256
+from asg.engine.rundir import RunDir, RunKind, sha256
+from asg.engine.trainer import Trainer
 from asg.errors import AsgError, ConfigError
 from asg.l2o import build_controller
 from asg.methods import SelfTraining, build_method
 from asg.models import build_model
-from asg.utils import resolve_device, seed_everything, versions
+from asg.utils import resolve_device, seed_everything
 
 START_FILE = "start.json"
+# an adaptation resumes once its starting model was evaluated; a resume before that starts afresh
+ADAPTATION = RunKind(noun="adaptation", markers=(START_FILE, ADAPTATION_FILE), missing=None,
+                     stopped_before="its starting model was evaluated", leftovers=())  # fmt: skip
 # data settings that decide the evaluation sets and their images (a run that shares them evaluated the same)
 _EVAL_DATA_KEYS = ("name", "root", "image_size", "num_train", "source_val_fraction", "split_seed", "real_split",
                    "real_split_seed", "eval_lists", "eval_roots", "eval_resize", "class_set", "split")  # fmt: skip
-
-
-@dataclass
-class AdaptResult:
-    out_dir: Path
-    start: dict[str, Any]
-    rounds: list[dict[str, Any]] = field(default_factory=list)
-    target: str = ""
-    primary_metric: str = ""
 
 
 def portion_of_round(cfg: Config, r: int) -> float:
@@ -103,10 +95,11 @@ class Adaptation:
 
     # ------------------------------------------------------------------ folder state
     def _state(self) -> dict[str, Any]:
-        path = self.out / ADAPTATION_FILE
-        return json.loads(path.read_text()) if path.is_file() else {"rounds": []}
+        return self.rd.read_json(ADAPTATION_FILE) or {"rounds": []}
 
     def _write_state(self, state: dict[str, Any]) -> None:
+        """Write ``adaptation.json`` (its only writer): target, start, the rounds done (with their precision
+        once the report computed it)."""
         self.rd.write_text(ADAPTATION_FILE, json.dumps(state, indent=1))
 
     def _where_stopped(self) -> str | None:
@@ -114,8 +107,7 @@ class Adaptation:
         done = len(self._state()["rounds"])
         if done == 0 and not (self.out / START_FILE).is_file():
             return None
-        nxt = self.out / round_folder(done + 1)
-        rd = RunDir(nxt)
+        rd = RunDir(self.out / round_folder(done + 1))
         if rd.manifest_path.exists():
             return f"round {done + 1} at step {rd.read_manifest()['step']}"
         return f"round {done + 1} (before training)" if done < self.cfg.adapt.rounds else "its end"
@@ -123,18 +115,12 @@ class Adaptation:
     # ------------------------------------------------------------------ the rounds
     def run(self) -> AdaptResult:
         with self.rd:
-            if (self.out / "done").exists():
-                raise AsgError(f"{self.out} already finished (remove its 'done' file or use another --out)")
-            stopped = self._where_stopped()
-            if stopped is not None and not self.resume:
-                raise AsgError(
-                    f"{self.out} holds an adaptation that stopped in {stopped}: pass --resume to continue it, "
-                    "or choose another --out"
-                )
+            stopped = None if self.rd.is_done() else self._where_stopped()
+            self.rd.begin(self.resume, ADAPTATION, where=stopped)
             if stopped is not None:
                 self._say(f"asg: resuming the adaptation in {self.out} in {stopped}")
-            self.rd.write_text("config.yaml", yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
-            self.rd.write_text("versions.json", json.dumps(versions(), indent=1))
+            self.rd.write_config(self.cfg)
+            self.rd.write_versions()
             start = self._start()
             state = self._state()
             state.update(target=self.target_name, target_images=len(self.target), start=start)  # type: ignore[arg-type]
@@ -142,11 +128,20 @@ class Adaptation:
                 state["rounds"].append(self._round(r))
                 self._write_state(state)
             result = AdaptResult(self.out, start, state["rounds"], self.target_name, self.metric)
-            from asg.adapt.report import write_report
-
-            write_report(self, result)
-            self.rd.write_text("done", time.strftime("%Y-%m-%d %H:%M:%S\n"))
+            truth = self.data.target_truth.get(result.target)
+            if truth is not None:
+                add_precision(result.rounds, self.out, truth, self.data.num_classes)
+                self._write_state(state)
+            write_report(self.rd, result, self.data.class_names, self.data.real_set_names, self._report_note(truth))
+            self.rd.finish()
             return result
+
+    def _report_note(self, truth: Any) -> str | None:
+        """The report's note: what the target set is, and why precision is missing when it is."""
+        if truth is not None:
+            return self.target_note
+        extra = "pseudo-label precision is not available: the benchmark has no labelled view of this target"
+        return f"{self.target_note}; {extra}" if self.target_note else extra
 
     def _model(self, weights: str | None = None) -> Any:
         """A fresh model with ``model.init_from``'s weights (or the file ``weights``)."""
@@ -242,8 +237,8 @@ class Adaptation:
             pseudo = pseudo_label(model, self.target, cfg, portion_of_round(cfg, r), self.data.num_classes,
                                   folder, self.device, self.data.task, show_progress=show)  # fmt: skip
             del model
-        if (folder / "done").exists():  # stopped after the round finished, before adaptation.json was updated
-            selections = json.loads((folder / "summary.json").read_text())["selections"]
+        if RunDir(folder).is_done():  # stopped after the round finished, before adaptation.json was updated
+            selections = RunDir(folder).read_json("summary.json")["selections"]
         else:
             trainer = self._round_trainer(r, folder, prev, pseudo)
             selections = trainer.run().selections
@@ -264,9 +259,7 @@ class Adaptation:
             row["real_average"] = last["real_average"]
         return row
 
-    def _round_trainer(self, r: int, folder: Path, prev: Path | None, pseudo: PseudoLabels) -> Any:
-        from asg.engine.trainer import Trainer
-
+    def _round_trainer(self, r: int, folder: Path, prev: Path | None, pseudo: PseudoLabels) -> Trainer:
         cfg = copy.deepcopy(self.cfg)
         cfg.model.init_from = str(prev) if prev is not None else self.cfg.model.init_from
         cfg.model.init_checkpoint = "last" if prev is not None else self.cfg.model.init_checkpoint
@@ -279,7 +272,7 @@ class Adaptation:
             pair_tf = PairTransform(d.train_resize, d.scale_range, d.crop_size, d.flip)
         target = PseudoLabeled(self.target, pseudo.indices, pseudo.label, pair_tf)
         method = SelfTraining(build_method(cfg.method), cfg.adapt)
-        resume = RunDir(folder).manifest_path.exists()
+        resume = RunDir(folder).has_progress()
         self._say(f"round {r}/{self.cfg.adapt.rounds}: training {cfg.train.steps} steps on the synthetic data and "
                   f"{len(target)} pseudo-labelled target images" + (" (resumed)" if resume else ""))  # fmt: skip
         return Trainer(cfg, folder, data=self.data, method=method, target=target, resume=resume,

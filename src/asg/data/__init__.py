@@ -4,6 +4,8 @@
 Registered benchmarks (``DATASETS``): ``digits`` (embedded, offline), ``visda17``, ``listfile``, ``imagefolder``;
 segmentation (targets LongTensor [H, W], 255 = ignore): ``digit_scenes`` (embedded, offline), ``gta5``,
 ``synthia``, ``cityscapes``, ``bdd100k``, ``mapillary``, ``seglist`` (see docs/segmentation.md).
+Layout: one subpackage per task (:mod:`asg.data.classification`, :mod:`asg.data.segmentation`); the helpers they
+share (bundle, image files, checks, caches, transforms, target sets, photos) stay at this level.
 Before training: :func:`warn_bundle` (one-class training set, ...) and :func:`check_bundle_files` (missing or
 empty files, ``data.on_bad_image``); during training: :func:`set_skip_log` and :func:`collate_skip_none`.
 """
@@ -23,15 +25,19 @@ from asg.data.bundle import (
     warn_bundle,
 )
 from asg.data.check import CHECKS, CheckReport, check_dataset
-from asg.data.digits import build_digits
+from asg.data.classification import (
+    ImageFolderDataset,
+    ListFileDataset,
+    build_digits,
+    build_imagefolder,
+    build_listfile,
+    build_visda17,
+)
 from asg.data.files import SKIPPED_FILE, check_bundle_files, collate_skip_none, set_skip_log
 from asg.data.images import FileImageDataset, open_image
-from asg.data.listfile import ImageFolderDataset, ListFileDataset, build_imagefolder, build_listfile
 from asg.data.photos import real_photos
-from asg.data.prepare import SEG_CHECKS
-from asg.data.scenes import build_digit_scenes
-from asg.data.segmentation import build_segmentation
-from asg.data.visda17 import build_visda17
+from asg.data.segmentation import build_digit_scenes, build_segmentation
+from asg.data.segmentation.prepare import SEG_CHECKS
 from asg.errors import ConfigError
 
 DATASETS: dict[str, Callable[[DataConfig], DataBundle]] = {

@@ -12,10 +12,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from asg.data import visda17
+from asg.data.classification import visda17
+from asg.data.classification.listfile import (
+    LIST_LAYOUT,
+    class_folders,
+    parse_list_file,
+    split_folders,
+    top_class_warning,
+)
 from asg.data.files import file_problem
 from asg.data.images import IMG_EXTENSIONS, list_images, open_image
-from asg.data.listfile import LIST_LAYOUT, class_folders, parse_list_file, split_folders, top_class_warning
 from asg.errors import ConfigError, DataError
 
 MAX_LISTED = 5  # examples quoted per kind of problem

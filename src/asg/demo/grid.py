@@ -8,6 +8,7 @@ from typing import Any
 
 from asg.demo.benchmarks import WISE_FT, Benchmark
 from asg.demo.runs import train_all, wise_ft_eval, wise_ft_one
+from asg.engine.rundir import RunDir
 from asg.sweep import run_tasks
 
 
@@ -106,7 +107,7 @@ def wise_ft_runs(
             folder = tuned_runs[base]
         elif seed == 0 and own:  # WiSE-FT's own rate: its grid run is ERM's run at that rate
             grid_dir = out_dir / "tune" / grid_name(base, float(own[0].split("=", 1)[1]), None, None)
-            folder = grid_dir if (grid_dir / "done").exists() else folder
+            folder = grid_dir if RunDir(grid_dir).is_done() else folder
         tasks.append((bench.methods[base], common + own + [f"train.seed={seed}", f"name={name}"], folder))
     summaries = train_all(tasks, jobs)
     results = run_tasks(wise_ft_one, [(t[2], bench.wise_ft_alphas, bench.sets[0], bench.metric) for t in tasks],

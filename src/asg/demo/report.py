@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 
 from asg.demo.benchmarks import BENCHMARKS, Benchmark
-from asg.engine.checkpoint import atomic_write
 from asg.engine.report import plot_curves, plot_per_class
+from asg.io import atomic_write
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

@@ -7,25 +7,27 @@ import json
 from pathlib import Path
 from typing import Any
 
+from asg.adapt import Adaptation
+from asg.api import evaluate_wise_ft
 from asg.config import load_config
-from asg.engine.checkpoint import atomic_write
+from asg.engine.init_from import ADAPTATION_FILE
 from asg.engine.rundir import RunDir
+from asg.engine.trainer import Trainer
+from asg.io import atomic_write
 from asg.l2o import build_controller
+from asg.methods.wise_ft import choose_alpha
 from asg.sweep import run_tasks, shared_data
 
 
 def train_one(recipe: str, overrides: list[str], out_dir: Path, quiet: bool = False) -> dict[str, Any]:
     """Train one run into ``out_dir`` (or read the finished one, or resume the interrupted one): its summary."""
-    from asg.engine.trainer import Trainer
-
-    if (out_dir / "done").exists():
-        return json.loads((out_dir / "summary.json").read_text())
-    resume = RunDir(out_dir).has_checkpoint()
-    cfg = load_config(out_dir / "config.yaml" if resume else recipe, overrides)
-    Trainer(
-        cfg, out_dir, data=shared_data(cfg.data), resume=resume, quiet=quiet, controller_factory=build_controller
-    ).fit()
-    return json.loads((out_dir / "summary.json").read_text())
+    rd = RunDir(out_dir)
+    if not rd.is_done():
+        resume = rd.has_progress()
+        cfg = rd.read_config(overrides) if resume else load_config(recipe, overrides)
+        Trainer(cfg, out_dir, data=shared_data(cfg.data), resume=resume, quiet=quiet,
+                controller_factory=build_controller).fit()  # fmt: skip
+    return rd.read_json("summary.json")
 
 
 def train_all(tasks: list[tuple[str, list[str], Path]], jobs: int) -> list[dict[str, Any]]:
@@ -33,7 +35,7 @@ def train_all(tasks: list[tuple[str, list[str], Path]], jobs: int) -> list[dict[
     per finished run when the runs go to worker processes (their progress bars are off)."""
     if jobs <= 1:
         return [train_one(*task) for task in tasks]
-    todo = [t for t in tasks if not (t[2] / "done").exists()]
+    todo = [t for t in tasks if not RunDir(t[2]).is_done()]
     if todo:
         print(f"asg demo: {len(todo)} runs, {min(jobs, len(todo))} at a time", flush=True)
     run_tasks(train_one, [(*t, True) for t in todo], jobs)
@@ -44,8 +46,6 @@ def wise_ft_eval(
     folder: Path, alphas: tuple[float, ...], sets: list[str] | None
 ) -> dict[float, dict[str, dict[str, Any]]]:
     """``asg.api.evaluate_wise_ft`` of a finished run's last weights, without the confusion matrices."""
-    from asg.api import evaluate_wise_ft
-
     results = evaluate_wise_ft(folder, alphas, sets=sets)
     return {a: {k: {m: v for m, v in r.items() if m != "confusion"} for k, r in res.items()}
             for a, res in results.items()}  # fmt: skip
@@ -54,8 +54,6 @@ def wise_ft_eval(
 def wise_ft_one(folder: Path, alphas: tuple[float, ...], source_val: str, metric: str) -> dict[str, Any]:
     """WiSE-FT of one fine-tuned run: alpha chosen on ``source_val``, then evaluated on every set; kept in
     ``<folder>/wise_ft.json`` (read back when present)."""
-    from asg.methods.wise_ft import choose_alpha
-
     cached = folder / "wise_ft.json"
     if cached.exists():
         return json.loads(cached.read_text())
@@ -78,13 +76,11 @@ def adapt_one(
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Adapt one trained run to the target set ``target`` (or read the finished adaptation)."""
-    from asg.adapt import Adaptation
-
     folder = out_dir / "adapt" / f"{method}_seed{seed}"
-    if not (folder / "done").exists():
+    rd = RunDir(folder)
+    if not rd.is_done():
         over = overrides + [f"model.init_from={run_dir}", f"adapt.target={target}", f"name=adapt_{method}_seed{seed}"]
         cfg = load_config(recipe, over)
-        Adaptation(cfg, folder, data=shared_data(cfg.data), resume=(folder / "config.yaml").exists(),
-                   quiet=quiet).run()  # fmt: skip
-    state = json.loads((folder / "adaptation.json").read_text())
+        Adaptation(cfg, folder, data=shared_data(cfg.data), resume=True, quiet=quiet).run()  # continues or starts
+    state = rd.read_json(ADAPTATION_FILE)
     return {"method": method, "seed": seed, "folder": str(folder.relative_to(out_dir)), **state}

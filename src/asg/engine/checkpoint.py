@@ -1,10 +1,10 @@
-"""Atomic checkpoint files: model weights in safetensors, trainer state in a weights-only torch file."""
+"""Atomic checkpoint files: model weights in safetensors, trainer state in a weights-only torch file.
+
+``atomic_write`` and ``torch_load_problem`` live in the leaf module :mod:`asg.io`; they are re-exported here for
+older imports."""
 
 from __future__ import annotations
 
-import os
-import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,21 +14,9 @@ from safetensors.torch import load, load_file, save_file
 from torch import nn
 
 from asg.errors import AsgError, WeightsError
+from asg.io import atomic_write, torch_load_problem
 
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: a crash never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:  # on disk before the rename, so a power cut cannot leave an empty file
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+__all__ = ["atomic_write", "load_state", "load_weights", "save_state", "save_weights", "torch_load_problem"]
 
 
 def save_weights(
@@ -83,21 +71,6 @@ def load_weights(model: nn.Module, path: Path, data: bytes | None = None) -> Non
 
 def save_state(state: dict[str, Any], path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-
-def torch_load_problem(exc: BaseException) -> str:
-    """One line saying why ``torch.load(..., weights_only=True)`` refused a file (never torch's advice to load it
-    with ``weights_only=False``, which would run the file's code)."""
-    text = str(exc)
-    if "Weights only load failed" in text:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-        what = f"a pickled Python object ({found.group(1)})" if found else "pickled Python code or objects"
-        return f"it holds {what}, which asg never loads (only tensors and plain containers): a file of another "\
-               "program, or a damaged or tampered one"  # fmt: skip
-    if isinstance(exc, OSError):
-        return exc.strerror or text
-    first = " ".join(text.split())
-    return f"{type(exc).__name__}: {first[:200]}" + ("..." if len(first) > 200 else "")
 
 
 def load_state(path: Path) -> dict[str, Any]:

@@ -7,19 +7,13 @@ writes; the decision to save is taken on every rank alike (the guard's loss is r
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
-from asg.config import config_to_dict, load_config
 from asg.data import set_skip_log
 from asg.engine.checkpoint import load_weights
 from asg.engine.guards import diverged, non_finite_tensors
 from asg.engine.resume import check_resume_changes
-from asg.engine.rundir import RunDir
-from asg.errors import AsgError
-from asg.utils import versions
+from asg.engine.rundir import TRAINING, RunDir
 
 if TYPE_CHECKING:
     from asg.engine.trainer import Trainer
@@ -56,22 +50,15 @@ class Checkpointer:
     def _open_main(self, trainer: Trainer) -> None:
         rd, cfg = self.run_dir, trainer.cfg
         assert rd is not None
-        if rd.exists("done") and trainer.resume:
-            raise AsgError(f"{rd.path} already finished (remove its 'done' file or use another --out)")
+        removed = rd.begin(trainer.resume)  # refuses a finished run, or a run's folder without --resume
+        if removed:
+            trainer.say(TRAINING.fresh_note(rd.path, removed))
         if trainer.resume:
             self.restore(trainer)
-        elif rd.has_checkpoint() or rd.exists("done"):
-            raise AsgError(f"{rd.path} holds a run already: pass --resume to continue it, or choose another --out")
-        else:
-            removed = rd.clear_leftovers()
-            if removed:
-                trainer.say(f"asg: note: {rd.path} held an earlier run that stopped before its first checkpoint; "
-                            f"removed its {', '.join(removed)} and starting afresh")  # fmt: skip
-        rd.write_text("config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        rd.write_config(cfg)
         compiled = cfg.train.compile_backend if cfg.train.compile else None
-        computed = trainer.precision.describe(cfg.model.channels_last, compiled)
-        rd.write_text(
-            "versions.json", json.dumps({**versions(), "world_size": trainer.dist.world, **computed}, indent=1)
+        rd.write_versions(
+            world_size=trainer.dist.world, **trainer.precision.describe(cfg.model.channels_last, compiled)
         )
         skip_log = rd.path / "skipped_images.txt"
         if trainer.skipped:
@@ -104,8 +91,8 @@ class Checkpointer:
         rd, world = self.run_dir, trainer.dist.world
         assert rd is not None
         row: dict[str, Any] = {"step": step}
-        if (rd.path / "config.yaml").is_file():
-            changes = check_resume_changes(load_config(rd.path / "config.yaml"), trainer.cfg, step)
+        if rd.config_path.is_file():
+            changes = check_resume_changes(rd.read_config(), trainer.cfg, step)
             if changes:
                 listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
                 trainer.say(f"asg: note: resuming with changed settings, applied from step {step} on: {listed}")

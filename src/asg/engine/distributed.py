@@ -18,9 +18,7 @@ run is bit-identical to one without this module.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import os
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -30,10 +28,15 @@ import torch.distributed as td
 from torch import Tensor, nn
 from torch.utils.data import Sampler
 
+from asg.collectives import collective, global_mean
+from asg.collectives import common_dtype as _common_dtype
 from asg.engine.sampler import EpochBatchSampler
 from asg.errors import AsgError
 from asg.utils import resolve_device
 
+# collective and global_mean live in the leaf module asg.collectives (re-exported here for older imports)
+__all__ = ["Dist", "ShardedBatchSampler", "average_gradients", "broadcast_module", "collective", "global_mean",
+           "rank_seed"]  # fmt: skip
 T = TypeVar("T")
 _LAUNCH = "launch with torchrun, e.g. `torchrun --nproc-per-node 4 -m asg train --config RECIPE`"
 
@@ -164,22 +167,6 @@ class Dist:
         return result
 
 
-@contextlib.contextmanager
-def collective(what: str) -> Iterator[None]:
-    """Turn a failed collective (a process died, or the network between them broke) into one AsgError."""
-    try:
-        yield
-    except RuntimeError as exc:  # torch.distributed.DistError and gloo/NCCL errors derive from RuntimeError
-        rank, world = (td.get_rank(), td.get_world_size()) if td.is_initialized() else ("?", "?")
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        first = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\] ", "", first).split(" This is typically")[0]  # gloo's C++ source
-        raise AsgError(
-            f"process {rank} of {world}: the {what} failed because another process of the run stopped or lost "
-            f"contact ({first}); its own error, if any, is in its output. Only process 0 writes checkpoints, "
-            "each with a rename, so the last one is complete: continue with --resume"
-        ) from None
-
-
 def _env_int(name: str, default: str = "") -> int:
     text = os.environ.get(name, default)
     try:
@@ -216,14 +203,6 @@ def _reduce(d: Dist, params: list[Tensor], values: dict[str, Tensor], weight: fl
     return dict(zip(values, means))
 
 
-def _common_dtype(tensors: list[Tensor]) -> torch.dtype:
-    """float32, or a wider floating type that one of ``tensors`` has (no precision lost in a flat buffer)."""
-    dtype = torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
-
-
 def average_gradients(d: Dist, params: list[Tensor], values: dict[str, Tensor], weight: float) -> dict[str, float]:
     """Replace the gradients of ``params`` by their mean over the ranks, weighted by ``weight`` (this rank's
     number of images in the step; 0 for a rank without any), and return the same weighted means of the scalar
@@ -247,21 +226,6 @@ def broadcast_module(d: Dist, module: nn.Module, buffers_only: bool = False) -> 
     for t in tensors:
         t.copy_(flat[offset : offset + t.numel()].view_as(t))
         offset += t.numel()
-
-
-def global_mean(value: Tensor, weight: float) -> Tensor:
-    """``value`` (a scalar) averaged over the ranks of the initialised process group, weighted by ``weight``;
-    ``value`` itself without a group of several processes (methods call this: they hold no :class:`Dist`)."""
-    if not (td.is_available() and td.is_initialized()) or td.get_world_size() == 1:
-        return value
-    backend = str(td.get_backend())
-    dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    dtype = _common_dtype([value])
-    pair = torch.tensor([0.0, float(weight)], device=dev, dtype=dtype)
-    pair[0] = value.detach().reshape(()).to(dev, dtype) * weight
-    with collective("all_reduce"):
-        td.all_reduce(pair)
-    return (pair[0] / pair[1]).to(value.device)
 
 
 def rank_seed(seed: int, step: int, rank: int) -> int:

@@ -12,6 +12,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from asg.config import Config
+from asg.data.files import collate_skip_none
+from asg.methods.base import kl_teacher_student
 from asg.models.fusion import inference_copy
 from asg.utils import progress
 
@@ -184,8 +186,6 @@ def evaluate(
     """
     was_training = model.training
     model.eval()
-    from asg.data import collate_skip_none
-
     segmentation = task == "segmentation"
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=list_collate if segmentation else collate_skip_none)  # fmt: skip
@@ -237,8 +237,6 @@ def imagenet_retention(
     (:func:`teacher_photo_logits`; they do not change). Returns the top-1 agreement between the model's (frozen)
     ImageNet head and the teacher, and the mean KL(p_teacher || p_model) over the photos.
     """
-    from asg.methods import kl_teacher_student
-
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from asg.engine.checkpoint import atomic_write, load_weights
+from asg.engine.checkpoint import load_weights
 from asg.engine.evaluate import (
     imagenet_retention,
     real_average,
@@ -26,6 +25,7 @@ from asg.engine.evaluate import (
 from asg.engine.report import plot_predictions, plot_run_curves, run_report_markdown
 from asg.engine.rundir import RunDir
 from asg.engine.timing import peak_memory_mib
+from asg.io import atomic_write
 
 if TYPE_CHECKING:
     from asg.engine.trainer import Trainer
@@ -69,7 +69,7 @@ class FinalReport:
         summary["timing"] = {**timing, "first_step": t.first_step, **peak_memory_mib(t.device)}
         self.rd.write_text("summary.json", json.dumps(summary, indent=1))
         self.rd.write_text("report.md", run_report_markdown(summary, t.evaluator.history))
-        self.rd.write_text("done", time.strftime("%Y-%m-%d %H:%M:%S\n"))
+        self.rd.finish()
         return selections
 
     def selections(self) -> dict[str, dict[str, Any]]:

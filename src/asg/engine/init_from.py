@@ -15,6 +15,7 @@ from torch import nn
 
 from asg.config import Config, load_config
 from asg.engine.checkpoint import load_weights
+from asg.engine.rundir import RunDir, sha256
 from asg.errors import WeightsError
 
 ADAPTATION_FILE = "adaptation.json"  # written by ``asg adapt``: its final model is the last round's
@@ -23,8 +24,6 @@ ADAPTATION_FILE = "adaptation.json"  # written by ``asg adapt``: its final model
 def init_weights_path(init_from: str, checkpoint: str = "last") -> tuple[Path, Path | None]:
     """(weights file, run folder or None) named by ``init_from``: a ``.safetensors`` file, a run folder of
     ``asg train`` (its ``checkpoint`` weights) or of ``asg adapt`` (its last round's)."""
-    from asg.engine.rundir import RunDir
-
     path = Path(init_from)
     if path.is_file():
         return path, None
@@ -47,8 +46,6 @@ def init_weights_path(init_from: str, checkpoint: str = "last") -> tuple[Path, P
 def init_record(init_from: str, checkpoint: str = "last", allow_unfinished: bool = False) -> dict[str, Any]:
     """What ``init_from`` names, for an adaptation's files: weights file, its SHA-256, its step and whether its run
     finished. WeightsError for a run that is still running, or (unless ``allow_unfinished``) never finished."""
-    from asg.engine.rundir import RunDir, sha256
-
     weights, run = init_weights_path(init_from, checkpoint)
     record: dict[str, Any] = {"file": str(weights), "step": None, "finished": None}
     top = Path(init_from)

@@ -15,25 +15,39 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import yaml
 
-from asg.config import Config, config_to_dict
-from asg.engine.checkpoint import atomic_write, torch_load_problem
-from asg.engine.rundir import RunDir
+from asg.config import Config
+from asg.data import build_data, check_bundle_files
+from asg.engine.rundir import RunDir, RunKind
+from asg.engine.trainer import Trainer
 from asg.errors import AsgError, TrainingDiverged
+from asg.io import atomic_write, torch_load_problem
 from asg.l2o.controllers import L2OController
 from asg.l2o.plots import plot_meta_rewards, plot_scale_schedule
 from asg.l2o.policy import LRPolicy, save_policy
 from asg.l2o.reinforce import Reinforce
 from asg.l2o.rewards import get_reward
+from asg.models import build_model
 from asg.tasks import task_of
+from asg.utils import progress
+
+STATE_FILE = "meta_state.pt"  # written after every finished episode: a resume continues after the last one
+# a meta-training run resumes from its last finished episode; one stopped before that starts afresh
+META_TRAINING = RunKind(
+    noun="meta-training run",
+    markers=(STATE_FILE,),
+    missing="no episode finished in this folder",
+    stopped_before="its first episode finished",
+    leftovers=("meta_history.jsonl", "skipped_images.txt", "policy.safetensors", "meta_rewards.png",
+               "scale_schedule.png", "tb", "policies"),
+)  # fmt: skip
 
 if TYPE_CHECKING:
     from asg.models import ASGClassifier, ASGSegmenter
@@ -118,31 +132,20 @@ def _meta_train(
 ) -> Path:
     from torch.utils.tensorboard import SummaryWriter
 
-    from asg.data import check_bundle_files
-    from asg.engine.trainer import Trainer
-    from asg.utils import progress
-
     out_dir = run_dir.path
-    state_path, final_path = out_dir / "meta_state.pt", out_dir / "policy.safetensors"
-    if resume and (out_dir / "done").exists():
-        raise AsgError(f"{out_dir} already finished meta-training ({final_path}); choose another --out")
-    if resume and not state_path.exists():
-        raise AsgError(f"cannot resume: {state_path} does not exist (no episode finished in this folder)")
-    if not resume and state_path.exists():
-        raise AsgError(f"{out_dir} holds a meta-training run already: pass --resume to continue it, or choose --out")
+    state_path, final_path = out_dir / STATE_FILE, out_dir / "policy.safetensors"
+    removed = run_dir.begin(resume, META_TRAINING)
+    if removed and not quiet:
+        print(META_TRAINING.fresh_note(out_dir, removed), file=sys.stderr)
     reward_fn = get_reward(cfg.l2o.reward)
 
     if data is None:
-        from asg.data import build_data
-
         data = build_data(cfg.data)
     bundle = synthetic_only(data, keep_source_val=cfg.l2o.reward == "neg_heldout_loss")
     bundle, skipped = check_bundle_files(bundle, cfg.data.on_bad_image)  # once, not per episode
     if skipped:
         run_dir.write_text("skipped_images.txt", "".join(line + "\n" for line in skipped))
     if model is None:
-        from asg.models import build_model
-
         model = build_model(cfg.model, bundle.num_classes, task=bundle.task)
     base_model = model.cpu()
     group_names = [name for name, _ in base_model.layer_groups()]
@@ -176,7 +179,7 @@ def _meta_train(
         run_dir.truncate_rows(lambda r: r["episode"] <= start, history_path.name)
     else:
         run_dir.write_text(history_path.name, "")
-        run_dir.write_text("config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        run_dir.write_config(cfg)
     writer = SummaryWriter(str(out_dir / "tb"), purge_step=start + 1 if resume else None)
 
     bar = progress(
@@ -237,10 +240,10 @@ def _meta_train(
     writer.close()
 
     save_policy(policy, final_path)
-    rows = [json.loads(line) for line in history_path.read_text().splitlines() if line.strip()]
+    rows = run_dir.read_rows(history_path.name)
     if rows:
         plot_meta_rewards(rows, out_dir / "meta_rewards.png")
     if last_history:
         plot_scale_schedule(last_history, group_names, out_dir / "scale_schedule.png")
-    (out_dir / "done").write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+    run_dir.finish()
     return final_path

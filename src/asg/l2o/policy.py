@@ -14,8 +14,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from asg.engine.checkpoint import atomic_write, torch_load_problem
 from asg.errors import WeightsError
+from asg.io import atomic_write, torch_load_problem
 
 NUM_STATS = 5  # task loss, KL, progress, last-weight mean, last-weight std
 HIDDEN = 20

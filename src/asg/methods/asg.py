@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from asg.engine.distributed import global_mean
+from asg.collectives import global_mean
 from asg.errors import ConfigError
 from asg.methods.base import LossOutput, MethodBase, cross_entropy, kl_teacher_student
 

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from asg.config import MethodConfig
+from asg.data.bundle import IGNORE_INDEX
 
 
 @dataclass
@@ -94,8 +95,6 @@ def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean cross-entropy. Classification: logits [B, C], labels [B]. Segmentation: logits [B, C, H, W],
     labels [B, H, W] with ``IGNORE_INDEX`` (255) on unlabelled pixels, mean over the labelled pixels."""
     if logits.ndim > 2:
-        from asg.data.bundle import IGNORE_INDEX
-
         return nn.functional.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
     return nn.functional.cross_entropy(logits.float(), labels)
 

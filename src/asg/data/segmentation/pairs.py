@@ -90,7 +90,7 @@ def read_label(path: str | Path, channel: int | None = None) -> np.ndarray:
 
 
 def map_label(raw: np.ndarray, lut: np.ndarray, label_kind: str, where: str) -> np.ndarray:
-    """Raw ids [H, W] -> train ids uint8 [H, W] through ``lut`` (see ``asg.data.seg_classes``).
+    """Raw ids [H, W] -> train ids uint8 [H, W] through ``lut`` (see ``asg.data.segmentation.street_classes``).
 
     A LabelIdError lists the ids that ``lut`` leaves undefined (-1 or beyond its length), with ``where``
     (the file names) and ``label_kind`` (what the ids should be) in the message.
@@ -247,7 +247,7 @@ class SegmentationPairs(FileImageDataset):
 
     Args:
         images, labels: paths, one label per image.
-        lut: int LUT raw id -> train id / 255 / -1 (undefined: an error); see ``asg.data.seg_classes``.
+        lut: int LUT raw id -> train id / 255 / -1 (undefined: an error); see ``asg.data.segmentation.street_classes``.
         label_kind: what the raw ids are, for error messages (e.g. "Cityscapes labelIds (0..33)").
         transform: ``(uint8 image [3, H, W], uint8 label [H, W]) -> (image, label)``; None keeps the pair as is.
         where: per pair, where it is listed (``LIST:LINE``) or "".

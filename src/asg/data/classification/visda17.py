@@ -6,7 +6,7 @@ from pathlib import Path
 
 from asg.config import DataConfig
 from asg.data.bundle import DataBundle, split_source_val
-from asg.data.listfile import ListFileDataset
+from asg.data.classification.listfile import ListFileDataset
 from asg.data.targets import ImagesOf
 from asg.errors import ConfigError, DataError
 

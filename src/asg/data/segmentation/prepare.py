@@ -22,9 +22,9 @@ from PIL import Image
 
 from asg.data.check import MAX_LISTED, CheckReport
 from asg.data.files import file_problem
-from asg.data.pairs import ImageReadError, LabelIdError, SegmentationPairs, image_size, size_problem
-from asg.data.seg_classes import class_names, identity_lut
-from asg.data.segmentation import (
+from asg.data.segmentation.pairs import ImageReadError, LabelIdError, SegmentationPairs, image_size, size_problem
+from asg.data.segmentation.street_classes import class_names, identity_lut
+from asg.data.segmentation.street_scenes import (
     LAYOUTS,
     OFFICIAL_COUNTS,
     PREPARED_FILE,
@@ -33,8 +33,8 @@ from asg.data.segmentation import (
     pair_list,
     read_prepared,
 )
-from asg.engine.checkpoint import atomic_write
 from asg.errors import ConfigError, DataError
+from asg.io import atomic_write
 
 DEFAULT_SPLITS = {"gta5": ["all"], "synthia": ["all"]}  # others: train and val, those present
 PROVENANCE_FILE = "provenance.jsonl"  # one line per label written: what produced it

@@ -22,8 +22,8 @@ from torch.utils.data import Dataset
 from asg.config import DataConfig
 from asg.data.bundle import DataBundle
 from asg.data.images import IMG_EXTENSIONS
-from asg.data.pairs import EvalPairTransform, PairTransform, PairTransformFn, SegmentationPairs
-from asg.data.seg_classes import (
+from asg.data.segmentation.pairs import EvalPairTransform, PairTransform, PairTransformFn, SegmentationPairs
+from asg.data.segmentation.street_classes import (
     CLASS_SETS,
     check_class_set,
     cityscapes_lut,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from asg.data.digits import random_affine
+from asg.data.classification.digits import random_affine
 
 Stroke = list[tuple[float, float]]
 
@@ -79,7 +79,7 @@ def pen_digit(rng: np.random.Generator, digit: int, px: int = 48) -> np.ndarray:
 
     A random variant; every control point jittered (sd 4% of the box), the box's aspect 0.55-0.8, pen width
     9-18% of the height with round ends and joints, drawn at 2x and averaged down (anti-aliased coverage),
-    then :func:`asg.data.digits.random_affine` (rotation, shear, aspect).
+    then :func:`asg.data.classification.digits.random_affine` (rotation, shear, aspect).
     """
     variant = TEMPLATES[digit][int(rng.integers(len(TEMPLATES[digit])))]
     scale, aspect = 2 * px, rng.uniform(0.55, 0.8)
