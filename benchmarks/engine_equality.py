@@ -75,7 +75,9 @@ def fingerprint(run: Path) -> dict[str, Any]:
         out["weights"][str(f.relative_to(run))] = _tensor_hashes(f)
     for name in ("results.jsonl", "rounds.jsonl"):
         if (run / name).is_file():
-            out[name] = [_clean(json.loads(line), work) for line in (run / name).read_text().splitlines() if line.strip()]
+            out[name] = [
+                _clean(json.loads(line), work) for line in (run / name).read_text().splitlines() if line.strip()
+            ]
     if (run / "summary.json").is_file():
         summary = json.loads((run / "summary.json").read_text())
         out["selections"] = _clean(summary.get("selections"), work)

@@ -16,7 +16,7 @@ from test_teacher_cache import ALL, CountingTeacher, N, build, digits, exact_log
 
 import asg
 from asg.data.classification.listfile import ListFileDataset
-from asg.engine import teacher_cache
+from asg.engine import teacher_cache, teacher_files, teacher_keys
 from asg.engine.teacher_cache import TeacherCacheError, TeacherLogitCache, cache_key
 
 SRC_DIR = str(Path(asg.__file__).resolve().parents[1])
@@ -104,10 +104,10 @@ def test_image_replaced_with_its_mtime_kept_changes_the_content_key(tmp_path):
 def test_auto_key_falls_back_to_stat_for_large_file_datasets(tmp_path, monkeypatch):
     listing, teacher = write_images(tmp_path), CountingTeacher()
     ds = ListFileDataset(listing, image_size=8)
-    assert teacher_cache.resolve_key_mode(ds) == "content"
-    assert teacher_cache.resolve_key_mode(digits()) == "content"  # in-memory arrays: always their bytes
-    monkeypatch.setattr(teacher_cache, "CONTENT_KEY_MAX_BYTES", 10)
-    assert teacher_cache.resolve_key_mode(ds) == "stat"
+    assert teacher_keys.resolve_key_mode(ds) == "content"
+    assert teacher_keys.resolve_key_mode(digits()) == "content"  # in-memory arrays: always their bytes
+    monkeypatch.setattr(teacher_keys, "CONTENT_KEY_MAX_BYTES", 10)
+    assert teacher_keys.resolve_key_mode(ds) == "stat"
     assert cache_key(ds, "t", teacher, "fp32", 0, key_mode="auto") == cache_key(ds, "t", teacher, "fp32", 0)
 
 
@@ -122,7 +122,7 @@ def test_trainer_records_the_key_mode(tiny_config):
 def test_too_little_free_space_is_one_message_and_leaves_nothing(tmp_path, monkeypatch):
     """Case 6, checked before writing."""
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(teacher_cache.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    monkeypatch.setattr(teacher_files.shutil, "disk_usage", lambda p: usage._replace(free=1000))
     with pytest.raises(TeacherCacheError, match=r"not enough free space .*teacher.cache_dir"):
         build(tmp_path, digits(), CountingTeacher())
     assert list(tmp_path.iterdir()) == []
@@ -146,8 +146,8 @@ def test_disk_that_fills_during_the_build_is_one_message_not_a_bus_error(tmp_pat
         import sys
         sys.path.insert(0, {TESTS_DIR!r})
         from test_teacher_cache import CountingTeacher, digits, build
-        from asg.engine import teacher_cache
-        teacher_cache._check_space = lambda folder, needed: None
+        from asg.engine import teacher_build, teacher_cache
+        teacher_build._check_space = lambda folder, needed: None
         try:
             build({str(root)!r}, digits(n=1000), CountingTeacher())
         except teacher_cache.TeacherCacheError as exc:

@@ -8,35 +8,41 @@ Why no ``DistributedDataParallel``: a method may run several forward passes per 
 and a target pass, ``_check_before_save`` another), which DDP only allows with workarounds, and a wrapped model
 would need an unwrap helper wherever layer groups, the frozen ImageNet head, ``last_layer_weight``, checkpoints
 and the teacher are used. Instead, after ``loss.backward()`` each rank weights its gradients by its share of the
-global batch and one coalesced ``all_reduce`` sums them (:func:`average_gradients`), so every rank applies the same
-update and the parameters stay identical.
+global batch and one coalesced ``all_reduce`` sums them (:func:`~asg.engine.gradient_sync.average_gradients`), so
+every rank applies the same update and the parameters stay identical.
 
 World 1 (no ``WORLD_SIZE``, or 1): every helper returns at once without touching its input, so a single-process
 run is bit-identical to one without this module.
+
+This module holds :class:`Dist` (joining the group, its collectives) and the seed of each rank; the collectives of
+the training step are in :mod:`asg.engine.gradient_sync` and :class:`~asg.engine.sampler.ShardedBatchSampler` is
+with the other samplers. Their names are importable from here too.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.distributed as td
-from torch import Tensor, nn
-from torch.utils.data import Sampler
+from torch import Tensor
 
 from asg.collectives import collective, global_mean
 from asg.collectives import common_dtype as _common_dtype
-from asg.engine.sampler import EpochBatchSampler
+from asg.engine.gradient_sync import _reduce, average_gradients, broadcast_module
+from asg.engine.sampler import ShardedBatchSampler
 from asg.errors import AsgError
 from asg.utils import resolve_device
 
-# collective and global_mean live in the leaf module asg.collectives (re-exported here for older imports)
+# re-exported for older imports: collective and global_mean (asg.collectives), the step's collectives
+# (asg.engine.gradient_sync) and ShardedBatchSampler (asg.engine.sampler)
 __all__ = ["Dist", "ShardedBatchSampler", "average_gradients", "broadcast_module", "collective", "global_mean",
-           "rank_seed"]  # fmt: skip
+           "rank_seed", "_common_dtype", "_reduce"]  # fmt: skip
+
 T = TypeVar("T")
 _LAUNCH = "launch with torchrun, e.g. `torchrun --nproc-per-node 4 -m asg train --config RECIPE`"
 
@@ -180,78 +186,6 @@ def _leave() -> None:
         td.destroy_process_group()
 
 
-def _reduce(d: Dist, params: list[Tensor], values: dict[str, Tensor], weight: float) -> dict[str, float]:
-    """One all_reduce of ``[weight * grads..., has_grad flags..., weight * values..., weight]``; sets each
-    parameter's gradient to the weighted mean (None where no rank had one) and returns the values' means."""
-    dev, dtype = d.comm_device, _common_dtype(params)
-    grads = [p.grad for p in params]
-    parts = [(g.detach().reshape(-1).to(dev, dtype) * weight) if g is not None
-             else torch.zeros(p.numel(), device=dev, dtype=dtype) for p, g in zip(params, grads)]  # fmt: skip
-    flags = torch.tensor([float(g is not None) for g in grads], device=dev, dtype=dtype)
-    scalars = [v.detach().to(dev, dtype).reshape(1) * weight for v in values.values()]
-    buffer = torch.cat([*parts, flags, *scalars, torch.tensor([float(weight)], device=dev, dtype=dtype)])
-    with collective("all_reduce of the gradients"):
-        td.all_reduce(buffer)
-    total, offset = buffer[-1], 0
-    had_grad = buffer[sum(part.numel() for part in parts) :][: len(params)] > 0
-    for p, part, had in zip(params, parts, had_grad.tolist()):
-        if had:
-            p.grad = (buffer[offset : offset + part.numel()] / total).view_as(p).to(p.device, p.dtype)
-        offset += part.numel()
-    start = offset + len(params)
-    means = (buffer[start : start + len(values)] / total).tolist()
-    return dict(zip(values, means))
-
-
-def average_gradients(d: Dist, params: list[Tensor], values: dict[str, Tensor], weight: float) -> dict[str, float]:
-    """Replace the gradients of ``params`` by their mean over the ranks, weighted by ``weight`` (this rank's
-    number of images in the step; 0 for a rank without any), and return the same weighted means of the scalar
-    ``values`` (loss and logs), all in one coalesced all_reduce. World 1: gradients untouched, floats returned."""
-    if d.world == 1:
-        return {k: float(v) for k, v in values.items()}
-    return _reduce(d, params, values, weight)
-
-
-def broadcast_module(d: Dist, module: nn.Module, buffers_only: bool = False) -> None:
-    """Rank 0's floating-point parameters (unless ``buffers_only``) and buffers on every rank, one broadcast."""
-    if d.world == 1:
-        return
-    tensors = [] if buffers_only else [p.data for p in module.parameters()]
-    tensors += [b for b in module.buffers() if b.is_floating_point()]
-    if not tensors:
-        return
-    dtype = _common_dtype(tensors)
-    flat = d.broadcast(torch.cat([t.reshape(-1).to(d.comm_device, dtype) for t in tensors]))
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()
-
-
 def rank_seed(seed: int, step: int, rank: int) -> int:
     """Seed of the global RNG of rank ``rank`` > 0 at ``step`` (dropout masks differ across ranks, and resume)."""
     return ((seed * 1_000_003 + step) * 65_537 + rank) % (2**63)
-
-
-class ShardedBatchSampler(Sampler[list[Any]]):
-    """This rank's part ``batch[rank::world]`` of each global batch of ``sampler``.
-
-    A rank whose part of a (last, partial) batch is empty gets the batch's first item instead, so that it can run
-    the step like the others; :meth:`has_share` tells the trainer to give it weight 0.
-    """
-
-    def __init__(self, sampler: EpochBatchSampler, rank: int, world: int) -> None:
-        self.sampler, self.rank, self.world = sampler, rank, world
-
-    def __iter__(self) -> Iterator[list[Any]]:
-        for batch in self.sampler:
-            yield batch[self.rank :: self.world] or batch[:1]
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def has_share(self, step: int) -> bool:
-        """Whether the global batch of ``step`` has an item for this rank."""
-        s = self.sampler
-        j = step % s.steps_per_epoch
-        return self.rank < min(s.bs, s.n - j * s.bs)

@@ -1,10 +1,9 @@
-"""Evaluation on one confusion matrix: accuracy and mean per-class accuracy (the VisDA metric) for
-classification, IoU and mIoU for segmentation; an ignore label; flip TTA."""
+"""Inference and evaluation: class scores (flip TTA) and segmentation probabilities (whole image or sliding
+window, flip TTA), one confusion matrix per model and set (:func:`evaluate`), and the package's one evaluation path
+(:func:`evaluate_sets`). The metrics are in :mod:`asg.engine.metrics`, ImageNet retention in
+:mod:`asg.engine.retention`; their names are importable from here too."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -13,76 +12,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from asg.config import Config
 from asg.data.files import collate_skip_none
-from asg.methods.base import kl_teacher_student
+from asg.engine.metrics import PRIMARY_METRIC, EvalResult, confusion_matrix, real_average
+from asg.engine.retention import imagenet_retention, teacher_photo_logits
 from asg.models.fusion import inference_copy
 from asg.utils import progress
 
-# each task's headline metric: model selection (source-val, oracle) and the report use it
-PRIMARY_METRIC = {"classification": "mean_class_acc", "segmentation": "miou"}
-
-
-@dataclass
-class EvalResult:
-    """Metrics of one model on one set from one confusion matrix (``confusion[i, j]``: true i predicted as j).
-
-    Classification reports accuracy and mean per-class accuracy (the VisDA-17 metric); segmentation reports
-    pixel accuracy, per-class IoU and mIoU (Cityscapes protocol: over the classes present in the labels or the
-    predictions). ``primary`` is the task's headline number (:data:`PRIMARY_METRIC`).
-    """
-
-    confusion: np.ndarray  # [C, C] int64
-    task: str = "classification"
-
-    @property
-    def acc(self) -> float:
-        """Overall (pixel) accuracy."""
-        return float(np.trace(self.confusion) / max(self.confusion.sum(), 1))
-
-    @property
-    def per_class(self) -> list[float | None]:
-        """Recall per class; None for a class with no samples in the set."""
-        totals = self.confusion.sum(axis=1)
-        return [float(self.confusion[i, i] / t) if t else None for i, t in enumerate(totals)]
-
-    @property
-    def mean_class_acc(self) -> float:
-        """Mean of per-class accuracies over the classes present in the set (VisDA-17 protocol)."""
-        present = [a for a in self.per_class if a is not None]
-        return float(np.mean(present)) if present else 0.0
-
-    @property
-    def per_class_iou(self) -> list[float | None]:
-        """IoU per class, ``tp / (tp + fp + fn)``; None for a class absent from labels and predictions."""
-        tp = np.diag(self.confusion)
-        union = self.confusion.sum(axis=0) + self.confusion.sum(axis=1) - tp
-        return [float(t / u) if u else None for t, u in zip(tp, union)]
-
-    @property
-    def miou(self) -> float:
-        present = [v for v in self.per_class_iou if v is not None]
-        return float(np.mean(present)) if present else 0.0
-
-    @property
-    def primary(self) -> float:
-        return float(getattr(self, PRIMARY_METRIC[self.task]))
-
-    def to_dict(self) -> dict:
-        if self.task == "segmentation":
-            return {"pixel_acc": self.acc, "miou": self.miou, "per_class_iou": self.per_class_iou}
-        return {"acc": self.acc, "mean_class_acc": self.mean_class_acc, "per_class": self.per_class}
-
-
-def confusion_matrix(labels: Tensor, preds: Tensor, num_classes: int, ignore_index: int | None = None) -> np.ndarray:
-    """labels, preds: int tensors of one shape ([N] or [N, H, W]) -> [C, C] counts.
-
-    Positions whose label is ``ignore_index`` (segmentation: 255) are left out, as mmseg's ``intersect_and_union``.
-    """
-    labels, preds = labels.reshape(-1).long(), preds.reshape(-1).long()
-    if ignore_index is not None:
-        keep = labels != ignore_index
-        labels, preds = labels[keep], preds[keep]
-    idx = labels * num_classes + preds
-    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes).numpy()
+__all__ = ["PRIMARY_METRIC", "EvalResult", "confusion_matrix", "evaluate", "evaluate_sets", "imagenet_retention",
+           "list_collate", "predict_scores", "real_average", "same_size_groups", "segmentation_probs",
+           "sliding_options", "teacher_photo_logits"]  # fmt: skip
 
 
 def predict_scores(model: nn.Module, x: Tensor, tta_flip: bool) -> Tensor:
@@ -212,51 +149,6 @@ def evaluate(
                 confusion += confusion_matrix(y, p.argmax(dim=0).cpu(), num_classes, ignore_index)
     model.train(was_training)
     return EvalResult(confusion, task=task)
-
-
-def real_average(metrics: dict[str, dict[str, Any]], real_sets: list[str], metric: str) -> dict[str, Any] | None:
-    """Mean of ``metric`` over the real sets present (at least two), labelled with what it averages.
-
-    ``metrics`` maps set names to ``EvalResult.to_dict()``; returns e.g.
-    ``{"metric": "miou", "value": 0.41, "over": ["cityscapes", "bdd100k", "mapillary"], ...}``.
-    """
-    names = [n for n in real_sets if n in metrics]
-    if len(names) < 2:
-        return None
-    values = [metrics[n][metric] for n in names]
-    return {"metric": metric, "value": float(np.mean(values)), "over": names, "note": "unweighted mean over the sets"}
-
-
-@torch.no_grad()
-def imagenet_retention(
-    model: nn.Module, teacher: nn.Module | Tensor, photos: Tensor, batch_size: int = 16
-) -> dict[str, float]:
-    """How much ImageNet knowledge the trained model kept, measured on real photos [N, 3, H, W] in [0, 1].
-
-    ``teacher``: the frozen ImageNet network, or its logits on ``photos`` [N, 1000] computed once before
-    (:func:`teacher_photo_logits`; they do not change). Returns the top-1 agreement between the model's (frozen)
-    ImageNet head and the teacher, and the mean KL(p_teacher || p_model) over the photos.
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    agree, kl_sum = 0, 0.0
-    for i in range(0, len(photos), batch_size):
-        x = photos[i : i + batch_size].to(device)
-        student = model(x).imagenet_logits.float()
-        target = teacher[i : i + batch_size].to(device) if isinstance(teacher, Tensor) else teacher(x).float()
-        agree += int((student.argmax(1) == target.argmax(1)).sum())
-        kl_sum += float(kl_teacher_student(target, student)) * len(x)
-    model.train(was_training)
-    return {"top1_agreement": agree / len(photos), "kl": kl_sum / len(photos)}
-
-
-@torch.no_grad()
-def teacher_photo_logits(teacher: nn.Module, photos: Tensor, batch_size: int = 16) -> Tensor:
-    """The teacher's ImageNet logits [N, 1000] (fp32, on the CPU) on ``photos`` [N, 3, H, W]."""
-    device = next(teacher.parameters()).device
-    return torch.cat([teacher(photos[i : i + batch_size].to(device)).float().cpu()
-                      for i in range(0, len(photos), batch_size)])  # fmt: skip
 
 
 def evaluate_sets(

@@ -4,6 +4,9 @@ with ``with_seeds`` each sample also carries a seed for its random transform, de
 Seeding each sample (rather than each worker) makes random crops, scales and flips a function of the global step
 alone: a resumed run, or one with another ``num_workers``, draws exactly the augmentations an uninterrupted run
 draws.
+
+:class:`ShardedBatchSampler` gives each process of a run on several (:mod:`asg.engine.distributed`) its part of
+each global batch.
 """
 
 from __future__ import annotations
@@ -97,3 +100,27 @@ class IndexedDataset(Dataset):
         else:
             i, item = key, self.base[key]
         return None if item is None else (*item, i)
+
+
+class ShardedBatchSampler(Sampler[list[Any]]):
+    """This rank's part ``batch[rank::world]`` of each global batch of ``sampler``.
+
+    A rank whose part of a (last, partial) batch is empty gets the batch's first item instead, so that it can run
+    the step like the others; :meth:`has_share` tells the trainer to give it weight 0.
+    """
+
+    def __init__(self, sampler: EpochBatchSampler, rank: int, world: int) -> None:
+        self.sampler, self.rank, self.world = sampler, rank, world
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        for batch in self.sampler:
+            yield batch[self.rank :: self.world] or batch[:1]
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def has_share(self, step: int) -> bool:
+        """Whether the global batch of ``step`` has an item for this rank."""
+        s = self.sampler
+        j = step % s.steps_per_epoch
+        return self.rank < min(s.bs, s.n - j * s.bs)
