@@ -13,8 +13,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from asg.config import Config
+from asg.config import Config, DataConfig
 from asg.data import DataBundle
+from asg.data.segmentation.pairs import PairTransform
 from asg.engine.evaluate import list_collate, same_size_groups
 from asg.errors import AsgError
 from asg.methods import cross_entropy
@@ -46,6 +47,10 @@ class Task:
         """Mean task loss of ``logits`` against ``labels`` (as the training loss computes it)."""
         return cross_entropy(logits, labels)
 
+    def target_pair_transform(self, cfg: DataConfig) -> PairTransform | None:
+        """The random transform of a pseudo-labelled target pair (image and label map alike), or None."""
+        return None
+
 
 @dataclass(frozen=True)
 class SegmentationTask(Task):
@@ -56,6 +61,10 @@ class SegmentationTask(Task):
             "eval_resize": cfg.data.eval_resize or "native",
             "sliding_window": cfg.eval.sliding_window or "whole image",
         }
+
+    def target_pair_transform(self, cfg: DataConfig) -> PairTransform | None:
+        """The training pairs' resize, rescale, crop and flip, applied to the target image and its pseudo-labels."""
+        return PairTransform(cfg.train_resize, cfg.scale_range, cfg.crop_size, cfg.flip)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Logits [B, C, h, w] are upsampled to the labels' [B, H, W] first (labels keep their size under

@@ -24,10 +24,9 @@ from asg.adapt.pseudo import DamagedPseudoLabels, PseudoLabels, load_pseudo_labe
 from asg.adapt.report import AdaptResult, add_precision, write_report
 from asg.config import Config, load_config
 from asg.data import DataBundle, build_data, check_bundle_files
-from asg.data.segmentation.pairs import PairTransform
 from asg.data.targets import PseudoLabeled, target_dataset
 from asg.engine.checkpoint import load_weights, save_weights
-from asg.engine.evaluate import PRIMARY_METRIC, evaluate_sets, real_average
+from asg.engine.evaluate import evaluate_sets, real_average
 from asg.engine.init_from import ADAPTATION_FILE, init_record, init_weights_path, load_init_weights
 from asg.engine.rundir import RunDir, RunKind, sha256
 from asg.engine.trainer import Trainer
@@ -35,6 +34,7 @@ from asg.errors import AsgError, ConfigError
 from asg.l2o import build_controller
 from asg.methods import SelfTraining, build_method
 from asg.models import build_model
+from asg.tasks import task_of
 from asg.utils import resolve_device, seed_everything
 
 START_FILE = "start.json"
@@ -87,7 +87,7 @@ class Adaptation:
             raise AsgError(f"adapt.target {cfg.adapt.target}: the target set holds no image")
         if self.target_note:
             self._say(f"asg: note: {self.target_note}")
-        self.metric = PRIMARY_METRIC[self.data.task]
+        self.metric = task_of(self.data).primary_metric
 
     def _say(self, text: str) -> None:
         if not self.quiet:
@@ -266,10 +266,7 @@ class Adaptation:
         cfg.train.steps = self.cfg.adapt.steps_per_round
         cfg.train.seed = self.cfg.train.seed + r - 1  # another batch order per round
         cfg.name = f"{self.cfg.name or 'adapt'} round {r}"
-        pair_tf = None
-        if self.data.is_segmentation:
-            d = cfg.data
-            pair_tf = PairTransform(d.train_resize, d.scale_range, d.crop_size, d.flip)
+        pair_tf = task_of(self.data).target_pair_transform(cfg.data)
         target = PseudoLabeled(self.target, pseudo.indices, pseudo.label, pair_tf)
         method = SelfTraining(build_method(cfg.method), cfg.adapt)
         resume = RunDir(folder).has_progress()
