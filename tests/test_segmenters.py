@@ -263,9 +263,9 @@ def test_default_output_strides_and_dispatch():
     assert build_model(cfg16, 3).backbone.output_stride == 16  # cfg.output_stride also reaches the classifier
     lite = build_model(_cfg("lraspp", "efficientnet_lite0"), 3, task="segmentation")
     assert isinstance(lite, ASGSegmenter) and lite.backbone.output_stride == 32
-    assert lite.backbone.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    assert lite.backbone.model.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
     plain = build_model(_cfg("lraspp", "efficientnet_lite0", channels_last=False), 3, task="segmentation")
-    assert not plain.backbone.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not plain.backbone.model.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(ConfigError, match="valid tasks are classification, segmentation"):
         build_model(cfg, 3, task="detection")
 

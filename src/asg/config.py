@@ -77,6 +77,21 @@ class ModelConfig:
     # still starts at step 0 with a fresh optimizer (unlike --resume); the teacher stays the ImageNet network
     init_from: str | None = None
     init_checkpoint: str = "last"  # which weights of an init_from run folder: "last" | "source-val" | "oracle"
+    # guidance head ASG's KL reads (asg.models.guidance): "auto" (the backbone's ImageNet head; DINOv2: its
+    # linear head if guidance_file is set; CLIP: zero-shot) | "imagenet" | "dinov2_linear" | "clip_zeroshot" | "none"
+    guidance_head: str = "auto"
+    guidance_file: str | None = None  # dinov2_linear: dinov2_vit?14_linear_head.pth
+    clip_model: str | None = None  # clip_zeroshot: open_clip config name (default: the backbone's) or a .json file
+    clip_templates: str = "openai"  # clip_zeroshot prompts: "openai" (80) | "simple" (7)
+    clip_cache_dir: str | None = None  # zero-shot text embeddings cache; default $XDG_CACHE_HOME/asg/clip_zeroshot
+    input_size: int | None = None  # ViTs: position-embedding grid size (default the backbone's native size)
+    vit_blocks: list[int] | None = None  # ViT segmentation: blocks whose tokens feed the head (default quarters)
+    timm_kwargs: dict[str, int] = field(default_factory=dict)  # extra timm.create_model arguments (tiny test models)
+    lora_rank: int = 0  # > 0: LoRA adapters (peft) on lora_targets of lora_blocks, the rest of the backbone frozen
+    lora_alpha: int = 16  # LoRA scaling alpha / rank
+    lora_targets: list[str] = field(default_factory=lambda: ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"])
+    lora_blocks: list[int] | None = None  # None: every block
+    freeze_backbone: bool = False  # train only the new head (and adapters); the guidance head is always frozen
 
 
 @dataclass

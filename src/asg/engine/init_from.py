@@ -96,5 +96,10 @@ def load_init_weights(model: nn.Module, cfg: Config, num_classes: int, task: str
                 )
     if not weights.is_file():
         raise WeightsError(f"model.init_from: the weights file {weights} does not exist")
+    if weights.suffix != ".safetensors":
+        from asg.models.official import load_official_checkpoint
+
+        print(f"model.init_from: {load_official_checkpoint(model, weights)}")
+        return str(weights)
     load_weights(model, weights)
     return str(weights)

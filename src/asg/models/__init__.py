@@ -1,12 +1,14 @@
-"""Networks: ImageNet-pretrained backbones (EfficientNet-Lite, ResNet, VGG16), the ASG classifier and segmenters,
-and their teacher."""
+"""Networks: pretrained backbones (timm: EfficientNet-Lite, ResNet, ConvNeXt, DINOv2, CLIP, EVA02; torchvision VGG16
+for FCN-8s), guidance heads, the ASG classifier and segmenters, and their teacher."""
 
 from __future__ import annotations
 
 from importlib import resources
 
-from asg.models.backbones import BACKBONES, Backbone, build_backbone
-from asg.models.classifier import ASGClassifier, ModelOutput, Teacher, build_model, make_teacher
+from asg.models.backbones import BACKBONES, build_backbone
+from asg.models.base import ASGNetwork, Backbone, ModelOutput
+from asg.models.build import build_model
+from asg.models.classifier import ASGClassifier, Teacher, make_teacher
 from asg.models.segmenter import SEGMENTERS, ASGSegmenter, build_segmenter
 
 
@@ -18,6 +20,7 @@ def imagenet_class_names() -> list[str]:
 
 __all__ = [
     "ASGClassifier",
+    "ASGNetwork",
     "ASGSegmenter",
     "BACKBONES",
     "Backbone",

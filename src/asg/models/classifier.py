@@ -1,55 +1,35 @@
-"""ASG's classification network (spec 2.1): backbone + new task head + frozen ImageNet head, and the teacher.
-
-``build_model`` also builds the segmentation networks (``asg.models.segmenter``), which share this contract.
-"""
+"""ASG's classification network (spec 2.1): backbone + new task head + frozen guidance head, and the teacher."""
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, cast, overload
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 
-from asg.config import ModelConfig
 from asg.errors import ConfigError
-from asg.models.backbones import Backbone, ParamGroups, build_backbone
+from asg.models.base import ASGNetwork, Backbone, ModelOutput, ParamGroups
 
-if TYPE_CHECKING:
-    from asg.models.segmenter import ASGSegmenter
-
-TASKS = ("classification", "segmentation")
+__all__ = ["ASGClassifier", "ModelOutput", "Teacher", "make_teacher"]
 
 
-@dataclass
-class ModelOutput:
-    logits: Tensor  # [B, C] task logits from the new head ([B, C, H, W] at input size for a segmenter)
-    imagenet_logits: Tensor  # [B, 1000] frozen ImageNet head on the trained (pooled deepest) features
-    features: Tensor  # [B, D] pooled backbone features
-
-
-class ASGClassifier(nn.Module):
+class ASGClassifier(ASGNetwork):
     """Backbone -> pooled features [B, D] -> ``head`` (D -> hidden -> ReLU -> C, ASG's ``fc_new``, default init).
 
     The features are pooled once (``backbone(x)``: ``forward_features`` then ``forward_head(pre_logits=True)``).
-    The backbone's ImageNet head (``imagenet_head``) is frozen, never in ``layer_groups``, and applied to the same
+    The backbone's guidance head (``imagenet_head``) is frozen, never in ``layer_groups``, and applied to the same
     pooled features to give the student's ImageNet logits for the proxy-guidance KL.
     """
 
     def __init__(self, backbone: Backbone, num_classes: int, hidden_dim: int = 512) -> None:
         super().__init__()
         self.backbone = backbone
-        self.backbone.imagenet_head.requires_grad_(False)
+        self._freeze_guidance_head()
         self.head = nn.Sequential(
             nn.Linear(backbone.feature_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, num_classes)
         )
         self.num_classes = num_classes
-
-    @property
-    def imagenet_head(self) -> nn.Module:
-        """The backbone's frozen ImageNet head (one module, stored once under ``backbone.imagenet_head``)."""
-        return self.backbone.imagenet_head
 
     def forward(self, x: Tensor) -> ModelOutput:
         """x [B,3,H,W] RGB in [0,1] -> ModelOutput."""
@@ -57,17 +37,17 @@ class ASGClassifier(nn.Module):
         return ModelOutput(self.head(features), self.imagenet_head(features), features)
 
     def layer_groups(self) -> ParamGroups:
-        """7 groups: the backbone's 6 (stem to last stage) + ``("head", ...)``; trainable parameters only."""
+        """The backbone's 6 groups (stem to last stage) + ``("head", ...)``; trainable parameters only."""
         head = [p for p in self.head.parameters() if p.requires_grad]
         return self.backbone.layer_groups() + [("head", head)]
 
     @property
     def last_layer_weight(self) -> Tensor:
         """[C, hidden] weight of the head's last Linear (source of the L2O observation's fc statistics)."""
-        return cast(nn.Linear, self.head[-1]).weight
+        return cast(nn.Linear, cast(nn.Sequential, self.head)[-1]).weight
 
     def pretrained_parameters(self) -> list[nn.Parameter]:
-        """Trainable backbone parameters (the ImageNet-initialised ones), in group order."""
+        """Trainable backbone parameters (the pretrained ones), in group order."""
         return [p for _, params in self.backbone.layer_groups() for p in params]
 
     def task_parameters(self) -> list[nn.Parameter]:
@@ -96,7 +76,7 @@ class Teacher(nn.Module):
     def __init__(self, backbone: Backbone) -> None:
         super().__init__()
         self.backbone = copy.deepcopy(backbone)
-        self.backbone.set_output_stride(32)
+        self.backbone.set_output_stride(getattr(backbone, "native_output_stride", 32))
         for p in self.backbone.parameters():
             p.requires_grad_(False)
             p.grad = None
@@ -139,51 +119,9 @@ class Teacher(nn.Module):
         return view
 
 
-def make_teacher(model: ASGClassifier | ASGSegmenter) -> Teacher:
+def make_teacher(model: ASGNetwork) -> Teacher:
     """Deep copy of ``model``'s backbone + ImageNet head as it is now, at output stride 32 (see ``Teacher``).
 
     Call it before training (pretrained state).
     """
     return Teacher(model.backbone)
-
-
-@overload
-def build_model(
-    cfg: ModelConfig,
-    num_classes: int,
-    *,
-    task: Literal["classification"] = "classification",
-    output_stride: int | None = None,
-) -> ASGClassifier: ...
-@overload
-def build_model(
-    cfg: ModelConfig, num_classes: int, *, task: Literal["segmentation"], output_stride: int | None = None
-) -> ASGSegmenter: ...
-@overload
-def build_model(
-    cfg: ModelConfig, num_classes: int, *, task: str, output_stride: int | None = None
-) -> ASGClassifier | ASGSegmenter: ...
-def build_model(
-    cfg: ModelConfig, num_classes: int, *, task: str = "classification", output_stride: int | None = None
-) -> ASGClassifier | ASGSegmenter:
-    """The ASG network for ``task``: "classification" (``ASGClassifier``) or "segmentation" (``ASGSegmenter``).
-
-    Classification: backbone ``cfg.backbone`` with ``cfg.weights`` + task head; channels_last memory format if
-    asked. Segmentation: ``asg.models.segmenter.build_segmenter`` (head ``cfg.segmenter``).
-    ``output_stride`` (else ``cfg.output_stride``, else 32 for classification and the segmenter's default) goes to
-    ``build_backbone`` (32 everywhere; 16/8 for ResNets; ConfigError otherwise). For the classifier it only
-    changes ``backbone.forward_features``' map size; the classifier still pools it.
-    """
-    if task == "segmentation":
-        from asg.models.segmenter import build_segmenter
-
-        return build_segmenter(cfg, num_classes, output_stride=output_stride)
-    if task != "classification":
-        raise ConfigError(f"task {task!r}: valid tasks are {', '.join(TASKS)}")
-    if output_stride is None:
-        output_stride = cfg.output_stride if cfg.output_stride is not None else 32
-    backbone = build_backbone(cfg.backbone, cfg.weights, output_stride=output_stride)
-    model = ASGClassifier(backbone, num_classes, cfg.hidden_dim)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model

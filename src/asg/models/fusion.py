@@ -7,8 +7,9 @@ of the forward); predictions are those of the model up to float rounding (logits
 itself is not changed (``eval.fuse_bn=false`` evaluates it as it is).
 
 A pair is folded only where the BatchNorm is known to take the convolution's output: adjacent members of an
-``nn.Sequential``, and the named pairs of the backbones here (EfficientNet-Lite blocks and stem/head, torchvision
-ResNet blocks and stem).
+``nn.Sequential``, and the named pairs of the timm modules here (EfficientNet-Lite blocks and stem/head, ResNet
+blocks and stem). timm's ``BatchNormAct2d`` (BatchNorm + activation in one module) folds into the convolution
+and leaves its activation.
 """
 
 from __future__ import annotations
@@ -18,26 +19,31 @@ import copy
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-# (convolution, BatchNorm) attribute names where forward() applies the BatchNorm to that convolution's output
-NAMED_PAIRS = (
-    ("conv_stem", "bn0"),  # EfficientNet-Lite stem (asg.models.efficientnet)
-    ("conv_head", "bn1"),  # EfficientNet-Lite head
-    ("_expand_conv", "_bn0"),  # EfficientNet-Lite MBConv blocks (efficientnet_lite_pytorch)
-    ("_depthwise_conv", "_bn1"),
-    ("_project_conv", "_bn2"),
-    ("conv1", "bn1"),  # torchvision ResNet stem and Bottleneck/BasicBlock
-    ("conv2", "bn2"),
-    ("conv3", "bn3"),
-)
+# class name -> (convolution, BatchNorm) attribute pairs where forward() applies the BatchNorm to that output
+NAMED_PAIRS: dict[str, tuple[tuple[str, str], ...]] = {
+    "EfficientNet": (("conv_stem", "bn1"), ("conv_head", "bn2")),  # timm (tf_efficientnet_lite*)
+    "InvertedResidual": (("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3")),
+    "DepthwiseSeparableConv": (("conv_dw", "bn1"), ("conv_pw", "bn2")),
+    "ResNet": (("conv1", "bn1"),),  # timm ResNet stem and blocks
+    "Bottleneck": (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
+    "BasicBlock": (("conv1", "bn1"), ("conv2", "bn2")),
+}
 
 
-def _fold(conv: object, bn: object) -> nn.Conv2d | None:
-    """``conv`` with ``bn`` folded in (a new module), or None when the pair cannot be folded."""
-    if not (isinstance(conv, nn.Conv2d) and type(bn) is nn.BatchNorm2d):
+def _fold(conv: object, bn: object) -> nn.Module | None:
+    """``conv`` with ``bn`` folded in (a new module; with ``bn``'s activation after it if it has one), or None
+    when the pair cannot be folded."""
+    from timm.layers import BatchNormAct2d
+
+    if not isinstance(conv, nn.Conv2d) or type(bn) not in (nn.BatchNorm2d, BatchNormAct2d):
         return None
+    assert isinstance(bn, nn.BatchNorm2d)
     if not bn.track_running_stats or bn.num_features != conv.out_channels:
         return None
-    return fuse_conv_bn_eval(conv, bn)
+    fused = fuse_conv_bn_eval(conv, bn)
+    if isinstance(bn, BatchNormAct2d):
+        return nn.Sequential(fused, bn.drop, bn.act)
+    return fused
 
 
 def inference_copy(model: nn.Module) -> nn.Module:
@@ -52,7 +58,7 @@ def inference_copy(model: nn.Module) -> nn.Module:
                 folded = _fold(module._modules[a], module._modules[b])
                 if folded is not None:
                     module._modules[a], module._modules[b] = folded, nn.Identity()
-        for conv_name, bn_name in NAMED_PAIRS:
+        for conv_name, bn_name in NAMED_PAIRS.get(type(module).__name__, ()):
             folded = _fold(getattr(module, conv_name, None), getattr(module, bn_name, None))
             if folded is not None:
                 setattr(module, conv_name, folded)

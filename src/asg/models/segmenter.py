@@ -12,7 +12,14 @@ Segmenters (``cfg.model.segmenter``), each on its own backbones:
     fcn8s      vgg16                                 FCN-8s at-once (spec 2.2), output stride 32
     deeplabv3  resnet50, resnet101                   DeepLabv3 ASPP head, dilated ResNet, output stride 8 (16, 32)
     lraspp     efficientnet_lite0, efficientnet_lite2  LR-ASPP (MobileNetV3's light head), output stride 32
-    fpn        efficientnet_lite0/2, resnet50/101      light FPN decoder on the stride 4-32 maps, logits at stride 4
+    fpn        efficientnet_lite0/2, resnet50/101,     light FPN decoder on the stride 4-32 maps, logits at stride 4
+               convnext_*, ViTs (DINOv2, CLIP, EVA02)  (ViTs: through ViTDet's simple feature pyramid)
+
+Why an FPN on ViTs (and not UPerNet or Mask2Former): the pretrained blocks carry the representation, the decoder
+only has to bring 4 blocks' stride-14/16 tokens back to stride 4; ViTDet (Li et al. 2022) showed that a simple
+pyramid (deconvolutions up, pooling down) from plain ViT features is as good as a hierarchical backbone, and an FPN
+on it is a few hundred thousand parameters, so LoRA or a frozen backbone stays the bulk of the training. Rein and
+the frozen-foundation-model DGSS papers use Mask2Former, which no maintained, installable library here provides.
 """
 
 from __future__ import annotations
@@ -30,11 +37,8 @@ from torchvision.ops import FeaturePyramidNetwork
 
 from asg.config import ModelConfig
 from asg.errors import ConfigError
-from asg.models.backbones import Backbone, ParamGroups, build_backbone
-from asg.models.classifier import ModelOutput
-from asg.models.vgg import VGGBackbone, vgg16
-
-GroupModules = list[tuple[str, list[nn.Module]]]
+from asg.models.base import ASGNetwork, Backbone, GroupModules, ModelOutput, ParamGroups
+from asg.models.vgg import VGGBackbone
 
 
 class SegmentationHead(nn.Module):
@@ -49,6 +53,10 @@ class SegmentationHead(nn.Module):
 
     def group_modules(self, backbone: Backbone) -> GroupModules:
         return backbone.group_modules() + [("head", [self])]
+
+    def layer_groups(self, backbone: Backbone) -> ParamGroups:
+        """The network's trainable parameter groups: the backbone's, then ``("head", ...)``."""
+        return backbone.layer_groups() + [("head", [p for p in self.parameters() if p.requires_grad])]
 
     @property
     def last_layer_weight(self) -> Tensor:
@@ -128,6 +136,12 @@ class FCN8sHead(SegmentationHead):
         head = [self.score_fr, self.score_pool3, self.score_pool4, self.upscore2, self.upscore_pool4, self.upscore8]
         return backbone.conv_groups() + [("fc", [self.fc6, self.fc7]), ("head", list(head))]
 
+    def layer_groups(self, backbone: Backbone) -> ParamGroups:
+        return [
+            (name, [p for m in mods for p in m.parameters() if p.requires_grad])
+            for name, mods in self.group_modules(backbone)
+        ]
+
     @property
     def last_layer_weight(self) -> Tensor:
         """``upscore8.weight`` [C, C, 16, 16] flattened to [C, C * 256] (the official observation, spec 8.16)."""
@@ -197,15 +211,22 @@ class FPNSegHead(SegmentationHead):
 
     def __init__(self, backbone: Backbone, num_classes: int, channels: int = 64, finest_stride: int = 4) -> None:
         super().__init__()
-        if finest_stride not in backbone.stage_strides:
+        in_channels, strides = list(backbone.stage_channels), list(backbone.stage_strides)
+        self.pyramid: SimplePyramid | None = None
+        if len(set(strides)) == 1:  # a ViT: all maps at the patch stride
+            self.pyramid = SimplePyramid(in_channels)
+            in_channels, strides = self.pyramid.out_channels, list(SimplePyramid.strides)
+        if finest_stride not in strides:
             raise ConfigError(f"model.fpn_finest_stride={finest_stride}: the backbone's maps have strides "
-                              f"{sorted(set(backbone.stage_strides))}")  # fmt: skip
-        self.first = backbone.stage_strides.index(finest_stride)
-        self.fpn = FeaturePyramidNetwork(list(backbone.stage_channels[self.first :]), channels)
+                              f"{sorted(set(strides))}")  # fmt: skip
+        self.first = strides.index(finest_stride)
+        self.fpn = FeaturePyramidNetwork(in_channels[self.first :], channels)
         self.fuse = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True))
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 
     def forward(self, stages: list[Tensor], size: tuple[int, int]) -> Tensor:
+        if self.pyramid is not None:
+            stages = self.pyramid(stages)
         maps = OrderedDict((str(i), m) for i, m in enumerate(stages[self.first :]))
         finest = self.fpn(maps)["0"]
         return F.interpolate(self.classifier(self.fuse(finest)), size=size, mode="bilinear", align_corners=False)
@@ -215,7 +236,29 @@ class FPNSegHead(SegmentationHead):
         return self.classifier.weight.flatten(1)
 
 
-class ASGSegmenter(nn.Module):
+class SimplePyramid(nn.Module):
+    """ViTDet's simple feature pyramid on 4 ViT maps [B, D_i, h, w] at the patch stride p: x4 (two 2x2 transposed
+    convolutions with GELU, D/4 channels), x2 (one, D/2), x1, x1/2 (2x2 max pool) -> nominal strides 4, 8, 16, 32
+    (exactly these for p = 16; 3.5, 7, 14, 28 for p = 14)."""
+
+    strides = (4, 8, 16, 32)
+
+    def __init__(self, channels: list[int]) -> None:
+        super().__init__()
+        if len(channels) != 4:
+            raise ConfigError(f"model.vit_blocks: the ViT pyramid takes 4 blocks, got {len(channels)}")
+        d0, d1, _, _ = channels
+        self.up4 = nn.Sequential(nn.ConvTranspose2d(d0, d0 // 2, 2, 2), nn.GELU(),
+                                 nn.ConvTranspose2d(d0 // 2, d0 // 4, 2, 2))  # fmt: skip
+        self.up2 = nn.ConvTranspose2d(d1, d1 // 2, 2, 2)
+        self.down2 = nn.MaxPool2d(2, ceil_mode=True)
+        self.out_channels = [d0 // 4, d1 // 2, channels[2], channels[3]]
+
+    def forward(self, maps: list[Tensor]) -> list[Tensor]:
+        return [self.up4(maps[0]), self.up2(maps[1]), maps[2], self.down2(maps[3])]
+
+
+class ASGSegmenter(ASGNetwork):
     """Backbone -> ``forward_stages`` maps -> dense ``head`` (logits at the input size); the frozen ImageNet head
     on the pooled deepest map gives the student's ImageNet logits (``ASGClassifier``'s contract).
     """
@@ -223,21 +266,15 @@ class ASGSegmenter(nn.Module):
     def __init__(self, backbone: Backbone, head: SegmentationHead, num_classes: int, segmenter: str = "") -> None:
         super().__init__()
         self.backbone = backbone
-        self.backbone.imagenet_head.requires_grad_(False)
-        self.head = head
+        self._freeze_guidance_head()
+        self.head: SegmentationHead = head
         self.num_classes = num_classes
         self.segmenter = segmenter
 
-    @property
-    def imagenet_head(self) -> nn.Module:
-        """The backbone's frozen ImageNet head (stored once under ``backbone.imagenet_head``)."""
-        return self.backbone.imagenet_head
-
     def forward(self, x: Tensor) -> ModelOutput:
         """x [B,3,H,W] RGB in [0,1] -> ModelOutput(logits [B,C,H,W], imagenet_logits [B,1000], features [B,D])."""
-        stages = self.backbone.forward_stages(self.backbone.normalize(x))
+        stages, features = self.backbone.forward_dense(self.backbone.normalize(x))
         logits = self.head(stages, (x.shape[-2], x.shape[-1]))
-        features = self.backbone.forward_head(stages[-1], pre_logits=True)
         return ModelOutput(logits, self.imagenet_head(features), features)
 
     def group_modules(self) -> GroupModules:
@@ -246,22 +283,12 @@ class ASGSegmenter(nn.Module):
 
     def layer_groups(self) -> ParamGroups:
         """7 groups of trainable parameters; the last is ``"head"`` (the new layers)."""
-        return [
-            (name, [p for m in mods for p in m.parameters() if p.requires_grad]) for name, mods in self.group_modules()
-        ]
+        return self.head.layer_groups(self.backbone)
 
     @property
     def last_layer_weight(self) -> Tensor:
         """2-D weight behind the L2O observation's fc statistics (see each head)."""
         return self.head.last_layer_weight
-
-    def pretrained_parameters(self) -> list[nn.Parameter]:
-        """Trainable ImageNet-initialised parameters (every group but ``"head"``; FCN-8s: with fc6/fc7)."""
-        return [p for _, params in self.layer_groups()[:-1] for p in params]
-
-    def task_parameters(self) -> list[nn.Parameter]:
-        """Parameters of the new layers (the ``"head"`` group)."""
-        return self.layer_groups()[-1][1]
 
 
 @dataclass(frozen=True)
@@ -282,11 +309,15 @@ def _fpn_head(backbone: Backbone, num_classes: int, cfg: ModelConfig | None = No
     return FPNSegHead(backbone, num_classes, cfg.fpn_channels, cfg.fpn_finest_stride)
 
 
+_FPN_BACKBONES = (
+    *("efficientnet_lite0", "efficientnet_lite2", "resnet50", "resnet101", "convnext_tiny", "convnext_base"),
+    *("dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "clip_vitb16", "clip_vitl14", "eva02_base"),
+)
 SEGMENTERS: dict[str, SegmenterSpec] = {
     "fcn8s": SegmenterSpec(("vgg16",), 32, _fcn8s_head),
     "deeplabv3": SegmenterSpec(("resnet50", "resnet101"), 8, lambda bb, n: DeepLabV3Head(bb.stage_channels[-1], n)),
     "lraspp": SegmenterSpec(("efficientnet_lite0", "efficientnet_lite2"), 32, LRASPPSegHead),
-    "fpn": SegmenterSpec(("efficientnet_lite0", "efficientnet_lite2", "resnet50", "resnet101"), 32, _fpn_head),
+    "fpn": SegmenterSpec(_FPN_BACKBONES, 32, _fpn_head),
 }
 
 
@@ -295,13 +326,8 @@ def valid_combinations() -> str:
     return "; ".join(f"{name} + {'|'.join(spec.backbones)}" for name, spec in SEGMENTERS.items())
 
 
-def build_segmenter(cfg: ModelConfig, num_classes: int, *, output_stride: int | None = None) -> ASGSegmenter:
-    """Segmenter ``cfg.segmenter`` on backbone ``cfg.backbone`` with ``cfg.weights``; channels_last if asked.
-
-    ``output_stride`` (else ``cfg.output_stride``, else the segmenter's default: 8 for deeplabv3, 32 otherwise).
-    ConfigError for an unknown segmenter, a backbone it does not run on (naming the valid combinations) or an
-    unsupported output stride, before any weights are read.
-    """
+def check_combination(cfg: ModelConfig) -> SegmenterSpec:
+    """The spec of ``cfg.segmenter``; ConfigError for an unknown one or a backbone it does not run on."""
     if cfg.segmenter not in SEGMENTERS:
         raise ConfigError(f"model.segmenter: unknown segmenter {cfg.segmenter!r}; valid: {', '.join(SEGMENTERS)}")
     spec = SEGMENTERS[cfg.segmenter]
@@ -310,14 +336,18 @@ def build_segmenter(cfg: ModelConfig, num_classes: int, *, output_stride: int | 
             f"model.segmenter={cfg.segmenter!r} does not run on model.backbone={cfg.backbone!r}; "
             f"valid combinations: {valid_combinations()}"
         )
-    if output_stride is None:
-        output_stride = cfg.output_stride if cfg.output_stride is not None else spec.output_stride
-    if cfg.segmenter == "fcn8s":
-        backbone: Backbone = vgg16(cfg.weights, output_stride=output_stride, fcn=True)
-    else:
-        backbone = build_backbone(cfg.backbone, cfg.weights, output_stride=output_stride)
-    head = _fpn_head(backbone, num_classes, cfg) if cfg.segmenter == "fpn" else spec.make_head(backbone, num_classes)
-    model = ASGSegmenter(backbone, head, num_classes, cfg.segmenter)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    return spec
+
+
+def make_segmenter_head(cfg: ModelConfig, backbone: Backbone, num_classes: int) -> SegmentationHead:
+    """The dense head ``cfg.segmenter`` on ``backbone``."""
+    if cfg.segmenter == "fpn":
+        return _fpn_head(backbone, num_classes, cfg)
+    return SEGMENTERS[cfg.segmenter].make_head(backbone, num_classes)
+
+
+def build_segmenter(cfg: ModelConfig, num_classes: int, *, output_stride: int | None = None) -> ASGSegmenter:
+    """``build_model(cfg, num_classes, task="segmentation", output_stride=...)``."""
+    from asg.models.build import build_model
+
+    return build_model(cfg, num_classes, task="segmentation", output_stride=output_stride)

@@ -1,5 +1,8 @@
 """VGG16 backbone (torchvision architecture; weights from torch's local hub cache or a file).
 
+The one hand-written backbone left: FCN-8s needs conv1_1 with padding 100 and ceil-mode pools, which timm's VGG
+(``timm.models.vgg``, with a ConvMlp pre-logits) does not build.
+
 ``forward_stages``: pool1 ... pool5 (64, 128, 256, 512, 512 channels; nominal strides 2, 4, 8, 16, 32);
 ``forward_features``: pool5. ``forward_head`` pools pool5 as torchvision's VGG does (``AdaptiveAvgPool2d(7, 7)``,
 flattened: D = 25088) and applies ``imagenet_head``, the ImageNet classifier fc6-fc7-fc8 (``Linear`` layers with
@@ -28,8 +31,7 @@ import torchvision
 from torch import Tensor, nn
 
 from asg.errors import ConfigError
-from asg.models.backbones import Backbone, hub_cache_file, load_state_dict_file
-from asg.models.resnet import IMAGENET_MEAN, IMAGENET_STD
+from asg.models.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, hub_cache_file, load_state_dict_file
 
 CACHE_FILE = "vgg16-397923af.pth"  # torchvision IMAGENET1K_V1, the weights ASG used
 _URL = "https://download.pytorch.org/models/"
