@@ -228,10 +228,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     overall, primary = task.overall, task.primary_metric
     heads = (f"{task.overall_label} %", f"{task.label} %")
     extra = f"{'wise_ft_alpha':>15}" if alpha is not None else ""
-    print(f"{'set':<16}{'role':<12}{'n':>10}{heads[0]:>12}{heads[1]:>14}{extra}")
+    print(f"{'set':<16}{'role':<12}{'n':>10}{heads[0]:>12}{heads[1]:>18}{extra}")
     for name, r in result["sets"].items():
         extra = f"{alpha:>15g}" if alpha is not None else ""
-        print(f"{name:<16}{r['role']:<12}{r['n']:>10}{100 * r[overall]:>12.2f}{100 * r[primary]:>14.2f}{extra}")
+        print(f"{name:<16}{r['role']:<12}{r['n']:>10}{100 * r[overall]:>12.2f}{100 * r[primary]:>18.2f}{extra}")
     if "real_average" in result:
         avg = result["real_average"]
         print(f"average {avg['metric']} over {', '.join(avg['over'])}: {100 * avg['value']:.2f}{label}")

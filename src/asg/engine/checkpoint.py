@@ -44,6 +44,9 @@ def load_weights(model: nn.Module, path: Path, data: bytes | None = None) -> Non
     except SafetensorError as exc:
         detail = " ".join(str(exc).split())
         raise WeightsError(f"cannot read checkpoint {path}: the file is corrupt or truncated ({detail})") from None
+    upgrade = getattr(model, "upgrade_state_dict", None)  # weights of an earlier release's key layout
+    if upgrade is not None:
+        state = upgrade(state)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

@@ -177,6 +177,20 @@ class ASGNetwork(nn.Module):
         """Parameters of the new layers (the ``"head"`` group)."""
         return self.layer_groups()[-1][1]
 
+    def upgrade_state_dict(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``state`` in today's key layout: weights saved before the backbones came from timm name the backbone's
+        tensors ``backbone.<hand-written key>``; they become ``backbone.model.<timm key>`` (the backbone's
+        ``translate_old_key``). Keys that already fit are kept as they are."""
+        own = self.state_dict()
+        translate = getattr(self.backbone, "translate_old_key", None)
+        if translate is None or all(k in own for k in state):
+            return dict(state)
+        out = {}
+        for k, v in state.items():
+            new = f"backbone.model.{translate(k[len('backbone.') :])}" if k.startswith("backbone.") else k
+            out[k if k in own or new not in own else new] = v
+        return out
+
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """Only what trains (``requires_grad``) plus every buffer of a trained module: what a LoRA or
         frozen-backbone checkpoint must hold; the rest is rebuilt from the recipe."""

@@ -143,6 +143,10 @@ class TimmBackbone(Backbone):
     def translate_key(self, key: str) -> str:
         return key
 
+    def translate_old_key(self, key: str) -> str:
+        """A key of this package's former hand-written backbone -> the timm model's (the same for ResNet)."""
+        return key
+
     def load_own(self, state: Mapping[str, Tensor], source: str) -> None:
         """Strictly load an own-layout state dict (``model.*``, ``imagenet_head.*``)."""
         state = strip_prefix(state, "module.")
@@ -223,6 +227,7 @@ def efficientnet_lite(name: str, state: Mapping[str, Tensor] | None, source: str
         prefixes = tuple(f"blocks.{i}" for i, s in enumerate(stage_of) if s == g)
         groups.append((f"stage{g + 1}", prefixes + (("conv_head", "bn2") if g == 3 else ())))
     bb = TimmBackbone(model, name=name, mean=LITE_MEAN, std=LITE_STD, input_size=LITE_INPUT[name], groups=groups)
+    bb.translate_old_key = lite_key_map(model)  # type: ignore[method-assign]  # run folders of earlier releases
     if state is not None:
         state = strip_prefix(state, "module.")
         if is_own_layout(state):
