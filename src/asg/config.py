@@ -420,7 +420,7 @@ _CHOICES = {
     "data.on_bad_image": ("error", "skip"),
     "data.split": ("train", "all", "val"),
     "data.class_set": (19, 16, 13),
-    "model.segmenter": ("fcn8s", "deeplabv3", "lraspp", "fpn"),
+    "model.clip_templates": ("openai", "simple"),
     "model.init_checkpoint": ("last", "source-val", "oracle"),
     "teacher.cache_storage": ("memory", "fp32", "fp16", "topk"),
     "method.feature_distance": ("cosine", "mse"),
@@ -528,9 +528,13 @@ def registry_names() -> dict[str, list[str]]:
     from asg.data import DATASETS
     from asg.l2o import CONTROLLERS, REWARDS
     from asg.methods import METHODS
+    from asg.models.backbones import BACKBONES
+    from asg.models.guidance import GUIDANCE_HEADS
+    from asg.models.segmenter import SEGMENTERS
 
     return {"data.name": sorted(DATASETS), "method.name": sorted(METHODS), "l2o.controller": sorted(CONTROLLERS),
-            "l2o.reward": sorted(REWARDS)}  # fmt: skip
+            "l2o.reward": sorted(REWARDS), "model.backbone": sorted(BACKBONES), "model.segmenter": sorted(SEGMENTERS),
+            "model.guidance_head": ["auto", *GUIDANCE_HEADS]}  # fmt: skip
 
 
 def check_registry_names(cfg: Config) -> None:

@@ -6,15 +6,22 @@ frozen ImageNet copy seeing the same synthetic batch. Temperature 1, batch-mean,
 
 from __future__ import annotations
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from asg.collectives import global_mean
 from asg.errors import ConfigError
 from asg.methods.base import LossOutput, MethodBase, cross_entropy, kl_teacher_student
+from asg.models.base import NoGuidanceHead
 
 
 class ASG(MethodBase):
     needs_teacher = True
+
+    def setup(self, model: nn.Module) -> None:
+        if isinstance(getattr(model, "imagenet_head", None), NoGuidanceHead):  # its KL would be 0: no guidance
+            raise ConfigError("method asg needs a guidance head, and model.guidance_head=none gives the backbone "
+                              "none: choose imagenet, dinov2_linear or clip_zeroshot, or use feature guidance "
+                              "(method.name=feature)")  # fmt: skip
 
     def loss(self, out, labels: Tensor, teacher_logits: Tensor | None) -> LossOutput:
         if teacher_logits is None:

@@ -227,7 +227,7 @@ def efficientnet_lite(name: str, state: Mapping[str, Tensor] | None, source: str
         prefixes = tuple(f"blocks.{i}" for i, s in enumerate(stage_of) if s == g)
         groups.append((f"stage{g + 1}", prefixes + (("conv_head", "bn2") if g == 3 else ())))
     bb = TimmBackbone(model, name=name, mean=LITE_MEAN, std=LITE_STD, input_size=LITE_INPUT[name], groups=groups)
-    bb.translate_old_key = lite_key_map(model)  # type: ignore[method-assign]  # run folders of earlier releases
+    bb.translate_old_key = lite_key_map(model)  # type: ignore[method-assign,assignment]  # run folders of earlier releases
     if state is not None:
         state = strip_prefix(state, "module.")
         if is_own_layout(state):

@@ -1,0 +1,91 @@
+"""Two training steps of the loop for each new backbone family, both tasks: tiny random timm models at 56 px.
+
+ASG's KL is zero at the first step (the student starts as the teacher, whatever the guidance head), the steps
+are finite, and the new head moves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import RandomImages
+from test_foundation import TINY, _dinov2_files, _tiny_clip
+from test_tasks import Scenes
+
+from asg.config import ModelConfig
+from asg.data import DataBundle
+from asg.engine.callbacks import Callback
+from asg.engine.trainer import Trainer
+from asg.errors import ConfigError
+from asg.models import build_model
+
+TINY_CONVNEXT = {"depths": (1, 1, 1, 1), "dims": (16, 32, 48, 64)}
+
+
+class Logs(Callback):
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    def on_step_end(self, trainer, out) -> None:
+        self.rows.append(out.logs)
+
+
+def _convnext_file(tmp_path) -> str:
+    import timm
+
+    torch.manual_seed(0)
+    path = tmp_path / "convnext.pth"
+    torch.save(timm.create_model("convnext_tiny", pretrained=False, **TINY_CONVNEXT).state_dict(), path)
+    return str(path)
+
+
+def _model_config(family: str, tmp_path) -> ModelConfig:
+    if family == "convnext":
+        return ModelConfig(backbone="convnext_tiny", weights=_convnext_file(tmp_path), timm_kwargs=TINY_CONVNEXT,
+                           channels_last=False)  # fmt: skip
+    if family == "clip":
+        _, path, cfg_path = _tiny_clip(tmp_path)
+        return ModelConfig(backbone="clip_vitb16", weights=path, clip_model=cfg_path, clip_templates="simple",
+                           clip_cache_dir=str(tmp_path / "zs"), input_size=64, timm_kwargs=TINY,
+                           guidance_head="clip_zeroshot", channels_last=False)  # fmt: skip
+    backbone_file, head_file = _dinov2_files(tmp_path)
+    lora = {"lora_rank": 2} if family == "dinov2+lora" else {}
+    return ModelConfig(backbone="dinov2_vits14", weights=backbone_file, guidance_file=head_file, timm_kwargs=TINY,
+                       channels_last=False, **lora)  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["dinov2", "dinov2+lora", "clip", "convnext"])
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_two_asg_steps_on_each_backbone_family(family, task, tiny_config, tmp_path, one_thread):
+    if family == "clip":
+        pytest.importorskip("open_clip")
+    if family == "dinov2+lora":
+        pytest.importorskip("peft")
+    mcfg = _model_config(family, tmp_path)
+    if task == "segmentation":
+        mcfg.segmenter = "fpn"
+        data = DataBundle(Scenes(8, size=56), {"synthetic": Scenes(4, size=56, seed=1)}, "synthetic", ["bg", "red"],
+                          task="segmentation")  # fmt: skip
+    else:
+        data = DataBundle(RandomImages(16, size=56), {"synthetic": RandomImages(6, size=56, seed=1)}, "synthetic",
+                          ["a", "b", "c"])  # fmt: skip
+    cfg = tiny_config("train.steps=2", "train.eval_every=2", "data.batch_size=4", "optim.lr=0.01",
+                      "model.channels_last=false")  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(mcfg, data.num_classes, task=task)
+    head0 = [p.detach().clone() for p in model.task_parameters()]
+    logs = Logs()
+    result = Trainer(cfg, None, data=data, model=model, quiet=True, check_files=False, callbacks=[logs]).fit()
+    assert len(logs.rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in logs.rows)
+    assert logs.rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # student == teacher before the first update
+    assert any(not torch.equal(a, b) for a, b in zip(head0, model.task_parameters()))
+    assert result.history and "synthetic" in result.history[-1]["metrics"]
+
+
+def test_asg_refuses_a_backbone_without_guidance_head(tiny_config, tmp_path):
+    backbone_file, _ = _dinov2_files(tmp_path)
+    mcfg = ModelConfig(backbone="dinov2_vits14", weights=backbone_file, guidance_head="none", timm_kwargs=TINY)
+    data = DataBundle(RandomImages(8, size=56), {"synthetic": RandomImages(4, size=56, seed=1)}, "synthetic",
+                      ["a", "b", "c"])  # fmt: skip
+    with pytest.raises(ConfigError, match="guidance_head=none .*method.name=feature"):
+        Trainer(tiny_config(), None, data=data, model=build_model(mcfg, 3), quiet=True, check_files=False)
