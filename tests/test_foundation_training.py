@@ -89,3 +89,36 @@ def test_asg_refuses_a_backbone_without_guidance_head(tiny_config, tmp_path):
                       ["a", "b", "c"])  # fmt: skip
     with pytest.raises(ConfigError, match="guidance_head=none .*method.name=feature"):
         Trainer(tiny_config(), None, data=data, model=build_model(mcfg, 3), quiet=True, check_files=False)
+
+
+@pytest.mark.slow
+def test_lora_checkpoints_hold_what_trains_and_resume_exactly(tiny_config, tmp_path, one_thread):
+    """A LoRA run saves adapters and head only (the recipe rebuilds the rest from its files); a crash and a
+    resume give the uninterrupted run's weights, and asg's evaluation loads the partial file."""
+    pytest.importorskip("peft")
+    from conftest import CrashAt
+    from safetensors.torch import load_file
+
+    from asg.engine.checkpoint import load_weights
+
+    backbone_file, head_file = _dinov2_files(tmp_path)
+    model = ["model.backbone=dinov2_vits14", f"model.weights={backbone_file}", f"model.guidance_file={head_file}",
+             "model.timm_kwargs={depth: 4, embed_dim: 64, num_heads: 2}", "model.lora_rank=2",
+             "model.channels_last=false"]  # fmt: skip
+    cfg = tiny_config(*model, "train.steps=4", "data.batch_size=4")
+    data = DataBundle(RandomImages(16, size=56), {"synthetic": RandomImages(6, size=56, seed=1)}, "synthetic",
+                      ["a", "b", "c"])  # fmt: skip
+    Trainer(cfg, tmp_path / "a", data=data, quiet=True, check_files=False).fit()
+    saved = load_file(tmp_path / "a" / "last.safetensors")
+    built = build_model(cfg.model, 3)
+    assert set(saved) == set(built.trainable_state_dict()) and len(saved) < len(built.state_dict()) / 2
+    assert any("lora" in k for k in saved) and all(k.startswith(("head.", "backbone.")) for k in saved)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, tmp_path / "b", data=data, quiet=True, check_files=False, callbacks=[CrashAt(3)]).fit()
+    Trainer(cfg, tmp_path / "b", data=data, quiet=True, check_files=False, resume=True).fit()
+    resumed = load_file(tmp_path / "b" / "last.safetensors")
+    assert all(torch.equal(saved[k], resumed[k]) for k in saved)
+    fresh = build_model(cfg.model, 3)  # as asg evaluate does: the recipe's files, then the run's weights
+    load_weights(fresh, tmp_path / "a" / "last.safetensors")
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in saved.items())
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in built.state_dict().items() if k not in saved)

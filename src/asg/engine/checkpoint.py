@@ -6,7 +6,7 @@ older imports."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import SafetensorError
@@ -48,6 +48,9 @@ def load_weights(model: nn.Module, path: Path, data: bytes | None = None) -> Non
     if upgrade is not None:
         state = upgrade(state)
     own = model.state_dict()
+    if getattr(model, "saves_trainable_only", False):  # LoRA / frozen backbone: the rest came from the recipe
+        trained = cast(Any, model).trainable_state_dict()
+        own = {k: v for k, v in own.items() if k in trained}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
@@ -69,7 +72,12 @@ def load_weights(model: nn.Module, path: Path, data: bytes | None = None) -> Non
             f"{path} does not fit the model: {len(wrong)} tensor(s) differ in shape: {shapes} "
             f"(was it trained with {cause}?)"
         )
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=len(own) == len(model.state_dict()))
+
+
+def weights_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint of ``model`` holds (``checkpoint_state_dict``: all, or for LoRA what trains)."""
+    return cast(Any, model).checkpoint_state_dict() if hasattr(model, "checkpoint_state_dict") else model.state_dict()
 
 
 def save_state(state: dict[str, Any], path: Path) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from asg.data import set_skip_log
-from asg.engine.checkpoint import load_weights
+from asg.engine.checkpoint import load_weights, weights_to_save
 from asg.engine.guards import diverged, non_finite_tensors
 from asg.engine.resume import check_resume_changes
 from asg.engine.rundir import TRAINING, RunDir
@@ -119,7 +119,7 @@ class Checkpointer:
         history = trainer.evaluator.history
         evaluated = history[-1]["step"] if history else None
         self.run_dir.save_checkpoint(
-            trainer.step, trainer.model.state_dict(), trainer.state_dict(), trainer.evaluator.best, evaluated
+            trainer.step, weights_to_save(trainer.model), trainer.state_dict(), trainer.evaluator.best, evaluated
         )
 
     def _check_before_save(self, trainer: Trainer) -> None:

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset, Subset
 
 from asg.data import balanced_subset
 from asg.engine.batches import dataset_size
+from asg.engine.checkpoint import weights_to_save
 from asg.engine.evaluate import EvalResult, evaluate_sets, real_average
 from asg.engine.rundir import RunDir
 
@@ -103,7 +104,7 @@ class Evaluator:
             score = results[set_name].primary
             if rule not in self.best or score > self.best[rule]["score"]:
                 tag = f"best_{rule.replace('-', '_')}_step_{t.step:07d}"
-                entry = rd.write_weights(tag, t.model.state_dict(), t.step)
+                entry = rd.write_weights(tag, weights_to_save(t.model), t.step)
                 self.best[rule] = {**entry, "score": score, "set": set_name}
         if t.checkpointer.committed_step == t.step:  # the checkpoint of this step now counts its evaluation
             rd.update_manifest(best=self.best, evaluated_through=t.step)

@@ -156,6 +156,8 @@ class ASGNetwork(nn.Module):
     backbone: Backbone
     head: nn.Module
     num_classes: int
+    # LoRA or a frozen backbone: checkpoints hold only what trains; the recipe rebuilds the rest from its files
+    saves_trainable_only: bool = False
 
     def _freeze_guidance_head(self) -> None:
         self.backbone.imagenet_head.requires_grad_(False)
@@ -190,6 +192,10 @@ class ASGNetwork(nn.Module):
             new = f"backbone.model.{translate(k[len('backbone.') :])}" if k.startswith("backbone.") else k
             out[k if k in own or new not in own else new] = v
         return out
+
+    def checkpoint_state_dict(self) -> dict[str, Tensor]:
+        """What a checkpoint of this model holds: everything, or (``saves_trainable_only``) what trains."""
+        return self.trainable_state_dict() if self.saves_trainable_only else self.state_dict()
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """Only what trains (``requires_grad``) plus every buffer of a trained module: what a LoRA or

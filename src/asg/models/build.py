@@ -100,6 +100,7 @@ def build_model(
     elif cfg.freeze_backbone:
         for p in model.backbone.parameters():
             p.requires_grad_(False)
+    model.saves_trainable_only = cfg.lora_rank > 0 or cfg.freeze_backbone
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     assert isinstance(model, (ASGClassifier, ASGSegmenter))
