@@ -117,9 +117,8 @@ class Trainer:
             per = " (2 images per process with optim.bn_mode=train)" if min_batch > 1 else ""
             raise AsgError(f"data.batch_size={cfg.data.batch_size} is the global batch, split over {self.dist.world} "
                            f"processes: it must be at least {min_batch * self.dist.world}{per}")  # fmt: skip
-        epoch = cfg.l2o.steps_per_epoch or steps_per_epoch(
-            dataset_size(self.data.train), cfg.data.batch_size, min_batch
-        )
+        n_train = dataset_size(self.data.train)
+        epoch = cfg.l2o.steps_per_epoch or steps_per_epoch(n_train, cfg.data.batch_size, min_batch)
         self.controller = controller if controller is not None else controller_factory(cfg, epoch)
         if hasattr(self.controller, "bind_probe"):
             self.controller.bind_probe(self.source_val_loss)
