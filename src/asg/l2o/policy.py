@@ -15,7 +15,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from asg.errors import WeightsError
-from asg.io import atomic_write, torch_load_problem
+from asg.io import atomic_write
+from asg.models.base import read_weight_file
+from asg.models.official import official_policy_state
 
 NUM_STATS = 5  # task loss, KL, progress, last-weight mean, last-weight std
 HIDDEN = 20
@@ -158,24 +160,23 @@ def save_policy(policy: LRPolicy, path: str | Path) -> None:
     atomic_write(Path(path), lambda tmp: save_file(state, tmp, metadata={"num_groups": str(policy.num_groups)}))
 
 
-def _read_state(path: Path) -> dict[str, Tensor]:
+def _read_state(path: Path) -> tuple[dict[str, Tensor], object]:
+    """(state dict, the torch file's object or None for .safetensors). A torch file is read as the official ASG
+    policy layout (``asg.models.official``): a plain state dict of the policy's names, perhaps under
+    ``state_dict`` or with ``module.``."""
     if path.suffix == ".safetensors":
         try:
-            return load_file(str(path))
+            return load_file(str(path)), None
         except (SafetensorError, OSError) as exc:
             raise WeightsError(f"cannot read policy file {path}: {exc}") from None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsError(
-            f"cannot read policy file {path} as a weights-only torch state dict ({torch_load_problem(exc)}); "
-            "convert it to a plain state dict or safetensors"
-        ) from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+        obj = read_weight_file(path)
+    except WeightsError as exc:
+        raise WeightsError(f"{exc} (a policy file must be a weights-only torch state dict or safetensors)") from None
+    state = obj["state_dict"] if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) else obj
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise WeightsError(f"{path} is not a state dict of tensors")
-    return state
+    return state, obj
 
 
 def resolve_policy_path(path: str | Path) -> Path:
@@ -186,7 +187,8 @@ def resolve_policy_path(path: str | Path) -> Path:
 
 
 def load_policy(path: str | Path, num_groups: int | None) -> LRPolicy:
-    """Load a policy (.safetensors, or a torch state dict such as the released ``policy_*.pth``).
+    """Load a policy (.safetensors, or a torch state dict such as the official release's ``policy_*.pth``, whose
+    layout ``asg.models.official`` describes; for those, what was found is printed).
 
     ``num_groups=None`` takes the group count from the file. Raises WeightsError if the file is missing,
     unreadable, or built for another architecture or group count.
@@ -194,7 +196,7 @@ def load_policy(path: str | Path, num_groups: int | None) -> LRPolicy:
     path = resolve_policy_path(path)
     if not path.is_file():
         raise WeightsError(f"policy file {path} does not exist (train one with `asg l2o train`)")
-    state = _read_state(path)
+    state, official = _read_state(path)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     parts = [k.split(".") for k in state if k.startswith("action_distribution.linear.")]
     found = sorted({int(p[2]) for p in parts if len(p) > 2 and p[2].isdigit()})
@@ -209,6 +211,9 @@ def load_policy(path: str | Path, num_groups: int | None) -> LRPolicy:
     if num_groups == 0:
         raise WeightsError(f"{path} has no action_distribution.linear.* tensors: not an LRPolicy state dict")
     policy = LRPolicy(num_groups)
+    found_line = None
+    if official is not None:
+        state, found_line = official_policy_state(official, path, policy.state_dict())
     expected = {k: tuple(v.shape) for k, v in policy.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     if expected != got:
@@ -222,4 +227,6 @@ def load_policy(path: str | Path, num_groups: int | None) -> LRPolicy:
             f"shape mismatches {shapes[:3]}"
         )
     policy.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    if found_line is not None:
+        print(f"l2o.policy: {found_line}")
     return policy
