@@ -218,3 +218,35 @@ def test_official_policy_file_without_an_encoder_or_with_other_names_is_refused(
     torch.save({**state, "actor.fc.weight": torch.zeros(1)}, path)
     with pytest.raises(WeightsError, match=r"partial\.pth: not an L2O policy file.*actor\.fc\.weight"):
         load_policy(path, 7)
+
+
+def test_asg_evaluate_takes_an_official_file_with_a_recipe(tmp_path, capsys):
+    """`asg evaluate FILE --config RECIPE`: an official VisDA-layout classifier evaluated on an image folder."""
+    import torchvision
+    from PIL import Image
+
+    from asg.cli import main
+
+    for split, n in (("train", 4), ("real", 3)):
+        for i in range(n):
+            folder = tmp_path / "root" / split / ("cat" if i % 2 else "dog")
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (40, 40), (40 * i, 90, 200 - 30 * i)).save(folder / f"{i}.png")
+    torch.manual_seed(0)
+    net = torchvision.models.resnet50(weights=None)
+    fc_new = torch.nn.Sequential(torch.nn.Linear(2048, 512), torch.nn.ReLU(), torch.nn.Linear(512, 2))
+    state = {**net.state_dict(), **{f"fc_new.{k}": v for k, v in fc_new.state_dict().items()}}
+    official = tmp_path / "release" / "res50_best.pth.tar"
+    official.parent.mkdir()
+    torch.save({"epoch": 7, "state_dict": {f"module.{k}": v for k, v in state.items()}, "best_prec1": 50.0}, official)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"data: {{name: imagefolder, root: {tmp_path / 'root'}, image_size: 32, source_val_fraction: 0.0}}\n"
+        "model: {backbone: resnet50, weights: none, channels_last: false}\n"
+    )
+    assert main(["evaluate", str(official), "--config", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "official ASG checkpoint" in out and "epoch 7" in out and "real" in out
+    assert list(official.parent.glob("eval_res50_best*.json"))  # beside the file (or --out)
+    assert main(["evaluate", str(official)]) == 2  # a weight file without its recipe: one clear line
+    assert "pass --config RECIPE" in capsys.readouterr().err

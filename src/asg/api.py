@@ -94,16 +94,22 @@ class LoadedRun:
     model: Any  # ASGClassifier | ASGSegmenter, on ``device``
 
 
-def load_run(run_dir: str | Path, checkpoint: str = "last", overrides: list[str] | None = None) -> LoadedRun:
+def load_run(
+    run_dir: str | Path, checkpoint: str = "last", overrides: list[str] | None = None, config: str | Path | None = None
+) -> LoadedRun:
     """Load a run folder's saved config (plus ``overrides``), its data and the model with ``checkpoint``'s weights.
 
-    ``checkpoint`` is ``last``, ``source-val``, ``oracle`` or a path to a ``.safetensors`` file.
+    ``checkpoint`` is ``last``, ``source-val``, ``oracle`` or a path to a ``.safetensors`` file. ``run_dir`` may
+    instead be a weight file from elsewhere (an official ASG ``.pth.tar``, a ``.safetensors`` file) with the
+    recipe ``config`` that builds its model and data; it is read as ``model.init_from`` reads it.
     """
     from asg.data import build_data
     from asg.engine.checkpoint import load_weights
     from asg.models import build_model
     from asg.utils import resolve_device
 
+    if Path(run_dir).is_file():
+        return _load_weight_file(Path(run_dir), config, overrides)
     rd = RunDir(run_dir)
     run_dir = rd.path
     missing = f"{run_dir} is not a run folder: {rd.config_path} does not exist (pass the --out folder of `asg train`)"
@@ -126,6 +132,23 @@ def load_run(run_dir: str | Path, checkpoint: str = "last", overrides: list[str]
     load_weights(model, path, blob)
     model.to(device)
     return LoadedRun(run_dir, cfg, checkpoint, path, device, data, model)
+
+
+def _load_weight_file(path: Path, config: str | Path | None, overrides: list[str] | None) -> LoadedRun:
+    from asg.data import build_data
+    from asg.engine.init_from import load_init_weights
+    from asg.models import build_model
+    from asg.utils import resolve_device
+
+    if config is None:
+        raise AsgError(f"{path} is a weight file, not a run folder: pass --config RECIPE (the recipe that builds its "
+                       "model and data, e.g. gta5_cityscapes_fcn8s_vgg16_asg)")  # fmt: skip
+    cfg = load_config(config, [*(overrides or []), f"model.init_from={path}"])
+    device = resolve_device(cfg.train.device)
+    data = build_data(cfg.data)
+    model = build_model(cfg.model, data.num_classes, task=data.task)
+    load_init_weights(model, cfg, data.num_classes, data.task)  # says what it found in the file
+    return LoadedRun(path.parent, cfg, path.name, path, device, data, model.to(device))
 
 
 def _evaluate_loaded(
@@ -177,8 +200,10 @@ def evaluate(
     overrides: list[str] | None = None,
     show_progress: bool = True,
     wise_ft: float | None = None,
+    config: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a run folder's checkpoint on every evaluation set (full sets, no subsetting).
+    """Evaluate a run folder's checkpoint on every evaluation set (full sets, no subsetting); or a weight file
+    from elsewhere (an official ASG ``.pth.tar``) with the recipe ``config`` that builds its model and data.
 
     ``checkpoint`` is ``last``, ``source-val``, ``oracle`` or a path to a ``.safetensors`` file. The result
     names the checkpoint, the TTA and each set, with accuracy, mean per-class accuracy and confusion matrices.
@@ -194,7 +219,7 @@ def evaluate(
         from asg.methods.wise_ft import check_alpha, interpolate_backbone
 
         alpha = check_alpha(wise_ft)  # before the (slow) data
-    run = load_run(run_dir, checkpoint, overrides)
+    run = load_run(run_dir, checkpoint, overrides, config)
     cfg, data = run.cfg, run.data
     tta = cfg.eval.tta_flip if tta_flip is None else tta_flip
     label: dict[str, Any] = {}
@@ -208,7 +233,7 @@ def evaluate(
         note = ""
     result = {
         "run": str(run.run_dir),
-        "checkpoint": checkpoint,
+        "checkpoint": run.checkpoint,
         "checkpoint_file": str(run.path),
         "tta_flip": tta,
         **label,

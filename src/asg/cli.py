@@ -64,7 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser("evaluate", help="evaluate a run's checkpoint on its evaluation sets")
-    p.add_argument("run_dir", type=Path)
+    p.add_argument("run_dir", type=Path, help="a run folder, or a weight file from elsewhere (e.g. an official ASG "
+                   ".pth.tar) with --config")  # fmt: skip
+    p.add_argument("--config", default=None, help="with a weight file: the recipe that builds its model and data")
     p.add_argument("--checkpoint", default="last", help="last | source-val | oracle | PATH.safetensors")
     tta = p.add_mutually_exclusive_group()
     tta.add_argument(
@@ -218,7 +220,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from asg.api import evaluate, save_evaluation
     from asg.tasks import get_task
 
-    result = evaluate(args.run_dir, args.checkpoint, args.tta_flip, args.overrides, wise_ft=args.wise_ft)
+    result = evaluate(args.run_dir, args.checkpoint, args.tta_flip, args.overrides, wise_ft=args.wise_ft,
+                      config=args.config)  # fmt: skip
     alpha = result.get("wise_ft_alpha")
     label = f", wise_ft_alpha={alpha:g}" if alpha is not None else ""  # on every result line of a WiSE-FT model
     print(f"checkpoint {result['checkpoint']} ({result['checkpoint_file']}), tta_flip={result['tta_flip']}{label}")
@@ -235,7 +238,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if "real_average" in result:
         avg = result["real_average"]
         print(f"average {avg['metric']} over {', '.join(avg['over'])}: {100 * avg['value']:.2f}{label}")
-    out = args.out if args.out is not None else args.run_dir
+    out = args.out if args.out is not None else args.run_dir if args.run_dir.is_dir() else args.run_dir.parent
     try:
         path = save_evaluation(result, out)
     except OSError as exc:
