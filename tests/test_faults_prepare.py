@@ -62,6 +62,7 @@ def killed_prepare(src: Path, dst: Path, class_set: int, after: int) -> None:
     assert proc.returncode == -signal.SIGKILL, proc.stderr
 
 
+@pytest.mark.slow
 def test_killed_prepare_rerun_with_another_class_set_converts_every_label_again(tmp_path):
     """Case 1: killed after 10 of 30 labels at class set 19, rerun at 16: no label of the 19-class set is kept."""
     src, dst = tmp_path / "synthia", tmp_path / "prepared"
@@ -81,6 +82,7 @@ def test_killed_prepare_rerun_with_another_class_set_converts_every_label_again(
     assert len((dst / "provenance.jsonl").read_text().splitlines()) == 40
 
 
+@pytest.mark.slow
 def test_killed_prepare_resumes_with_the_same_settings(tmp_path):
     src, dst = tmp_path / "synthia", tmp_path / "prepared"
     raw = make_synthia(src, 20)

@@ -112,6 +112,7 @@ def _tiny_clip(tmp_path):
     return model, str(path), str(cfg_path)
 
 
+@pytest.mark.slow
 def test_clip_zero_shot_head_matches_open_clip_and_is_cached(tmp_path):
     ref, weights, clip_cfg = _tiny_clip(tmp_path)
     cfg = ModelConfig(backbone="clip_vitb16", weights=weights, guidance_head="clip_zeroshot", clip_model=clip_cfg,

@@ -48,6 +48,7 @@ def meta_setup(tiny_bundle, tiny_config):
     return cfg, tiny_bundle, model
 
 
+@pytest.mark.slow
 def test_meta_train_writes_policy_history_and_learns(meta_setup, tmp_path):
     cfg, bundle, model = meta_setup
     path = meta_train(cfg, tmp_path, data=bundle, model=model, quiet=True)

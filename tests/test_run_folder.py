@@ -38,6 +38,7 @@ def _steps(run):
     return [json.loads(line)["step"] for line in (run / "results.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_second_process_into_a_locked_folder_is_refused_with_its_pid(tmp_path, tiny_bundle, tiny_config):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys,time; from asg.engine.rundir import RunDir; r=RunDir(sys.argv[1]); "
@@ -150,6 +151,7 @@ def _tiny_overrides(tiny_config):
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_rerun_over_a_run_that_never_checkpointed_starts_afresh(tiny_bundle, tiny_config, tmp_path, monkeypatch):
     cfg = tiny_config("train.steps=4", "train.eval_every=1", "train.checkpoint_every=4")
     with pytest.raises(KeyboardInterrupt):
@@ -159,6 +161,7 @@ def test_rerun_over_a_run_that_never_checkpointed_starts_afresh(tiny_bundle, tin
     assert _steps(tmp_path) == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_a_failed_evaluation_does_not_cost_the_checkpoint_and_is_redone_on_resume(
     tiny_bundle, tiny_config, tmp_path, monkeypatch
 ):
@@ -182,6 +185,7 @@ def test_a_failed_evaluation_does_not_cost_the_checkpoint_and_is_redone_on_resum
     _same_weights(tmp_path / "a" / "best_source_val.safetensors", tmp_path / "b" / "best_source_val.safetensors")
 
 
+@pytest.mark.slow
 def test_finite_loss_explosion_stops_and_keeps_the_previous_checkpoint(tiny_bundle, tiny_config, tmp_path, monkeypatch):
     cfg = tiny_config("train.steps=30", "train.eval_every=100", "train.checkpoint_every=5")
     trainer = Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True)
@@ -236,6 +240,7 @@ def test_resume_applies_a_changed_learning_rate(tiny_bundle, tiny_config, tmp_pa
     assert change["step"] == 2 and change["changes"]["optim.lr"] == [0.05, 0.002]
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_change_that_makes_another_experiment(tiny_bundle, tiny_config, tmp_path, monkeypatch):
     cfg = tiny_config("train.steps=4")
     with pytest.raises(KeyboardInterrupt):
@@ -247,6 +252,7 @@ def test_resume_refuses_a_change_that_makes_another_experiment(tiny_bundle, tiny
                     resume=True).run()  # fmt: skip
 
 
+@pytest.mark.slow
 def test_full_disk_keeps_the_previous_checkpoint(tiny_bundle, tiny_config, tmp_path, monkeypatch):
     cfg = tiny_config("train.steps=4")
     trainer = Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True)

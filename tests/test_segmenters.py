@@ -63,6 +63,7 @@ def test_forward_stages_contract(name, output_stride):
     assert torch.equal(stages[-1], deepest)
 
 
+@pytest.mark.slow
 def test_vgg_stages_plain_and_fcn_padding():
     x = torch.rand(1, 3, 64, 45)
     for fcn, sizes in ((False, [(32, 22), (16, 11), (8, 5), (4, 2), (2, 1)]), (True, None)):
@@ -217,6 +218,7 @@ def test_set_output_stride_round_trip():
         build_backbone("efficientnet_lite0", "none").set_output_stride(16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("segmenter", "backbone"), COMBOS)
 def test_one_sgd_step_moves_head_and_backbone_only(segmenters, segmenter, backbone):
     model = copy.deepcopy(segmenters[segmenter])
@@ -252,6 +254,7 @@ def test_one_sgd_step_moves_head_and_backbone_only(segmenters, segmenter, backbo
         assert not torch.equal(model(x).imagenet_logits, t)
 
 
+@pytest.mark.slow
 def test_default_output_strides_and_dispatch():
     cfg = ModelConfig(backbone="resnet50", weights="none", segmenter="deeplabv3", output_stride=None)
     assert build_model(cfg, 3, task="segmentation").backbone.output_stride == 8
@@ -328,6 +331,7 @@ def test_missing_vgg_weights_name_the_expected_file(tmp_path, monkeypatch):
     assert str(cached_weights_path()) == expected
 
 
+@pytest.mark.slow
 def test_vgg_torchvision_layout_and_imagenet_head():
     """torchvision's VGG16 state dict loads into the backbone; the ImageNet logits equal torchvision's in eval."""
     torch.manual_seed(0)
@@ -350,6 +354,7 @@ def test_vgg_torchvision_layout_and_imagenet_head():
     assert all(torch.equal(fcn.state_dict()[k], v) for k, v in bb.state_dict().items())
 
 
+@pytest.mark.slow
 def test_vgg_as_a_classification_backbone():
     torch.manual_seed(0)
     model = ASGClassifier(build_backbone("vgg16", "none"), num_classes=3, hidden_dim=8).eval()

@@ -272,6 +272,7 @@ def test_unreadable_image_and_fp16_overflow_are_clear_errors(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_trainer_disk_cache_gives_the_live_teachers_logits_and_is_shared_across_runs(
     tiny_bundle, tiny_config, tmp_path
 ):

@@ -29,6 +29,7 @@ def test_step_moves_backbone_and_head_but_not_teacher_or_imagenet_head(tiny_bund
     assert all(not torch.equal(v, task0[k]) for k, v in _snapshot(trainer.model.head).items())
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_run(tiny_bundle, tiny_config, tmp_path, monkeypatch):
     cfg = tiny_config("train.steps=5", "teacher.cache=true", "optim.sgd=lr_in_momentum")
     Trainer(cfg, tmp_path / "a", data=tiny_bundle, quiet=True).run()
