@@ -1,4 +1,5 @@
-"""Typed run configuration: dataclasses loaded from YAML recipes and ``key=value`` overrides.
+"""Typed run configuration: dataclasses loaded from YAML recipes and ``key=value`` overrides (recipe files and
+overrides: ``asg.recipe_files``; the checks a loaded config passes: ``asg.config_checks``).
 
 A recipe file holds any subset of the sections below; omitted fields keep their defaults.
 Unknown keys are errors (with the list of valid keys), never silently ignored.
@@ -7,17 +8,21 @@ Unknown keys are errors (with the list of valid keys), never silently ignored.
 from __future__ import annotations
 
 import dataclasses
-import re
 import types
 import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from asg.config_checks import DEVICE_PATTERN, validate
 from asg.errors import ConfigError
+from asg.recipe_files import apply_overrides, read_recipe, recipe_path
+
+__all__ = [  # DEVICE_PATTERN, apply_overrides, read_recipe, recipe_path and validate are re-exported for older imports
+    "AdaptConfig", "Config", "DataConfig", "EvalConfig", "L2OConfig", "MethodConfig", "ModelConfig", "OptimConfig",
+    "TeacherConfig", "TrainConfig", "config_from_dict", "config_to_dict", "load_config", "upgrade_old_keys",
+    "DEVICE_PATTERN", "apply_overrides", "read_recipe", "recipe_path", "validate",
+]  # fmt: skip
 
 
 @dataclass
@@ -338,208 +343,9 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` overrides (values parsed as YAML) to a nested dict.
-
-    A mapping value is merged into an existing section (``optim={lr: 0.1}`` keeps the other ``optim`` keys).
-    """
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=0.01)")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: cannot parse value ({exc})") from None
-        node = data
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a section")
-        last = parts[-1]
-        if isinstance(value, dict) and isinstance(node.get(last), dict):
-            node[last] = _deep_merge(node[last], value)
-        else:
-            node[last] = value
-    return data
-
-
-def recipe_path(name: str | Path) -> Path:
-    """A recipe file: an existing path, or the name of a recipe shipped in ``asg/recipes`` (= ``configs/``)."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    shipped = Path(__file__).parent / "recipes" / (path.name if path.suffix else f"{path.name}.yaml")
-    if shipped.is_file():
-        return shipped
-    available = ", ".join(sorted(p.stem for p in shipped.parent.glob("*.yaml")))
-    raise ConfigError(f"config file {name} does not exist; shipped recipes: {available}")
-
-
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def read_recipe(path: str | Path) -> dict[str, Any]:
-    """Read a YAML recipe; ``inherit: other.yaml`` (relative to the file) is merged underneath it."""
-    path = recipe_path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    parent = data.pop("inherit", None)
-    if parent:
-        base = read_recipe(path.parent / parent)
-        base.pop("name", None)
-        data = _deep_merge(base, data)
-    data.setdefault("name", path.stem)
-    return data
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML recipe (or the defaults when ``path`` is None) and apply ``key=value`` overrides."""
     data: dict[str, Any] = read_recipe(path) if path is not None else {}
     cfg = config_from_dict(apply_overrides(data, list(overrides or [])))
     validate(cfg)
     return cfg
-
-
-_CHOICES = {
-    "optim.sgd": ("torch", "lr_in_momentum"),
-    "optim.optimizer": ("sgd", "adamw"),
-    "optim.schedule": ("warmup_poly_floor", "warmup_poly", "constant"),
-    "optim.bn_mode": ("frozen", "train"),
-    "train.precision": ("fp32", "bf16", "fp16"),
-    "l2o.window_rule": ("intended", "released"),
-    "data.on_bad_image": ("error", "skip"),
-    "data.split": ("train", "all", "val"),
-    "data.class_set": (19, 16, 13),
-    "model.clip_templates": ("openai", "simple"),
-    "model.init_checkpoint": ("last", "source-val", "oracle"),
-    "teacher.cache_storage": ("memory", "fp32", "fp16", "topk"),
-    "method.feature_distance": ("cosine", "mse"),
-    "teacher.cache_key": ("auto", "stat", "content"),
-    "data.real_split": ("all", "halves"),
-    "adapt.thresholds": ("class_balanced", "global"),
-    "adapt.regularizer": ("none", "mrkld", "mrent"),
-}
-
-DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")  # the accepted values of train.device
-
-_POSITIVE = (lambda v: v > 0, "positive")
-_NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
-
-# key -> (check, what the value must be); a value of None ("off" / "not set") is not checked
-_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    **dict.fromkeys(
-        (
-            "train.steps",
-            "train.eval_every",
-            "train.checkpoint_every",
-            "train.log_every",
-            "data.batch_size",
-            "data.eval_batch_size",
-            "data.image_size",
-            "data.num_train",
-            "data.eval_max_per_set",
-            "model.hidden_dim",
-            "optim.lr",
-            "optim.max_grad_norm",
-            "method.kl_cap",
-            "l2o.episodes",
-            "l2o.episode_steps",
-            "l2o.num_steps",
-            "adapt.rounds",
-            "adapt.steps_per_round",
-            "adapt.target_batch_size",
-            "teacher.cache_topk",
-        ),
-        _POSITIVE,
-    ),
-    **dict.fromkeys(
-        (
-            "data.num_workers",
-            "optim.weight_decay",
-            "optim.backbone_lr_mult",
-            "optim.warmup_steps",
-            "method.kl_weight",
-            "method.l2sp_alpha",
-            "method.probe_steps",
-            "method.feature_weight",
-            "adapt.portion_step",
-            "adapt.target_weight",
-            "adapt.reg_weight",
-        ),
-        _NON_NEGATIVE,
-    ),
-    **dict.fromkeys(("adapt.init_portion", "adapt.max_portion"), (lambda v: 0 < v <= 1, "in (0, 1]")),
-    "adapt.ema_decay": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "data.source_val_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "optim.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "optim.floor_at": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "train.loss_explosion_factor": (lambda v: v > 1, "> 1 (or null to turn the check off)"),
-    "model.output_stride": (lambda v: v in (8, 16, 32), "8, 16 or 32"),
-    **dict.fromkeys(
-        ("data.train_resize", "data.crop_size", "data.eval_resize", "eval.sliding_window", "eval.sliding_stride"),
-        (lambda v: len(v) == 2 and all(int(n) > 0 for n in v), "[height, width] of positive integers"),
-    ),
-    "data.scale_range": (lambda v: len(v) == 2 and 0 < v[0] <= v[1], "[low, high] with 0 < low <= high"),
-}
-
-
-def _get(cfg: Config, key: str) -> Any:
-    """The value of a dotted config key, e.g. ``optim.lr``."""
-    node: Any = cfg
-    for part in key.split("."):
-        node = getattr(node, part)
-    return node
-
-
-def validate(cfg: Config) -> None:
-    """Check choice fields and ranges (tables ``_CHOICES`` and ``_RANGES``); raise ConfigError naming the key."""
-    for key, choices in _CHOICES.items():
-        value = _get(cfg, key)
-        if value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
-    for key, (check, must) in _RANGES.items():
-        value = _get(cfg, key)
-        if value is not None and not check(value):
-            raise ConfigError(f"{key} must be {must}, got {value!r} (fix the recipe or pass --set {key}=VALUE)")
-    if not DEVICE_PATTERN.fullmatch(cfg.train.device):
-        raise ConfigError(f"train.device: {cfg.train.device!r} is not a device; use auto, cpu, cuda or cuda:N")
-    check_registry_names(cfg)
-    if cfg.l2o.controller == "l2o" and not cfg.l2o.policy:
-        raise ConfigError("l2o.controller=l2o needs l2o.policy=PATH (a policy from `asg l2o train`)")
-    if cfg.adapt.max_portion < cfg.adapt.init_portion:
-        raise ConfigError(
-            f"adapt.max_portion ({cfg.adapt.max_portion}) is below adapt.init_portion ({cfg.adapt.init_portion})"
-        )
-
-
-def registry_names() -> dict[str, list[str]]:
-    """Config keys whose value names an entry of a registry -> the registered names."""
-    # the registries import these config types, so they are read when a config is checked, not at import
-    from asg.data import DATASETS
-    from asg.l2o import CONTROLLERS, REWARDS
-    from asg.methods import METHODS
-    from asg.models.backbones import BACKBONES
-    from asg.models.guidance import GUIDANCE_HEADS
-    from asg.models.segmenter import SEGMENTERS
-
-    return {"data.name": sorted(DATASETS), "method.name": sorted(METHODS), "l2o.controller": sorted(CONTROLLERS),
-            "l2o.reward": sorted(REWARDS), "model.backbone": sorted(BACKBONES), "model.segmenter": sorted(SEGMENTERS),
-            "model.guidance_head": ["auto", *GUIDANCE_HEADS]}  # fmt: skip
-
-
-def check_registry_names(cfg: Config) -> None:
-    """Every registry name of ``cfg`` is registered (a typo fails when the recipe loads, not hours later)."""
-    for key, names in registry_names().items():
-        value = _get(cfg, key)
-        if value not in names:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(names)}")

@@ -1,0 +1,148 @@
+"""What a loaded ``Config`` must satisfy: allowed values (``_CHOICES``, and the names of the registries),
+ranges (``_RANGES``), and a few cross-field rules. ``validate`` raises one ``ConfigError`` naming the key."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from asg.errors import ConfigError
+
+if TYPE_CHECKING:
+    from asg.config import Config
+
+
+_CHOICES = {
+    "optim.sgd": ("torch", "lr_in_momentum"),
+    "optim.optimizer": ("sgd", "adamw"),
+    "optim.schedule": ("warmup_poly_floor", "warmup_poly", "constant"),
+    "optim.bn_mode": ("frozen", "train"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "l2o.window_rule": ("intended", "released"),
+    "data.on_bad_image": ("error", "skip"),
+    "data.split": ("train", "all", "val"),
+    "data.class_set": (19, 16, 13),
+    "model.clip_templates": ("openai", "simple"),
+    "model.init_checkpoint": ("last", "source-val", "oracle"),
+    "teacher.cache_storage": ("memory", "fp32", "fp16", "topk"),
+    "method.feature_distance": ("cosine", "mse"),
+    "teacher.cache_key": ("auto", "stat", "content"),
+    "data.real_split": ("all", "halves"),
+    "adapt.thresholds": ("class_balanced", "global"),
+    "adapt.regularizer": ("none", "mrkld", "mrent"),
+}
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")  # the accepted values of train.device
+
+_POSITIVE = (lambda v: v > 0, "positive")
+_NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+
+# key -> (check, what the value must be); a value of None ("off" / "not set") is not checked
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **dict.fromkeys(
+        (
+            "train.steps",
+            "train.eval_every",
+            "train.checkpoint_every",
+            "train.log_every",
+            "data.batch_size",
+            "data.eval_batch_size",
+            "data.image_size",
+            "data.num_train",
+            "data.eval_max_per_set",
+            "model.hidden_dim",
+            "optim.lr",
+            "optim.max_grad_norm",
+            "method.kl_cap",
+            "l2o.episodes",
+            "l2o.episode_steps",
+            "l2o.num_steps",
+            "adapt.rounds",
+            "adapt.steps_per_round",
+            "adapt.target_batch_size",
+            "teacher.cache_topk",
+        ),
+        _POSITIVE,
+    ),
+    **dict.fromkeys(
+        (
+            "data.num_workers",
+            "optim.weight_decay",
+            "optim.backbone_lr_mult",
+            "optim.warmup_steps",
+            "method.kl_weight",
+            "method.l2sp_alpha",
+            "method.probe_steps",
+            "method.feature_weight",
+            "adapt.portion_step",
+            "adapt.target_weight",
+            "adapt.reg_weight",
+        ),
+        _NON_NEGATIVE,
+    ),
+    **dict.fromkeys(("adapt.init_portion", "adapt.max_portion"), (lambda v: 0 < v <= 1, "in (0, 1]")),
+    "adapt.ema_decay": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "data.source_val_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optim.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optim.floor_at": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "train.loss_explosion_factor": (lambda v: v > 1, "> 1 (or null to turn the check off)"),
+    "model.output_stride": (lambda v: v in (8, 16, 32), "8, 16 or 32"),
+    **dict.fromkeys(
+        ("data.train_resize", "data.crop_size", "data.eval_resize", "eval.sliding_window", "eval.sliding_stride"),
+        (lambda v: len(v) == 2 and all(int(n) > 0 for n in v), "[height, width] of positive integers"),
+    ),
+    "data.scale_range": (lambda v: len(v) == 2 and 0 < v[0] <= v[1], "[low, high] with 0 < low <= high"),
+}
+
+
+def _get(cfg: Config, key: str) -> Any:
+    """The value of a dotted config key, e.g. ``optim.lr``."""
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def validate(cfg: Config) -> None:
+    """Check choice fields and ranges (tables ``_CHOICES`` and ``_RANGES``); raise ConfigError naming the key."""
+    for key, choices in _CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+    for key, (check, must) in _RANGES.items():
+        value = _get(cfg, key)
+        if value is not None and not check(value):
+            raise ConfigError(f"{key} must be {must}, got {value!r} (fix the recipe or pass --set {key}=VALUE)")
+    if not DEVICE_PATTERN.fullmatch(cfg.train.device):
+        raise ConfigError(f"train.device: {cfg.train.device!r} is not a device; use auto, cpu, cuda or cuda:N")
+    check_registry_names(cfg)
+    if cfg.l2o.controller == "l2o" and not cfg.l2o.policy:
+        raise ConfigError("l2o.controller=l2o needs l2o.policy=PATH (a policy from `asg l2o train`)")
+    if cfg.adapt.max_portion < cfg.adapt.init_portion:
+        raise ConfigError(
+            f"adapt.max_portion ({cfg.adapt.max_portion}) is below adapt.init_portion ({cfg.adapt.init_portion})"
+        )
+
+
+def registry_names() -> dict[str, list[str]]:
+    """Config keys whose value names an entry of a registry -> the registered names."""
+    # the registries import these config types, so they are read when a config is checked, not at import
+    from asg.data import DATASETS
+    from asg.l2o import CONTROLLERS, REWARDS
+    from asg.methods import METHODS
+    from asg.models.backbones import BACKBONES
+    from asg.models.guidance import GUIDANCE_HEADS
+    from asg.models.segmenter import SEGMENTERS
+
+    return {"data.name": sorted(DATASETS), "method.name": sorted(METHODS), "l2o.controller": sorted(CONTROLLERS),
+            "l2o.reward": sorted(REWARDS), "model.backbone": sorted(BACKBONES), "model.segmenter": sorted(SEGMENTERS),
+            "model.guidance_head": ["auto", *GUIDANCE_HEADS]}  # fmt: skip
+
+
+def check_registry_names(cfg: Config) -> None:
+    """Every registry name of ``cfg`` is registered (a typo fails when the recipe loads, not hours later)."""
+    for key, names in registry_names().items():
+        value = _get(cfg, key)
+        if value not in names:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(names)}")
