@@ -14,7 +14,8 @@ from test_seg_data import random_ids, save_image, tree_hash, write_png16
 
 import asg
 from asg import cli
-from asg.data.segmentation.prepare import check, prepare
+from asg.data.segmentation.prepare import prepare
+from asg.data.segmentation.street_check import check
 from asg.data.segmentation.street_scenes import find_pairs
 from asg.errors import DataError
 

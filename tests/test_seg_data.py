@@ -13,7 +13,8 @@ from PIL import Image
 from asg.config import DataConfig
 from asg.data.bundle import IGNORE_INDEX
 from asg.data.segmentation.pairs import EvalPairTransform, PairTransform, read_label
-from asg.data.segmentation.prepare import check, prepare
+from asg.data.segmentation.prepare import prepare
+from asg.data.segmentation.street_check import check
 from asg.data.segmentation.street_classes import (
     CITYSCAPES_CLASSES,
     cityscapes_lut,

@@ -37,7 +37,7 @@ from asg.data.files import SKIPPED_FILE, check_bundle_files, collate_skip_none, 
 from asg.data.images import FileImageDataset, open_image
 from asg.data.photos import real_photos
 from asg.data.segmentation import build_digit_scenes, build_segmentation
-from asg.data.segmentation.prepare import SEG_CHECKS
+from asg.data.segmentation.street_check import SEG_CHECKS
 from asg.errors import ConfigError
 
 DATASETS: dict[str, Callable[[DataConfig], DataBundle]] = {
