@@ -3,8 +3,8 @@
 - :mod:`~asg.data.segmentation.digit_scenes`: the embedded toy benchmark ``digit_scenes`` (offline, seconds).
 - :mod:`~asg.data.segmentation.street_scenes`: the street-scene datasets (GTA5, SYNTHIA, Cityscapes, BDD100K,
   Mapillary Vistas, ``seglist``; their folder layouts in :mod:`~asg.data.segmentation.street_layouts`, ``asg data
-  check`` in :mod:`~asg.data.segmentation.street_check`), with their class tables (:mod:`~asg.data.segmentation.street_classes`), the
-  image/label pairs and paired transforms (:mod:`~asg.data.segmentation.pairs`) and ``asg data prepare``
+  check`` in :mod:`~asg.data.segmentation.street_check`), with their class tables
+  (:mod:`~asg.data.segmentation.street_classes`), the image/label pairs and paired transforms (:mod:`~asg.data.segmentation.pairs`) and ``asg data prepare``
   (:mod:`~asg.data.segmentation.prepare`).
 """
 
