@@ -97,10 +97,6 @@ def task_with_metric(metric: str) -> Task:
     return next(t for t in TASKS.values() if t.primary_metric == metric)
 
 
-def protocol_fields(data: DataBundle, cfg: Config) -> dict[str, Any]:
-    return task_of(data).protocol(cfg, data.num_classes)
-
-
 @torch.no_grad()
 def heldout_loss(model: nn.Module, data: DataBundle, cfg: Config, device: torch.device, max_batches: int = 4) -> float:
     """Mean task loss of ``model`` on the first ``max_batches`` batches of the held-out synthetic split."""

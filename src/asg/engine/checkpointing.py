@@ -25,7 +25,6 @@ class Checkpointer:
     def __init__(self, run_dir: RunDir | None) -> None:
         self.run_dir = run_dir
         self.committed_step: int | None = None  # step of the checkpoint on disk
-        self.manifest: dict[str, Any] = {}  # of the restored checkpoint
 
     def due(self, trainer: Trainer) -> bool:
         every = trainer.cfg.train.checkpoint_every
