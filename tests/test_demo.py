@@ -58,6 +58,12 @@ def test_segmentation_demo_reports_miou_per_method(tmp_path, monkeypatch):
             digits = [v for v in per_class[1:] if v is not None]
             assert run["metrics"][name]["digit_iou"] == pytest.approx(sum(digits) / len(digits))
             assert run["metrics"][name]["background_iou"] == pytest.approx(per_class[0])
+    rows = (tmp_path / "scenes" / "runs" / "erm_seed0" / "results.jsonl").read_text().splitlines()
+    curve = dict(saved["curves"]["erm"]["mnist_photos_digit_iou"])  # step -> mean digit IoU, beside the mIoU's
+    for row in map(json.loads, rows):
+        digits = [v for v in row["metrics"]["mnist_photos"]["per_class_iou"][1:] if v is not None]
+        assert curve[row["step"]] == pytest.approx(sum(digits) / len(digits))
+    assert {"curve_mnist_photos_digit.png", "curve_synthetic_background.png"} <= set(saved["plots"])
     md = (tmp_path / "scenes" / "report.md").read_text()
     assert "mIoU" in md and "mnist_photos digit IoU" in md and "mnist_photos background IoU" in md
     run_md = (tmp_path / "scenes" / "runs" / "asg_seed0" / "report.md").read_text()

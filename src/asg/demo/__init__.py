@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from asg.config import load_config
 from asg.demo.benchmarks import BENCHMARKS, DIGITS, SCENES, WISE_FT, Benchmark
@@ -68,13 +68,23 @@ def run_demo(
     with RunDir(out_dir), worker_pool(n_jobs):  # one demo per folder at a time; one pool for all its runs
         t0 = time.time()
         reports = {}
+        do_tune = full if tune is None else tune
+        picked = {n: [m for m in (methods or (BENCHMARKS[n].methods if full else BENCHMARKS[n].default_methods))
+                      if m in BENCHMARKS[n].methods] for n in names}  # fmt: skip
+        shared_train_s = None  # wall time of the one queue that trained every benchmark's runs
+        if not do_tune and n_jobs > 1:  # every benchmark's runs in one queue, longest first: no worker idles
+            queue = []
+            for n in names:
+                bench = BENCHMARKS[n]
+                queue += _training_tasks(bench, out_dir / n, quick, full, seeds, picked[n], overrides,
+                                         _fixed_choices(bench))  # fmt: skip
+            queue.sort(key=lambda task: -load_config(task.recipe, task.overrides).train.steps)
+            train_all([(task.recipe, task.overrides, task.folder) for task in queue], n_jobs)
+            shared_train_s = time.time() - t0
         for name in names:
-            bench = BENCHMARKS[name]
-            chosen = [m for m in (methods or (bench.methods if full else bench.default_methods)) if m in bench.methods]
-            if chosen:
-                do_tune = full if tune is None else tune
-                reports[name] = _run_benchmark(bench, out_dir / name, quick, full, seeds, chosen, overrides,
-                                               do_tune, adapt, n_jobs)  # fmt: skip
+            if picked[name]:
+                reports[name] = _run_benchmark(BENCHMARKS[name], out_dir / name, quick, full, seeds, picked[name],
+                                               overrides, do_tune, adapt, n_jobs, shared_train_s)  # fmt: skip
         wall = time.time() - t0
         combined = {"wall_time_s": round(wall, 1), "benchmarks": reports, "out_dir": str(out_dir), "jobs": n_jobs}
         write_report(out_dir / "report.md", combined_markdown(reports, wall, n_jobs))
@@ -96,32 +106,25 @@ def _run_benchmark(
     tune: bool = False,
     adapt: bool = True,
     jobs: int = 1,
+    shared_train_s: float | None = None,
 ) -> dict[str, Any]:
-    seeds = seeds if seeds is not None else (1 if quick else bench.default_seeds if not full else 3)
-    common = list(bench.quick if quick else bench.full if full else bench.default) + list(overrides)
+    seeds = _seeds(bench, quick, full, seeds)
+    common = _common(bench, quick, full, overrides)
     t0 = time.time()
     grid_rows: list[dict[str, Any]] = []
     tuned_runs: dict[str, Path] = {}  # label -> its chosen grid run (= that label's seed-0 run: not trained twice)
     if tune and bench.grid:
         choices, grid_rows, tuned_runs = tune_grid(bench, out_dir, common, methods, jobs)
+        for label, other in bench.grid_from:
+            if other in choices:
+                choices[label] = choices[other]
         how = "tuned now: best source-val score of the last checkpoint, seed 0, whole grid below"
     else:
-        choices = {label: list(kv) for label, kv in bench.chosen}
-        how = "the recipe's values" if not choices else "chosen earlier by the same rule (docs/demo)"
-    for label, other in bench.grid_from:
-        if other in choices:
-            choices[label] = choices[other]
-    trained = []  # (label, seed, folder, overrides)
-    for seed in range(seeds):
-        for method in methods:
-            if method == WISE_FT:
-                continue
-            run_overrides = common + choices.get(method, []) + [f"train.seed={seed}", f"name={method}_seed{seed}"]
-            run_dir = out_dir / "runs" / f"{method}_seed{seed}"
-            if seed == 0 and method in tuned_runs:
-                run_dir = tuned_runs[method]
-            trained.append((method, seed, run_dir, run_overrides))
-    summaries = train_all([(bench.methods[m], over, folder) for m, _, folder, over in trained], jobs)
+        choices = _fixed_choices(bench)
+        how = "the recipe's values" if not bench.chosen else "chosen earlier by the same rule (docs/demo)"
+    tasks = _training_tasks(bench, out_dir, quick, full, seeds, methods, overrides, choices, tuned_runs)
+    trained = [(t.label, t.seed, t.folder, t.overrides) for t in tasks]
+    summaries = train_all([(t.recipe, t.overrides, t.folder) for t in tasks], jobs)
     for (method, _seed, run_dir, _over), summary in zip(trained, summaries):
         summary["label"], summary["run_dir"] = method, str(run_dir)
     if WISE_FT in methods and bench.wise_ft_from is not None:
@@ -129,12 +132,66 @@ def _run_benchmark(
     train_wall = time.time() - t0
     adaptations = []
     if adapt and bench.adapt_target is not None:
-        extra = list(bench.adapt) + (list(bench.adapt_quick) if quick else [])
+        extra = list(bench.adapt) + list(bench.adapt_quick if quick else bench.adapt_full if full else ())
         tasks = [(bench.methods[method], bench.adapt_target, method, seed, run_dir, run_overrides + extra +
                   list(overrides), out_dir, jobs > 1) for method, seed, run_dir, run_overrides in trained
                  if bench.adapt_methods is None or method in bench.adapt_methods]  # fmt: skip
         adaptations = run_tasks(adapt_one, tasks, jobs)
     report = build_report(bench, summaries, out_dir, quick=quick, wall_s=time.time() - t0, settings=common,
                           grid=grid_rows, choices={k: v for k, v in choices.items() if k in methods},
-                          choice_rule=how, adaptations=adaptations, train_wall_s=train_wall)  # fmt: skip
+                          choice_rule=how, adaptations=adaptations, train_wall_s=train_wall,
+                          shared_train_s=shared_train_s)  # fmt: skip
     return report
+
+
+class TrainingTask(NamedTuple):
+    """One run of a benchmark's table: its label, seed, recipe, overrides and folder."""
+
+    label: str
+    seed: int
+    recipe: str
+    overrides: list[str]
+    folder: Path
+
+
+def _seeds(bench: Benchmark, quick: bool, full: bool, seeds: int | None) -> int:
+    return seeds if seeds is not None else (1 if quick else bench.default_seeds if not full else 3)
+
+
+def _common(bench: Benchmark, quick: bool, full: bool, overrides: list[str] | tuple[str, ...]) -> list[str]:
+    return list(bench.quick if quick else bench.full if full else bench.default) + list(overrides)
+
+
+def _fixed_choices(bench: Benchmark) -> dict[str, list[str]]:
+    """Each label's overrides when not tuning: ``bench.chosen``, and ``grid_from`` labels take another's."""
+    choices = {label: list(kv) for label, kv in bench.chosen}
+    for label, other in bench.grid_from:
+        if other in choices:
+            choices[label] = choices[other]
+    return choices
+
+
+def _training_tasks(
+    bench: Benchmark,
+    out_dir: Path,
+    quick: bool,
+    full: bool,
+    seeds: int | None,
+    methods: list[str],
+    overrides: list[str] | tuple[str, ...],
+    choices: dict[str, list[str]],
+    tuned_runs: dict[str, Path] | None = None,
+) -> list[TrainingTask]:
+    """The runs of the benchmark's table, seed by seed (WiSE-FT trains none of its own); a tuned label's seed 0 is
+    its chosen grid run."""
+    common = _common(bench, quick, full, overrides)
+    tasks = []
+    for seed in range(_seeds(bench, quick, full, seeds)):
+        for method in methods:
+            if method == WISE_FT:
+                continue
+            run_overrides = common + choices.get(method, []) + [f"train.seed={seed}", f"name={method}_seed{seed}"]
+            folder = (tuned_runs or {}).get(method) if seed == 0 else None
+            folder = folder or out_dir / "runs" / f"{method}_seed{seed}"
+            tasks.append(TrainingTask(method, seed, bench.methods[method], run_overrides, folder))
+    return tasks
