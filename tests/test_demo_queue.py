@@ -32,6 +32,9 @@ def test_every_benchmarks_runs_go_to_one_queue_longest_first(tmp_path, monkeypat
     assert jobs == 2 and len(folders) == len(set(folders)) and set(folders) == expected
     steps = [load_config(recipe, overrides).train.steps for recipe, overrides, _ in tasks]
     assert steps == sorted(steps, reverse=True) and steps[0] > steps[-1]  # the 400-step scenes runs first
+    for length in set(steps):  # then seed by seed
+        seeds = [int(str(f).rsplit("_seed", 1)[1]) for f, n in zip(folders, steps) if n == length]
+        assert seeds == sorted(seeds)
     for recipe, overrides, folder in tasks:  # each with its benchmark's chosen rate and its own seed
         bench = demo.BENCHMARKS[folder.parent.parent.name]
         chosen = dict(bench.chosen)
@@ -39,3 +42,19 @@ def test_every_benchmarks_runs_go_to_one_queue_longest_first(tmp_path, monkeypat
         method, seed = folder.name.rsplit("_seed", 1)
         cfg = load_config(recipe, overrides)
         assert cfg.train.seed == int(seed) and f"optim.lr={cfg.optim.lr:g}" in chosen[method]
+
+
+def test_the_long_protocol_queues_seed_by_seed_across_benchmarks(tmp_path, monkeypatch):
+    """--full without a grid: whole seeds of both benchmarks come first, so a stopped demo can report them."""
+    queues = []
+
+    def first_queue_only(tasks, jobs):
+        queues.append(tasks)
+        raise QueueSeen
+
+    monkeypatch.setattr(demo, "train_all", first_queue_only)
+    with pytest.raises(QueueSeen):
+        demo.run_demo(out=tmp_path, jobs=2, full=True, tune=False)
+    seeds = [int(str(folder).rsplit("_seed", 1)[1]) for _, _, folder in queues[0]]
+    benchmarks = [folder.parent.parent.name for _, _, folder in queues[0]]
+    assert seeds == sorted(seeds) and set(benchmarks[: seeds.count(0)]) == {"digits", "scenes"}

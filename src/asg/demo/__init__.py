@@ -72,13 +72,15 @@ def run_demo(
         picked = {n: [m for m in (methods or (BENCHMARKS[n].methods if full else BENCHMARKS[n].default_methods))
                       if m in BENCHMARKS[n].methods] for n in names}  # fmt: skip
         shared_train_s = None  # wall time of the one queue that trained every benchmark's runs
-        if not do_tune and n_jobs > 1:  # every benchmark's runs in one queue, longest first: no worker idles
+        # every benchmark's runs in one queue, longest first (no worker idles at a benchmark's end), then seed by
+        # seed (an interrupted demo has whole seeds of every benchmark)
+        if not do_tune and n_jobs > 1:
             queue = []
             for n in names:
                 bench = BENCHMARKS[n]
                 queue += _training_tasks(bench, out_dir / n, quick, full, seeds, picked[n], overrides,
                                          _fixed_choices(bench))  # fmt: skip
-            queue.sort(key=lambda task: -load_config(task.recipe, task.overrides).train.steps)
+            queue.sort(key=lambda task: (-load_config(task.recipe, task.overrides).train.steps, task.seed))
             train_all([(task.recipe, task.overrides, task.folder) for task in queue], n_jobs)
             shared_train_s = time.time() - t0
         for name in names:
