@@ -65,6 +65,9 @@ def test_segmentation_demo_reports_miou_per_method(tmp_path, monkeypatch):
         assert curve[row["step"]] == pytest.approx(sum(digits) / len(digits))
     assert {"curve_mnist_photos_digit.png", "curve_synthetic_background.png"} <= set(saved["plots"])
     md = (tmp_path / "scenes" / "report.md").read_text()
+    step, peak = max(curve.items(), key=lambda kv: kv[1])  # "along training": the digit curve's peak and its step
+    erm_row = next(line for line in md.split("Along training")[1].splitlines() if line.startswith("| erm |"))
+    assert f"{100 * peak:.1f} ({step})" in erm_row and "mnist_photos digit IoU peak (step)" in md
     assert "mIoU" in md and "mnist_photos digit IoU" in md and "mnist_photos background IoU" in md
     run_md = (tmp_path / "scenes" / "runs" / "asg_seed0" / "report.md").read_text()
     assert "Per-class IoU" in run_md and "predictions.png" in run_md

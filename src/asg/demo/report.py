@@ -326,11 +326,36 @@ selected on {real[0]}); source-val and oracle evaluated {where}:
 
 {chr(10).join(oracle)}
 
+{_along_training(bench, report)}
+
 {plots}
 
 Per-run details: `runs/<method>_seed<k>/summary.json` (every selection rule, labelled), `results.jsonl`
 (one line per evaluation during training) and `report.md`.
 """
+
+
+def _along_training(bench: Benchmark, report: dict) -> str:
+    """Markdown: per method, the mean curve's peak on each real set (and class group), its step, the last value."""
+    keys = [(s, s) for s in bench.sets[1:]]
+    keys += [
+        (f"{s}_{g}_iou", f"{s} {g} IoU") for s in bench.sets[1:] for g, _ in bench.class_groups if g != "background"
+    ]
+    head = ["method"] + [f"{name} {what}" for _, name in keys for what in ("peak (step)", "last", "peak − last")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, curves in report["curves"].items():
+        cells = []
+        for key, _ in keys:
+            points = curves.get(key) or []
+            if not points:
+                cells += ["–"] * 3
+                continue
+            step, peak = max(points, key=lambda p: p[1])
+            last = points[-1][1]
+            cells += [f"{100 * peak:.1f} ({step})", f"{100 * last:.1f}", f"{100 * (peak - last):.1f}"]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return ("Along training (the curves below: mean over seeds, on the evaluation subsets of the curves; does a "
+            "method peak and fall?):\n\n" + "\n".join(lines))  # fmt: skip
 
 
 def runs_timing(summaries: list[dict], train_wall_s: float) -> dict[str, Any]:
