@@ -110,8 +110,8 @@ DIGITS = Benchmark(
         "optim.backbone_lr_mult=0.1",
         "optim.warmup_steps=0",
         "adapt.rounds=1",  # one round, not two, to keep `make demo` within 15 minutes (README, "Time")
-        "adapt.steps_per_round=40",
-        "train.eval_every=40",
+        "adapt.steps_per_round=25",
+        "train.eval_every=25",
         "data.eval_max_per_set=null",  # the round's last evaluation is on the full test halves, once
         "eval.retention=false",
     ),
