@@ -92,7 +92,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the embedded synthetic-to-real benchmarks (digits, digit scenes)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--quick", action="store_true", help="a short version (under 5 minutes on 2 CPU cores)")
-    length.add_argument("--full", action="store_true", help="every method (also l2sp, asg+random), longer runs")
+    length.add_argument(
+        "--full",
+        action="store_true",
+        help="every method (also feature, l2sp, asg+random; asg+l2o on scenes), 1,200 steps",
+    )
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/demo or runs/demo-quick)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds per method")
     p.add_argument("--methods", default=None, help="comma-separated subset of the demo's methods")
