@@ -373,7 +373,7 @@ def runs_timing(summaries: list[dict], train_wall_s: float) -> dict[str, Any]:
 
 def _timing_words(report: dict) -> str:
     t = report.get("timing") or {}
-    if not t.get("train_step_fraction") or not report.get("train_wall_time_s"):
+    if not t.get("runs"):
         return ""
     evaluation = t.get("eval_s", 0) + t.get("final_s", 0)
     return (f"; the {t['runs']} runs of the table spent {t['train_step_s'] / 60:.1f} min in training steps and "
