@@ -136,10 +136,11 @@ def _run_benchmark(
     adaptations = []
     if adapt and bench.adapt_target is not None:
         extra = list(bench.adapt) + list(bench.adapt_quick if quick else bench.adapt_full if full else ())
-        tasks = [(bench.methods[method], bench.adapt_target, method, seed, run_dir, run_overrides + extra +
-                  list(overrides), out_dir, jobs > 1) for method, seed, run_dir, run_overrides in trained
-                 if bench.adapt_methods is None or method in bench.adapt_methods]  # fmt: skip
-        adaptations = run_tasks(adapt_one, tasks, jobs)
+        adapt_tasks = [(bench.methods[method], bench.adapt_target, method, seed, run_dir,
+                        run_overrides + extra + list(overrides), out_dir, jobs > 1)
+                       for method, seed, run_dir, run_overrides in trained
+                       if bench.adapt_methods is None or method in bench.adapt_methods]  # fmt: skip
+        adaptations = run_tasks(adapt_one, adapt_tasks, jobs)
     report = build_report(bench, summaries, out_dir, quick=quick, wall_s=time.time() - t0, settings=common,
                           grid=grid_rows, choices={k: v for k, v in choices.items() if k in methods},
                           choice_rule=how, adaptations=adaptations, train_wall_s=train_wall,
