@@ -78,8 +78,8 @@ def run_demo(
             queue = []
             for n in names:
                 bench = BENCHMARKS[n]
-                queue += _training_tasks(bench, out_dir / n, quick, full, seeds, picked[n], overrides,
-                                         _fixed_choices(bench))  # fmt: skip
+                common, n_seeds = _common(bench, quick, full, overrides), _seeds(bench, quick, full, seeds)
+                queue += _training_tasks(bench, out_dir / n, common, n_seeds, picked[n], _fixed_choices(bench))
             queue.sort(key=lambda task: (-load_config(task.recipe, task.overrides).train.steps, task.seed))
             if not all(RunDir(task.folder).is_done() for task in queue):  # else each benchmark reads its runs back
                 train_all([(task.recipe, task.overrides, task.folder) for task in queue], n_jobs)
@@ -125,7 +125,7 @@ def _run_benchmark(
     else:
         choices = _fixed_choices(bench)
         how = "the recipe's values" if not bench.chosen else "chosen earlier by the same rule (docs/demo)"
-    tasks = _training_tasks(bench, out_dir, quick, full, seeds, methods, overrides, choices, tuned_runs)
+    tasks = _training_tasks(bench, out_dir, common, seeds, methods, choices, tuned_runs)
     trained = [(t.label, t.seed, t.folder, t.overrides) for t in tasks]
     summaries = train_all([(t.recipe, t.overrides, t.folder) for t in tasks], jobs)
     for (method, _seed, run_dir, _over), summary in zip(trained, summaries):
@@ -178,19 +178,16 @@ def _fixed_choices(bench: Benchmark) -> dict[str, list[str]]:
 def _training_tasks(
     bench: Benchmark,
     out_dir: Path,
-    quick: bool,
-    full: bool,
-    seeds: int | None,
+    common: list[str],
+    seeds: int,
     methods: list[str],
-    overrides: list[str] | tuple[str, ...],
     choices: dict[str, list[str]],
     tuned_runs: dict[str, Path] | None = None,
 ) -> list[TrainingTask]:
     """The runs of the benchmark's table, seed by seed (WiSE-FT trains none of its own); a tuned label's seed 0 is
-    its chosen grid run."""
-    common = _common(bench, quick, full, overrides)
+    its chosen grid run. ``common``: the overrides of every run of the benchmark."""
     tasks = []
-    for seed in range(_seeds(bench, quick, full, seeds)):
+    for seed in range(seeds):
         for method in methods:
             if method == WISE_FT:
                 continue

@@ -102,23 +102,16 @@ def build_report(
         for label, sets in curves.items()
     }
     plots = []
-    for set_name in bench.sets:
-        path = out_dir / f"curve_{set_name}.png"
-        plot_curves(
-            {label: mean_curves[label].get(set_name, []) for label in labels if label in mean_curves},
-            path,
-            title=f"{set_name}: {bench.metric_label} during training (mean over seeds)",
-            ylabel=f"{bench.metric_label} (%)",
-        )
-        plots.append(path.name)
-        for group, _ in bench.class_groups:  # segmentation: the class groups' IoU curves beside the mIoU's
-            path = out_dir / f"curve_{set_name}_{group}.png"
-            key = f"{set_name}_{group}_iou"
+    for set_name in bench.sets:  # (file name, curve key, what is plotted); segmentation adds its class groups
+        figures = [(set_name, set_name, bench.metric_label)]
+        figures += [(f"{set_name}_{g}", f"{set_name}_{g}_iou", f"mean {g} IoU") for g, _ in bench.class_groups]
+        for name, key, what in figures:
+            path = out_dir / f"curve_{name}.png"
             plot_curves(
                 {label: mean_curves[label].get(key, []) for label in labels if label in mean_curves},
                 path,
-                title=f"{set_name}: mean {group} IoU during training (mean over seeds)",
-                ylabel=f"mean {group} IoU (%)",
+                title=f"{set_name}: {what} during training (mean over seeds)",
+                ylabel=f"{what} (%)",
             )
             plots.append(path.name)
     bars = out_dir / f"per_class_{real_sets[0]}.png"
