@@ -118,28 +118,24 @@ def _run_benchmark(
     tuned_runs: dict[str, Path] = {}  # label -> its chosen grid run (= that label's seed-0 run: not trained twice)
     if tune and bench.grid:
         choices, grid_rows, tuned_runs = tune_grid(bench, out_dir, common, methods, jobs)
-        for label, other in bench.grid_from:
-            if other in choices:
-                choices[label] = choices[other]
+        choices = _inherit_choices(bench, choices)
         how = "tuned now: best source-val score of the last checkpoint, seed 0, whole grid below"
     else:
         choices = _fixed_choices(bench)
         how = "the recipe's values" if not bench.chosen else "chosen earlier by the same rule (docs/demo)"
     tasks = _training_tasks(bench, out_dir, common, seeds, methods, choices, tuned_runs)
-    trained = [(t.label, t.seed, t.folder, t.overrides) for t in tasks]
     summaries = train_all([(t.recipe, t.overrides, t.folder) for t in tasks], jobs)
-    for (method, _seed, run_dir, _over), summary in zip(trained, summaries):
-        summary["label"], summary["run_dir"] = method, str(run_dir)
+    for task, summary in zip(tasks, summaries):
+        summary["label"], summary["run_dir"] = task.label, str(task.folder)
     if WISE_FT in methods and bench.wise_ft_from is not None:
         summaries += wise_ft_runs(bench, out_dir, common, choices, tuned_runs, seeds, jobs)
     train_wall = time.time() - t0
     adaptations = []
     if adapt and bench.adapt_target is not None:
         extra = list(bench.adapt) + list(bench.adapt_quick if quick else bench.adapt_full if full else ())
-        adapt_tasks = [(bench.methods[method], bench.adapt_target, method, seed, run_dir,
-                        run_overrides + extra + list(overrides), out_dir, jobs > 1)
-                       for method, seed, run_dir, run_overrides in trained
-                       if bench.adapt_methods is None or method in bench.adapt_methods]  # fmt: skip
+        adapt_tasks = [(t.recipe, bench.adapt_target, t.label, t.seed, t.folder, t.overrides + extra + list(overrides),
+                        out_dir, jobs > 1)
+                       for t in tasks if bench.adapt_methods is None or t.label in bench.adapt_methods]  # fmt: skip
         adaptations = run_tasks(adapt_one, adapt_tasks, jobs)
     report = build_report(bench, summaries, out_dir, quick=quick, wall_s=time.time() - t0, settings=common,
                           grid=grid_rows, choices={k: v for k, v in choices.items() if k in methods},
@@ -167,8 +163,13 @@ def _common(bench: Benchmark, quick: bool, full: bool, overrides: list[str] | tu
 
 
 def _fixed_choices(bench: Benchmark) -> dict[str, list[str]]:
-    """Each label's overrides when not tuning: ``bench.chosen``, and ``grid_from`` labels take another's."""
-    choices = {label: list(kv) for label, kv in bench.chosen}
+    """Each label's overrides when not tuning: ``bench.chosen``, with the ``grid_from`` labels filled in."""
+    return _inherit_choices(bench, {label: list(kv) for label, kv in bench.chosen})
+
+
+def _inherit_choices(bench: Benchmark, choices: dict[str, list[str]]) -> dict[str, list[str]]:
+    """``choices`` (label -> overrides) with each ``grid_from`` label given the choice of the label it follows."""
+    choices = dict(choices)
     for label, other in bench.grid_from:
         if other in choices:
             choices[label] = choices[other]
