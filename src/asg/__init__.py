@@ -1,6 +1,7 @@
 """ASG: automated synthetic-to-real generalization (proxy guidance + learned layer-wise learning rates).
 
-The Python API mirrors the CLI: ``asg.load_config``, ``asg.train``, ``asg.evaluate``, ``asg.run_demo``.
+The Python API mirrors the CLI: ``asg.load_config``, ``asg.train``, ``asg.evaluate``, ``asg.run_demo``;
+``asg.load(run)`` returns a ``Predictor`` for one's own images.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ _API = {
     "load_config": "asg.config",
     "train": "asg.api",
     "evaluate": "asg.api",
+    "load": "asg.api",
     "run_demo": "asg.demo",
     "meta_train": "asg.l2o.meta",
 }

@@ -286,6 +286,36 @@ def evaluate_wise_ft(
     return out
 
 
+def load(
+    run: str | Path,
+    checkpoint: str = "last",
+    *,
+    config: str | Path | None = None,
+    overrides: list[str] | None = None,
+    wise_ft: float | None = None,
+    device: str = "auto",
+    **options: Any,
+):
+    """A ``asg.predict.Predictor`` of a run folder's ``checkpoint`` (``last``, ``source-val``, ``oracle`` or a
+    ``.safetensors`` path), a weight file with its recipe ``config``, or an exported ``.onnx`` file; its
+    ``.predict(images)`` takes PIL images, numpy arrays, tensors or paths. Never reads the training data.
+    ``options``: ``batch_size``, ``tta_flip``, ``sliding_window``, ``scales``, ``precision``, ``top_k``,
+    ``class_names`` (for a run of an earlier asg that does not record them)."""
+    from asg.predict.run import load_predictor
+
+    predictor, _ = load_predictor(run, checkpoint, config=config, overrides=overrides, wise_ft=wise_ft,
+                                  device=device, **options)  # fmt: skip
+    return predictor
+
+
+def export(run: str | Path, out: str | Path | None = None, checkpoint: str = "last", **options: Any) -> Path:
+    """Export a run's task model to ONNX (``asg export``); returns the ``.onnx`` path (sidecar: ``<path>.json``).
+    ``options``: ``config``, ``overrides``, ``wise_ft``, ``tolerance``, ``opset``."""
+    from asg.predict.export import export_run
+
+    return export_run(run, out, checkpoint, **options)[0]
+
+
 def save_evaluation(result: dict[str, Any], out_dir: str | Path) -> Path:
     """Write ``eval_<checkpoint>[_tta][_wise_ft<alpha>].json`` (atomically) and confusion-matrix plots into
     ``out_dir``.

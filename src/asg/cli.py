@@ -89,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
         "(ALPHA in [0, 1]; written to eval_<checkpoint>_wise_ft<ALPHA>.json)",
     )
 
+    _add_predict_parsers(sub)
+
     p = sub.add_parser("demo", help="the embedded synthetic-to-real benchmarks (digits, digit scenes)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--quick", action="store_true", help="a short version (under 5 minutes on 2 CPU cores)")
@@ -136,6 +138,14 @@ def _parser() -> argparse.ArgumentParser:
     t = lsub.add_parser("train", help="meta-train a policy on synthetic data only")
     _add_config_args(t)
     return parser
+
+
+def _add_predict_parsers(sub: argparse._SubParsersAction) -> None:
+    """``asg predict`` and ``asg export`` (handlers in :mod:`asg.predict.cli`)."""
+    from asg.predict.cli import add_export_parser, add_predict_parser
+
+    add_predict_parser(sub, _add_set)
+    add_export_parser(sub, _add_set)
 
 
 def _check_config_args(args: argparse.Namespace, command: str, default_out: Callable[[Config], Path]) -> None:
@@ -350,7 +360,10 @@ _python_show_warning = warnings.showwarning
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     warnings.showwarning = _show_warning
-    handlers = {"train": _train, "adapt": _adapt, "evaluate": _evaluate, "demo": _demo}
+    from asg.predict.cli import export_command, predict_command
+
+    handlers = {"train": _train, "adapt": _adapt, "evaluate": _evaluate, "demo": _demo,
+                "predict": predict_command, "export": export_command}  # fmt: skip
     try:
         if args.command != "train" and os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):
             raise AsgError(f"asg {args.command} runs on one process; under torchrun only `asg train` is "
@@ -380,7 +393,7 @@ def _continue_hint(args: argparse.Namespace) -> str:
         if args.data_command == "prepare":
             return "rerun the same command to continue (labels already converted and recorded are kept)"
         return "rerun the same command"
-    if args.command in ("evaluate", "demo"):
+    if args.command in ("evaluate", "demo", "predict", "export"):
         return "rerun the same command"
     return "continue with the same command and --resume"
 

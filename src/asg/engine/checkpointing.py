@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from asg.data import set_skip_log
 from asg.engine.checkpoint import load_weights, weights_to_save
 from asg.engine.guards import diverged, non_finite_tensors
+from asg.engine.model_info import write_model_info
 from asg.engine.resume import check_resume_changes
 from asg.engine.rundir import TRAINING, RunDir
 
@@ -55,6 +56,7 @@ class Checkpointer:
         if trainer.resume:
             self.restore(trainer)
         rd.write_config(cfg)
+        write_model_info(rd, cfg, trainer.data, trainer.model)  # what `asg predict` needs beyond the weights
         compiled = cfg.train.compile_backend if cfg.train.compile else None
         rd.write_versions(
             world_size=trainer.dist.world, **trainer.precision.describe(cfg.model.channels_last, compiled)
