@@ -4,7 +4,7 @@
 Within a benchmark every method trains on the same synthetic data, with the same seeds and steps, and is
 evaluated during training on the held-out synthetic split and the real sets. Finished runs are skipped and
 interrupted ones resumed, so re-running the command continues where it stopped. Independent runs go to
-``jobs`` worker processes side by side (``asg.sweep``).
+``jobs`` worker processes side by side (``asg.workers``).
 
 One grid for every method (``--tune``, and ``--full``): each method is trained with seed 0 at every learning
 rate of ``Benchmark.grid_lrs`` crossed with its own knob (ASG's lambda, LP-FT's probe length, feature guidance's
@@ -24,12 +24,12 @@ from typing import Any, NamedTuple
 
 from asg.config import load_config
 from asg.demo.benchmarks import BENCHMARKS, DIGITS, SCENES, WISE_FT, Benchmark
-from asg.demo.grid import tune_grid, wise_ft_runs
 from asg.demo.report import build_report, combined_markdown, write_report
 from asg.demo.runs import adapt_one, train_all
+from asg.demo.tuning import tune_methods, wise_ft_runs
 from asg.engine.rundir import RunDir
 from asg.errors import ConfigError
-from asg.sweep import default_jobs, run_tasks, worker_pool
+from asg.workers import default_jobs, run_tasks, worker_pool
 
 __all__ = ["BENCHMARKS", "DIGITS", "SCENES", "WISE_FT", "Benchmark", "build_report", "run_demo"]
 
@@ -51,7 +51,7 @@ def run_demo(
     Each benchmark goes to ``out/<benchmark>/`` (its own report) and ``out/report.md`` gathers them. ``methods``
     picks labels present in a benchmark (others are skipped there); ``full`` runs every method, longer, after
     tuning each on its grid (``tune``, default: ``full``); ``adapt`` runs the adaptation stage where a benchmark
-    has one. ``jobs``: runs trained side by side in worker processes (default ``asg.sweep.default_jobs``).
+    has one. ``jobs``: runs trained side by side in worker processes (default ``asg.workers.default_jobs``).
     """
     out_dir = Path(out) if out is not None else Path("runs") / ("demo-quick" if quick else "demo")
     names = benchmarks or list(BENCHMARKS)
@@ -115,11 +115,15 @@ def _run_benchmark(
     common = _common(bench, quick, full, overrides)
     t0 = time.time()
     grid_rows: list[dict[str, Any]] = []
-    tuned_runs: dict[str, Path] = {}  # label -> its chosen grid run (= that label's seed-0 run: not trained twice)
-    if tune and bench.grid:
-        choices, grid_rows, tuned_runs = tune_grid(bench, out_dir, common, methods, jobs)
+    costs: dict[str, dict[str, Any]] = {}
+    tuned_runs: dict[str, Path] = {}  # label -> its chosen trial's run (= that label's seed-0 run: not trained twice)
+    if tune:
+        choices, grid_rows, tuned_runs, costs = tune_methods(bench, out_dir, common, methods, jobs)
         choices = _inherit_choices(bench, choices)
-        how = "tuned now: best source-val score of the last checkpoint, seed 0, whole grid below"
+        how = (
+            f"tuned now: one Optuna study per method, {bench.tune_trials} trials each ({bench.tune_sampler} "
+            "sampler, ASHA), best last source-val score of a complete trial, seed 0; every trial below"
+        )
     else:
         choices = _fixed_choices(bench)
         how = "the recipe's values" if not bench.chosen else "chosen earlier by the same rule (docs/demo)"
@@ -138,7 +142,7 @@ def _run_benchmark(
                        for t in tasks if bench.adapt_methods is None or t.label in bench.adapt_methods]  # fmt: skip
         adaptations = run_tasks(adapt_one, adapt_tasks, jobs)
     report = build_report(bench, summaries, out_dir, quick=quick, wall_s=time.time() - t0, settings=common,
-                          grid=grid_rows, choices={k: v for k, v in choices.items() if k in methods},
+                          grid=grid_rows, tuning_cost=costs, choices={k: v for k, v in choices.items() if k in methods},
                           choice_rule=how, adaptations=adaptations, train_wall_s=train_wall,
                           shared_train_s=shared_train_s)  # fmt: skip
     return report

@@ -21,11 +21,14 @@ class Benchmark:
     default: tuple[str, ...]  # overrides of `asg demo`
     quick: tuple[str, ...]
     full: tuple[str, ...]
-    # one grid for every method: each label is trained at every learning rate of ``grid_lrs`` crossed with its
-    # own knob (config key, values; key None: the rate alone); labels in grid_from take another label's choice
-    grid_lrs: tuple[float, ...] = ()
-    grid: tuple[tuple[str, str | None, tuple[float, ...]], ...] = ()
-    grid_from: tuple[tuple[str, str], ...] = ()
+    # tuning (``asg demo --tune``, ``--full``): one Optuna study per trained label over its method's search space
+    # (``asg.methods.space``: optim.lr, optim.backbone_lr_mult, the method's own knob), every study with the same
+    # budget, sampler and ASHA pruner; ``lr_range`` (low, high, grid values) narrows optim.lr for this benchmark;
+    # labels in ``grid_from`` take another label's choice instead of a study of their own
+    lr_range: tuple[float, float, tuple[float, ...]] = (1e-3, 0.3, (0.01, 0.03, 0.1))
+    tune_trials: int = 8
+    tune_sampler: str = "random"
+    grid_from: tuple[tuple[str, str], ...] = (("wise-ft", "erm"),)
     chosen: tuple[tuple[str, tuple[str, ...]], ...] = ()  # label -> overrides used when not tuning
     # WiSE-FT: the backbones of this label's runs interpolated towards the pretrained one, alpha chosen on source-val
     wise_ft_from: str | None = "erm"
@@ -83,15 +86,7 @@ DIGITS = Benchmark(
         "data.eval_max_per_set=300",
         "eval.full_eval_selected=true",
     ),
-    grid_lrs=(0.01, 0.03, 0.1),
-    grid=(
-        ("erm", None, ()),
-        ("asg", "method.kl_weight", (0.01, 0.1, 1.0)),
-        ("lp-ft", "method.probe_steps", (25, 50, 75)),
-        ("feature", "method.feature_weight", (0.1, 1.0, 10.0)),
-        ("l2sp", "method.l2sp_alpha", (0.001, 0.01, 0.1)),
-    ),
-    grid_from=(("asg+l2o", "asg"), ("asg+random", "asg")),
+    lr_range=(0.003, 0.3, (0.01, 0.03, 0.1)),
     # chosen on source-val by `asg demo --benchmarks digits --tune --no-adapt --seeds 1
     # --methods erm,asg,lp-ft,wise-ft,feature,l2sp` at the default length (docs/demo/digits_grid/report.md)
     chosen=(
@@ -146,14 +141,7 @@ SCENES = Benchmark(
         "eval.full_eval_selected=false",
     ),  # fmt: skip
     full=("train.steps=1200", "train.eval_every=150", "data.eval_max_per_set=200", "eval.full_eval_selected=true"),
-    grid_lrs=(0.02, 0.05),
-    grid=(
-        ("erm", None, ()),
-        ("asg", "method.kl_weight", (0.1, 1.0)),
-        ("lp-ft", "method.probe_steps", (50, 150)),
-        ("feature", "method.feature_weight", (0.1, 1.0)),
-    ),
-    grid_from=(("asg+l2o", "asg"),),
+    lr_range=(0.005, 0.2, (0.02, 0.05, 0.1)),
     # chosen on source-val by `asg demo --benchmarks scenes --tune --seeds 1 --methods erm,asg,lp-ft,wise-ft,feature`
     # at the default length (docs/demo/scenes_grid/report.md)
     chosen=(

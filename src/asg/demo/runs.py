@@ -16,7 +16,7 @@ from asg.engine.trainer import Trainer
 from asg.io import atomic_write
 from asg.l2o import build_controller
 from asg.methods.wise_ft import choose_alpha
-from asg.sweep import run_tasks, shared_data
+from asg.workers import run_tasks, shared_data
 
 
 def train_one(recipe: str, overrides: list[str], out_dir: Path, quiet: bool = False) -> dict[str, Any]:

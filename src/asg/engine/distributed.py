@@ -138,6 +138,15 @@ class Dist:
             tensor.copy_(work)
         return tensor
 
+    def broadcast_object(self, obj: T | None, src: int = 0) -> T | None:
+        """Rank ``src``'s picklable ``obj`` on every rank (the others pass anything, e.g. None)."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        with collective("broadcast_object_list"):
+            td.broadcast_object_list(box, src)
+        return box[0]
+
     def shard(self, n_items: int) -> range:
         """This rank's items ``rank::world`` of ``range(n_items)``."""
         return range(self.rank, n_items, self.world)

@@ -11,10 +11,12 @@ from torch import Tensor, nn
 from asg.collectives import global_mean
 from asg.errors import ConfigError
 from asg.methods.base import LossOutput, MethodBase, cross_entropy, kl_teacher_student
+from asg.methods.space import Knob
 from asg.models.base import NoGuidanceHead
 
 
 class ASG(MethodBase):
+    knobs = (Knob("method.kl_weight", 1e-3, 10.0, (0.01, 0.1, 1.0)),)  # lambda
     needs_teacher = True
 
     def setup(self, model: nn.Module) -> None:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from asg.config import MethodConfig
 from asg.data.bundle import IGNORE_INDEX
+from asg.methods.space import Knob
 
 
 @dataclass
@@ -117,6 +118,7 @@ class MethodBase:
 
     needs_teacher = False
     teacher_output = "logits"
+    knobs: tuple[Knob, ...] = ()  # the method's own search space, beside ``space.COMMON_KNOBS``
 
     def __init__(self, cfg: MethodConfig) -> None:
         self.cfg = cfg

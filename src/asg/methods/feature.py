@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from asg.errors import ConfigError
 from asg.methods.base import LossOutput, MethodBase, cross_entropy
+from asg.methods.space import Knob
 
 DISTANCES = ("cosine", "mse")
 
@@ -49,6 +50,8 @@ def feature_distance(student: Tensor, teacher: Tensor, kind: str = "cosine", eps
 
 class FeatureGuidance(MethodBase):
     """CE + ``method.feature_weight`` x ``feature_distance(student features, teacher features)``."""
+
+    knobs = (Knob("method.feature_weight", 0.01, 100.0, (0.1, 1.0, 10.0)),)  # beta
 
     needs_teacher = True
     teacher_output = "features"

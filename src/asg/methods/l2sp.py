@@ -8,9 +8,12 @@ import torch
 from torch import Tensor, nn
 
 from asg.methods.base import LossOutput, MethodBase, cross_entropy
+from asg.methods.space import Knob
 
 
 class L2SP(MethodBase):
+    knobs = (Knob("method.l2sp_alpha", 1e-4, 1.0, (0.001, 0.01, 0.1)),)
+
     def setup(self, model: nn.Module) -> None:
         backbone = cast(nn.Module, model.backbone)  # torch types Module.__getattr__ as Tensor | Module
         self.params = [p for p in backbone.parameters() if p.requires_grad]

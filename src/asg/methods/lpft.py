@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, cast
 from torch import Tensor, nn
 
 from asg.methods.base import LossOutput, MethodBase, cross_entropy
+from asg.methods.space import Knob
 
 if TYPE_CHECKING:
     from asg.models import ASGClassifier, ASGSegmenter
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 
 class LPFT(MethodBase):
     """Cross-entropy with the pretrained parameters frozen for the first ``method.probe_steps`` steps."""
+
+    knobs = (Knob("method.probe_steps", 10, 600, (25, 50, 100), integer=True, max_fraction=0.5),)
 
     def setup(self, model: nn.Module) -> None:
         pretrained = cast("ASGClassifier | ASGSegmenter", model).pretrained_parameters()

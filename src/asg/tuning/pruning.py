@@ -1,0 +1,52 @@
+"""The trial's side of the training loop: report the source-val score at each evaluation, stop when pruned.
+
+Rank 0 reports to the study and asks the pruner; the decision is broadcast so that every rank of a ``torchrun``
+trial stops at the same step (``on_eval_end`` runs on every rank, so the collective is reached by all).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import optuna
+
+from asg.engine.callbacks import Callback
+from asg.io import atomic_write_text
+
+if TYPE_CHECKING:
+    from asg.engine.evaluate import EvalResult
+    from asg.engine.trainer import Trainer
+
+PRUNED_FILE = "pruned.json"  # in a pruned trial's run folder: the step, score and rule that stopped it
+
+
+class TrialReporter(Callback):
+    """Reports each evaluation's source-val score to ``trial`` (rank 0; None elsewhere) and stops a pruned run.
+
+    The last evaluation (``train.steps``) is reported but never pruned: the run is complete by then.
+    """
+
+    def __init__(self, trial: optuna.Trial | None, rule: str = "") -> None:
+        self.trial, self.rule = trial, rule
+        self.last_score: float | None = None
+
+    def on_eval_end(self, trainer: Trainer, row: dict[str, Any], results: dict[str, EvalResult]) -> None:
+        name = trainer.data.source_val_name
+        if name is None or name not in results:
+            return
+        score = float(results[name].primary)
+        self.last_score = score
+        prune = False
+        if trainer.dist.is_main and self.trial is not None:
+            self.trial.report(score, trainer.step)
+            prune = trainer.step < trainer.cfg.train.steps and self.trial.should_prune()
+        if not trainer.dist.broadcast_object(prune):
+            return
+        reason = f"pruned at step {trainer.step} of {trainer.cfg.train.steps}: source-val {score:.4f} ({self.rule})"
+        if trainer.run_dir is not None and trainer.dist.is_main:
+            note = {"step": trainer.step, "steps": trainer.cfg.train.steps, "source_val": score, "rule": self.rule,
+                    "trial": self.trial.number if self.trial is not None else None}  # fmt: skip
+            atomic_write_text(trainer.run_dir.path / PRUNED_FILE, json.dumps(note, indent=1))
+        trainer.say(reason)
+        raise optuna.TrialPruned(reason)
