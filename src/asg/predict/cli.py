@@ -8,10 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def _pair(text: str) -> list[int] | None:
-    """``H,W`` (or one number for a square) -> [H, W]; "none" -> None."""
-    if text.lower() == "none":
-        return None
+def _pair(text: str) -> list[int] | str | None:
+    """``H,W`` (or one number for a square) -> [H, W]; "none" -> None; "auto" stays (the recipe's)."""
+    if text.lower() in ("none", "auto"):
+        return None if text.lower() == "none" else "auto"
     parts = [int(v) for v in text.replace("x", ",").split(",")]
     if len(parts) == 1:
         parts *= 2
