@@ -37,13 +37,13 @@ def cls_run(tmp_path_factory):
                 _image(c, hash((split, c, k)) % 1000).save(root / split / c / f"{k}.png")
     from asg.api import train
 
-    overrides = [f"data.root={root}", "data.name=imagefolder", "data.image_size=32", "data.batch_size=6",
+    overrides = [f"data.root={root}", "data.num_workers=0", "data.image_size=32", "data.batch_size=6",
                  "data.source_val_fraction=0.2", "train.steps=2", "train.eval_every=2", "train.checkpoint_every=2",
-                 "train.progress=false", "eval.retention=false", "method.name=erm", "model.hidden_dim=16",
+                 "train.progress=false", "eval.retention=false", "model.hidden_dim=16",
                  "optim.warmup_steps=0", "optim.lr=0.01", "name=shapes"]  # fmt: skip
     out = tmp_path_factory.mktemp("runs") / "shapes"
     torch.set_num_threads(1)
-    train(load_config(None, overrides), out=out, quiet=True)
+    train(load_config("imagefolder_erm", overrides), out=out, quiet=True)  # the own-data recipe
     return out, root
 
 
@@ -324,3 +324,9 @@ def test_export_refuses_above_the_tolerance(tmp_path, one_thread):
     with pytest.raises(AsgError, match="differs from PyTorch"):
         export_onnx(model, info, tmp_path / "m.onnx", tolerance=0.0 - 1.0)
     assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "m.onnx.json").exists()
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("asg 0.")
