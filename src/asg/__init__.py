@@ -15,6 +15,7 @@ _API = {
     "load": "asg.api",
     "run_demo": "asg.demo",
     "meta_train": "asg.l2o.meta",
+    "sweep": "asg.tuning",
 }
 
 

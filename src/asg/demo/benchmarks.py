@@ -26,7 +26,7 @@ class Benchmark:
     # budget, sampler and ASHA pruner; ``lr_range`` (low, high, grid values) narrows optim.lr for this benchmark;
     # labels in ``grid_from`` take another label's choice instead of a study of their own
     lr_range: tuple[float, float, tuple[float, ...]] = (1e-3, 0.3, (0.01, 0.03, 0.1))
-    tune_trials: int = 8
+    tune_trials: int = 6
     tune_sampler: str = "random"
     grid_from: tuple[tuple[str, str], ...] = (("wise-ft", "erm"),)
     chosen: tuple[tuple[str, tuple[str, ...]], ...] = ()  # label -> overrides used when not tuning

@@ -44,3 +44,27 @@ def summary(study: Study) -> dict[str, Any]:
     rows = trial_rows(study)
     return {"study": study.spec.name, "rule": study.rule, "budget": study.budget, "rows": rows,
             "best": best_row(rows), "cost": cost(study, rows)}  # fmt: skip
+
+
+def format_summary(result: dict[str, Any], recipe: str, overrides: list[str]) -> str:
+    """The trials as a table, the best trial's ``asg train`` command, and the cost."""
+    rows = result["rows"]
+    keys = list(dict.fromkeys(k for r in rows for k in r["params"]))
+    head = ["trial", "state", "steps", "source-val %", *keys]
+    lines = [f"study {result['study']} ({result['rule']}):", "  ".join(f"{h:>12}" for h in head)]
+    for r in rows:
+        score = f"{100 * r['source_val']:.2f}" if r["source_val"] is not None else "-"
+        cells = [str(r["trial"]), r["state"], str(r["steps"]), score, *(f"{r['params'].get(k, '-'):.4g}" for k in keys)]
+        lines.append("  ".join(f"{c:>12}" for c in cells))
+    c = result["cost"]
+    lines.append(f"cost: {c['trials']} trials ({c['complete']} complete, {c['pruned']} pruned, {c['failed']} failed), "
+                 f"{c['steps_trained']} training steps; the full grid of the same knobs: {c['full_grid_runs']} runs, "
+                 f"{c['full_grid_steps']} steps" + (f"; {c['wall_s']:.0f} s" if "wall_s" in c else ""))  # fmt: skip
+    best = result["best"]
+    if best is None:
+        lines.append("no trial completed: nothing to choose")
+    else:
+        sets = " ".join(f"--set {o}" for o in [*overrides, *best["overrides"]])
+        lines.append(f"best: trial {best['trial']}, source-val {100 * best['source_val']:.2f} %, {best['folder']}")
+        lines.append(f"  the same run: asg train --config {recipe} {sets}")
+    return "\n".join(lines)

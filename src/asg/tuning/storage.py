@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +41,23 @@ def make_storage(url: str | None, folder: Path, heartbeat_s: int = 60, grace_s: 
                           "the journal file (the default) or postgresql://USER@HOST/DB")  # fmt: skip
     if not url.startswith(("postgresql", "mysql")):
         raise ConfigError(f"--storage {url!r}: give postgresql://USER@HOST[:PORT]/DB or a .journal file")
-    try:
-        return RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=grace_s,
-                          heartbeat_stale_trial_callback=RetryDeadWorker(max_retries))  # fmt: skip
-    except Exception as exc:  # sqlalchemy's connection and driver errors
-        raise ConfigError(f"cannot open the study storage {_safe(url)}: {str(exc).splitlines()[0]}") from None
+    if url.startswith("postgresql://") and _has("psycopg") and not _has("psycopg2"):
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")  # the driver installed with asg
+    for attempt in range(3):  # workers starting together race to create the tables: the losers try again
+        try:
+            return RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=grace_s,
+                              heartbeat_stale_trial_callback=RetryDeadWorker(max_retries))  # fmt: skip
+        except Exception as exc:  # sqlalchemy's connection and driver errors
+            if attempt == 2:
+                raise ConfigError(f"cannot open the study storage {_safe(url)}: {str(exc).splitlines()[0]}") from None
+            time.sleep(1.0 + attempt)
+    raise AssertionError("unreachable")
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def _safe(url: str) -> str:

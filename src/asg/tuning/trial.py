@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,7 +16,7 @@ from asg.engine.rundir import RunDir
 from asg.engine.trainer import Trainer
 from asg.errors import AsgError
 from asg.l2o import build_controller
-from asg.tuning.pruning import TrialReporter
+from asg.tuning.pruning import SCORE_FILE, TrialReporter
 from asg.workers import shared_data
 
 if TYPE_CHECKING:
@@ -43,12 +44,17 @@ def run_trial(spec: SweepSpec, params: list[str], folder: Path, trial: optuna.Tr
             cfg = rd.read_config(over) if resume else load_config(spec.recipe, over)
             Trainer(cfg, folder, data=shared_data(cfg.data), resume=resume, quiet=quiet, dist=dist,
                     controller_factory=build_controller, callbacks=[reporter]).fit()  # fmt: skip
+        if not dist.is_main:  # rank 0 alone writes and reads the run folder
+            return TrialState.COMPLETE, None, ""
         summary: dict[str, Any] = rd.read_json("summary.json")
     except optuna.TrialPruned as pruned:
         return TrialState.PRUNED, None, str(pruned)
     except AsgError as exc:
         print(f"asg sweep: trial {number} ({folder}) failed: {exc}", file=sys.stderr, flush=True)
         return TrialState.FAIL, None, f"failed: {exc}"
-    last = summary["selections"]["last"]
-    value = float(last["metrics"][summary["source_val_set"]][summary["primary_metric"]])
-    return TrialState.COMPLETE, value, f"complete at step {last['step']}: source-val {value:.4f}"
+    value = reporter.last_score
+    if value is None and (folder / SCORE_FILE).exists():  # a finished folder read back (a retried trial)
+        value = float(json.loads((folder / SCORE_FILE).read_text())["score"])
+    if value is None:
+        return TrialState.FAIL, None, f"failed: {folder} finished without a source-val evaluation"
+    return TrialState.COMPLETE, value, f"complete at step {summary['steps']}: source-val score {value:.4f}"
