@@ -6,12 +6,13 @@ evaluated during training on the held-out synthetic split and the real sets. Fin
 interrupted ones resumed, so re-running the command continues where it stopped. Independent runs go to
 ``jobs`` worker processes side by side (``asg.workers``).
 
-One grid for every method (``--tune``, and ``--full``): each method is trained with seed 0 at every learning
-rate of ``Benchmark.grid_lrs`` crossed with its own knob (ASG's lambda, LP-FT's probe length, feature guidance's
-weight, L2-SP's alpha; ERM has none), and the point with the best **source-val** score of the last checkpoint
-is chosen (no real label is used); WiSE-FT evaluates every fine-tuned ERM grid run at each alpha and is chosen
-the same way. The report shows the whole grid. Without tuning, ``Benchmark.chosen`` holds the choices of the
-grid run at the default length (docs/demo). Digits then adapts the ERM and ASG models to the unlabelled
+Tuning (``--tune``, and ``--full``): one Optuna study per method (``asg.tuning``) at the length of the runs it
+tunes, every study with the same budget, sampler and ASHA pruner, each trial drawing the head's rate, the
+backbone's multiple of it and the method's own knob (ASG's lambda, LP-FT's probe length, feature guidance's
+weight, L2-SP's alpha; ERM none); a method's choice is its complete trial with the best **source-val** score (no
+real label is used), and that trial is its seed-0 run. WiSE-FT takes ERM's choice. The report shows every trial
+and what the pruner saved. Without tuning, ``Benchmark.chosen`` holds the choices of a study at the default
+length (docs/demo). Digits then adapts the ERM and ASG models to the unlabelled
 adaptation half of MNIST-5k (``asg adapt``, the same self-training for every starting model) and reports the
 test halves before and after.
 """

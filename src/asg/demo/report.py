@@ -28,6 +28,7 @@ def build_report(
     wall_s: float,
     settings: list[str],
     grid: list[dict] | None = None,
+    tuning_cost: dict[str, dict] | None = None,
     choices: dict[str, list[str]] | None = None,
     choice_rule: str = "",
     adaptations: list[dict] | None = None,
@@ -96,6 +97,7 @@ def build_report(
                 if vals:
                     entry[f"{rule}_{set_name}"] = _mean_std(vals)
         entry["seeds"] = len(rows)
+        entry["settings"] = run_settings(bench, label, settings, (choices or {}).get(label, []))
         table[label] = entry
     mean_curves = {
         label: {k: sorted((step, float(np.mean(v))) for step, v in d.items()) for k, d in sets.items()}
@@ -146,6 +148,7 @@ def build_report(
         "choices": choices or {},
         "choice_rule": choice_rule,
         "grid": grid or [],
+        "tuning_cost": tuning_cost or {},
         "adaptation": adaptation_table(bench, adaptations or []),
         "adaptations": adaptations or [],
         "runs": runs,
@@ -214,15 +217,38 @@ def markdown_table(bench: Benchmark, table: dict) -> str:
         name = f"{s} (held-out)" if i == 0 else s
         columns.append((f"{name} {bench.metric_label}" if bench.class_groups else name, s))
         columns += [(f"{s} {group} IoU", f"{s}_{group}_iou") for group, _ in bench.class_groups]
-    header = ["method", "seeds", *(h for h, _ in columns), "ImageNet top-1 agreement", "ImageNet KL"]
+    header = ["method", "lr", "backbone rate", "own knob", "LR schedule", "seeds", *(h for h, _ in columns),
+              "ImageNet top-1 agreement", "ImageNet KL"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, e in table.items():
         alphas = e.get("wise_ft_alpha")
         name = f"{label} (α {', '.join(f'{a:g}' for a in alphas)})" if alphas else label  # per seed, from source-val
-        cells = [name, str(e["seeds"]), *(_fmt(e.get(key)) for _, key in columns)]
+        cells = [name, *_settings_cells(e.get("settings")), str(e["seeds"]), *(_fmt(e.get(key)) for _, key in columns)]
         cells += [_fmt(e.get("real_photos_top1_agreement")), _fmt(e.get("real_photos_kl"), 1.0, 3)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def run_settings(bench: Benchmark, label: str, settings: list[str], choice: list[str]) -> dict[str, Any]:
+    """What differs between a benchmark's rows: the head's rate, the backbone's multiple of it, the method's own
+    knob and the learning-rate controller, read from the config the label's runs were built from."""
+    from asg.config import load_config
+    from asg.methods import METHODS
+
+    cfg = load_config(bench.methods[label], [*settings, *choice])
+    knobs = METHODS[cfg.method.name].knobs if cfg.method.name in METHODS else ()
+    own = {k.key.rsplit(".", 1)[-1]: getattr(cfg.method, k.key.rsplit(".", 1)[-1]) for k in knobs}
+    return {"lr": cfg.optim.lr, "backbone_lr_mult": cfg.optim.backbone_lr_mult, "knob": own,
+            "controller": cfg.l2o.controller}  # fmt: skip
+
+
+def _settings_cells(settings: dict[str, Any] | None) -> list[str]:
+    if not settings:
+        return ["–"] * 4
+    knob = ", ".join(f"{k} {v:.3g}" for k, v in settings["knob"].items()) or "–"
+    schedule = {"fixed": "fixed", "l2o": "learned (L2O)", "random": "random"}.get(settings["controller"],
+                                                                                  settings["controller"])  # fmt: skip
+    return [f"{settings['lr']:.3g}", f"{settings['backbone_lr_mult']:.3g}× lr", knob, schedule]
 
 
 def adaptation_table(bench: Benchmark, adaptations: list[dict]) -> dict[str, Any]:
@@ -254,16 +280,35 @@ def adaptation_markdown(bench: Benchmark, table: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _grid_markdown(bench: Benchmark, grid: list[dict]) -> str:
+def _trials_markdown(bench: Benchmark, rows: list[dict]) -> str:
+    """One line per trial of every study: its parameters, how far it trained, its score and the real sets."""
     real = bench.sets[1:]
-    head = ["method", "optim.lr", "own knob", f"{bench.sets[0]} (source-val, used)"] + [f"{s} (not used)" for s in real]
+    head = ["method", "trial", "state", "steps", "lr", "backbone rate", "own knob",
+            f"{bench.sets[0]} score (used)"] + [f"{s} (not used)" for s in real]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in grid:
-        mark = " **chosen**" if row.get("chosen") else ""
-        knob = f"{row['key']}={row['value']:g}" if row.get("key") else "–"
-        cells = [row["method"] + mark, f"{row['lr']:g}", knob, f"{100 * row['source_val']:.1f}"]
-        cells += [f"{100 * row['real'][s]:.1f}" if s in row["real"] else "–" for s in real]
+    for row in rows:
+        params = dict(row["params"])
+        lr, mult = params.pop("optim.lr", None), params.pop("optim.backbone_lr_mult", None)
+        knob = ", ".join(f"{k.rsplit('.', 1)[-1]} {v:.3g}" for k, v in params.items()) or "–"
+        score = f"{100 * row['source_val']:.2f}" if row.get("source_val") is not None else "–"
+        name = row["method"] + (" **chosen**" if row.get("chosen") else "")
+        cells = [name, str(row["trial"]), row["state"], str(row["steps"]), f"{lr:.3g}" if lr else "–",
+                 f"{mult:.3g}×" if mult else "–", knob, score]  # fmt: skip
+        cells += [f"{100 * row['real'][s]:.1f}" if s in row.get("real", {}) else "–" for s in real]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cost_markdown(costs: dict[str, dict]) -> str:
+    """Per study: trials, how they ended, the training steps spent, against the full grid of the same knobs."""
+    head = ["method", "trials", "complete", "pruned", "failed", "steps trained", "full grid: runs", "full grid: steps",
+            "steps saved"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, c in costs.items():
+        saved = 1 - c["steps_trained"] / c["full_grid_steps"] if c["full_grid_steps"] else 0.0
+        cells = [label, c["trials"], c["complete"], c["pruned"], c["failed"], c["steps_trained"], c["full_grid_runs"],
+                 c["full_grid_steps"], f"{100 * saved:.0f} %"]  # fmt: skip
+        lines.append("| " + " | ".join(str(x) for x in cells) + " |")
     return "\n".join(lines)
 
 
@@ -280,10 +325,14 @@ def _markdown(bench: Benchmark, report: dict) -> str:
         chosen = ", ".join(f"{k}: `{' '.join(v)}`" for k, v in report["choices"].items()) or "recipe defaults"
         extra += f"\nHyper-parameters per method ({report['choice_rule']}): {chosen}.\n"
     if report.get("grid"):
+        rule = next(iter(report.get("tuning_cost", {}).values()), {}).get("rule", "")
         extra += (
-            f"\nTuning grid (seed 0, same length; every method at the learning rates {list(bench.grid_lrs)} crossed "
-            "with its own knob; WiSE-FT evaluates each fine-tuned ERM run at every alpha; chosen on the held-out "
-            f"synthetic split only):\n\n{_grid_markdown(bench, report['grid'])}\n"
+            f"\nTuning: one Optuna study per method at this length, the same budget, sampler and pruner ({rule}); "
+            "each trial draws optim.lr, optim.backbone_lr_mult and the method's own knob; the score is the "
+            "held-out synthetic split's metric, ties broken by its loss; the real sets are shown, never used "
+            f"(WiSE-FT takes ERM's choice, its alpha chosen per run on source-val):\n\n"
+            f"{_trials_markdown(bench, report['grid'])}\n\nWhat the pruner spent, against running the full grid of "
+            f"the same knobs' grid values to the end:\n\n{_cost_markdown(report.get('tuning_cost', {}))}\n"
         )
     if report.get("adaptation_markdown"):
         extra += (
