@@ -25,7 +25,7 @@ from asg.config import load_config
 from asg.errors import ConfigError
 from asg.methods import METHODS
 from asg.methods.space import Knob
-from asg.tuning import SweepSpec, Study, run_workers, sweep
+from asg.tuning import Study, SweepSpec, run_workers, sweep
 from asg.tuning.space import check_knob, method_knobs
 
 # a trial: 6 steps, evaluated every 2 (ASHA's rungs at 2 and 6 with reduction factor 3)
@@ -141,8 +141,8 @@ def test_storage_refuses_sqlite(recipe, tmp_path):
 
 
 def test_grid_sampler_budget_is_the_grid(recipe, tmp_path):
-    spec = SweepSpec(recipe, tmp_path, TINY, trials=50, sampler="grid",
-                     ranges={"optim.lr": (0.01, 0.1, (0.01, 0.1)), "optim.backbone_lr_mult": (0.1, 1.0, (0.1, 1.0))})  # fmt: skip
+    ranges = {"optim.lr": (0.01, 0.1, (0.01, 0.1)), "optim.backbone_lr_mult": (0.1, 1.0, (0.1, 1.0))}
+    spec = SweepSpec(recipe, tmp_path, TINY, trials=50, sampler="grid", ranges=ranges)
     assert Study(spec).budget == 4
 
 

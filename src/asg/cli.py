@@ -94,6 +94,10 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_predict_parsers(sub)
 
+    p = sub.add_parser("compare", help="one table of several finished runs (method, rates, seed, selections)")
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folders of `asg train`")
+    p.add_argument("--markdown", action="store_true", help="print a Markdown table")
+
     p = sub.add_parser("demo", help="the embedded synthetic-to-real benchmarks (digits, digit scenes)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--quick", action="store_true", help="a short version (under 5 minutes on 2 CPU cores)")
@@ -323,6 +327,13 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from asg.compare import compare_runs, table
+
+    print(table(compare_runs(args.runs), markdown=args.markdown))
+    return 0
+
+
 def _sweep(args: argparse.Namespace) -> int:
     from asg.config import load_config
     from asg.tuning import sweep
@@ -421,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     from asg.predict.cli import export_command, predict_command
 
     handlers = {"train": _train, "adapt": _adapt, "evaluate": _evaluate, "demo": _demo,
-                "predict": predict_command, "export": export_command, "sweep": _sweep}  # fmt: skip
+                "predict": predict_command, "export": export_command, "sweep": _sweep,
+                "compare": _compare}  # fmt: skip
     try:
         if args.command not in ("train", "sweep") and os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):
             raise AsgError(f"asg {args.command} runs on one process; under torchrun only `asg train` and `asg "
@@ -451,7 +463,7 @@ def _continue_hint(args: argparse.Namespace) -> str:
         if args.data_command == "prepare":
             return "rerun the same command to continue (labels already converted and recorded are kept)"
         return "rerun the same command"
-    if args.command in ("evaluate", "demo", "predict", "export", "sweep"):
+    if args.command in ("evaluate", "demo", "predict", "export", "sweep", "compare"):
         return "rerun the same command"
     return "continue with the same command and --resume"
 

@@ -325,7 +325,8 @@ def _markdown(bench: Benchmark, report: dict) -> str:
         chosen = ", ".join(f"{k}: `{' '.join(v)}`" for k, v in report["choices"].items()) or "recipe defaults"
         extra += f"\nHyper-parameters per method ({report['choice_rule']}): {chosen}.\n"
     if report.get("grid"):
-        rule = next(iter(report.get("tuning_cost", {}).values()), {}).get("rule", "")
+        costs: dict[str, dict[str, Any]] = report.get("tuning_cost") or {}
+        rule = next((c.get("rule", "") for c in costs.values()), "")
         extra += (
             f"\nTuning: one Optuna study per method at this length, the same budget, sampler and pruner ({rule}); "
             "each trial draws optim.lr, optim.backbone_lr_mult and the method's own knob; the score is the "

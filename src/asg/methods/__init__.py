@@ -7,14 +7,14 @@ from __future__ import annotations
 from asg.config import MethodConfig
 from asg.errors import ConfigError
 from asg.methods.asg import ASG
-from asg.methods.base import Batch, LossOutput, Method, TargetBatch, cross_entropy, kl_teacher_student
+from asg.methods.base import Batch, LossOutput, Method, MethodBase, TargetBatch, cross_entropy, kl_teacher_student
 from asg.methods.erm import ERM
 from asg.methods.feature import FeatureGuidance, feature_distance
 from asg.methods.l2sp import L2SP
 from asg.methods.lpft import LPFT
 from asg.methods.self_training import SelfTraining, model_regularizer
 
-METHODS: dict[str, type] = {"erm": ERM, "asg": ASG, "l2sp": L2SP, "lpft": LPFT, "feature": FeatureGuidance}
+METHODS: dict[str, type[MethodBase]] = {"erm": ERM, "asg": ASG, "l2sp": L2SP, "lpft": LPFT, "feature": FeatureGuidance}
 
 
 def build_method(cfg: MethodConfig) -> Method:
