@@ -114,3 +114,30 @@ def test_demo_tunes_every_method_with_one_study_each_on_source_val_only(tmp_path
     md = (tmp_path / "digits" / "report.md").read_text()
     assert "one Optuna study per method" in md and "**chosen**" in md and "full grid: steps" in md
     assert "mnist5k_test before" in md and f"| wise-ft (α {wise['wise_ft_alpha']:g}) |" in md
+
+
+def test_backbone_rates_change_only_the_backbone_rate(tmp_path, monkeypatch):
+    """ERM and ASG at their chosen point, the rate's override last; a table and a figure of score and KL."""
+    import yaml
+
+    from asg.demo import backbone_rate
+
+    monkeypatch.setattr(backbone_rate, "RATES", (0.1, 1.0))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    over = [*TINY, f"data.root={tmp_path}/c"]
+    run_demo(out=tmp_path, seeds=1, methods=["erm", "asg"], overrides=over, benchmarks=["digits"], adapt=False,
+             backbone_rates=True)  # fmt: skip
+    saved = json.loads((tmp_path / "digits" / "report.json").read_text())
+    table = saved["backbone_rate"]["table"]
+    assert set(table) == {"erm", "asg"} and set(table["asg"]) == {"0.1", "1"}
+    for label in ("erm", "asg"):
+        for rate in ("0.1", "1"):
+            cfg = yaml.safe_load((tmp_path / "digits" / "backbone_rate" / f"{label}_bb{rate}_seed0" / "config.yaml")
+                                 .read_text())  # fmt: skip
+            assert cfg["optim"]["backbone_lr_mult"] == float(rate)
+            assert cfg["optim"]["lr"] == 0.03  # the chosen point otherwise
+            assert len(table[label][rate]["kl"]) == 1
+    asg_cfg = yaml.safe_load((tmp_path / "digits" / "backbone_rate" / "asg_bb1_seed0" / "config.yaml").read_text())
+    assert asg_cfg["method"]["kl_weight"] == 0.01
+    assert (tmp_path / "digits" / "backbone_rate.png").stat().st_size > 1000
+    assert "The backbone rate alone" in (tmp_path / "digits" / "report.md").read_text()

@@ -117,6 +117,9 @@ def _parser() -> argparse.ArgumentParser:
         help="tune each method on its grid, choosing on source-val only (default: with --full)",
     )
     p.add_argument("--no-adapt", dest="adapt", action="store_false", help="skip the adaptation stage (digits)")
+    p.add_argument("--backbone-rates", action="store_true",
+                   help="also train ERM and ASG at their chosen point with optim.backbone_lr_mult in 0.03, 0.1, "
+                   "0.3, 1 (the backbone rate alone; one figure)")  # fmt: skip
     p.add_argument("--jobs", type=int, default=None,
                    help="runs trained side by side in worker processes (default: one per CPU core, at most 4; "
                    "1 on a GPU)")  # fmt: skip
@@ -321,7 +324,7 @@ def _demo(args: argparse.Namespace) -> int:
     benchmarks = args.benchmarks.split(",") if args.benchmarks else None
     report = run_demo(out=args.out, quick=args.quick, seeds=args.seeds, methods=methods, overrides=args.overrides,
                       benchmarks=benchmarks, full=args.full, tune=args.tune, adapt=args.adapt,
-                      jobs=args.jobs)  # fmt: skip
+                      jobs=args.jobs, backbone_rates=args.backbone_rates)  # fmt: skip
     print(report["markdown_table"])
     print(f"\nreport: {report['out_dir']}/report.md")
     return 0

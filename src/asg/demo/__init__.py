@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from asg.config import load_config
+from asg.demo.backbone_rate import backbone_rate_runs
 from asg.demo.benchmarks import BENCHMARKS, DIGITS, SCENES, WISE_FT, Benchmark
 from asg.demo.report import build_report, combined_markdown, write_report
 from asg.demo.runs import adapt_one, train_all
@@ -46,6 +47,7 @@ def run_demo(
     tune: bool | None = None,
     adapt: bool = True,
     jobs: int | None = None,
+    backbone_rates: bool = False,
 ) -> dict[str, Any]:
     """Train and evaluate each benchmark's methods over ``seeds`` seeds; write report.md/report.json and plots.
 
@@ -53,6 +55,8 @@ def run_demo(
     picks labels present in a benchmark (others are skipped there); ``full`` runs every method, longer, after
     tuning each on its grid (``tune``, default: ``full``); ``adapt`` runs the adaptation stage where a benchmark
     has one. ``jobs``: runs trained side by side in worker processes (default ``asg.workers.default_jobs``).
+    ``backbone_rates``: also train ERM and ASG at their chosen point with only the backbone rate changed
+    (``asg.demo.backbone_rate``).
     """
     out_dir = Path(out) if out is not None else Path("runs") / ("demo-quick" if quick else "demo")
     names = benchmarks or list(BENCHMARKS)
@@ -88,7 +92,8 @@ def run_demo(
         for name in names:
             if picked[name]:
                 reports[name] = _run_benchmark(BENCHMARKS[name], out_dir / name, quick, full, seeds, picked[name],
-                                               overrides, do_tune, adapt, n_jobs, shared_train_s)  # fmt: skip
+                                               overrides, do_tune, adapt, n_jobs, shared_train_s,
+                                               backbone_rates)  # fmt: skip
         wall = time.time() - t0
         combined = {"wall_time_s": round(wall, 1), "benchmarks": reports, "out_dir": str(out_dir), "jobs": n_jobs}
         write_report(out_dir / "report.md", combined_markdown(reports, wall, n_jobs))
@@ -111,6 +116,7 @@ def _run_benchmark(
     adapt: bool = True,
     jobs: int = 1,
     shared_train_s: float | None = None,
+    backbone_rates: bool = False,
 ) -> dict[str, Any]:
     seeds = _seeds(bench, quick, full, seeds)
     common = _common(bench, quick, full, overrides)
@@ -142,10 +148,14 @@ def _run_benchmark(
                         out_dir, jobs > 1)
                        for t in tasks if bench.adapt_methods is None or t.label in bench.adapt_methods]  # fmt: skip
         adaptations = run_tasks(adapt_one, adapt_tasks, jobs)
+    rates = None
+    if backbone_rates:
+        labels = tuple(label for label in ("erm", "asg") if label in bench.methods)
+        rates = backbone_rate_runs(bench, out_dir, common, choices, labels, seeds=seeds, jobs=jobs)
     report = build_report(bench, summaries, out_dir, quick=quick, wall_s=time.time() - t0, settings=common,
                           grid=grid_rows, tuning_cost=costs, choices={k: v for k, v in choices.items() if k in methods},
                           choice_rule=how, adaptations=adaptations, train_wall_s=train_wall,
-                          shared_train_s=shared_train_s)  # fmt: skip
+                          shared_train_s=shared_train_s, backbone_rate=rates)  # fmt: skip
     return report
 
 

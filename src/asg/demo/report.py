@@ -34,6 +34,7 @@ def build_report(
     adaptations: list[dict] | None = None,
     train_wall_s: float | None = None,
     shared_train_s: float | None = None,
+    backbone_rate: dict[str, Any] | None = None,
 ) -> dict:
     """Aggregate a benchmark's run summaries (and tuning grid, adaptations) into report.json, report.md, plots.
 
@@ -149,6 +150,7 @@ def build_report(
         "choice_rule": choice_rule,
         "grid": grid or [],
         "tuning_cost": tuning_cost or {},
+        "backbone_rate": backbone_rate,
         "adaptation": adaptation_table(bench, adaptations or []),
         "adaptations": adaptations or [],
         "runs": runs,
@@ -299,6 +301,24 @@ def _trials_markdown(bench: Benchmark, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _backbone_rate_markdown(result: dict[str, Any]) -> str:
+    """The backbone rate alone: per method and rate, the real score and the ImageNet KL (mean ± std over seeds)."""
+    head = ["method", "backbone rate", f"{result['metric']} (%)", "ImageNet KL", "ImageNet top-1 agreement (%)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, cells in result["table"].items():
+        for rate in sorted(cells, key=float):
+            c = cells[rate]
+            parts = [_fmt(_mean_std(c["real"]) if c["real"] else None),
+                     _fmt(_mean_std(c["kl"]) if c["kl"] else None, 1.0, 3),
+                     _fmt(_mean_std(c["top1"]) if c["top1"] else None)]  # fmt: skip
+            lines.append(f"| {label} | {rate}× | " + " | ".join(parts) + " |")
+    choices = "; ".join(f"{k}: `{' '.join(v)}`" for k, v in result["choices"].items())
+    return (
+        f"The backbone rate alone ({result['seeds']} seeds, last checkpoint; every other setting at the "
+        f"method's tuned point, {choices}, with the rate's override last):\n\n" + "\n".join(lines)
+    )
+
+
 def _cost_markdown(costs: dict[str, dict]) -> str:
     """Per study: trials, how they ended, the training steps spent, against the full grid of the same knobs."""
     head = ["method", "trials", "complete", "pruned", "failed", "steps trained", "full grid: runs", "full grid: steps",
@@ -335,6 +355,8 @@ def _markdown(bench: Benchmark, report: dict) -> str:
             f"{_trials_markdown(bench, report['grid'])}\n\nWhat the pruner spent, against running the full grid of "
             f"the same knobs' grid values to the end:\n\n{_cost_markdown(report.get('tuning_cost', {}))}\n"
         )
+    if report.get("backbone_rate"):
+        extra += f"\n{_backbone_rate_markdown(report['backbone_rate'])}\n\n![backbone rate](backbone_rate.png)\n"
     if report.get("adaptation_markdown"):
         extra += (
             f"\nDomain adaptation (`asg adapt`, class-balanced self-training to the unlabelled "
