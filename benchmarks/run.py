@@ -8,8 +8,10 @@ the same runs give the loop's end-to-end steps/s (``Trainer.fit`` with a run fol
 and ``loop_overhead`` the loop's own cost: ``Trainer.fit`` with evaluation and checkpoints off against the bare
 ``Trainer.train_step`` on the same batches.
 On the CPU also (``bench_scale``): the share of training steps in a digits demo run (``asg demo``, one run) and
-``torchrun`` with 2 processes against 1 (gloo). ``--no-adapt``, ``--no-seg``, ``--no-meta``, ``--no-scale`` skip
-parts. Writes ``benchmarks/results.json``.
+``torchrun`` with 2 processes against 1 (gloo). Inference (``bench_predict``): images/s of ``asg predict``'s
+Predictor on the CPU, PyTorch eager against onnxruntime and ``torch.compile``. ``--no-adapt``, ``--no-seg``,
+``--no-meta``, ``--no-scale``, ``--no-predict`` skip parts; ``--only predict`` runs that one part and updates its
+entry in the existing results. Writes ``benchmarks/results.json`` and ``benchmarks/results.md``.
 """
 
 from __future__ import annotations
@@ -27,10 +29,23 @@ VARIANTS = {
 }
 
 
+ONLY = ("predict",)  # parts that `--only NAME` runs alone
+
+
 def main() -> None:
-    device = next((a for a in sys.argv[1:] if not a.startswith("--")), "cpu")
+    args = sys.argv[1:]
+    only = None
+    if "--only" in args:
+        i = args.index("--only")
+        only = args[i + 1] if i + 1 < len(args) else None
+        if only not in ONLY:
+            sys.exit(f"run.py: --only takes one of {', '.join(ONLY)}")
+        del args[i : i + 2]
+    device = next((a for a in args if not a.startswith("--")), "cpu")
     steps = 20
     sys.path.insert(0, str(Path(__file__).parent))
+    if only is not None:
+        return run_only(only)
     from bench_trainer import loop_overhead, paired_step_times, trainer_step_time
 
     # memory and the whole loop: each variant in its own process; step-time ratios: all variants in one process
@@ -94,6 +109,11 @@ def main() -> None:
 
         out["demo_run"] = demo_training_fraction()
         out["torchrun"] = torchrun_throughput()
+    if "--no-predict" not in sys.argv:
+        from bench_predict import predict_throughput
+
+        print("inference (asg predict's Predictor, CPU):")
+        out["predict"] = predict_throughput()
     path = Path(__file__).parent / "results.json"
     path.write_text(json.dumps(out, indent=1))
     (path.parent / "results.md").write_text(markdown_table(out))
@@ -130,6 +150,21 @@ def main() -> None:
         print(f"torchrun gloo: 1 process {t['nproc_1']['train_images_per_s']} images/s, 2 processes "
               f"{t['nproc_2']['train_images_per_s']} images/s (ratio {t['throughput_ratio_2_vs_1']}); rank-0 peak "
               f"RSS {t['nproc_1'].get('peak_rss_mib')} / {t['nproc_2'].get('peak_rss_mib')} MiB")  # fmt: skip
+    print(f"wrote {path}")
+
+
+def run_only(name: str) -> None:
+    """Run one part (``--only NAME``) and replace its entry in ``results.json``, keeping the others."""
+    path = Path(__file__).parent / "results.json"
+    out = json.loads(path.read_text()) if path.is_file() else {}
+    if name == "predict":
+        from bench_predict import predict_throughput
+
+        print("inference (asg predict's Predictor, CPU):")
+        out["predict"] = predict_throughput()
+    path.write_text(json.dumps(out, indent=1))
+    if "variants" in out:
+        (path.parent / "results.md").write_text(markdown_table(out))
     print(f"wrote {path}")
 
 
@@ -190,6 +225,10 @@ def markdown_table(out: dict) -> str:
         rows.append(("Trainer.fit with evaluation and checkpoints off vs bare train_step, same batches",
                      f"{min(lo['loop_s']):.2f} / {min(lo['bare_steps_s']):.2f} s for {lo['steps']} steps",
                      f"{lo['ratio']:.3f} time (target <= 1.05)"))  # fmt: skip
+    if "predict" in out:
+        from bench_predict import markdown_rows
+
+        rows += markdown_rows(out["predict"])
     l2o = out["l2o"]
     rows.append(("L2O controller", f"{1e6 * l2o['controller_s_per_step']:.0f} µs per step",
                  f"{100 * l2o['overhead_vs_erm_step']:.2f} % of an ERM step"))  # fmt: skip
