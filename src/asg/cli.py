@@ -100,7 +100,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the embedded synthetic-to-real benchmarks (digits, digit scenes)")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--quick", action="store_true", help="a short version (under 5 minutes on 2 CPU cores)")
+    length.add_argument(
+        "--quick", action="store_true", help="a short version: 1 seed, fewer steps (7.0 min measured on 2 CPU cores)"
+    )
     length.add_argument(
         "--full",
         action="store_true",
