@@ -108,7 +108,7 @@ class Study:
     def counted(self) -> list[optuna.trial.FrozenTrial]:
         """The trials that use the budget: all but those replaced by a retry and surplus ones."""
         trials = self.study.get_trials(deepcopy=False)
-        replaced = {n for t in trials for n in t.user_attrs.get("retries", []) if t.state != TrialState.FAIL}
+        replaced = {n for t in trials for n in t.user_attrs.get("retries", [])}  # a chain of retries counts once
         return [t for t in trials if t.number not in replaced and not t.user_attrs.get("surplus")]
 
     def ask(self) -> tuple[optuna.Trial, dict[str, Any], Path] | None:
