@@ -322,12 +322,13 @@ def _backbone_rate_markdown(result: dict[str, Any]) -> str:
 def _cost_markdown(costs: dict[str, dict]) -> str:
     """Per study: trials, how they ended, the training steps spent, against the full grid of the same knobs."""
     head = ["method", "trials", "complete", "pruned", "failed", "steps trained", "full grid: runs", "full grid: steps",
-            "steps saved"]  # fmt: skip
+            "steps saved", "study wall time"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, c in costs.items():
         saved = 1 - c["steps_trained"] / c["full_grid_steps"] if c["full_grid_steps"] else 0.0
         cells = [label, c["trials"], c["complete"], c["pruned"], c["failed"], c["steps_trained"], c["full_grid_runs"],
-                 c["full_grid_steps"], f"{100 * saved:.0f} %"]  # fmt: skip
+                 c["full_grid_steps"], f"{100 * saved:.0f} %",
+                 f"{c['study_wall_s'] / 60:.1f} min" if c.get("study_wall_s") else "–"]  # fmt: skip
         lines.append("| " + " | ".join(str(x) for x in cells) + " |")
     return "\n".join(lines)
 

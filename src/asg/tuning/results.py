@@ -34,10 +34,14 @@ def cost(study: Study, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Runs and training steps spent, against the full grid of the same knobs run to the end."""
     steps = study.cfg.train.steps
     grid = grid_size(study.knobs)
+    starts = [t.datetime_start for t in study.counted() if t.datetime_start is not None]
+    ends = [t.datetime_complete for t in study.counted() if t.datetime_complete is not None]
+    span = (max(ends) - min(starts)).total_seconds() if starts and ends else None
     return {"trials": len(rows), "complete": sum(r["state"] == "complete" for r in rows),
             "pruned": sum(r["state"] == "pruned" for r in rows), "failed": sum(r["state"] == "fail" for r in rows),
             "steps_trained": sum(r["steps"] for r in rows), "full_grid_runs": grid,
-            "full_grid_steps": grid * steps, "run_steps": steps}  # fmt: skip
+            "full_grid_steps": grid * steps, "run_steps": steps,
+            "study_wall_s": None if span is None else round(span, 1)}  # fmt: skip
 
 
 def summary(study: Study) -> dict[str, Any]:
