@@ -70,14 +70,15 @@ def plot_backbone_rate(result: dict[str, Any], path: Path) -> None:
                 continue
             mean, std = [v.mean() for v in vals], [v.std(ddof=1) if len(v) > 1 else 0.0 for v in vals]
             ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=label)
-    axes[0].set_ylabel(f"{result['metric']} (%)")
+    axes[0].set_ylabel("real test sets, mean (%)")
     axes[1].set_ylabel("ImageNet KL(teacher ‖ model), real photos")
     for ax in axes:
         ax.set_xscale("log")
         ax.set_xlabel("optim.backbone_lr_mult (backbone rate / head rate)")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"{result['benchmark']}: the backbone rate alone ({result['seeds']} seeds, last checkpoint)")
+    what = f"{result['metric']}; {result['seeds']} seed(s), last checkpoint"
+    fig.suptitle(f"{result['benchmark']}: the backbone rate alone ({what})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
