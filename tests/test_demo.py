@@ -2,7 +2,13 @@ import json
 
 import pytest
 
-from asg.demo import run_demo
+from asg.demo import DIGITS, run_demo
+
+
+def demo_chosen():
+    """The digits benchmark's fixed choices (label, overrides) that ``asg demo`` uses without tuning."""
+    return DIGITS.chosen
+
 
 pytestmark = pytest.mark.slow  # end-to-end runs and spawned processes: `make test` runs them, `-m "not slow"` skips
 
@@ -31,9 +37,13 @@ def test_demo_report_has_runs_table_curves_and_plots(tmp_path, monkeypatch):
     assert saved["table"]["asg"]["seeds"] == 2
     assert [step for step, _ in saved["curves"]["erm"]["mnist5k_test"]] == [2, 4]
     md = (tmp_path / "digits" / "report.md").read_text()
-    erm = "| erm | 0.03 | 0.1× lr | – | fixed | 2 |"  # every table names the rates and knob of each row
-    assert erm in md and "| asg | 0.03 | 0.1× lr | kl_weight 0.01 | fixed | 2 |" in md and "oracle" in md.lower()
-    assert erm in (tmp_path / "report.md").read_text()
+    chosen = {label: dict(o.split("=", 1) for o in over) for label, over in demo_chosen()}
+    erm, asg = chosen["erm"], chosen["asg"]  # every table names the rates and knob of each row
+    erm_row = f"| erm | {float(erm['optim.lr']):.3g} | {float(erm['optim.backbone_lr_mult']):.3g}× lr | – | fixed | 2 |"
+    asg_row = (f"| asg | {float(asg['optim.lr']):.3g} | {float(asg['optim.backbone_lr_mult']):.3g}× lr | "
+               f"kl_weight {float(asg['method.kl_weight']):.3g} | fixed | 2 |")  # fmt: skip
+    assert erm_row in md and asg_row in md and "oracle" in md.lower()
+    assert erm_row in (tmp_path / "report.md").read_text()
     for name in saved["plots"]:
         assert (tmp_path / "digits" / name).stat().st_size > 1000
     # a second call reuses the finished runs instead of training again
@@ -134,10 +144,12 @@ def test_backbone_rates_change_only_the_backbone_rate(tmp_path, monkeypatch):
         for rate in ("0.1", "1"):
             cfg = yaml.safe_load((tmp_path / "digits" / "backbone_rate" / f"{label}_bb{rate}_seed0" / "config.yaml")
                                  .read_text())  # fmt: skip
+            chosen = dict(o.split("=", 1) for o in dict(demo_chosen())[label])
             assert cfg["optim"]["backbone_lr_mult"] == float(rate)
-            assert cfg["optim"]["lr"] == 0.03  # the chosen point otherwise
+            assert cfg["optim"]["lr"] == float(chosen["optim.lr"])  # the chosen point otherwise
             assert len(table[label][rate]["kl"]) == 1
     asg_cfg = yaml.safe_load((tmp_path / "digits" / "backbone_rate" / "asg_bb1_seed0" / "config.yaml").read_text())
-    assert asg_cfg["method"]["kl_weight"] == 0.01
+    assert asg_cfg["method"]["kl_weight"] == float(dict(o.split("=", 1) for o in dict(demo_chosen())["asg"])
+                                                   ["method.kl_weight"])  # fmt: skip
     assert (tmp_path / "digits" / "backbone_rate.png").stat().st_size > 1000
     assert "The backbone rate alone" in (tmp_path / "digits" / "report.md").read_text()
