@@ -60,7 +60,7 @@ DIGITS = Benchmark(
         "asg+random": "digits_asg_random",
     },
     # --full: all; feature guidance (and l2sp, asg+random) only there or with --methods, to keep `make demo` within
-    # 15 minutes (README, "Time")
+    # 15 minutes (docs/findings.md)
     default_methods=("erm", "asg", "lp-ft", "wise-ft", "asg+l2o"),
     default_seeds=3,
     sets=("synthetic", "mnist5k_test", "uci_digits_test"),
@@ -133,7 +133,7 @@ DIGITS = Benchmark(
         "l2o.controller=fixed",
         "optim.backbone_lr_mult=0.1",
         "optim.warmup_steps=0",
-        "adapt.rounds=1",  # one round, not two, to keep `make demo` within 15 minutes (README, "Time")
+        "adapt.rounds=1",  # one round, not two, to keep `make demo` within 15 minutes (docs/findings.md)
         "adapt.steps_per_round=25",
         "train.eval_every=25",
         "data.eval_max_per_set=null",  # the round's last evaluation is on the full test halves, once
@@ -157,7 +157,7 @@ SCENES = Benchmark(
         "asg+l2o": "digit_scenes_asg_l2o",
     },
     # feature guidance (and asg+l2o) only with --full or --methods: a fourth trained method took `make demo` past
-    # 15 minutes (README, "Time")
+    # 15 minutes (docs/findings.md)
     default_methods=("erm", "asg", "lp-ft", "wise-ft"),
     default_seeds=3,
     sets=("synthetic", "mnist_photos"),
