@@ -11,13 +11,17 @@ from typing import Any
 import numpy as np
 
 from asg.demo.benchmarks import BENCHMARKS, Benchmark
+from asg.demo.tables import (
+    backbone_rate_markdown,
+    cost_markdown,
+    fmt,
+    mean_std,
+    run_settings,
+    settings_cells,
+    trials_markdown,
+)
 from asg.engine.report import plot_curves, plot_per_class
 from asg.io import atomic_write
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    arr = np.asarray(values, dtype=float)
-    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
 
 def build_report(
@@ -80,23 +84,23 @@ def build_report(
         for set_name in bench.sets:
             vals = [r["metrics"][set_name][metric] for r in rows if set_name in r["metrics"]]
             if vals:
-                entry[set_name] = _mean_std(vals)
+                entry[set_name] = mean_std(vals)
             for group, _ in bench.class_groups:
                 vals = [r["metrics"][set_name][f"{group}_iou"] for r in rows if set_name in r["metrics"]]
                 if vals:
-                    entry[f"{set_name}_{group}_iou"] = _mean_std(vals)
+                    entry[f"{set_name}_{group}_iou"] = mean_std(vals)
         alphas = [r["wise_ft_alpha"] for r in rows if r.get("wise_ft_alpha") is not None]
         if alphas:
             entry["wise_ft_alpha"] = alphas
         for key in ("top1_agreement", "kl"):
             vals = [r["metrics"]["real_photos"][key] for r in rows if "real_photos" in r["metrics"]]
             if vals:
-                entry[f"real_photos_{key}"] = _mean_std(vals)
+                entry[f"real_photos_{key}"] = mean_std(vals)
         for set_name in real_sets:
             for rule in ("oracle", "source_val"):
                 vals = [r[rule]["metrics"][set_name] for r in rows if r[rule] and set_name in r[rule]["metrics"]]
                 if vals:
-                    entry[f"{rule}_{set_name}"] = _mean_std(vals)
+                    entry[f"{rule}_{set_name}"] = mean_std(vals)
         entry["seeds"] = len(rows)
         entry["settings"] = run_settings(bench, label, settings, (choices or {}).get(label, []))
         table[label] = entry
@@ -195,12 +199,6 @@ def _read_history(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _fmt(ms: tuple[float, float] | None, scale: float = 100.0, digits: int = 1) -> str:
-    if ms is None:
-        return "–"
-    return f"{scale * ms[0]:.{digits}f} ± {scale * ms[1]:.{digits}f}"
-
-
 def group_means(bench: Benchmark, metrics: dict[str, Any]) -> dict[str, float]:
     """``{"<group>_iou": mean IoU over the group's classes present in the set}`` for ``bench.class_groups``."""
     per_class = metrics.get(bench.per_class_key)
@@ -225,32 +223,10 @@ def markdown_table(bench: Benchmark, table: dict) -> str:
     for label, e in table.items():
         alphas = e.get("wise_ft_alpha")
         name = f"{label} (α {', '.join(f'{a:g}' for a in alphas)})" if alphas else label  # per seed, from source-val
-        cells = [name, *_settings_cells(e.get("settings")), str(e["seeds"]), *(_fmt(e.get(key)) for _, key in columns)]
-        cells += [_fmt(e.get("real_photos_top1_agreement")), _fmt(e.get("real_photos_kl"), 1.0, 3)]
+        cells = [name, *settings_cells(e.get("settings")), str(e["seeds"]), *(fmt(e.get(key)) for _, key in columns)]
+        cells += [fmt(e.get("real_photos_top1_agreement")), fmt(e.get("real_photos_kl"), 1.0, 3)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def run_settings(bench: Benchmark, label: str, settings: list[str], choice: list[str]) -> dict[str, Any]:
-    """What differs between a benchmark's rows: the head's rate, the backbone's multiple of it, the method's own
-    knob and the learning-rate controller, read from the config the label's runs were built from."""
-    from asg.config import load_config
-    from asg.methods import METHODS
-
-    cfg = load_config(bench.methods[label], [*settings, *choice])
-    knobs = METHODS[cfg.method.name].knobs if cfg.method.name in METHODS else ()
-    own = {k.key.rsplit(".", 1)[-1]: getattr(cfg.method, k.key.rsplit(".", 1)[-1]) for k in knobs}
-    return {"lr": cfg.optim.lr, "backbone_lr_mult": cfg.optim.backbone_lr_mult, "knob": own,
-            "controller": cfg.l2o.controller}  # fmt: skip
-
-
-def _settings_cells(settings: dict[str, Any] | None) -> list[str]:
-    if not settings:
-        return ["–"] * 4
-    knob = ", ".join(f"{k} {v:.3g}" for k, v in settings["knob"].items()) or "–"
-    schedule = {"fixed": "fixed", "l2o": "learned (L2O)", "random": "random"}.get(settings["controller"],
-                                                                                  settings["controller"])  # fmt: skip
-    return [f"{settings['lr']:.3g}", f"{settings['backbone_lr_mult']:.3g}× lr", knob, schedule]
 
 
 def adaptation_table(bench: Benchmark, adaptations: list[dict]) -> dict[str, Any]:
@@ -261,11 +237,11 @@ def adaptation_table(bench: Benchmark, adaptations: list[dict]) -> dict[str, Any
         rows = [a for a in adaptations if a["method"] == label]
         entry: dict[str, Any] = {"seeds": len(rows)}
         for s in bench.sets[1:]:
-            entry[f"before_{s}"] = _mean_std([a["start"]["metrics"][s][bench.metric] for a in rows])
-            entry[f"after_{s}"] = _mean_std([a["rounds"][-1]["metrics"][s][bench.metric] for a in rows])
+            entry[f"before_{s}"] = mean_std([a["start"]["metrics"][s][bench.metric] for a in rows])
+            entry[f"after_{s}"] = mean_std([a["rounds"][-1]["metrics"][s][bench.metric] for a in rows])
         precision = [a["rounds"][-1]["precision"]["precision"] for a in rows if a["rounds"][-1].get("precision")]
         if precision:
-            entry["pseudo_precision"] = _mean_std(precision)
+            entry["pseudo_precision"] = mean_std(precision)
         out[label] = entry
     return out
 
@@ -276,60 +252,9 @@ def adaptation_markdown(bench: Benchmark, table: dict[str, Any]) -> str:
     head.append("pseudo-label precision (last round)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, e in table.items():
-        cells = [label, str(e["seeds"])] + [_fmt(e[f"{when}_{s}"]) for s in real for when in ("before", "after")]
-        cells.append(_fmt(e.get("pseudo_precision")))
+        cells = [label, str(e["seeds"])] + [fmt(e[f"{when}_{s}"]) for s in real for when in ("before", "after")]
+        cells.append(fmt(e.get("pseudo_precision")))
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _trials_markdown(bench: Benchmark, rows: list[dict]) -> str:
-    """One line per trial of every study: its parameters, how far it trained, its score and the real sets."""
-    real = bench.sets[1:]
-    head = ["method", "trial", "state", "steps", "lr", "backbone rate", "own knob",
-            f"{bench.sets[0]} score (used)"] + [f"{s} (not used)" for s in real]  # fmt: skip
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in rows:
-        params = dict(row["params"])
-        lr, mult = params.pop("optim.lr", None), params.pop("optim.backbone_lr_mult", None)
-        knob = ", ".join(f"{k.rsplit('.', 1)[-1]} {v:.3g}" for k, v in params.items()) or "–"
-        score = f"{100 * row['source_val']:.2f}" if row.get("source_val") is not None else "–"
-        name = row["method"] + (" **chosen**" if row.get("chosen") else "")
-        cells = [name, str(row["trial"]), row["state"], str(row["steps"]), f"{lr:.3g}" if lr else "–",
-                 f"{mult:.3g}×" if mult else "–", knob, score]  # fmt: skip
-        cells += [f"{100 * row['real'][s]:.1f}" if s in row.get("real", {}) else "–" for s in real]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _backbone_rate_markdown(result: dict[str, Any]) -> str:
-    """The backbone rate alone: per method and rate, the real score and the ImageNet KL (mean ± std over seeds)."""
-    head = ["method", "backbone rate", f"{result['metric']} (%)", "ImageNet KL", "ImageNet top-1 agreement (%)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label, cells in result["table"].items():
-        for rate in sorted(cells, key=float):
-            c = cells[rate]
-            parts = [_fmt(_mean_std(c["real"]) if c["real"] else None),
-                     _fmt(_mean_std(c["kl"]) if c["kl"] else None, 1.0, 3),
-                     _fmt(_mean_std(c["top1"]) if c["top1"] else None)]  # fmt: skip
-            lines.append(f"| {label} | {rate}× | " + " | ".join(parts) + " |")
-    choices = "; ".join(f"{k}: `{' '.join(v)}`" for k, v in result["choices"].items())
-    return (
-        f"The backbone rate alone ({result['seeds']} seeds, last checkpoint; every other setting at the "
-        f"method's tuned point, {choices}, with the rate's override last):\n\n" + "\n".join(lines)
-    )
-
-
-def _cost_markdown(costs: dict[str, dict]) -> str:
-    """Per study: trials, how they ended, the training steps spent, against the full grid of the same knobs."""
-    head = ["method", "trials", "complete", "pruned", "failed", "steps trained", "full grid: runs", "full grid: steps",
-            "steps saved", "study wall time"]  # fmt: skip
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label, c in costs.items():
-        saved = 1 - c["steps_trained"] / c["full_grid_steps"] if c["full_grid_steps"] else 0.0
-        cells = [label, c["trials"], c["complete"], c["pruned"], c["failed"], c["steps_trained"], c["full_grid_runs"],
-                 c["full_grid_steps"], f"{100 * saved:.0f} %",
-                 f"{c['study_wall_s'] / 60:.1f} min" if c.get("study_wall_s") else "–"]  # fmt: skip
-        lines.append("| " + " | ".join(str(x) for x in cells) + " |")
     return "\n".join(lines)
 
 
@@ -339,7 +264,7 @@ def _markdown(bench: Benchmark, report: dict) -> str:
     head = ["method"] + [f"{s} ({rule})" for s in real for rule in ("last", "source-val", "oracle")]
     oracle = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, e in report["table"].items():
-        cells = [_fmt(e.get(key)) for s in real for key in (s, f"source_val_{s}", f"oracle_{s}")]
+        cells = [fmt(e.get(key)) for s in real for key in (s, f"source_val_{s}", f"oracle_{s}")]
         oracle.append(f"| {label} | " + " | ".join(cells) + " |")
     extra = ""
     if report.get("choices") or report.get("grid"):
@@ -353,11 +278,11 @@ def _markdown(bench: Benchmark, report: dict) -> str:
             "each trial draws optim.lr, optim.backbone_lr_mult and the method's own knob; the score is the "
             "held-out synthetic split's metric, ties broken by its loss; the real sets are shown, never used "
             f"(WiSE-FT takes ERM's choice, its alpha chosen per run on source-val):\n\n"
-            f"{_trials_markdown(bench, report['grid'])}\n\nWhat the pruner spent, against running the full grid of "
-            f"the same knobs' grid values to the end:\n\n{_cost_markdown(report.get('tuning_cost', {}))}\n"
+            f"{trials_markdown(bench, report['grid'])}\n\nWhat the pruner spent, against running the full grid of "
+            f"the same knobs' grid values to the end:\n\n{cost_markdown(report.get('tuning_cost', {}))}\n"
         )
     if report.get("backbone_rate"):
-        extra += f"\n{_backbone_rate_markdown(report['backbone_rate'])}\n\n![backbone rate](backbone_rate.png)\n"
+        extra += f"\n{backbone_rate_markdown(report['backbone_rate'])}\n\n![backbone rate](backbone_rate.png)\n"
     if report.get("adaptation_markdown"):
         extra += (
             f"\nDomain adaptation (`asg adapt`, class-balanced self-training to the unlabelled "
