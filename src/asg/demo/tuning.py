@@ -9,8 +9,9 @@ from typing import Any
 from asg.demo.benchmarks import WISE_FT, Benchmark
 from asg.demo.runs import train_all, wise_ft_one
 from asg.engine.rundir import RunDir
-from asg.tuning import Study, SweepSpec, run_workers
+from asg.tuning.launch import run_workers
 from asg.tuning.results import summary as study_summary
+from asg.tuning.study import Study, SweepSpec
 from asg.workers import run_tasks
 
 

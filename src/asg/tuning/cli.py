@@ -40,7 +40,7 @@ def add_sweep_parser(sub: argparse._SubParsersAction, add_set: Callable[[argpars
 
 def sweep_command(args: argparse.Namespace) -> int:
     from asg.config import load_config
-    from asg.tuning import sweep
+    from asg.tuning.launch import sweep
     from asg.tuning.results import format_summary
 
     cfg = load_config(args.config, args.overrides)
