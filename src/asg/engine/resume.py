@@ -45,7 +45,7 @@ APPLIED_ON_RESUME = (
     "data.eval_batch_size",
     "data.eval_max_per_set",
     "data.on_bad_image",
-    "model.weights",  # only read to build the model before the checkpoint replaces its weights
+    "model.weights",  # read to build the model; its bytes must be the recorded ones (asg.models.base_weights)
     "eval.",
 )
 

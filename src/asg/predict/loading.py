@@ -11,7 +11,7 @@ from typing import cast
 
 from torch import nn
 
-from asg.config import Config, load_config
+from asg.config import Config
 from asg.engine.model_info import ModelInfo, model_info_from_config, read_model_info
 from asg.engine.rundir import EXPORTS, RunDir
 from asg.errors import AsgError, WeightsError
@@ -71,8 +71,9 @@ def load_model(
             raise AsgError(f"{path} is a weight file, not a run folder: pass --config RECIPE (the recipe that builds "
                            "its model, e.g. gta5_cityscapes_fcn8s_vgg16_asg)")  # fmt: skip
         from asg.engine.init_from import load_init_weights
+        from asg.registries import load_checked_config
 
-        cfg = load_config(config, [*(overrides or []), f"model.init_from={path}"])
+        cfg = load_checked_config(config, [*(overrides or []), f"model.init_from={path}"])
         info = model_info_from_config(cfg, None, class_names)
         model = _build(cfg, info)
         load_init_weights(model, cfg, info.num_classes, info.task)
@@ -84,6 +85,10 @@ def load_model(
 
         if cfg.model.weights == "none":
             raise AsgError("WiSE-FT interpolates towards the pretrained backbone, but this model.weights is none")
+        if path.is_dir():  # a run folder: its recorded file, the same bytes or a refusal
+            from asg.models.base_weights import check_base_weights, read_record
+
+            check_base_weights(read_record(path), cfg.model, "wise-ft")
         pretrained = cast(nn.Module, _build(cfg, info).backbone).state_dict()
         interpolate_backbone(model, pretrained, alpha)
     model.eval()
@@ -95,6 +100,7 @@ def _load_run(
 ) -> tuple[Path, Config, ModelInfo, nn.Module, Path, str]:
     from asg.engine.checkpoint import load_weights
     from asg.engine.init_from import ADAPTATION_FILE
+    from asg.registries import check_registry_names
 
     if not path.is_dir():
         raise AsgError(f"{path} does not exist (give a run folder of `asg train`, a weight file or a .onnx file)")
@@ -105,7 +111,7 @@ def _load_run(
         path = path / rounds[-1]["folder"]
     rd = RunDir(path)
     missing = f"{path} is not a run folder: {rd.config_path} does not exist (pass the --out folder of `asg train`)"
-    cfg = rd.read_config(overrides, missing=missing)
+    cfg = check_registry_names(rd.read_config(overrides, missing=missing))
     if checkpoint not in EXPORTS and not checkpoint.endswith(".safetensors"):
         raise AsgError(f"checkpoint {checkpoint!r}: use {', '.join(EXPORTS)} or the path of a .safetensors file")
     info = read_model_info(path)
@@ -129,6 +135,9 @@ def _load_run(
             found = ", ".join(sorted(f.name for f in path.glob("*.safetensors"))) or "none"
             raise WeightsError(f"checkpoint {weights} does not exist (checkpoints in {path}: {found})")
         blob = weights.read_bytes()
+    from asg.models.base_weights import check_run_base_weights
+
+    check_run_base_weights(path, cfg.model, "predict")  # LoRA: the backbone is rebuilt from its file
     model = _build(cfg, info)
     load_weights(model, weights, blob)
     return path, cfg, info, model, weights, checkpoint

@@ -1,0 +1,111 @@
+"""Fault-test findings, round 4 (issue 27): each case runs the real thing (a replaced base weight file at the same
+path, a symlink loop, a float TIFF, a SIGTERM to ``asg train``, a kill -9 of a pool worker)."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import asg
+from asg import cli
+
+SRC_DIR = str(Path(asg.__file__).resolve().parents[1])
+TESTS_DIR = str(Path(__file__).resolve().parent)
+
+
+def _image_folder(root: Path, per_class: int = 6, size: int = 28, splits=("train", "real")) -> Path:
+    """``root/<split>/<class>/*.png``: classes a, b, c told apart by a bright patch's position."""
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for c, name in enumerate("abc"):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                img = (rng.random((size, size, 3)) * 60).astype(np.uint8)
+                img[:6, 8 * c : 8 * c + 8] = 255
+                Image.fromarray(img).save(folder / f"{i}.png")
+    return root
+
+
+# ---------------------------------------------------------------- 1. the base weight file of a LoRA run
+
+
+def _lora_recipe(tmp_path: Path) -> tuple[Path, Path]:
+    """A recipe of a tiny DINOv2 + LoRA run on an image folder, and its backbone weight file."""
+    from helpers import dinov2_files
+
+    backbone, head = dinov2_files(tmp_path)
+    data = _image_folder(tmp_path / "images")
+    recipe = tmp_path / "lora.yaml"
+    recipe.write_text(textwrap.dedent(f"""
+        name: lora
+        data: {{name: imagefolder, root: {data}, image_size: 28, batch_size: 6, source_val_fraction: 0.2}}
+        model: {{backbone: dinov2_vits14, weights: {backbone}, guidance_file: {head}, lora_rank: 2,
+                 timm_kwargs: {{depth: 4, embed_dim: 64, num_heads: 2}}, input_size: 28, channels_last: false}}
+        method: {{name: asg, kl_weight: 1.0}}
+        optim: {{lr: 0.05, warmup_steps: 0}}
+        train: {{steps: 4, eval_every: 2, checkpoint_every: 2, progress: false}}
+        eval: {{retention: false}}
+    """))
+    return recipe, Path(backbone)
+
+
+def _replace_with_other_weights(path: Path) -> None:
+    """Another backbone file of the same layout at the same path (as a re-download of another release does)."""
+    state = torch.load(path, weights_only=True)
+    torch.manual_seed(1)
+    torch.save({k: torch.randn_like(v) * 0.02 if v.is_floating_point() else v for k, v in state.items()}, path)
+
+
+@pytest.mark.slow
+def test_a_lora_run_refuses_a_replaced_base_weight_file(tmp_path, capsys, one_thread):
+    """Issue 27.1: the LoRA checkpoint holds adapters and head only; with another file at model.weights' path,
+    evaluate, resume, WiSE-FT and predict refuse and name the file and both fingerprints."""
+    pytest.importorskip("peft")
+    import shutil
+
+    recipe, backbone = _lora_recipe(tmp_path)
+    run, stopped = tmp_path / "run", tmp_path / "stopped"
+    assert cli.main(["train", "--config", str(recipe), "--out", str(run)]) == 0
+    shutil.copytree(run, stopped)  # a run to resume: the same run without its 'done'
+    (stopped / "done").unlink()
+    assert cli.main(["evaluate", str(run)]) == 0  # the same file: evaluates
+    capsys.readouterr()
+    _replace_with_other_weights(backbone)
+    for argv in (["evaluate", str(run)], ["evaluate", str(run), "--wise-ft", "0.5"],
+                 ["train", "--resume", "--out", str(stopped)],
+                 ["predict", str(run), str(tmp_path / "images" / "real" / "a"), "--out", str(tmp_path / "p")]):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("asg: error: "), (argv, err)
+        assert f"model.weights {backbone} changed since the run started" in err[0], err[0]
+        assert "SHA-256" in err[0] and "bytes" in err[0]
+    assert not list((tmp_path / "p").glob("predictions*"))
+    recorded = (run / "base_weights.json").read_text()
+    assert "sha256" in recorded and str(backbone) in recorded
+
+
+def test_wise_ft_of_a_full_fine_tuning_run_refuses_a_replaced_pretrained_endpoint(tmp_path):
+    """Issue 27.1: WiSE-FT's pretrained endpoint is rebuilt from model.weights for every run, LoRA or not."""
+    import shutil
+
+    from asg.config import ModelConfig
+    from asg.errors import WeightsError
+    from asg.models.base_weights import check_base_weights, record_base_weights
+
+    path = tmp_path / "w.pth"
+    torch.save({"x": torch.ones(3)}, path)
+    shutil.copy(path, tmp_path / "moved.pth")
+    cfg = ModelConfig(backbone="resnet50", weights=str(path))
+    record = record_base_weights(cfg)
+    check_base_weights(record, cfg, "WiSE-FT's pretrained endpoint")  # unchanged: nothing to say
+    torch.save({"x": torch.zeros(3)}, path)  # same size, other bytes
+    with pytest.raises(WeightsError, match=r"model.weights .*w.pth changed since the run started .*WiSE-FT"):
+        check_base_weights(record, cfg, "WiSE-FT's pretrained endpoint")
+    moved = ModelConfig(backbone="resnet50", weights=str(tmp_path / "moved.pth"))
+    check_base_weights(record, moved, "evaluate")  # the original bytes elsewhere: accepted
