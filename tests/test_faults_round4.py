@@ -42,7 +42,8 @@ def _lora_recipe(tmp_path: Path) -> tuple[Path, Path]:
     backbone, head = dinov2_files(tmp_path)
     data = _image_folder(tmp_path / "images")
     recipe = tmp_path / "lora.yaml"
-    recipe.write_text(textwrap.dedent(f"""
+    recipe.write_text(
+        textwrap.dedent(f"""
         name: lora
         data: {{name: imagefolder, root: {data}, image_size: 28, batch_size: 6, source_val_fraction: 0.2}}
         model: {{backbone: dinov2_vits14, weights: {backbone}, guidance_file: {head}, lora_rank: 2,
@@ -51,7 +52,8 @@ def _lora_recipe(tmp_path: Path) -> tuple[Path, Path]:
         optim: {{lr: 0.05, warmup_steps: 0}}
         train: {{steps: 4, eval_every: 2, checkpoint_every: 2, progress: false}}
         eval: {{retention: false}}
-    """))
+    """)
+    )
     return recipe, Path(backbone)
 
 
@@ -77,9 +79,12 @@ def test_a_lora_run_refuses_a_replaced_base_weight_file(tmp_path, capsys, one_th
     assert cli.main(["evaluate", str(run)]) == 0  # the same file: evaluates
     capsys.readouterr()
     _replace_with_other_weights(backbone)
-    for argv in (["evaluate", str(run)], ["evaluate", str(run), "--wise-ft", "0.5"],
-                 ["train", "--resume", "--out", str(stopped)],
-                 ["predict", str(run), str(tmp_path / "images" / "real" / "a"), "--out", str(tmp_path / "p")]):
+    for argv in (
+        ["evaluate", str(run)],
+        ["evaluate", str(run), "--wise-ft", "0.5"],
+        ["train", "--resume", "--out", str(stopped)],
+        ["predict", str(run), str(tmp_path / "images" / "real" / "a"), "--out", str(tmp_path / "p")],
+    ):
         assert cli.main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("asg: error: "), (argv, err)

@@ -92,6 +92,7 @@ class LoadedRun:
     device: Any  # torch.device
     data: Any  # asg.data.DataBundle
     model: Any  # ASGClassifier | ASGSegmenter, on ``device``
+    from_folder: bool = True  # False: a weight file with its recipe
 
 
 def load_run(
@@ -106,6 +107,7 @@ def load_run(
     from asg.data import build_data
     from asg.engine.checkpoint import load_weights
     from asg.models import build_model
+    from asg.models.base_weights import check_run_base_weights
     from asg.utils import resolve_device
 
     if Path(run_dir).is_file():
@@ -116,6 +118,7 @@ def load_run(
     cfg = rd.read_config(overrides, missing=missing)
     if checkpoint not in EXPORTS and not checkpoint.endswith(".safetensors"):
         raise AsgError(f"checkpoint {checkpoint!r}: use {', '.join(EXPORTS)} or the path of a .safetensors file")
+    check_run_base_weights(run_dir, cfg.model, "evaluate")  # LoRA: the backbone is rebuilt from its file
     # a named checkpoint is the file the manifest commits (checkpoint.json), not whatever a link points at; read
     # now, as a training running in the folder may delete it once it commits the next checkpoint
     if checkpoint in EXPORTS:
@@ -148,7 +151,7 @@ def _load_weight_file(path: Path, config: str | Path | None, overrides: list[str
     data = build_data(cfg.data)
     model = build_model(cfg.model, data.num_classes, task=data.task)
     load_init_weights(model, cfg, data.num_classes, data.task)  # says what it found in the file
-    return LoadedRun(path.parent, cfg, path.name, path, device, data, model.to(device))
+    return LoadedRun(path.parent, cfg, path.name, path, device, data, model.to(device), from_folder=False)
 
 
 def _evaluate_loaded(
@@ -186,9 +189,12 @@ def _check_set_names(run: LoadedRun, sets: list[str] | tuple[str, ...] | None) -
 def _pretrained_backbone_state(run: LoadedRun) -> dict[str, Any]:
     """The ImageNet backbone the run started from (its config's weights, before any ``model.init_from``)."""
     from asg.models import build_model
+    from asg.models.base_weights import check_base_weights, read_record
 
     if run.cfg.model.weights == "none":
         raise AsgError("WiSE-FT interpolates towards the pretrained backbone, but this run's model.weights is none")
+    if run.from_folder:  # the run's recorded file: the same bytes, or a refusal
+        check_base_weights(read_record(run.run_dir), run.cfg.model, "wise-ft")
     pretrained = build_model(run.cfg.model, run.data.num_classes, task=run.data.task)
     return {k: v.to(run.device) for k, v in pretrained.backbone.state_dict().items()}
 

@@ -15,6 +15,7 @@ from asg.engine.guards import diverged, non_finite_tensors
 from asg.engine.model_info import write_model_info
 from asg.engine.resume import check_resume_changes
 from asg.engine.rundir import TRAINING, RunDir
+from asg.models.base_weights import check_base_weights, read_record, write_record
 
 if TYPE_CHECKING:
     from asg.engine.trainer import Trainer
@@ -54,7 +55,11 @@ class Checkpointer:
         if removed:
             trainer.say(TRAINING.fresh_note(rd.path, removed))
         if trainer.resume:
+            # the frozen parts and the teacher are rebuilt from the recipe's files: the same bytes, or a refusal
+            check_base_weights(read_record(rd.path), cfg.model, "resume", ("model.weights", "model.guidance_file"))
             self.restore(trainer)
+        else:
+            write_record(rd, cfg.model)  # base_weights.json: the files the model was built from
         rd.write_config(cfg)
         write_model_info(rd, cfg, trainer.data, trainer.model)  # what `asg predict` needs beyond the weights
         compiled = cfg.train.compile_backend if cfg.train.compile else None
