@@ -114,3 +114,37 @@ def test_wise_ft_of_a_full_fine_tuning_run_refuses_a_replaced_pretrained_endpoin
         check_base_weights(record, cfg, "WiSE-FT's pretrained endpoint")
     moved = ModelConfig(backbone="resnet50", weights=str(tmp_path / "moved.pth"))
     check_base_weights(record, moved, "evaluate")  # the original bytes elsewhere: accepted
+
+
+# ---------------------------------------------------------------- 2. symlink loops in an image folder
+
+
+def test_a_symlink_loop_is_followed_once_and_said(tmp_path, capsys):
+    """Issue 27.2: ``train/a/up -> ..`` (a real loop): class a keeps its own 6 images, none of b's or c's, and the
+    check and the dataset both say which link was not followed."""
+    from asg.config import DataConfig
+    from asg.data import build_data
+    from asg.data.bundle import DataWarning
+
+    root = _image_folder(tmp_path / "images")
+    (root / "train" / "a" / "up").symlink_to("..")
+    (root / "train" / "b" / "again").symlink_to("../b")  # a second path to the same folder (itself)
+    assert cli.main(["data", "check", "imagefolder", str(root)]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[lines.index("  train: 18 images, 0 empty") + 1].strip() == "a 6, b 6, c 6", out
+    assert f"{root / 'train' / 'a' / 'up'} -> .." in out and "not followed" in out, out
+    cfg = DataConfig(name="imagefolder", root=str(root), source_val_fraction=0.0, image_size=8)
+    with pytest.warns(DataWarning, match=r"not followed .*train/a/up -> \.\."):
+        bundle = build_data(cfg)
+    assert len(bundle.train) == 18 and np.bincount(np.asarray(bundle.train.labels)).tolist() == [6, 6, 6]
+
+
+def test_a_symlink_to_another_folder_is_still_followed(tmp_path):
+    """A link to a folder outside the walk (images kept elsewhere) is read as before."""
+    from asg.data.images import list_images
+
+    elsewhere = _image_folder(tmp_path / "store", splits=("x",)) / "x" / "a"
+    (tmp_path / "cls").mkdir()
+    (tmp_path / "cls" / "linked").symlink_to(elsewhere)
+    assert len(list_images(tmp_path / "cls")) == 6

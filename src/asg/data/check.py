@@ -21,7 +21,7 @@ from asg.data.classification.listfile import (
     top_class_warning,
 )
 from asg.data.files import file_problem
-from asg.data.images import IMG_EXTENSIONS, list_images, open_image
+from asg.data.images import IMG_EXTENSIONS, links_note, open_image, walk_images
 from asg.errors import ConfigError, DataError
 
 MAX_LISTED = 5  # examples quoted per kind of problem
@@ -182,7 +182,9 @@ def check_folder(
     bad: list[str] = []
     unreadable: list[str] = []
     for name in classes:
-        files = list_images(folder / name)
+        files, links = walk_images(folder / name)
+        if links:
+            report.warnings.append(f"{folder / name}: {links_note(links)}")
         per_class[name] = len(files)
         if not files:
             report.warnings.append(f"{folder / name}: class folder holds no images")

@@ -76,11 +76,53 @@ def check_bad_image_mode(mode: str) -> str:
     return mode
 
 
+def walk_images(folder: str | Path) -> tuple[list[Path], list[str]]:
+    """(image files by extension anywhere under ``folder``, sorted; the symlinks not followed, as ``LINK -> TARGET``).
+
+    Symlinked folders are followed, but each real folder is read once: a link back to a folder above it (a loop,
+    e.g. ``c0/up -> ..``, which would list the whole tree again and the other classes' images under this one) or
+    to a folder already read (a second path to the same images) is not followed, and is returned.
+    """
+    root = os.path.realpath(folder)
+    seen: set[str] = set()
+    images: list[Path] = []
+    skipped: list[str] = []
+    for d, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(d)
+        seen.add(real)
+        images.extend(Path(d) / f for f in files if f.lower().endswith(IMG_EXTENSIONS))
+        kept = []
+        for name in sorted(dirs, key=lambda n: os.path.islink(os.path.join(d, n))):  # real folders first
+            path = os.path.join(d, name)
+            target = os.path.realpath(path)
+            prefix = target.rstrip(os.sep) + os.sep
+            above = real.startswith(prefix) or root.startswith(prefix)  # a folder above this one or the walk's root
+            if target in seen or above:
+                if os.path.islink(path):
+                    skipped.append(f"{path} -> {os.readlink(path)}")
+                continue
+            seen.add(target)
+            kept.append(name)
+        dirs[:] = kept
+    return sorted(images), skipped
+
+
+def links_note(skipped: list[str]) -> str:
+    """One line naming the symlinks :func:`walk_images` did not follow."""
+    more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+    return (f"symlink(s) to a folder above them or already read were not followed (each folder is read once): "
+            f"{', '.join(skipped[:3])}{more}")  # fmt: skip
+
+
 def list_images(folder: str | Path) -> list[Path]:
-    """Image files (by extension) anywhere under ``folder``, symlinks followed, sorted."""
-    return sorted(
-        Path(d) / f for d, _, fs in os.walk(folder, followlinks=True) for f in fs if f.lower().endswith(IMG_EXTENSIONS)
-    )
+    """Image files (by extension) anywhere under ``folder``, symlinks followed, each real folder once, sorted; a
+    ``DataWarning`` names the symlinks not followed (loops, second paths: :func:`walk_images`)."""
+    images, skipped = walk_images(folder)
+    if skipped:
+        from asg.data.bundle import DataWarning
+
+        warnings.warn(DataWarning(links_note(skipped)), stacklevel=2)
+    return images
 
 
 class FileImageDataset(Dataset):
