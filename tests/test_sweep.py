@@ -169,9 +169,12 @@ def test_two_workers_on_the_journal_file_finish_one_study(recipe, tmp_path):
 
 
 def _worker_command(recipe: str, out: Path, name: str, overrides: list[str], trials: int, storage: str = "") -> list:
-    code = (f"from asg.tuning.study import SweepSpec, run_worker; import torch; torch.set_num_threads(1); "
-            f"run_worker(SweepSpec({recipe!r}, {str(out)!r}, {overrides!r}, trials={trials}, sampler='random', "
-            f"study_name={name!r}, storage={storage or None!r}, heartbeat_s=1, grace_s=3))")  # fmt: skip
+    code = (
+        "from asg.tuning.spec import SweepSpec; from asg.tuning.study import run_worker; import torch; "
+        "torch.set_num_threads(1); "
+        f"run_worker(SweepSpec({recipe!r}, {str(out)!r}, {overrides!r}, trials={trials}, sampler='random', "
+        f"study_name={name!r}, storage={storage or None!r}, heartbeat_s=1, grace_s=3))"
+    )
     return [sys.executable, "-c", code]
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from asg.config import Config, load_config
+from asg.config import Config
 from asg.engine.rundir import EXPORTS, RunDir
 from asg.errors import AsgError, WeightsError
 
@@ -28,19 +28,22 @@ def run_config(
 ) -> tuple[Config, Path]:
     """(config, output folder) of a new run (the recipe + overrides) or, with ``resume``, of the folder's saved
     config + overrides; ``config`` then only names the default folder (it may be None when ``out`` is given).
-    Without ``out`` the folder is ``runs/<name>`` (``runs/<default_name>`` for a recipe without a name)."""
+    Without ``out`` the folder is ``runs/<name>`` (``runs/<default_name>`` for a recipe without a name). A loaded
+    config's registry names are checked (``asg.registries``)."""
+    from asg.registries import check_registry_names, load_checked_config
+
     if resume:
         if out is None:
             if config is None:
                 raise AsgError("resume needs the run folder (--out) or the recipe that named it (--config)")
-            cfg = config if isinstance(config, Config) else load_config(config, overrides)
+            cfg = config if isinstance(config, Config) else load_checked_config(config, overrides)
             out = default_run_dir(cfg, default_name)
         rd = RunDir(out)
         missing = f"cannot resume: {rd.config_path} does not exist (is {out} {folder_kind}?)"
-        return rd.read_config(overrides, missing=missing), rd.path
+        return check_registry_names(rd.read_config(overrides, missing=missing)), rd.path
     if config is None:
         raise AsgError(f"{what} needs a recipe (--config)")
-    cfg = config if isinstance(config, Config) else load_config(config, overrides)
+    cfg = config if isinstance(config, Config) else load_checked_config(config, overrides)
     return cfg, Path(out) if out is not None else default_run_dir(cfg, default_name)
 
 
@@ -108,6 +111,7 @@ def load_run(
     from asg.engine.checkpoint import load_weights
     from asg.models import build_model
     from asg.models.base_weights import check_run_base_weights
+    from asg.registries import check_registry_names
     from asg.utils import resolve_device
 
     if Path(run_dir).is_file():
@@ -115,7 +119,7 @@ def load_run(
     rd = RunDir(run_dir)
     run_dir = rd.path
     missing = f"{run_dir} is not a run folder: {rd.config_path} does not exist (pass the --out folder of `asg train`)"
-    cfg = rd.read_config(overrides, missing=missing)
+    cfg = check_registry_names(rd.read_config(overrides, missing=missing))
     if checkpoint not in EXPORTS and not checkpoint.endswith(".safetensors"):
         raise AsgError(f"checkpoint {checkpoint!r}: use {', '.join(EXPORTS)} or the path of a .safetensors file")
     check_run_base_weights(run_dir, cfg.model, "evaluate")  # LoRA: the backbone is rebuilt from its file
@@ -141,12 +145,13 @@ def _load_weight_file(path: Path, config: str | Path | None, overrides: list[str
     from asg.data import build_data
     from asg.engine.init_from import load_init_weights
     from asg.models import build_model
+    from asg.registries import load_checked_config
     from asg.utils import resolve_device
 
     if config is None:
         raise AsgError(f"{path} is a weight file, not a run folder: pass --config RECIPE (the recipe that builds its "
                        "model and data, e.g. gta5_cityscapes_fcn8s_vgg16_asg)")  # fmt: skip
-    cfg = load_config(config, [*(overrides or []), f"model.init_from={path}"])
+    cfg = load_checked_config(config, [*(overrides or []), f"model.init_from={path}"])
     device = resolve_device(cfg.train.device)
     data = build_data(cfg.data)
     model = build_model(cfg.model, data.num_classes, task=data.task)

@@ -183,9 +183,9 @@ def _check_config_args(args: argparse.Namespace, command: str, default_out: Call
     if args.out is not None:
         note = f"--resume continues {args.out} with its saved config.yaml; --config {args.config} is ignored"
     else:
-        from asg.config import load_config
+        from asg.registries import load_checked_config
 
-        folder = default_out(load_config(args.config, args.overrides))
+        folder = default_out(load_checked_config(args.config, args.overrides))
         note = (
             f"--resume continues {folder} with its saved config.yaml; --config {args.config} is only used to find "
             "the run folder (default runs/<name>)"

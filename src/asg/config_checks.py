@@ -1,17 +1,17 @@
-"""What a loaded ``Config`` must satisfy: allowed values (``_CHOICES``, and the names of the registries),
-ranges (``_RANGES``), and a few cross-field rules. ``validate`` raises one ``ConfigError`` naming the key."""
+"""What a loaded ``Config`` must satisfy: allowed values (``_CHOICES``), ranges (``_RANGES``), and a few
+cross-field rules. ``validate`` raises one ``ConfigError`` naming the key.
+
+A config is read here by its dotted keys alone, so this module imports nothing of ``asg`` but its errors (and
+``asg.config`` imports it). The names of the registries (datasets, methods, backbones...) are checked where
+things are built: ``asg.registries``."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from asg.errors import ConfigError
-
-if TYPE_CHECKING:
-    from asg.config import Config
-
 
 _CHOICES = {
     "optim.sgd": ("torch", "lr_in_momentum"),
@@ -96,16 +96,17 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def _get(cfg: Config, key: str) -> Any:
-    """The value of a dotted config key, e.g. ``optim.lr``."""
+def _get(cfg: object, key: str) -> Any:
+    """The value of a dotted config key of an ``asg.config.Config``, e.g. ``optim.lr``."""
     node: Any = cfg
     for part in key.split("."):
         node = getattr(node, part)
     return node
 
 
-def validate(cfg: Config) -> None:
-    """Check choice fields and ranges (tables ``_CHOICES`` and ``_RANGES``); raise ConfigError naming the key."""
+def validate(cfg: object) -> None:
+    """Check choice fields and ranges (tables ``_CHOICES`` and ``_RANGES``) and the cross-field rules of an
+    ``asg.config.Config``; raise ConfigError naming the key."""
     for key, choices in _CHOICES.items():
         value = _get(cfg, key)
         if value not in choices:
@@ -114,35 +115,11 @@ def validate(cfg: Config) -> None:
         value = _get(cfg, key)
         if value is not None and not check(value):
             raise ConfigError(f"{key} must be {must}, got {value!r} (fix the recipe or pass --set {key}=VALUE)")
-    if not DEVICE_PATTERN.fullmatch(cfg.train.device):
-        raise ConfigError(f"train.device: {cfg.train.device!r} is not a device; use auto, cpu, cuda or cuda:N")
-    check_registry_names(cfg)
-    if cfg.l2o.controller == "l2o" and not cfg.l2o.policy:
+    device = _get(cfg, "train.device")
+    if not DEVICE_PATTERN.fullmatch(device):
+        raise ConfigError(f"train.device: {device!r} is not a device; use auto, cpu, cuda or cuda:N")
+    if _get(cfg, "l2o.controller") == "l2o" and not _get(cfg, "l2o.policy"):
         raise ConfigError("l2o.controller=l2o needs l2o.policy=PATH (a policy from `asg l2o train`)")
-    if cfg.adapt.max_portion < cfg.adapt.init_portion:
-        raise ConfigError(
-            f"adapt.max_portion ({cfg.adapt.max_portion}) is below adapt.init_portion ({cfg.adapt.init_portion})"
-        )
-
-
-def registry_names() -> dict[str, list[str]]:
-    """Config keys whose value names an entry of a registry -> the registered names."""
-    # the registries import these config types, so they are read when a config is checked, not at import
-    from asg.data import DATASETS
-    from asg.l2o import CONTROLLERS, REWARDS
-    from asg.methods import METHODS
-    from asg.models.backbones import BACKBONES
-    from asg.models.guidance import GUIDANCE_HEADS
-    from asg.models.segmenter import SEGMENTERS
-
-    return {"data.name": sorted(DATASETS), "method.name": sorted(METHODS), "l2o.controller": sorted(CONTROLLERS),
-            "l2o.reward": sorted(REWARDS), "model.backbone": sorted(BACKBONES), "model.segmenter": sorted(SEGMENTERS),
-            "model.guidance_head": ["auto", *GUIDANCE_HEADS]}  # fmt: skip
-
-
-def check_registry_names(cfg: Config) -> None:
-    """Every registry name of ``cfg`` is registered (a typo fails when the recipe loads, not hours later)."""
-    for key, names in registry_names().items():
-        value = _get(cfg, key)
-        if value not in names:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(names)}")
+    init_portion, max_portion = _get(cfg, "adapt.init_portion"), _get(cfg, "adapt.max_portion")
+    if max_portion < init_portion:
+        raise ConfigError(f"adapt.max_portion ({max_portion}) is below adapt.init_portion ({init_portion})")

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from asg.config import DEVICE_PATTERN
+from asg.config_checks import DEVICE_PATTERN
 from asg.errors import AsgError, ConfigError
 
 

@@ -25,7 +25,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from asg.config import load_config
 from asg.demo.backbone_rate import backbone_rate_runs
 from asg.demo.benchmarks import BENCHMARKS, DIGITS, SCENES, WISE_FT, Benchmark
 from asg.demo.report import build_report, combined_markdown, write_report
@@ -33,6 +32,7 @@ from asg.demo.runs import adapt_one, train_all
 from asg.demo.tuning import tune_methods, wise_ft_runs
 from asg.engine.rundir import RunDir
 from asg.errors import ConfigError
+from asg.registries import load_checked_config
 from asg.workers import default_jobs, run_tasks, worker_pool
 
 __all__ = ["BENCHMARKS", "DIGITS", "SCENES", "WISE_FT", "Benchmark", "build_report", "run_demo"]
@@ -70,7 +70,7 @@ def run_demo(
     if bad:
         raise ConfigError(f"unknown demo method {bad[0]!r}; choose from {', '.join(sorted(known))}")
     first = BENCHMARKS[names[0]]
-    device = load_config(first.methods[first.default_methods[0]], list(overrides)).train.device
+    device = load_checked_config(first.methods[first.default_methods[0]], list(overrides)).train.device
     n_jobs = jobs if jobs is not None else default_jobs(device)
     with RunDir(out_dir), worker_pool(n_jobs):  # one demo per folder at a time; one pool for all its runs
         t0 = time.time()
@@ -87,7 +87,7 @@ def run_demo(
                 bench = BENCHMARKS[n]
                 common, n_seeds = _common(bench, quick, full, overrides), _seeds(bench, quick, full, seeds)
                 queue += _training_tasks(bench, out_dir / n, common, n_seeds, picked[n], _fixed_choices(bench))
-            queue.sort(key=lambda task: (-load_config(task.recipe, task.overrides).train.steps, task.seed))
+            queue.sort(key=lambda task: (-load_checked_config(task.recipe, task.overrides).train.steps, task.seed))
             if not all(RunDir(task.folder).is_done() for task in queue):  # else each benchmark reads its runs back
                 train_all([(task.recipe, task.overrides, task.folder) for task in queue], n_jobs)
                 shared_train_s = time.time() - t0

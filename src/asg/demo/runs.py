@@ -9,13 +9,13 @@ from typing import Any
 
 from asg.adapt import Adaptation
 from asg.api import evaluate_wise_ft
-from asg.config import load_config
 from asg.engine.init_from import ADAPTATION_FILE
 from asg.engine.rundir import RunDir
 from asg.engine.trainer import Trainer
 from asg.io import atomic_write
 from asg.l2o import build_controller
 from asg.methods.wise_ft import choose_alpha
+from asg.registries import check_registry_names, load_checked_config
 from asg.workers import run_tasks, shared_data
 
 
@@ -24,7 +24,7 @@ def train_one(recipe: str, overrides: list[str], out_dir: Path, quiet: bool = Fa
     rd = RunDir(out_dir)
     if not rd.is_done():
         resume = rd.has_progress()
-        cfg = rd.read_config(overrides) if resume else load_config(recipe, overrides)
+        cfg = check_registry_names(rd.read_config(overrides)) if resume else load_checked_config(recipe, overrides)
         Trainer(cfg, out_dir, data=shared_data(cfg.data), resume=resume, quiet=quiet,
                 controller_factory=build_controller).fit()  # fmt: skip
     return rd.read_json("summary.json")
@@ -80,7 +80,7 @@ def adapt_one(
     rd = RunDir(folder)
     if not rd.is_done():
         over = overrides + [f"model.init_from={run_dir}", f"adapt.target={target}", f"name=adapt_{method}_seed{seed}"]
-        cfg = load_config(recipe, over)
+        cfg = load_checked_config(recipe, over)
         Adaptation(cfg, folder, data=shared_data(cfg.data), resume=True, quiet=quiet).run()  # continues or starts
     state = rd.read_json(ADAPTATION_FILE)
     return {"method": method, "seed": seed, "folder": str(folder.relative_to(out_dir)), **state}

@@ -11,7 +11,8 @@ from asg.demo.runs import train_all, wise_ft_one
 from asg.engine.rundir import RunDir
 from asg.tuning.launch import run_workers
 from asg.tuning.results import summary as study_summary
-from asg.tuning.study import Study, SweepSpec
+from asg.tuning.spec import SweepSpec
+from asg.tuning.study import Study
 from asg.workers import run_tasks
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from asg.engine.checkpoint import torch_load_problem
 from asg.errors import ConfigError, WeightsError
+from asg.io import torch_load_problem
 
 ParamGroups = list[tuple[str, list[nn.Parameter]]]
 GroupModules = list[tuple[str, list[nn.Module]]]

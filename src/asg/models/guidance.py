@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from asg.errors import ConfigError, WeightsError
+from asg.io import atomic_write
 from asg.models.base import Backbone, NoGuidanceHead, load_state_dict_file, local_weights_file, read_weight_file
 
 GUIDANCE_HEADS = ("imagenet", "dinov2_linear", "clip_zeroshot", "none")
@@ -129,9 +130,11 @@ def clip_zeroshot_head(
         t = load_file(str(cached))
         return ClipZeroShotHead(t["proj"], t["classifier"], float(t["logit_scale"]))
     proj, classifier, scale = _compute_zeroshot(path, clip_model, templates, names)
-    from asg.engine.checkpoint import save_weights
+    from safetensors.torch import save_file
 
-    save_weights({"proj": proj, "classifier": classifier, "logit_scale": torch.tensor(scale)}, cached)
+    tensors = {"proj": proj, "classifier": classifier, "logit_scale": torch.tensor(scale)}
+    state = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(cached, lambda tmp: save_file(state, tmp))
     return ClipZeroShotHead(proj, classifier, scale)
 
 

@@ -11,7 +11,7 @@ import importlib
 from typing import Any
 
 _NAMES = {
-    "SweepSpec": "asg.tuning.study",
+    "SweepSpec": "asg.tuning.spec",
     "Study": "asg.tuning.study",
     "run_worker": "asg.tuning.study",
     "run_workers": "asg.tuning.launch",

@@ -39,11 +39,11 @@ def add_sweep_parser(sub: argparse._SubParsersAction, add_set: Callable[[argpars
 
 
 def sweep_command(args: argparse.Namespace) -> int:
-    from asg.config import load_config
+    from asg.registries import load_checked_config
     from asg.tuning.launch import sweep
     from asg.tuning.results import format_summary
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_checked_config(args.config, args.overrides)
     out = args.out if args.out is not None else Path("runs") / "sweeps" / (cfg.name or Path(args.config).stem)
     result = sweep(args.config, out, args.overrides, trials=args.trials, sampler=args.sampler, seed=args.seed,
                    pruner=args.pruner, storage=args.storage, jobs=args.jobs, study_name=args.study_name,

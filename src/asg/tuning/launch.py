@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from asg.tuning.results import summary
-from asg.tuning.study import Study, SweepSpec, run_worker
+from asg.tuning.spec import SweepSpec
+from asg.tuning.study import Study, run_worker
 
 
 def _worker_main(spec: SweepSpec, threads: int) -> None:

@@ -16,7 +16,7 @@ import json
 import sys
 import threading
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,50 +24,14 @@ import optuna
 from optuna.storages import BaseStorage, RDBStorage
 from optuna.trial import TrialState
 
-from asg.config import load_config
 from asg.engine.distributed import Dist
-from asg.errors import ConfigError
 from asg.io import atomic_write_text
+from asg.registries import load_checked_config
 from asg.tuning.space import as_overrides, check_knob, grid_size, grid_space, method_knobs, suggest
+from asg.tuning.spec import SweepSpec
 from asg.tuning.storage import RetryDeadWorker, make_storage, recover_dead_workers, worker_identity
 
-SAMPLERS = ("tpe", "random", "grid")
-PRUNERS = ("asha", "none")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-@dataclass
-class SweepSpec:
-    """What one study tunes and how (``asg sweep``'s arguments)."""
-
-    recipe: str
-    out: Path  # the sweep folder: optuna.journal, sweep.json, trials/NNNN run folders
-    overrides: list[str] = field(default_factory=list)  # every trial's common overrides (length, data, seed)
-    trials: int = 8  # the study's budget, over all workers
-    sampler: str = "tpe"
-    seed: int = 0
-    pruner: str = "asha"
-    min_resource: int | None = None  # ASHA's first rung in steps (None: train.eval_every)
-    reduction_factor: int = 3
-    storage: str | None = None  # None: the journal file in ``out``
-    study_name: str | None = None  # None: the sweep folder's name
-    ranges: dict[str, tuple[float, float, tuple[float, ...]]] = field(default_factory=dict)
-    heartbeat_s: int = 60
-    grace_s: int = 180
-    max_retries: int = 2
-
-    def __post_init__(self) -> None:
-        self.out = Path(self.out)
-        if self.sampler not in SAMPLERS:
-            raise ConfigError(f"sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
-        if self.pruner not in PRUNERS:
-            raise ConfigError(f"pruner {self.pruner!r}: choose one of {', '.join(PRUNERS)}")
-        if self.trials < 1:
-            raise ConfigError(f"trials must be at least 1, not {self.trials}")
-
-    @property
-    def name(self) -> str:
-        return self.study_name or self.out.resolve().name
 
 
 class Study:
@@ -75,7 +39,7 @@ class Study:
 
     def __init__(self, spec: SweepSpec) -> None:
         self.spec = spec
-        self.cfg = load_config(spec.recipe, list(spec.overrides))
+        self.cfg = load_checked_config(spec.recipe, list(spec.overrides))
         self.knobs = method_knobs(self.cfg, spec.ranges)
         for knob in self.knobs:
             check_knob(knob, self.cfg)
@@ -170,7 +134,7 @@ def run_worker(spec: SweepSpec, quiet: bool = True) -> int:
     """
     from asg.tuning.trial import run_trial
 
-    dist = Dist.from_env(load_config(spec.recipe, list(spec.overrides)).train.device)
+    dist = Dist.from_env(load_checked_config(spec.recipe, list(spec.overrides)).train.device)
     study = Study(spec) if dist.is_main else None
     if study is not None:
         study.save_spec()

@@ -5,22 +5,20 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
-from asg.config import load_config
 from asg.engine.distributed import Dist
 from asg.engine.rundir import RunDir
 from asg.engine.trainer import Trainer
 from asg.errors import AsgError
 from asg.l2o import build_controller
+from asg.registries import check_registry_names, load_checked_config
 from asg.tuning.pruning import SCORE_FILE, TrialReporter
+from asg.tuning.spec import SweepSpec
 from asg.workers import shared_data
-
-if TYPE_CHECKING:
-    from asg.tuning.study import SweepSpec
 
 
 def trial_overrides(spec: SweepSpec, params: list[str], number: int) -> list[str]:
@@ -41,7 +39,7 @@ def run_trial(spec: SweepSpec, params: list[str], folder: Path, trial: optuna.Tr
     try:
         if not rd.is_done():
             resume = rd.has_progress()
-            cfg = rd.read_config(over) if resume else load_config(spec.recipe, over)
+            cfg = check_registry_names(rd.read_config(over)) if resume else load_checked_config(spec.recipe, over)
             Trainer(cfg, folder, data=shared_data(cfg.data), resume=resume, quiet=quiet, dist=dist,
                     controller_factory=build_controller, callbacks=[reporter]).fit()  # fmt: skip
         if not dist.is_main:  # rank 0 alone writes and reads the run folder
