@@ -148,3 +148,39 @@ def test_a_symlink_to_another_folder_is_still_followed(tmp_path):
     (tmp_path / "cls").mkdir()
     (tmp_path / "cls" / "linked").symlink_to(elsewhere)
     assert len(list_images(tmp_path / "cls")) == 6
+
+
+# ---------------------------------------------------------------- 3. float images
+
+
+def test_float_tiffs_are_scaled_by_their_range_and_nan_is_refused(tmp_path, capsys):
+    """Issue 27.3: a float32 gray TIFF in [0, 1] (written by tifffile and by PIL) reads as its gray levels, not
+    black; values up to 1e6 are scaled by their maximum, not saturated; NaN/Inf are refused naming the file,
+    and ``data check --verify-images`` finds them."""
+    import tifffile
+
+    from asg.data.images import open_image
+    from asg.errors import DataError
+
+    ramp = np.linspace(0.0, 1.0, 64, dtype=np.float32).reshape(8, 8)
+    tifffile.imwrite(tmp_path / "unit.tif", ramp)
+    Image.fromarray(ramp, mode="F").save(tmp_path / "unit_pil.tif")
+    tifffile.imwrite(tmp_path / "big.tif", ramp * 1e6)
+    for name in ("unit.tif", "unit_pil.tif", "big.tif"):
+        img = open_image(tmp_path / name)
+        assert img.mode == "L"
+        np.testing.assert_allclose(np.asarray(img, np.float64), np.rint(ramp * 255), atol=1, err_msg=name)
+    bad = ramp.copy()
+    bad[2, 3] = np.nan
+    bad[4, 4] = np.inf
+    tifffile.imwrite(tmp_path / "nan.tif", bad)
+    with pytest.raises(DataError, match=r"nan.tif.*2 of 64 pixels are NaN or infinite"):
+        open_image(tmp_path / "nan.tif")
+
+    root = _image_folder(tmp_path / "images", per_class=2, splits=("train",))
+    tifffile.imwrite(root / "train" / "a" / "nan.tif", bad)
+    assert cli.main(["data", "check", "imagefolder", str(root)]) == 0  # no decoding without --verify-images
+    capsys.readouterr()
+    assert cli.main(["data", "check", "imagefolder", str(root), "--verify-images"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "nan.tif" in out and "NaN or infinite" in out, out

@@ -45,14 +45,50 @@ def wide_gray_to_l(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.rint(np.clip(arr, 0.0, None) * (255.0 / top)).astype(np.uint8))
 
 
+class NonFiniteImage(ValueError):
+    """A float image with NaN or infinite pixels (no gray level to give them)."""
+
+
+# TIFF tags SMinSampleValue / SMaxSampleValue: the range a float image declares
+_TIFF_RANGE_TAGS = (340, 341)
+
+
+def float_gray_to_l(img: Image.Image) -> Image.Image:
+    """A float gray image (PIL mode "F", e.g. a float32 TIFF) -> "L", scaled by its range: the declared one (TIFF
+    SMinSampleValue/SMaxSampleValue) when given, else the observed one: [0, 1], [0, 255] or [0, 65535] when the
+    values fit in it, else [0, max] (negative values: [min, max]). NonFiniteImage for NaN or infinite pixels."""
+    arr = np.asarray(img, dtype=np.float64)
+    bad = int((~np.isfinite(arr)).sum())
+    if bad:
+        raise NonFiniteImage(f"{bad:,} of {arr.size:,} pixels are NaN or infinite (a float image); fix or remove "
+                             "the file")  # fmt: skip
+    tags = getattr(img, "tag_v2", {})
+    raw = [tags.get(t) for t in _TIFF_RANGE_TAGS]
+    declared = [
+        float(v) for v in (r[0] if isinstance(r, tuple) and r else r for r in raw) if isinstance(v, (int, float))
+    ]
+    if len(declared) == 2 and declared[1] > declared[0]:
+        lo, hi = declared
+    else:
+        lo = min(0.0, float(arr.min(initial=0.0)))
+        top = float(arr.max(initial=0.0))
+        hi = next((r for r in (1.0, 255.0, 65535.0) if top <= r), top) if lo == 0.0 else top
+        if hi <= lo:
+            hi = lo + 1.0
+    return Image.fromarray(np.rint(np.clip((arr - lo) / (hi - lo), 0.0, 1.0) * 255.0).astype(np.uint8))
+
+
 def read_image(path: str | Path) -> Image.Image:
-    """Decode ``path`` fully, upright (EXIF orientation applied), as "L" (gray) or "RGB". Raises what PIL raises."""
+    """Decode ``path`` fully, upright (EXIF orientation applied), as "L" (gray) or "RGB". Raises what PIL raises,
+    and NonFiniteImage for a float image with NaN or infinite pixels."""
     with Image.open(path) as img:
         img.load()
         with contextlib.suppress(Exception):  # a malformed EXIF block: the pixels are fine, keep them as stored
             ImageOps.exif_transpose(img, in_place=True)
         if img.mode in WIDE_GRAY_MODES:
             return wide_gray_to_l(img)
+        if img.mode == "F" or img.mode.startswith("F;"):
+            return float_gray_to_l(img)
         return img.convert("L") if img.mode in ("1", "L") else img.convert("RGB")
 
 
@@ -64,7 +100,7 @@ def open_image(path: str | Path, where: str = "") -> Image.Image:
     except FileNotFoundError:
         raise ImageReadError(f"image file {path} does not exist{suffix}", path, f"does not exist{suffix}") from None
     except Exception as exc:  # PIL raises many types for corrupt/truncated files
-        why = f"{type(exc).__name__}: {exc}"
+        why = str(exc) if isinstance(exc, NonFiniteImage) else f"{type(exc).__name__}: {exc}"
         msg = f"cannot read image {path}{suffix}: {why}"
         raise ImageReadError(msg, path, f"cannot decode{suffix}: {why}") from None
 
