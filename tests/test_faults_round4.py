@@ -184,3 +184,45 @@ def test_float_tiffs_are_scaled_by_their_range_and_nan_is_refused(tmp_path, caps
     assert cli.main(["data", "check", "imagefolder", str(root), "--verify-images"]) == 1
     out = capsys.readouterr().out
     assert "FAILED" in out and "nan.tif" in out and "NaN or infinite" in out, out
+
+
+# ---------------------------------------------------------------- 4. an old key and its new name
+
+
+def test_old_and_new_key_one_rule_the_later_wins_with_a_line_and_one_file_with_both_is_refused(tmp_path):
+    """Issue 27.4: an old key and its new name: the one given later wins (a --set over a recipe, a recipe over the
+    recipe it inherits) with a line naming both values; both in one recipe at different values is refused. The
+    same rule for method.teacher_* and for train.amp/train.precision."""
+    from asg.config import ConfigWarning, load_config
+    from asg.errors import ConfigError
+
+    both = tmp_path / "both.yaml"
+    both.write_text("method: {teacher_cache_storage: topk}\nteacher: {cache_storage: fp16}\n")
+    with pytest.raises(
+        ConfigError, match=r"method.teacher_cache_storage .*old name of teacher.cache_storage.*topk.*fp16"
+    ):
+        load_config(both)
+    amp = tmp_path / "amp.yaml"
+    amp.write_text("train: {amp: true, precision: fp32}\n")
+    with pytest.raises(ConfigError, match=r"train.amp .*train.precision"):
+        load_config(amp)
+
+    new = tmp_path / "new.yaml"
+    new.write_text("teacher: {cache_storage: fp16}\ntrain: {precision: fp32}\n")
+    with pytest.warns(
+        ConfigWarning,
+        match=r"method.teacher_cache_storage=topk: .*old name of teacher.cache_storage; .*'topk' replaces 'fp16'",
+    ):
+        assert load_config(new, ["method.teacher_cache_storage=topk"]).teacher.cache_storage == "topk"
+    with pytest.warns(
+        ConfigWarning, match=r"train.amp=true: .*old name of train.precision; train.precision='bf16' replaces 'fp32'"
+    ):
+        assert load_config(new, ["train.amp=true"]).train.precision == "bf16"
+    old = tmp_path / "old.yaml"
+    old.write_text("method: {teacher_cache_storage: topk}\ntrain: {amp: true}\n")
+    cfg = load_config(old, ["teacher.cache_storage=fp16", "train.precision=fp32"])  # the new names given later
+    assert (cfg.teacher.cache_storage, cfg.train.precision) == ("fp16", "fp32")
+    child = tmp_path / "child.yaml"  # a recipe over the one it inherits
+    child.write_text("inherit: new.yaml\nmethod: {teacher_cache_storage: topk}\ntrain: {amp: true}\n")
+    cfg = load_config(child)
+    assert (cfg.teacher.cache_storage, cfg.train.precision) == ("topk", "bf16")

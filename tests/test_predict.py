@@ -57,8 +57,8 @@ def test_run_folder_records_what_predict_needs(cls_run):
 @pytest.mark.parametrize("tta", [False, True])
 def test_predictor_matches_the_evaluation_code(cls_run, tta):
     from asg.api import load, load_run
-    from asg.engine.evaluate import predict_scores
     from asg.models.fusion import inference_copy
+    from asg.models.inference import predict_scores
 
     run_dir, _ = cls_run
     run = load_run(run_dir)  # the evaluation's path: builds the data

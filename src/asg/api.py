@@ -222,7 +222,7 @@ def evaluate(
     ImageNet + alpha x fine-tuned, fine-tuned task head; ``asg.methods.wise_ft``); the result and each set's
     entry then carry ``wise_ft_alpha``.
     """
-    from asg.engine.evaluate import real_average
+    from asg.engine.metrics import real_average
     from asg.tasks import task_of
 
     alpha = None

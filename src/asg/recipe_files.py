@@ -3,6 +3,7 @@ as nested dicts; ``asg.config.load_config`` turns them into a typed ``Config``."
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: cannot parse value ({exc})") from None
+        key, value = _renamed(data, key.strip(), raw, value)
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -36,6 +38,28 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         else:
             node[last] = value
     return data
+
+
+def _renamed(data: dict[str, Any], key: str, raw: str, value: Any) -> tuple[str, Any]:
+    """An override of a key of an earlier release as today's key; it replaces a value given earlier (the later of
+    an old and a new name wins), and a ConfigWarning line says so when the values differ."""
+    from asg.config import ConfigWarning, renamed_override
+
+    renamed = renamed_override(key, value)
+    if renamed is None:
+        return key, value
+    new_key, new_value = renamed
+    node: Any = data
+    for part in new_key.split("."):
+        node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+    if node is not _MISSING and node != new_value:
+        line = (f"--set {key}={raw}: {key} is the old name of {new_key}; {new_key}={new_value!r} replaces {node!r} "
+                "given earlier (of an old and a new name, the one given later wins)")  # fmt: skip
+        warnings.warn(ConfigWarning(line), stacklevel=3)
+    return new_key, new_value
+
+
+_MISSING = object()
 
 
 def recipe_path(name: str | Path) -> Path:
@@ -67,6 +91,9 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     parent = data.pop("inherit", None)
+    from asg.config import upgrade_old_keys  # (asg.config imports this module)
+
+    data = upgrade_old_keys(data, where=str(path))  # today's names, so that a file over its base wins either way
     if parent:
         base = read_recipe(path.parent / parent)
         base.pop("name", None)

@@ -27,10 +27,10 @@ from torch.utils.data import Dataset
 from asg.adapt.thresholds import ConfidenceHistogram, class_thresholds, select
 from asg.config import Config
 from asg.data.bundle import IGNORE_INDEX
-from asg.engine.evaluate import predict_scores, segmentation_probs, sliding_options
 from asg.errors import AsgError
 from asg.io import atomic_write
 from asg.models.fusion import inference_copy
+from asg.models.inference import predict_scores, segmentation_probs, sliding_options
 from asg.tasks import get_task
 from asg.utils import progress
 

@@ -26,8 +26,9 @@ from asg.config import Config, load_config
 from asg.data import DataBundle, build_data, check_bundle_files
 from asg.data.targets import PseudoLabeled, target_dataset
 from asg.engine.checkpoint import load_weights, save_weights
-from asg.engine.evaluate import evaluate_sets, real_average
+from asg.engine.evaluate import evaluate_sets
 from asg.engine.init_from import ADAPTATION_FILE, init_record, init_weights_path, load_init_weights
+from asg.engine.metrics import real_average
 from asg.engine.rundir import RunDir, RunKind, sha256
 from asg.engine.trainer import Trainer
 from asg.errors import AsgError, ConfigError

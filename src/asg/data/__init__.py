@@ -49,6 +49,13 @@ DATASETS: dict[str, Callable[[DataConfig], DataBundle]] = {
     **dict.fromkeys(("gta5", "synthia", "cityscapes", "bdd100k", "mapillary", "seglist"), build_segmentation),
 }
 CHECKS.update(SEG_CHECKS)  # `asg data check gta5 ROOT`, ... (registered here: prepare imports check)
+SEGMENTATION_DATASETS = ("digit_scenes", "gta5", "synthia", "cityscapes", "bdd100k", "mapillary", "seglist")
+
+
+def dataset_task(name: str) -> str:
+    """The task of the dataset ``name`` (a key of ``DATASETS``), as its ``DataBundle.task`` names it, without
+    building it."""
+    return "segmentation" if name in SEGMENTATION_DATASETS else "classification"
 
 
 def build_data(cfg: DataConfig) -> DataBundle:
@@ -75,6 +82,7 @@ __all__ = [
     "build_data",
     "check_bundle_files",
     "check_dataset",
+    "dataset_task",
     "collate_skip_none",
     "open_image",
     "real_photos",

@@ -144,3 +144,14 @@ def collate_skip_none(batch: list[Any]) -> Any:
     """torch's ``default_collate`` over the items that are not None; None when every item is None."""
     items = [item for item in batch if item is not None]
     return default_collate(items) if items else None
+
+
+def list_collate(batch: list) -> list:
+    """Keep samples as a list (segmentation images and labels may differ in size); skipped (None) ones dropped."""
+    return [item for item in batch if item is not None]
+
+
+def same_size_groups(items: list) -> list[list]:
+    """``items`` (image, target) pairs as one group when all images have one size, else one group per item,
+    so that each group's images can be stacked into a batch."""
+    return [items] if len({tuple(img.shape) for img, _ in items}) == 1 else [[item] for item in items]

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from asg.tasks import CLASSIFICATION, SEGMENTATION, Task
+
 
 @dataclass(frozen=True)
 class Benchmark:
-    """One embedded benchmark of the demo: its methods (label -> recipe), sets, headline metric and lengths."""
+    """One embedded benchmark of the demo: its methods (label -> recipe), sets, task (its headline metric) and
+    lengths."""
 
     name: str
     title: str
-    metric: str  # "mean_class_acc" | "miou"
-    metric_label: str
-    per_class_key: str  # "per_class" | "per_class_iou"
+    task: Task
     methods: dict[str, str]
     default_methods: tuple[str, ...]  # run by `asg demo` (all of ``methods`` with --full)
     default_seeds: int  # seeds of `asg demo` and `asg demo --full` (1 with --quick)
@@ -42,13 +43,24 @@ class Benchmark:
     adapt_quick: tuple[str, ...] = ()
     adapt_full: tuple[str, ...] = ()
 
+    @property
+    def metric(self) -> str:
+        """The key of the headline metric in result files."""
+        return self.task.primary_metric
+
+    @property
+    def metric_label(self) -> str:
+        return self.task.description
+
+    @property
+    def per_class_key(self) -> str:
+        return self.task.per_class
+
 
 DIGITS = Benchmark(
     name="digits",
     title="synthetic -> real digits (classification)",
-    metric="mean_class_acc",
-    metric_label="mean per-class accuracy",
-    per_class_key="per_class",
+    task=CLASSIFICATION,
     methods={
         "erm": "digits_erm",
         "asg": "digits_asg",
@@ -145,9 +157,7 @@ DIGITS = Benchmark(
 SCENES = Benchmark(
     name="scenes",
     title="synthetic -> real digit scenes (segmentation)",
-    metric="miou",
-    metric_label="mIoU",
-    per_class_key="per_class_iou",
+    task=SEGMENTATION,
     methods={
         "erm": "digit_scenes_erm",
         "asg": "digit_scenes_asg",

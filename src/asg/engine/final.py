@@ -15,17 +15,13 @@ import torch
 from torch import nn
 
 from asg.engine.checkpoint import load_weights
-from asg.engine.evaluate import (
-    imagenet_retention,
-    real_average,
-    segmentation_probs,
-    sliding_options,
-    teacher_photo_logits,
-)
+from asg.engine.metrics import real_average
 from asg.engine.report import plot_predictions, plot_run_curves, run_report_markdown
+from asg.engine.retention import imagenet_retention, teacher_photo_logits
 from asg.engine.rundir import RunDir
 from asg.engine.timing import peak_memory_mib
 from asg.io import atomic_write
+from asg.models.inference import segmentation_probs, sliding_options
 
 if TYPE_CHECKING:
     from asg.engine.trainer import Trainer
@@ -147,7 +143,7 @@ class FinalReport:
             written.append("curves.png")
         names = t.data.real_set_names or list(t.data.eval_sets)
         palette = t.data.palette
-        if t.task.is_segmentation and palette and names:
+        if palette and names:  # a palette: the data are label maps
             ds = t.data.eval_sets[names[0]]
             items = [ds[i] for i in range(min(num_samples, len(ds)))]  # type: ignore[arg-type]
             rows = [

@@ -17,6 +17,7 @@ from asg.config import Config, load_config
 from asg.engine.checkpoint import load_weights
 from asg.engine.rundir import RunDir, sha256
 from asg.errors import WeightsError
+from asg.tasks import CLASSIFICATION, get_task
 
 ADAPTATION_FILE = "adaptation.json"  # written by ``asg adapt``: its final model is the last round's
 
@@ -71,15 +72,14 @@ def init_record(init_from: str, checkpoint: str = "last", allow_unfinished: bool
     return record
 
 
-def load_init_weights(model: nn.Module, cfg: Config, num_classes: int, task: str = "classification") -> str:
+def load_init_weights(model: nn.Module, cfg: Config, num_classes: int, task: str = CLASSIFICATION.name) -> str:
     """Load ``cfg.model.init_from`` into ``model``; returns the weights file. WeightsError, naming both sides,
     when the source was trained with another backbone, segmenter or number of classes."""
     assert cfg.model.init_from is not None
     weights, run = init_weights_path(cfg.model.init_from, cfg.model.init_checkpoint)
     if run is not None and (run / "config.yaml").is_file():
         theirs = load_config(run / "config.yaml")
-        keys = ("backbone", "segmenter") if task == "segmentation" else ("backbone", "hidden_dim")
-        for key in keys:
+        for key in get_task(task).model_keys:
             mine, other = getattr(cfg.model, key), getattr(theirs.model, key)
             if mine != other:
                 raise WeightsError(

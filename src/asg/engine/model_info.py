@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from asg.config import Config, config_to_dict
+from asg.data import SEGMENTATION_DATASETS, dataset_task
 from asg.errors import AsgError
+from asg.tasks import get_task
 
 MODEL_INFO = "model.json"
-SEGMENTATION_DATASETS = ("digit_scenes", "gta5", "synthia", "cityscapes", "bdd100k", "mapillary", "seglist")
 
 
 @dataclass
@@ -47,8 +48,9 @@ class ModelInfo:
         return len(self.class_names)
 
     @property
-    def is_segmentation(self) -> bool:
-        return self.task == "segmentation"
+    def per_pixel(self) -> bool:
+        """One label per pixel (masks, sliding windows, [B, C, H, W] logits), else one per image."""
+        return get_task(self.task).per_pixel
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,11 +67,6 @@ def config_sha256(cfg: Config) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def task_of_config(cfg: Config) -> str:
-    """``segmentation`` for a segmentation dataset, else "classification" (read from ``data.name`` alone)."""
-    return "segmentation" if cfg.data.name in SEGMENTATION_DATASETS else "classification"
-
-
 def default_palette(n: int) -> list[list[int]]:
     """``n`` distinct, deterministic RGB colours (golden-ratio hues)."""
     import colorsys
@@ -84,22 +81,19 @@ def default_palette(n: int) -> list[list[int]]:
 def model_info(
     cfg: Config, class_names: list[str], task: str, mean: Any, std: Any, palette: list | None = None
 ) -> ModelInfo:
-    """The :class:`ModelInfo` of a model of ``cfg`` trained on ``class_names`` (``mean``/``std``: its backbone's)."""
-    seg = task == "segmentation"
+    """The :class:`ModelInfo` of a model of ``cfg`` trained on ``class_names`` (``mean``/``std``: its backbone's);
+    the task adds its own fields (a segmenter's input size, windows, segmenter and colours)."""
+    colours = [list(map(int, c)) for c in (palette or default_palette(len(class_names)))]
     return ModelInfo(
         task=task,
         class_names=list(class_names),
         image_size=int(cfg.data.image_size),
-        eval_resize=list(cfg.data.eval_resize) if seg and cfg.data.eval_resize else None,
-        sliding_window=list(cfg.eval.sliding_window) if seg and cfg.eval.sliding_window else None,
-        sliding_stride=list(cfg.eval.sliding_stride) if seg and cfg.eval.sliding_stride else None,
         tta_flip=bool(cfg.eval.tta_flip),
         mean=[float(v) for v in mean.flatten().tolist()] if hasattr(mean, "flatten") else list(mean),
         std=[float(v) for v in std.flatten().tolist()] if hasattr(std, "flatten") else list(std),
-        palette=[list(map(int, c)) for c in (palette or default_palette(len(class_names)))] if seg else None,
         backbone=cfg.model.backbone,
-        segmenter=cfg.model.segmenter if seg else None,
         config_sha256=config_sha256(cfg),
+        **get_task(task).inference_fields(cfg, colours),
     )
 
 
@@ -141,7 +135,7 @@ def model_info_from_config(cfg: Config, run_dir: Path | None, class_names: list[
     """The :class:`ModelInfo` of a model without ``model.json`` (a weight file, or a run folder of an earlier asg):
     class names from ``class_names``, else the run's ``summary.json``, else the benchmark; AsgError when none
     gives them. Normalisation is filled in by the caller from the built model."""
-    task = task_of_config(cfg)
+    task = dataset_task(cfg.data.name)
     names, palette = known_class_names(cfg)
     if class_names:
         names = list(class_names)

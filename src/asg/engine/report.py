@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from asg.engine.timing import timing_markdown  # noqa: E402
-from asg.tasks import get_task  # noqa: E402
+from asg.tasks import CLASSIFICATION, get_task  # noqa: E402
 
 
 def plot_confusion(confusion, class_names: list[str], path: Path, title: str = "") -> None:
@@ -115,7 +115,8 @@ def _pct(v: float | None) -> str:
 
 def run_report_markdown(summary: dict, history: list[dict]) -> str:
     """A run's ``report.md``: the protocol, each selection's primary metric per set, per-class tables."""
-    task, metric = summary.get("task", "classification"), summary.get("primary_metric", "mean_class_acc")
+    task = summary.get("task", CLASSIFICATION.name)
+    metric = summary.get("primary_metric", CLASSIFICATION.primary_metric)
     lines = [f"# {summary.get('name') or 'run'}: {summary.get('method')} (seed {summary.get('seed')})", ""]
     protocol = ", ".join(f"{k}={v}" for k, v in summary.get("protocol", {}).items())
     lines += [f"Task: {task}; primary metric: {metric}; protocol: {protocol}.", ""]

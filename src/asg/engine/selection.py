@@ -16,7 +16,8 @@ from torch.utils.data import Dataset, Subset
 from asg.data import balanced_subset
 from asg.engine.batches import dataset_size
 from asg.engine.checkpoint import weights_to_save
-from asg.engine.evaluate import EvalResult, evaluate_sets, real_average
+from asg.engine.evaluate import evaluate_sets
+from asg.engine.metrics import EvalResult, real_average
 from asg.engine.rundir import RunDir
 
 if TYPE_CHECKING:

@@ -89,6 +89,7 @@ def add_export_parser(sub: argparse._SubParsersAction, add_set: Callable[[argpar
 def predict_command(args: argparse.Namespace) -> int:
     from asg.predict.inputs import DEFAULT_MAX_PIXELS
     from asg.predict.run import predict_files
+    from asg.tasks import get_task
 
     summary = predict_files(
         args.model, args.inputs, args.out, overwrite=args.overwrite, label_ids=args.label_ids,
@@ -98,7 +99,7 @@ def predict_command(args: argparse.Namespace) -> int:
         sliding_window=args.sliding_window, sliding_stride=args.sliding_stride, scales=args.scales,
         precision=args.precision, top_k=args.top_k,
     )  # fmt: skip
-    if summary["task"] == "segmentation":
+    if get_task(summary["task"]).per_pixel:
         shown = sorted(summary["mean_fractions"].items(), key=lambda kv: -kv[1])[:8]
         print("mean pixel fraction: " + ", ".join(f"{n} {100 * v:.1f} %" for n, v in shown))
     else:

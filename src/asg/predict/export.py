@@ -54,7 +54,7 @@ def merge_lora(model: nn.Module) -> int:
 def input_size(info: ModelInfo) -> tuple[int, int]:
     """(h, w) of the example input: the training size (classification) or the sliding window, ``eval_resize``,
     else the training size (segmentation)."""
-    if info.is_segmentation:
+    if info.per_pixel:
         size = info.sliding_window or info.eval_resize
         if size:
             return int(size[0]), int(size[1])
@@ -71,11 +71,11 @@ def sidecar_checksum(side: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def _export(module: nn.Module, x: Tensor, path: Path, dynamic_size: bool, task: str, opset: int) -> None:
+def _export(module: nn.Module, x: Tensor, path: Path, dynamic_size: bool, per_pixel: bool, opset: int) -> None:
     axes: dict[str, dict[int, str]] = {"image": {0: "batch"}, "logits": {0: "batch"}}
     if dynamic_size:
         axes["image"].update({2: "height", 3: "width"})
-        if task == "segmentation":
+        if per_pixel:
             axes["logits"].update({2: "height", 3: "width"})
     import warnings
 
@@ -133,7 +133,7 @@ def export_onnx(
     tmp = path.with_name(f".{path.name}.tmp")
     module = TaskLogits(export_copy).eval()
     try:
-        _export(module, x, tmp, dynamic, info.task, opset)
+        _export(module, x, tmp, dynamic, info.per_pixel, opset)
         checked = [x, second] if dynamic else [x]
         try:
             diff = check_onnx(model, tmp, checked)
@@ -141,7 +141,7 @@ def export_onnx(
             if not dynamic:
                 raise
             dynamic, checked = False, [x]  # the graph fixed a size somewhere: export at the one size
-            _export(module, x, tmp, dynamic, info.task, opset)
+            _export(module, x, tmp, dynamic, info.per_pixel, opset)
             diff = check_onnx(model, tmp, checked)
         if not diff <= tolerance:
             raise AsgError(f"the ONNX model differs from PyTorch by up to {diff:.3g} in the logits (tolerance "
@@ -163,7 +163,7 @@ def export_onnx(
             "dynamic_batch": True,
             "dynamic_size": dynamic,
         },  # fmt: skip
-        "output": {"name": "logits", "shape": ["B", "C", "H", "W"] if info.is_segmentation else ["B", "C"]},
+        "output": {"name": "logits", "shape": ["B", "C", "H", "W"] if info.per_pixel else ["B", "C"]},
         "normalisation": {
             "mean": info.mean,
             "std": info.std,

@@ -77,7 +77,7 @@ def load_onnx(path: str | Path, threads: int | None = None) -> tuple[OnnxModel, 
     except Exception as exc:
         raise AsgError(f"onnxruntime cannot load {path}: {' '.join(str(exc).split())[:200]}") from None
     info = ModelInfo.from_dict(side)
-    if info.is_segmentation and not side["input"].get("dynamic_size", True):
+    if info.per_pixel and not side["input"].get("dynamic_size", True):
         info.sliding_window = list(side["input"]["size"])
         info.eval_resize = None
     return model, info, side

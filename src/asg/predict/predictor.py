@@ -21,11 +21,12 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision.transforms.functional import pil_to_tensor as pil_to_image_tensor
 
+from asg.data.files import same_size_groups
 from asg.data.segmentation.pairs import EvalPairTransform
 from asg.data.transforms import pil_to_tensor
-from asg.engine.evaluate import predict_scores, same_size_groups, segmentation_probs
 from asg.engine.model_info import ModelInfo
 from asg.errors import AsgError
+from asg.models.inference import predict_scores, segmentation_probs
 from asg.predict.inputs import to_pil
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -108,7 +109,7 @@ class Predictor:
 
     def predict_batch(self, images: list[Image.Image]) -> list[Any]:
         """Predictions of up to ``batch_size`` decoded images ("L" or "RGB")."""
-        if self.info.is_segmentation:
+        if self.info.per_pixel:
             return self._segment([self._seg_input(img) for img in images], [img.size[::-1] for img in images])
         x = torch.stack([pil_to_tensor(img, self.info.image_size) for img in images])
         return self._classify(x)

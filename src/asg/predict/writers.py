@@ -95,7 +95,7 @@ class PredictionWriter:
         buf = io.StringIO()
         writer = csv.writer(buf)
         names = self.info.class_names
-        if self.info.is_segmentation:
+        if self.info.per_pixel:
             writer.writerow(["path", "mask", "confidence", *names])
             for r in self.rows:
                 writer.writerow([r["path"], r["mask"], r["confidence"], *(r["fractions"][n] for n in names)])
@@ -108,7 +108,7 @@ class PredictionWriter:
         if self.failed:
             atomic_write_text(self.out / "failed.txt", "".join(line + "\n" for line in self.failed))
         summary: dict[str, Any] = {**settings, "predicted": len(self.rows), "failed": len(self.failed)}
-        if self.info.is_segmentation:
+        if self.info.per_pixel:
             pixels = {n: float(np.mean([r["fractions"][n] for r in self.rows])) if self.rows else 0.0 for n in names}
             summary["mean_fractions"] = pixels
         else:
