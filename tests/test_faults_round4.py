@@ -193,8 +193,9 @@ def test_old_and_new_key_one_rule_the_later_wins_with_a_line_and_one_file_with_b
     """Issue 27.4: an old key and its new name: the one given later wins (a --set over a recipe, a recipe over the
     recipe it inherits) with a line naming both values; both in one recipe at different values is refused. The
     same rule for method.teacher_* and for train.amp/train.precision."""
-    from asg.config import ConfigWarning, load_config
+    from asg.config import load_config
     from asg.errors import ConfigError
+    from asg.recipe_files import ConfigWarning
 
     both = tmp_path / "both.yaml"
     both.write_text("method: {teacher_cache_storage: topk}\nteacher: {cache_storage: fp16}\n")
@@ -226,3 +227,95 @@ def test_old_and_new_key_one_rule_the_later_wins_with_a_line_and_one_file_with_b
     child.write_text("inherit: new.yaml\nmethod: {teacher_cache_storage: topk}\ntrain: {amp: true}\n")
     cfg = load_config(child)
     assert (cfg.teacher.cache_storage, cfg.train.precision) == ("topk", "bf16")
+
+
+# ---------------------------------------------------------------- 5. non-finite weights and logits
+
+
+def _official_resnet50_file(path: Path, poison: str | None) -> Path:
+    """An official-layout VisDA classifier file (ResNet-50 + ``fc_new``) with ``poison``'s tensor all NaN."""
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet50(weights=None)
+    fc_new = torch.nn.Sequential(torch.nn.Linear(2048, 512), torch.nn.ReLU(), torch.nn.Linear(512, 3))
+    state = {**net.state_dict(), **{f"fc_new.{k}": v for k, v in fc_new.state_dict().items()}}
+    if poison is not None:
+        state[poison] = torch.full_like(state[poison], float("nan"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"epoch": 7, "state_dict": {f"module.{k}": v for k, v in state.items()}, "best_prec1": 50.0}, path)
+    return path
+
+
+@pytest.mark.slow
+def test_an_official_file_with_nan_weights_is_refused_not_evaluated_at_chance(tmp_path, capsys):
+    """Issue 27.5: `asg evaluate FILE --config RECIPE` of an official-layout file whose weights are NaN."""
+    root = _image_folder(tmp_path / "images", per_class=2)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"data: {{name: imagefolder, root: {root}, image_size: 32, source_val_fraction: 0.0}}\n"
+        "model: {backbone: resnet50, weights: none, channels_last: false}\n"
+    )
+    official = _official_resnet50_file(tmp_path / "release" / "nan.pth.tar", "layer4.2.conv3.weight")
+    assert cli.main(["evaluate", str(official), "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nan.pth.tar" in err[0] and "NaN" in err[0] and "layer4.2.conv3.weight" in err[0], err
+    assert not list(official.parent.glob("eval_*.json"))
+
+
+def test_non_finite_weights_are_refused_by_every_loader(tmp_path):
+    """Issue 27.5: a backbone or guidance file (.pth, .safetensors), a checkpoint / init_from .safetensors and an
+    L2O policy (release .pth, .safetensors) with NaN or Inf are refused naming the file and the tensor."""
+    from safetensors.torch import save_file
+
+    from asg.engine.checkpoint import load_weights
+    from asg.errors import WeightsError
+    from asg.l2o.policy import LRPolicy, load_policy, save_policy
+    from asg.models.base import load_state_dict_file
+
+    state = {"a.weight": torch.ones(4, 4), "b.bias": torch.zeros(4)}
+    state["b.bias"][1] = float("inf")
+    torch.save(state, tmp_path / "w.pth")
+    save_file(state, str(tmp_path / "w.safetensors"))
+    for name in ("w.pth", "w.safetensors"):
+        with pytest.raises(WeightsError, match=rf"{name} holds non-finite values .*b.bias \(1 Inf\)"):
+            load_state_dict_file(tmp_path / name)
+    model = torch.nn.Linear(4, 4)
+    bad = {k: v.clone() for k, v in model.state_dict().items()}
+    bad["weight"][0, 0] = float("nan")
+    save_file(bad, str(tmp_path / "ckpt.safetensors"))
+    with pytest.raises(WeightsError, match=r"ckpt.safetensors holds non-finite values .*weight \(1 NaN\)"):
+        load_weights(model, tmp_path / "ckpt.safetensors")
+    policy = LRPolicy(3)
+    with torch.no_grad():
+        policy.action_distribution.linear[0].weight[0, 0] = float("nan")
+    save_policy(policy, tmp_path / "p.safetensors")
+    torch.save(policy.state_dict(), tmp_path / "p.pth")
+    for name in ("p.safetensors", "p.pth"):
+        with pytest.raises(WeightsError, match=rf"{name} holds non-finite values .*action_distribution"):
+            load_policy(tmp_path / name, 3)
+
+
+def test_non_finite_evaluation_logits_are_refused(tmp_path):
+    """Issue 27.5: a model whose logits are NaN (its weights went bad in memory) is not scored as class 0."""
+    from helpers import RandomImages
+
+    from asg.engine.evaluate import evaluate
+    from asg.errors import AsgError
+    from asg.models.base import ModelOutput
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 3)
+
+        def forward(self, x):
+            logits = self.fc(x.mean(dim=(2, 3)))
+            return ModelOutput(logits, logits[:, :0], logits)
+
+    net = Net()
+    assert evaluate(net, RandomImages(8), 3, show_progress=False).confusion.sum() == 8
+    with torch.no_grad():
+        net.fc.bias[1] = float("nan")
+    with pytest.raises(AsgError, match=r"eval real: the model's logits are NaN or infinite for 8 of 8 images"):
+        evaluate(net, RandomImages(8), 3, show_progress=False, desc="eval real")

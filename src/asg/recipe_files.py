@@ -1,5 +1,6 @@
 """YAML recipes (``inherit:`` chains, the recipes shipped in ``asg/recipes``) and ``--set key=value`` overrides,
-as nested dicts; ``asg.config.load_config`` turns them into a typed ``Config``."""
+as nested dicts; ``asg.config.load_config`` turns them into a typed ``Config``. The keys of earlier releases they
+may use (``RENAMED``, ``REMOVED``, ``train.amp``) are read as today's here, so that files of every release load."""
 
 from __future__ import annotations
 
@@ -10,6 +11,62 @@ from typing import Any
 import yaml
 
 from asg.errors import ConfigError
+
+# keys of earlier releases -> (section, key) now; recipes and run folders written with them keep loading
+RENAMED: dict[tuple[str | None, str], tuple[str, str]] = {
+    **{
+        ("method", f"teacher_{k}"): ("teacher", k)
+        for k in ("cache_storage", "cache_topk", "cache_dir", "cache_key", "fuse_bn")
+    },
+    ("method", "teacher_cache"): ("teacher", "cache"),
+    (None, "lr_controller"): ("l2o", "controller"),
+}
+REMOVED = {("eval", "selection")}  # never read: every run reports last, source-val and oracle, each labelled
+
+
+class ConfigWarning(UserWarning):
+    """A config that loads, with a line to read (an old key name that replaced a value given earlier)."""
+
+
+def _dotted(section: str | None, key: str) -> str:
+    return key if section is None else f"{section}.{key}"
+
+
+def upgrade_old_keys(data: dict[str, Any], where: str = "the config") -> dict[str, Any]:
+    """Map keys of earlier releases to today's (``RENAMED``, ``REMOVED``, ``train.amp`` -> ``train.precision``)
+    in one layer (one recipe file, one dict). One rule for an old key and its new name: given in different layers
+    (a ``--set`` over a recipe, a recipe over the one it inherits) the later wins (``asg.recipe_files``, with a
+    line); given in the same layer at different values they are refused (ConfigError naming both)."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in (data or {}).items()}
+    pairs = [(*old, *new) for old, new in RENAMED.items()] + [("train", "amp", "train", "precision")]
+    for section, key, new_section, new_key in pairs:
+        old = data if section is None else data.get(section)
+        if not isinstance(old, dict) or key not in old:
+            continue
+        value = old.pop(key)
+        if (section, key) == ("train", "amp"):  # before train.precision: amp meant bf16 autocast
+            value = "bf16" if value else "fp32"
+        target = data.setdefault(new_section, {})
+        if isinstance(target, dict) and new_key in target and target[new_key] != value:
+            raise ConfigError(
+                f"{where}: {_dotted(section, key)} (the old name of {_dotted(new_section, new_key)}, here "
+                f"{value!r}) and {_dotted(new_section, new_key)}={target[new_key]!r} are both given: keep one (of "
+                "an old and a new name in different places, the one given later wins)"
+            )
+        target[new_key] = value
+    for section, key in REMOVED:
+        if isinstance(data.get(section), dict):
+            data[section].pop(key, None)
+    return data
+
+
+def renamed_override(key: str, value: Any) -> tuple[str, Any] | None:
+    """``(new dotted key, value)`` for an override that uses a key of an earlier release, else None."""
+    if key == "train.amp":
+        return "train.precision", "bf16" if value else "fp32"
+    section, _, leaf = key.rpartition(".")
+    new = RENAMED.get((section or None, leaf))
+    return (f"{new[0]}.{new[1]}", value) if new is not None else None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -43,8 +100,6 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def _renamed(data: dict[str, Any], key: str, raw: str, value: Any) -> tuple[str, Any]:
     """An override of a key of an earlier release as today's key; it replaces a value given earlier (the later of
     an old and a new name wins), and a ConfigWarning line says so when the values differ."""
-    from asg.config import ConfigWarning, renamed_override
-
     renamed = renamed_override(key, value)
     if renamed is None:
         return key, value
@@ -91,8 +146,6 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     parent = data.pop("inherit", None)
-    from asg.config import upgrade_old_keys  # (asg.config imports this module)
-
     data = upgrade_old_keys(data, where=str(path))  # today's names, so that a file over its base wins either way
     if parent:
         base = read_recipe(path.parent / parent)
