@@ -127,9 +127,15 @@ Labelled = tuple[PseudoLabels, Any, np.ndarray, int, int, str]
 
 
 def _label_pixels(
-    model: nn.Module, target: Dataset, cfg: Config, portion: float, num_classes: int, folder: Path,
-    device: torch.device, show_progress: bool,
-) -> Labelled:  # fmt: skip
+    model: nn.Module,
+    target: Dataset,
+    cfg: Config,
+    portion: float,
+    num_classes: int,
+    folder: Path,
+    device: torch.device,
+    show_progress: bool,
+) -> Labelled:
     """Segmentation: a confidence histogram pass for the class thresholds, then one PNG of pixel labels per image
     (255 = not selected)."""
     bs = cfg.data.eval_batch_size
@@ -161,9 +167,15 @@ def _label_pixels(
 
 
 def _label_images(
-    model: nn.Module, target: Dataset, cfg: Config, portion: float, num_classes: int, folder: Path,
-    device: torch.device, show_progress: bool,
-) -> Labelled:  # fmt: skip
+    model: nn.Module,
+    target: Dataset,
+    cfg: Config,
+    portion: float,
+    num_classes: int,
+    folder: Path,
+    device: torch.device,
+    show_progress: bool,
+) -> Labelled:
     """Classification: the kept images' indices, labels and confidences in one ``.npz``."""
     all_idx: list[int] = []
     all_probs: list[Tensor] = []
@@ -224,8 +236,9 @@ def load_pseudo_labels(folder: Path) -> PseudoLabels | None:
                 for p in names:
                     digest.update(p.read_bytes())
                 if digest.hexdigest() != stats["sha256"] or len(names) != stats.get("images", len(names)):
-                    raise DamagedPseudoLabels(f"{folder / PNG_FOLDER} does not match its checksum in {stats_path}; "
-                                              f"{redo}")  # fmt: skip
+                    raise DamagedPseudoLabels(
+                        f"{folder / PNG_FOLDER} does not match its checksum in {stats_path}; {redo}"
+                    )
             return PseudoLabels(folder, indices, None, stats)
         data = (folder / LABELS_FILE).read_bytes()
         if "sha256" in stats and hashlib.sha256(data).hexdigest() != stats["sha256"]:
@@ -235,5 +248,6 @@ def load_pseudo_labels(folder: Path) -> PseudoLabels | None:
     except DamagedPseudoLabels:
         raise
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
-        raise DamagedPseudoLabels(f"cannot read the pseudo-labels in {folder} ({type(exc).__name__}: {exc}); "
-                                  f"{redo}") from None  # fmt: skip
+        raise DamagedPseudoLabels(
+            f"cannot read the pseudo-labels in {folder} ({type(exc).__name__}: {exc}); {redo}"
+        ) from None

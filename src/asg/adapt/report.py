@@ -76,8 +76,11 @@ def report_markdown(result: AdaptResult, class_names: list[str], sets: list[str]
     init = result.start.get("init_weights")
     if init:
         finished = {True: "a finished run", False: "a run that never finished", None: "a weights file"}
-        lines += ["", f"Starting weights: {init['file']} (step {init['step']}, {finished[init['finished']]}; "
-                  f"SHA-256 {init['sha256']})."]  # fmt: skip
+        lines += [
+            "",
+            f"Starting weights: {init['file']} (step {init['step']}, {finished[init['finished']]}; "
+            f"SHA-256 {init['sha256']}).",
+        ]
     if note:
         lines += ["", f"Note: {note}."]
     head = "| round | portion | selected | pseudo-label precision % | " + " | ".join(sets) + " |"
