@@ -145,8 +145,9 @@ def check_visda17(root: str | Path, verify_images: bool = False) -> CheckReport:
             if not Path(root).is_dir():
                 break
             continue
-        s = check_list(report, path, num_classes=len(visda17.CLASSES), class_names=visda17.CLASSES,
-                       verify_images=verify_images)  # fmt: skip
+        s = check_list(
+            report, path, num_classes=len(visda17.CLASSES), class_names=visda17.CLASSES, verify_images=verify_images
+        )
         total = s["images"] + s.get("bad_lines", 0)
         if total != official:
             report.warnings.append(f"{path}: {total:,} entries; the official release has {official:,}")
@@ -158,8 +159,9 @@ def check_visda17(root: str | Path, verify_images: bool = False) -> CheckReport:
 def check_listfile(list_path: str | Path, verify_images: bool = False, num_classes: int | None = None) -> CheckReport:
     """Check a single ``<relative/path> <label>`` list file (paths relative to its folder)."""
     report = CheckReport(title=f"list file check of {list_path}")
-    report.summary[Path(list_path).stem] = check_list(report, list_path, num_classes=num_classes,
-                                                      verify_images=verify_images)  # fmt: skip
+    report.summary[Path(list_path).stem] = check_list(
+        report, list_path, num_classes=num_classes, verify_images=verify_images
+    )
     report.ok = not report.errors
     return report
 
@@ -233,8 +235,9 @@ def check_imagefolder(root: str | Path, verify_images: bool = False) -> CheckRep
     splits = {"train": root / "train", **split_folders(root)} if layered else {root.name: root}
     train_classes = class_folders(root / "train") if layered else None
     for name, folder in splits.items():
-        report.summary[name] = check_folder(report, folder, None if folder == root / "train" else train_classes,
-                                            verify_images)  # fmt: skip
+        report.summary[name] = check_folder(
+            report, folder, None if folder == root / "train" else train_classes, verify_images
+        )
     report.ok = not report.errors
     return report
 

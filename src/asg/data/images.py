@@ -60,8 +60,9 @@ def float_gray_to_l(img: Image.Image) -> Image.Image:
     arr = np.asarray(img, dtype=np.float64)
     bad = int((~np.isfinite(arr)).sum())
     if bad:
-        raise NonFiniteImage(f"{bad:,} of {arr.size:,} pixels are NaN or infinite (a float image); fix or remove "
-                             "the file")  # fmt: skip
+        raise NonFiniteImage(
+            f"{bad:,} of {arr.size:,} pixels are NaN or infinite (a float image); fix or remove the file"
+        )
     tags = getattr(img, "tag_v2", {})
     raw = [tags.get(t) for t in _TIFF_RANGE_TAGS]
     declared = [
@@ -146,8 +147,10 @@ def walk_images(folder: str | Path) -> tuple[list[Path], list[str]]:
 def links_note(skipped: list[str]) -> str:
     """One line naming the symlinks :func:`walk_images` did not follow."""
     more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
-    return (f"symlink(s) to a folder above them or already read were not followed (each folder is read once): "
-            f"{', '.join(skipped[:3])}{more}")  # fmt: skip
+    return (
+        f"symlink(s) to a folder above them or already read were not followed (each folder is read once): "
+        f"{', '.join(skipped[:3])}{more}"
+    )
 
 
 def list_images(folder: str | Path) -> list[Path]:

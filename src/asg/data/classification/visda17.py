@@ -13,7 +13,7 @@ from asg.errors import ConfigError, DataError
 CLASSES = [
     "aeroplane", "bicycle", "bus", "car", "horse", "knife",
     "motorcycle", "person", "plant", "skateboard", "train", "truck",
-]  # fmt: skip
+]  # fmt: skip # a table: the 12 classes in label order, six a row
 # split folder -> (eval/train name, expected number of lines in the official release)
 SPLITS = {"train": ("train", 152_397), "validation": ("visda17_val", 55_388)}
 LIST_NAME = "image_list.txt"
@@ -54,5 +54,11 @@ def build_visda17(cfg: DataConfig) -> DataBundle:
     eval_sets = {} if held_out is None else {"source_val": held_out}
     eval_sets["visda17_val"] = real
     # adaptation target: the same validation images, labels ignored (the usual VisDA-17 protocol)
-    return DataBundle(train_part, eval_sets, "source_val" if held_out is not None else None, list(CLASSES),
-                      target_sets={"visda17_val": ImagesOf(real)}, target_truth={"visda17_val": real})  # fmt: skip
+    return DataBundle(
+        train_part,
+        eval_sets,
+        "source_val" if held_out is not None else None,
+        list(CLASSES),
+        target_sets={"visda17_val": ImagesOf(real)},
+        target_truth={"visda17_val": real},
+    )

@@ -37,7 +37,7 @@ from asg.data.targets import ImagesOf, split_halves
 
 CLASSES = ["background", *digits.CLASSES]
 PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-           (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]  # fmt: skip
+           (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]  # fmt: skip # colour table
 SCENES_VERSION = 5  # bump when rendering changes: it is part of the cache keys (v5: docs/demo/scenes_design.md)
 CORE, EDGE = 0.5, 0.15  # glyph coverage thresholds: >= CORE is the digit, (EDGE, CORE) is ignored (255)
 SOURCE_VAL, REAL_SET = "synthetic", "mnist_photos"  # set names (source-val as in the digits benchmark)
@@ -184,8 +184,10 @@ def _place(
     best, best_overlap = (0, 0), np.inf
     for _ in range(10):
         top, left = int(rng.integers(size - h + 1)), int(rng.integers(size - w + 1))
-        overlap = sum(max(0, min(top + h, t + bh) - max(top, t)) * max(0, min(left + w, lft + bw) - max(left, lft))
-                      for t, lft, bh, bw in boxes) / (h * w)  # fmt: skip
+        overlap = sum(
+            max(0, min(top + h, t + bh) - max(top, t)) * max(0, min(left + w, lft + bw) - max(left, lft))
+            for t, lft, bh, bw in boxes
+        ) / (h * w)
         if overlap < best_overlap:
             best, best_overlap = (top, left), overlap
         if overlap < 0.15:
@@ -308,8 +310,10 @@ def render_real_scenes(n: int, seed: int, size: int) -> tuple[np.ndarray, np.nda
     for i in range(n):
         k = int(rng.integers(DIGITS_PER_SCENE[0], DIGITS_PER_SCENE[1] + 1))
         picks, heights = rng.integers(len(mnist), size=k), _heights(rng, size, k)
-        glyphs = [(fit_glyph(_crop_ink(mnist[j] / np.float32(255.0)), hgt, size), int(labels[j]) + 1)
-                  for j, hgt in zip(picks, heights)]  # fmt: skip
+        glyphs = [
+            (fit_glyph(_crop_ink(mnist[j] / np.float32(255.0)), hgt, size), int(labels[j]) + 1)
+            for j, hgt in zip(picks, heights)
+        ]
         images[i], masks[i] = compose(rng, photo_crop(rng, photos, size), glyphs)
     return images, masks
 

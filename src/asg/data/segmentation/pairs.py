@@ -296,9 +296,15 @@ class SegmentationPairs(FileImageDataset):
         """The pairs at ``indices`` with another transform (e.g. a held-out split with the evaluation transform)."""
         idx = [int(i) for i in indices]
         out = SegmentationPairs(
-            [self.images[i] for i in idx], [self.label_files[i] for i in idx], self.lut, self.label_kind,
-            transform, [self.wheres[i] for i in idx], self.label_channel, self.on_bad_image,
-        )  # fmt: skip
+            [self.images[i] for i in idx],
+            [self.label_files[i] for i in idx],
+            self.lut,
+            self.label_kind,
+            transform,
+            [self.wheres[i] for i in idx],
+            self.label_channel,
+            self.on_bad_image,
+        )
         out.skip_log = self.skip_log
         return out
 

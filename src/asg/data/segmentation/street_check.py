@@ -44,10 +44,16 @@ def check_source(
     n = len(source.images)
     if n == 0 and not source.images_without_label and not source.missing_images:
         report.errors.append(f"{tag}: {source.root} lists no image/label pair (training refuses an empty split)")
-    _quote(report, f"{tag}: {len(source.images_without_label):,} image(s) without a label file:",
-           [str(p) for p in source.images_without_label])  # fmt: skip
-    _quote(report, f"{tag}: {len(source.missing_images):,} image(s) of the split are missing:",
-           [str(p) for p in source.missing_images])  # fmt: skip
+    _quote(
+        report,
+        f"{tag}: {len(source.images_without_label):,} image(s) without a label file:",
+        [str(p) for p in source.images_without_label],
+    )
+    _quote(
+        report,
+        f"{tag}: {len(source.missing_images):,} image(s) of the split are missing:",
+        [str(p) for p in source.missing_images],
+    )
     if source.labels_without_image:
         k = len(source.labels_without_image)
         report.warnings.append(f"{tag}: {k:,} label file(s) without an image, e.g. {source.labels_without_image[0]}")

@@ -49,12 +49,12 @@ UNDEFINED = -1  # LUT entry of a raw id the dataset does not define
 CITYSCAPES_CLASSES = [
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
     "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
-]  # fmt: skip
+]  # fmt: skip # a table in train-id order
 CITYSCAPES_PALETTE: list[tuple[int, int, int]] = [
     (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
     (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
     (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
-]  # fmt: skip
+]  # fmt: skip # a table in train-id order
 
 # the SYNTHIA protocols keep these Cityscapes classes, in Cityscapes order
 CLASS_SETS: dict[int, list[str]] = {
@@ -67,7 +67,7 @@ CLASS_SETS: dict[int, list[str]] = {
 CITYSCAPES_ID_TO_TRAIN = {
     7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
     23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
-}  # fmt: skip
+}  # fmt: skip # a table: dataset id -> train id
 CITYSCAPES_DEFINED = [*range(34), 255]
 
 # SYNTHIA-RAND-CITYSCAPES ids 0..22 (its README) -> Cityscapes trainId. Terrain (16), truck (18) and train (20)
@@ -75,14 +75,14 @@ CITYSCAPES_DEFINED = [*range(34), 255]
 SYNTHIA_ID_TO_TRAIN = {
     3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9, 1: 10,
     10: 11, 17: 12, 8: 13, 18: 14, 19: 15, 20: 16, 12: 17, 11: 18,
-}  # fmt: skip
+}  # fmt: skip # a table: dataset id -> train id
 SYNTHIA_DEFINED = list(range(23))  # 0 void, 13 parking slot, 14 road work, 22 lane marking: ignored
 
 # Mapillary Vistas v1.2 ids 0..65 -> Cityscapes trainId (table in the module docstring); 65 "Unlabeled"
 MAPILLARY_ID_TO_TRAIN = {
     13: 0, 24: 0, 41: 0, 2: 1, 15: 1, 17: 2, 6: 3, 3: 4, 45: 5, 47: 5, 48: 6, 50: 7, 30: 8, 29: 9,
     27: 10, 19: 11, 20: 12, 21: 12, 22: 12, 55: 13, 61: 14, 54: 15, 58: 16, 57: 17, 52: 18,
-}  # fmt: skip
+}  # fmt: skip # a table: dataset id -> train id
 MAPILLARY_DEFINED = list(range(66))
 
 

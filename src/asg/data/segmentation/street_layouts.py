@@ -30,12 +30,19 @@ GTA5_SPLITS = ("train", "val", "test", "all")
 DEFAULT_SPLITS = {"gta5": ["all"], "synthia": ["all"]}  # others: train and val, those present
 # images in the official releases, for data check warnings
 OFFICIAL_COUNTS = {
-    ("gta5", "all"): 24_966, ("gta5", "train"): 12_403, ("gta5", "val"): 6_382, ("gta5", "test"): 6_181,
-    ("synthia", "all"): 9_400, ("synthia", "train"): 9_400,
-    ("cityscapes", "train"): 2_975, ("cityscapes", "val"): 500,
-    ("bdd100k", "train"): 7_000, ("bdd100k", "val"): 1_000,
-    ("mapillary", "train"): 18_000, ("mapillary", "val"): 2_000,
-}  # fmt: skip
+    ("gta5", "all"): 24_966,
+    ("gta5", "train"): 12_403,
+    ("gta5", "val"): 6_382,
+    ("gta5", "test"): 6_181,
+    ("synthia", "all"): 9_400,
+    ("synthia", "train"): 9_400,
+    ("cityscapes", "train"): 2_975,
+    ("cityscapes", "val"): 500,
+    ("bdd100k", "train"): 7_000,
+    ("bdd100k", "val"): 1_000,
+    ("mapillary", "train"): 18_000,
+    ("mapillary", "val"): 2_000,
+}
 PAIR_LIST_LAYOUT = (
     "expected one '<image path> <label path>' per line (a tab between them when a path contains spaces; "
     "relative paths are relative to the list file's folder or data.root; blank lines and '#' comments skipped)"
@@ -62,9 +69,15 @@ class PairSource:
     def dataset(self, transform: PairTransformFn | None = None, on_bad_image: str = "error") -> SegmentationPairs:
         """The pairs as a dataset (files without a partner are left out)."""
         return SegmentationPairs(
-            self.images, self.labels, self.lut, self.label_kind, transform, self.where, self.label_channel,
+            self.images,
+            self.labels,
+            self.lut,
+            self.label_kind,
+            transform,
+            self.where,
+            self.label_channel,
             on_bad_image,
-        )  # fmt: skip
+        )
 
     def require_complete(self) -> PairSource:
         """``self``; a DataError when an image has no label or the split holds no pair."""
@@ -209,10 +222,12 @@ def _cityscapes(root: Path, split: str, class_set: int) -> PairSource:
     train_ids = any(p.name.endswith("_gtFine_labelTrainIds.png") for p in label_files)
     suffix = "_gtFine_labelTrainIds.png" if train_ids else "_gtFine_labelIds.png"
     src = PairSource(
-        "cityscapes", root, split,
+        "cityscapes",
+        root,
+        split,
         lut=trainid_lut(class_set) if train_ids else cityscapes_lut(class_set),
         label_kind="Cityscapes labelTrainIds (0..18, 255)" if train_ids else "Cityscapes labelIds (0..33)",
-    )  # fmt: skip
+    )
     images = {
         f"{p.parent.name}/{p.name[: -len('_leftImg8bit.png')]}": p
         for city in _subfolders(img_dir)

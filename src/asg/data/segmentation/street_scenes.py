@@ -62,16 +62,18 @@ def pair_list(
     if not list_path.is_file():
         raise DataError(f"pair list {list_path} does not exist; {PAIR_LIST_LAYOUT}")
     base = Path(root) if root is not None else list_path.parent
-    src = PairSource(name, list_path, list_path.stem, lut=lut if lut is not None else identity_lut(19),
-                     label_kind=label_kind)  # fmt: skip
+    src = PairSource(
+        name, list_path, list_path.stem, lut=lut if lut is not None else identity_lut(19), label_kind=label_kind
+    )
     for lineno, raw in enumerate(list_path.read_text(encoding="utf-8").splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         pair = parse_pair_line(raw.strip("\r\n"))
         if pair is None:
-            raise DataError(f"{list_path}:{lineno}: expected '<image path> <label path>', got {line!r}; "
-                            f"{PAIR_LIST_LAYOUT}")  # fmt: skip
+            raise DataError(
+                f"{list_path}:{lineno}: expected '<image path> <label path>', got {line!r}; {PAIR_LIST_LAYOUT}"
+            )
         img, lab = base / pair[0], base / pair[1]
         if not lab.exists():
             src.images_without_label.append(img)
@@ -90,8 +92,10 @@ def read_prepared(root: Path) -> dict:
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot read {path}: {exc}; run `asg data prepare` again into this folder") from None
     if info.get("complete") is False:  # written first by prepare, set True at its end (older files lack it)
-        raise DataError(f"`asg data prepare` into {root} did not finish (interrupted?): rerun the same command to "
-                        "complete the folder")  # fmt: skip
+        raise DataError(
+            f"`asg data prepare` into {root} did not finish (interrupted?): rerun the same command to "
+            "complete the folder"
+        )
     return info
 
 
@@ -113,8 +117,10 @@ def _prepared(name: str, root: Path, split: str, class_set: int) -> PairSource:
     list_path = root / f"{split}.txt"
     if not list_path.is_file():
         have = sorted(p.stem for p in root.glob("*.txt"))
-        raise DataError(f"{list_path} is missing: {root} was prepared with the split(s) {have}; "
-                        f"set data.split to one of them or prepare split {split!r}")  # fmt: skip
+        raise DataError(
+            f"{list_path} is missing: {root} was prepared with the split(s) {have}; "
+            f"set data.split to one of them or prepare split {split!r}"
+        )
     prepared_set = int(info.get("class_set", 19))
     lut = prepared_lut(prepared_set, class_set, str(root))
     src = pair_list(list_path, root, lut, f"{prepared_set}-class train ids (prepared)", name)
