@@ -76,8 +76,14 @@ def run_demo(
         t0 = time.time()
         reports = {}
         do_tune = full if tune is None else tune
-        picked = {n: [m for m in (methods or (BENCHMARKS[n].methods if full else BENCHMARKS[n].default_methods))
-                      if m in BENCHMARKS[n].methods] for n in names}  # fmt: skip
+        picked = {
+            n: [
+                m
+                for m in (methods or (BENCHMARKS[n].methods if full else BENCHMARKS[n].default_methods))
+                if m in BENCHMARKS[n].methods
+            ]
+            for n in names
+        }
         shared_train_s = None  # wall time of the one queue that trained every benchmark's runs
         # every benchmark's runs in one queue, longest first (no worker idles at a benchmark's end), then seed by
         # seed (an interrupted demo has whole seeds of every benchmark)
@@ -93,9 +99,20 @@ def run_demo(
                 shared_train_s = time.time() - t0
         for name in names:
             if picked[name]:
-                reports[name] = _run_benchmark(BENCHMARKS[name], out_dir / name, quick, full, seeds, picked[name],
-                                               overrides, do_tune, adapt, n_jobs, shared_train_s,
-                                               backbone_rates)  # fmt: skip
+                reports[name] = _run_benchmark(
+                    BENCHMARKS[name],
+                    out_dir / name,
+                    quick,
+                    full,
+                    seeds,
+                    picked[name],
+                    overrides,
+                    do_tune,
+                    adapt,
+                    n_jobs,
+                    shared_train_s,
+                    backbone_rates,
+                )
         wall = time.time() - t0
         combined = {"wall_time_s": round(wall, 1), "benchmarks": reports, "out_dir": str(out_dir), "jobs": n_jobs}
         write_report(out_dir / "report.md", combined_markdown(reports, wall, n_jobs))
@@ -152,18 +169,41 @@ def _run_benchmark(
     adaptations = []
     if adapt and bench.adapt_target is not None:
         extra = list(bench.adapt) + list(bench.adapt_quick if quick else bench.adapt_full if full else ())
-        adapt_tasks = [(t.recipe, bench.adapt_target, t.label, t.seed, t.folder, t.overrides + extra + list(overrides),
-                        out_dir, jobs > 1)
-                       for t in tasks if bench.adapt_methods is None or t.label in bench.adapt_methods]  # fmt: skip
+        adapt_tasks = [
+            (
+                t.recipe,
+                bench.adapt_target,
+                t.label,
+                t.seed,
+                t.folder,
+                t.overrides + extra + list(overrides),
+                out_dir,
+                jobs > 1,
+            )
+            for t in tasks
+            if bench.adapt_methods is None or t.label in bench.adapt_methods
+        ]
         adaptations = run_tasks(adapt_one, adapt_tasks, jobs)
     rates = None
     if backbone_rates:
         labels = tuple(label for label in ("erm", "asg") if label in bench.methods)
         rates = backbone_rate_runs(bench, out_dir, common, choices, labels, seeds=seeds, jobs=jobs)
-    report = build_report(bench, summaries, out_dir, quick=quick, wall_s=time.time() - t0, settings=common,
-                          grid=grid_rows, tuning_cost=costs, choices={k: v for k, v in choices.items() if k in methods},
-                          choice_rule=how, adaptations=adaptations, train_wall_s=train_wall,
-                          shared_train_s=shared_train_s, backbone_rate=rates)  # fmt: skip
+    report = build_report(
+        bench,
+        summaries,
+        out_dir,
+        quick=quick,
+        wall_s=time.time() - t0,
+        settings=common,
+        grid=grid_rows,
+        tuning_cost=costs,
+        choices={k: v for k, v in choices.items() if k in methods},
+        choice_rule=how,
+        adaptations=adaptations,
+        train_wall_s=train_wall,
+        shared_train_s=shared_train_s,
+        backbone_rate=rates,
+    )
     return report
 
 

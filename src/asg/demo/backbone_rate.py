@@ -21,9 +21,16 @@ from asg.io import atomic_write_text
 RATES = (0.03, 0.1, 0.3, 1.0)
 
 
-def backbone_rate_runs(bench: Benchmark, out_dir: Path, common: list[str], choices: dict[str, list[str]],
-                       labels: tuple[str, ...] = ("erm", "asg"), rates: tuple[float, ...] | None = None, seeds: int = 3,
-                       jobs: int = 1) -> dict[str, Any]:  # fmt: skip
+def backbone_rate_runs(
+    bench: Benchmark,
+    out_dir: Path,
+    common: list[str],
+    choices: dict[str, list[str]],
+    labels: tuple[str, ...] = ("erm", "asg"),
+    rates: tuple[float, ...] | None = None,
+    seeds: int = 3,
+    jobs: int = 1,
+) -> dict[str, Any]:
     """Train every (label, rate, seed) and gather, per label and rate, the last checkpoint's real scores and its
     ImageNet KL (mean and std over seeds); writes ``backbone_rate.json`` and ``backbone_rate.png`` in ``out_dir``."""
     rates = rates or RATES
@@ -32,8 +39,13 @@ def backbone_rate_runs(bench: Benchmark, out_dir: Path, common: list[str], choic
         for rate in rates:
             for seed in range(seeds):
                 name = f"{label}_bb{rate:g}_seed{seed}"
-                over = [*common, *choices.get(label, []), f"optim.backbone_lr_mult={rate}", f"train.seed={seed}",
-                        f"name={name}"]  # fmt: skip
+                over = [
+                    *common,
+                    *choices.get(label, []),
+                    f"optim.backbone_lr_mult={rate}",
+                    f"train.seed={seed}",
+                    f"name={name}",
+                ]
                 tasks.append((bench.methods[label], over, out_dir / "backbone_rate" / name))
                 keys.append((label, rate))
     summaries = train_all(tasks, jobs)
@@ -45,9 +57,15 @@ def backbone_rate_runs(bench: Benchmark, out_dir: Path, common: list[str], choic
         if "real_photos" in metrics:
             cell["kl"].append(metrics["real_photos"]["kl"])
             cell["top1"].append(metrics["real_photos"]["top1_agreement"])
-    result = {"benchmark": bench.name, "metric": f"mean of {', '.join(bench.sets[1:])} {bench.metric}",
-              "rates": list(rates), "seeds": seeds, "choices": {k: choices.get(k, []) for k in labels},
-              "settings": common, "table": table}  # fmt: skip
+    result = {
+        "benchmark": bench.name,
+        "metric": f"mean of {', '.join(bench.sets[1:])} {bench.metric}",
+        "rates": list(rates),
+        "seeds": seeds,
+        "choices": {k: choices.get(k, []) for k in labels},
+        "settings": common,
+        "table": table,
+    }
     atomic_write_text(out_dir / "backbone_rate.json", json.dumps(result, indent=1))
     plot_backbone_rate(result, out_dir / "backbone_rate.png")
     return result

@@ -217,8 +217,17 @@ def markdown_table(bench: Benchmark, table: dict) -> str:
         name = f"{s} (held-out)" if i == 0 else s
         columns.append((f"{name} {bench.metric_label}" if bench.class_groups else name, s))
         columns += [(f"{s} {group} IoU", f"{s}_{group}_iou") for group, _ in bench.class_groups]
-    header = ["method", "lr", "backbone rate", "own knob", "LR schedule", "seeds", *(h for h, _ in columns),
-              "ImageNet top-1 agreement", "ImageNet KL"]  # fmt: skip
+    header = [
+        "method",
+        "lr",
+        "backbone rate",
+        "own knob",
+        "LR schedule",
+        "seeds",
+        *(h for h, _ in columns),
+        "ImageNet top-1 agreement",
+        "ImageNet KL",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, e in table.items():
         alphas = e.get("wise_ft_alpha")
@@ -298,9 +307,11 @@ def _markdown(bench: Benchmark, report: dict) -> str:
     train_min = report["train_wall_time_s"] / 60
     wall = f"Wall time {report['wall_time_s'] / 60:.1f} min (training runs {train_min:.1f} min{_timing_words(report)})"
     if report.get("shared_train_wall_time_s") is not None:
-        wall = (f"Wall time {report['wall_time_s'] / 60:.1f} min after training; the runs of every benchmark trained "
-                f"in one queue, longest first, in {report['shared_train_wall_time_s'] / 60:.1f} min"
-                f"{_timing_words(report)}")  # fmt: skip
+        wall = (
+            f"Wall time {report['wall_time_s'] / 60:.1f} min after training; the runs of every benchmark trained "
+            f"in one queue, longest first, in {report['shared_train_wall_time_s'] / 60:.1f} min"
+            f"{_timing_words(report)}"
+        )
     return f"""# asg demo: {bench.title}
 
 {bench.metric_label} (%) as mean ± std over seeds, **last checkpoint** (no early stopping), full
@@ -345,8 +356,10 @@ def _along_training(bench: Benchmark, report: dict) -> str:
             last = points[-1][1]
             cells += [f"{100 * peak:.1f} ({step})", f"{100 * last:.1f}", f"{100 * (peak - last):.1f}"]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return ("Along training (the curves below: mean over seeds, on the evaluation subsets of the curves; does a "
-            "method peak and fall?):\n\n" + "\n".join(lines))  # fmt: skip
+    return (
+        "Along training (the curves below: mean over seeds, on the evaluation subsets of the curves; does a "
+        "method peak and fall?):\n\n" + "\n".join(lines)
+    )
 
 
 def runs_timing(summaries: list[dict], train_wall_s: float) -> dict[str, Any]:
@@ -367,19 +380,25 @@ def _timing_words(report: dict) -> str:
     if not t.get("runs"):
         return ""
     evaluation = t.get("eval_s", 0) + t.get("final_s", 0)
-    return (f"; the {t['runs']} runs of the table spent {t['train_step_s'] / 60:.1f} min in training steps and "
-            f"{evaluation / 60:.1f} min in evaluation, summed over runs, which overlap when several run at a "
-            "time")  # fmt: skip
+    return (
+        f"; the {t['runs']} runs of the table spent {t['train_step_s'] / 60:.1f} min in training steps and "
+        f"{evaluation / 60:.1f} min in evaluation, summed over runs, which overlap when several run at a "
+        "time"
+    )
 
 
 def combined_markdown(reports: dict[str, dict], wall_s: float, jobs: int = 1) -> str:
-    parts = [f"# asg demo\n\nWall time {wall_s / 60:.1f} min for {len(reports)} benchmark(s), {jobs} run(s) at a "
-             "time.\n"]  # fmt: skip
+    parts = [
+        f"# asg demo\n\nWall time {wall_s / 60:.1f} min for {len(reports)} benchmark(s), {jobs} run(s) at a time.\n"
+    ]
     for name, r in reports.items():
         bench = BENCHMARKS[name]
-        parts.append(f"## {bench.title}: {bench.metric_label} (%), last checkpoint\n\n{r['markdown_table']}\n\n"
-                     f"Details, oracle rows and plots: [{name}/report.md]({name}/report.md)\n")  # fmt: skip
+        parts.append(
+            f"## {bench.title}: {bench.metric_label} (%), last checkpoint\n\n{r['markdown_table']}\n\n"
+            f"Details, oracle rows and plots: [{name}/report.md]({name}/report.md)\n"
+        )
         if r.get("adaptation_markdown"):
-            parts.append(f"Adaptation to {bench.adapt_target} (test halves before/after):\n\n"
-                         f"{r['adaptation_markdown']}\n")  # fmt: skip
+            parts.append(
+                f"Adaptation to {bench.adapt_target} (test halves before/after):\n\n{r['adaptation_markdown']}\n"
+            )
     return "\n".join(parts)

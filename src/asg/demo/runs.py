@@ -25,8 +25,9 @@ def train_one(recipe: str, overrides: list[str], out_dir: Path, quiet: bool = Fa
     if not rd.is_done():
         resume = rd.has_progress()
         cfg = check_registry_names(rd.read_config(overrides)) if resume else load_checked_config(recipe, overrides)
-        Trainer(cfg, out_dir, data=shared_data(cfg.data), resume=resume, quiet=quiet,
-                controller_factory=build_controller).fit()  # fmt: skip
+        Trainer(
+            cfg, out_dir, data=shared_data(cfg.data), resume=resume, quiet=quiet, controller_factory=build_controller
+        ).fit()
     return rd.read_json("summary.json")
 
 
@@ -47,8 +48,9 @@ def wise_ft_eval(
 ) -> dict[float, dict[str, dict[str, Any]]]:
     """``asg.api.evaluate_wise_ft`` of a finished run's last weights, without the confusion matrices."""
     results = evaluate_wise_ft(folder, alphas, sets=sets)
-    return {a: {k: {m: v for m, v in r.items() if m != "confusion"} for k, r in res.items()}
-            for a, res in results.items()}  # fmt: skip
+    return {
+        a: {k: {m: v for m, v in r.items() if m != "confusion"} for k, r in res.items()} for a, res in results.items()
+    }
 
 
 def wise_ft_one(folder: Path, alphas: tuple[float, ...], source_val: str, metric: str) -> dict[str, Any]:
@@ -59,8 +61,11 @@ def wise_ft_one(folder: Path, alphas: tuple[float, ...], source_val: str, metric
         return json.loads(cached.read_text())
     source = wise_ft_eval(folder, alphas, [source_val])
     alpha = choose_alpha({a: m[source_val][metric] for a, m in source.items()})
-    result = {"alpha": alpha, "source_val": {str(a): m[source_val][metric] for a, m in source.items()},
-              "metrics": wise_ft_eval(folder, (alpha,), None)[alpha]}  # fmt: skip
+    result = {
+        "alpha": alpha,
+        "source_val": {str(a): m[source_val][metric] for a, m in source.items()},
+        "metrics": wise_ft_eval(folder, (alpha,), None)[alpha],
+    }
     atomic_write(cached, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
     return result
 

@@ -30,24 +30,30 @@ def run_settings(bench: Benchmark, label: str, settings: list[str], choice: list
     cfg = load_config(bench.methods[label], [*settings, *choice])
     knobs = METHODS[cfg.method.name].knobs if cfg.method.name in METHODS else ()
     own = {k.key.rsplit(".", 1)[-1]: getattr(cfg.method, k.key.rsplit(".", 1)[-1]) for k in knobs}
-    return {"lr": cfg.optim.lr, "backbone_lr_mult": cfg.optim.backbone_lr_mult, "knob": own,
-            "controller": cfg.l2o.controller}  # fmt: skip
+    return {
+        "lr": cfg.optim.lr,
+        "backbone_lr_mult": cfg.optim.backbone_lr_mult,
+        "knob": own,
+        "controller": cfg.l2o.controller,
+    }
 
 
 def settings_cells(settings: dict[str, Any] | None) -> list[str]:
     if not settings:
         return ["–"] * 4
     knob = ", ".join(f"{k} {v:.3g}" for k, v in settings["knob"].items()) or "–"
-    schedule = {"fixed": "fixed", "l2o": "learned (L2O)", "random": "random"}.get(settings["controller"],
-                                                                                  settings["controller"])  # fmt: skip
+    schedule = {"fixed": "fixed", "l2o": "learned (L2O)", "random": "random"}.get(
+        settings["controller"], settings["controller"]
+    )
     return [f"{settings['lr']:.3g}", f"{settings['backbone_lr_mult']:.3g}× lr", knob, schedule]
 
 
 def trials_markdown(bench: Benchmark, rows: list[dict]) -> str:
     """One line per trial of every study: its parameters, how far it trained, its score and the real sets."""
     real = bench.sets[1:]
-    head = ["method", "trial", "state", "steps", "lr", "backbone rate", "own knob",
-            f"{bench.sets[0]} score (used)"] + [f"{s} (not used)" for s in real]  # fmt: skip
+    head = ["method", "trial", "state", "steps", "lr", "backbone rate", "own knob", f"{bench.sets[0]} score (used)"] + [
+        f"{s} (not used)" for s in real
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         params = dict(row["params"])
@@ -55,8 +61,16 @@ def trials_markdown(bench: Benchmark, rows: list[dict]) -> str:
         knob = ", ".join(f"{k.rsplit('.', 1)[-1]} {v:.3g}" for k, v in params.items()) or "–"
         score = f"{100 * row['source_val']:.2f}" if row.get("source_val") is not None else "–"
         name = row["method"] + (" **chosen**" if row.get("chosen") else "")
-        cells = [name, str(row["trial"]), row["state"], str(row["steps"]), f"{lr:.3g}" if lr else "–",
-                 f"{mult:.3g}×" if mult else "–", knob, score]  # fmt: skip
+        cells = [
+            name,
+            str(row["trial"]),
+            row["state"],
+            str(row["steps"]),
+            f"{lr:.3g}" if lr else "–",
+            f"{mult:.3g}×" if mult else "–",
+            knob,
+            score,
+        ]
         cells += [f"{100 * row['real'][s]:.1f}" if s in row.get("real", {}) else "–" for s in real]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -69,9 +83,11 @@ def backbone_rate_markdown(result: dict[str, Any]) -> str:
     for label, cells in result["table"].items():
         for rate in sorted(cells, key=float):
             c = cells[rate]
-            parts = [fmt(mean_std(c["real"]) if c["real"] else None),
-                     fmt(mean_std(c["kl"]) if c["kl"] else None, 1.0, 3),
-                     fmt(mean_std(c["top1"]) if c["top1"] else None)]  # fmt: skip
+            parts = [
+                fmt(mean_std(c["real"]) if c["real"] else None),
+                fmt(mean_std(c["kl"]) if c["kl"] else None, 1.0, 3),
+                fmt(mean_std(c["top1"]) if c["top1"] else None),
+            ]
             lines.append(f"| {label} | {rate}× | " + " | ".join(parts) + " |")
     choices = "; ".join(f"{k}: `{' '.join(v)}`" for k, v in result["choices"].items())
     return (
@@ -82,13 +98,32 @@ def backbone_rate_markdown(result: dict[str, Any]) -> str:
 
 def cost_markdown(costs: dict[str, dict]) -> str:
     """Per study: trials, how they ended, the training steps spent, against the full grid of the same knobs."""
-    head = ["method", "trials", "complete", "pruned", "failed", "steps trained", "full grid: runs", "full grid: steps",
-            "steps saved", "study wall time"]  # fmt: skip
+    head = [
+        "method",
+        "trials",
+        "complete",
+        "pruned",
+        "failed",
+        "steps trained",
+        "full grid: runs",
+        "full grid: steps",
+        "steps saved",
+        "study wall time",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, c in costs.items():
         saved = 1 - c["steps_trained"] / c["full_grid_steps"] if c["full_grid_steps"] else 0.0
-        cells = [label, c["trials"], c["complete"], c["pruned"], c["failed"], c["steps_trained"], c["full_grid_runs"],
-                 c["full_grid_steps"], f"{100 * saved:.0f} %",
-                 f"{c['study_wall_s'] / 60:.1f} min" if c.get("study_wall_s") else "–"]  # fmt: skip
+        cells = [
+            label,
+            c["trials"],
+            c["complete"],
+            c["pruned"],
+            c["failed"],
+            c["steps_trained"],
+            c["full_grid_runs"],
+            c["full_grid_steps"],
+            f"{100 * saved:.0f} %",
+            f"{c['study_wall_s'] / 60:.1f} min" if c.get("study_wall_s") else "–",
+        ]
         lines.append("| " + " | ".join(str(x) for x in cells) + " |")
     return "\n".join(lines)

@@ -19,9 +19,17 @@ from asg.workers import run_tasks
 def study_spec(bench: Benchmark, label: str, out_dir: Path, common: list[str]) -> SweepSpec:
     """The study that tunes ``label`` of ``bench`` with the overrides ``common`` (length, data), seed 0."""
     steps = next((o.split("=", 1)[1] for o in reversed(common) if o.startswith("train.steps=")), "recipe")
-    return SweepSpec(bench.methods[label], out_dir / "tune" / label, [*common, "train.seed=0", "train.progress=false"],
-                     trials=bench.tune_trials, sampler=bench.tune_sampler, seed=0, pruner="asha",
-                     study_name=f"{bench.name}-{label}-{steps}", ranges={"optim.lr": bench.lr_range})  # fmt: skip
+    return SweepSpec(
+        bench.methods[label],
+        out_dir / "tune" / label,
+        [*common, "train.seed=0", "train.progress=false"],
+        trials=bench.tune_trials,
+        sampler=bench.tune_sampler,
+        seed=0,
+        pruner="asha",
+        study_name=f"{bench.name}-{label}-{steps}",
+        ranges={"optim.lr": bench.lr_range},
+    )
 
 
 def tuned_labels(bench: Benchmark, methods: list[str]) -> list[str]:
@@ -49,8 +57,14 @@ def tune_methods(
         best = result["best"]
         costs[label] = {**result["cost"], "rule": result["rule"], "study": result["study"]}
         for row in result["rows"]:
-            rows.append({"method": label, **row, "real": _real_scores(bench, row),
-                         "chosen": best is not None and row["trial"] == best["trial"]})  # fmt: skip
+            rows.append(
+                {
+                    "method": label,
+                    **row,
+                    "real": _real_scores(bench, row),
+                    "chosen": best is not None and row["trial"] == best["trial"],
+                }
+            )
         if best is not None:
             choices[label], runs[label] = list(best["overrides"]), Path(best["folder"])
     return choices, rows, runs, costs
@@ -88,12 +102,23 @@ def wise_ft_runs(
         folder = tuned_runs[base] if seed == 0 and same and base in tuned_runs else out_dir / "runs" / name
         tasks.append((bench.methods[base], common + own + [f"train.seed={seed}", f"name={name}"], folder))
     summaries = train_all(tasks, jobs)
-    results = run_tasks(wise_ft_one, [(t[2], bench.wise_ft_alphas, bench.sets[0], bench.metric) for t in tasks],
-                        jobs)  # fmt: skip
+    results = run_tasks(wise_ft_one, [(t[2], bench.wise_ft_alphas, bench.sets[0], bench.metric) for t in tasks], jobs)
     out = []
     for seed, (summary, result) in enumerate(zip(summaries, results)):
-        last = {"step": summary["selections"]["last"]["step"], "tta_flip": False, "metrics": result["metrics"],
-                "wise_ft_alpha": result["alpha"]}  # fmt: skip
-        out.append({"label": WISE_FT, "seed": seed, "class_names": summary["class_names"], "wise_ft": result,
-                    "selections": {"last": last}, "timing": None})  # fmt: skip
+        last = {
+            "step": summary["selections"]["last"]["step"],
+            "tta_flip": False,
+            "metrics": result["metrics"],
+            "wise_ft_alpha": result["alpha"],
+        }
+        out.append(
+            {
+                "label": WISE_FT,
+                "seed": seed,
+                "class_names": summary["class_names"],
+                "wise_ft": result,
+                "selections": {"last": last},
+                "timing": None,
+            }
+        )
     return out
