@@ -73,8 +73,9 @@ def collect_inputs(specs: list[str], stdin: IO[str] | None = None) -> list[Input
                 listed = _list_file(f, path.parent, str(path))
             pairs += [(p, p.with_suffix("").name) for p in listed]
         else:
-            raise AsgError(f"input {spec} does not exist (give image files, folders, list files or - for a list on "
-                           "standard input)")  # fmt: skip
+            raise AsgError(
+                f"input {spec} does not exist (give image files, folders, list files or - for a list on standard input)"
+            )
     if not pairs:
         raise AsgError("no image to predict")
     seen: dict[str, int] = {}
@@ -104,8 +105,11 @@ def load_image(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image
     try:
         return read_image(path)
     except Exception as exc:
-        raise ImageReadError(f"cannot read image {path}: {type(exc).__name__}: {exc}", path,
-                             f"cannot decode: {type(exc).__name__}: {exc}") from None  # fmt: skip
+        raise ImageReadError(
+            f"cannot read image {path}: {type(exc).__name__}: {exc}",
+            path,
+            f"cannot decode: {type(exc).__name__}: {exc}",
+        ) from None
     finally:
         Image.MAX_IMAGE_PIXELS = saved
 

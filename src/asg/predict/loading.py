@@ -68,8 +68,10 @@ def load_model(
     notes: list[str] = []
     if path.is_file():
         if config is None:
-            raise AsgError(f"{path} is a weight file, not a run folder: pass --config RECIPE (the recipe that builds "
-                           "its model, e.g. gta5_cityscapes_fcn8s_vgg16_asg)")  # fmt: skip
+            raise AsgError(
+                f"{path} is a weight file, not a run folder: pass --config RECIPE (the recipe that builds "
+                "its model, e.g. gta5_cityscapes_fcn8s_vgg16_asg)"
+            )
         from asg.engine.init_from import load_init_weights
         from asg.registries import load_checked_config
 
@@ -127,8 +129,10 @@ def _load_run(
         weights, blob = rd.read_checkpoint(checkpoint)
         if not rd.is_done():
             step = _manifest_step(rd)
-            notes.append(f"{path} has not finished (no 'done' file): predicting with its last committed "
-                         f"checkpoint{f' (step {step})' if step is not None else ''}")  # fmt: skip
+            notes.append(
+                f"{path} has not finished (no 'done' file): predicting with its last committed "
+                f"checkpoint{f' (step {step})' if step is not None else ''}"
+            )
     else:
         weights = Path(checkpoint)
         if not weights.is_file():

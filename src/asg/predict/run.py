@@ -46,14 +46,21 @@ def load_predictor(
     from asg.predict.loading import load_model, say
 
     torch_device = resolve_device(device)
-    loaded = load_model(source, checkpoint, config=config, overrides=overrides, wise_ft=wise_ft,
-                        class_names=class_names)  # fmt: skip
+    loaded = load_model(
+        source, checkpoint, config=config, overrides=overrides, wise_ft=wise_ft, class_names=class_names
+    )
     if not quiet:
         say(loaded.notes)
     model = inference_copy(loaded.model) if loaded.cfg.eval.fuse_bn else loaded.model
-    described = {"model": str(loaded.source), "checkpoint": loaded.checkpoint, "weights": str(loaded.weights),
-                 "wise_ft_alpha": loaded.wise_ft_alpha, "runtime": "torch", "device": str(torch_device),
-                 "notes": loaded.notes}  # fmt: skip
+    described = {
+        "model": str(loaded.source),
+        "checkpoint": loaded.checkpoint,
+        "weights": str(loaded.weights),
+        "wise_ft_alpha": loaded.wise_ft_alpha,
+        "runtime": "torch",
+        "device": str(torch_device),
+        "notes": loaded.notes,
+    }
     return Predictor(model.to(torch_device), loaded.info, device=torch_device, **options), described
 
 
@@ -95,8 +102,14 @@ def predict_files(
             flush()
     if batch:
         flush()
-    settings = {**described, "task": predictor.info.task, "tta_flip": predictor.tta_flip,
-                "sliding_window": list(predictor.window) if predictor.window else None,
-                "scales": list(predictor.scales), "precision": predictor.precision, "label_ids": label_ids,
-                "inputs": len(items)}  # fmt: skip
+    settings = {
+        **described,
+        "task": predictor.info.task,
+        "tta_flip": predictor.tta_flip,
+        "sliding_window": list(predictor.window) if predictor.window else None,
+        "scales": list(predictor.scales),
+        "precision": predictor.precision,
+        "label_ids": label_ids,
+        "inputs": len(items),
+    }
     return writer.finish(settings)

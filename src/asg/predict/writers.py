@@ -31,8 +31,10 @@ def prepare_out(out: Path, overwrite: bool) -> None:
     """Create ``out``; AsgError when it already holds predictions, unless ``overwrite`` (then they are removed)."""
     found = [name for name in OUTPUTS if (out / name).exists()]
     if found and not overwrite:
-        raise AsgError(f"{out} already holds predictions ({', '.join(found)}); they are kept: pass --overwrite to "
-                       "replace them, or choose another --out")  # fmt: skip
+        raise AsgError(
+            f"{out} already holds predictions ({', '.join(found)}); they are kept: pass --overwrite to "
+            "replace them, or choose another --out"
+        )
     for name in found:
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -45,8 +47,10 @@ def cityscapes_label_ids(info: ModelInfo) -> np.ndarray:
     from asg.data.segmentation.street_classes import CITYSCAPES_CLASSES, CITYSCAPES_ID_TO_TRAIN
 
     if not set(info.class_names) <= set(CITYSCAPES_CLASSES):
-        raise AsgError("--label-ids cityscapes needs a model of Cityscapes classes; this one predicts "
-                       f"{', '.join(info.class_names[:5])}...")  # fmt: skip
+        raise AsgError(
+            "--label-ids cityscapes needs a model of Cityscapes classes; this one predicts "
+            f"{', '.join(info.class_names[:5])}..."
+        )
     train_to_id = {t: i for i, t in CITYSCAPES_ID_TO_TRAIN.items()}
     lut = np.full(256, 255, dtype=np.uint8)
     for k, name in enumerate(info.class_names):
@@ -73,18 +77,30 @@ class PredictionWriter:
 
     def add(self, item: InputItem, pred: ClassPrediction | MaskPrediction, image: Image.Image) -> None:
         if isinstance(pred, ClassPrediction):
-            self.rows.append({"path": str(item.path), "class": pred.name, "label": pred.label,
-                              "probability": round(pred.probability, 6),
-                              "top_k": [[n, round(p, 6)] for n, p in pred.top_k]})  # fmt: skip
+            self.rows.append(
+                {
+                    "path": str(item.path),
+                    "class": pred.name,
+                    "label": pred.label,
+                    "probability": round(pred.probability, 6),
+                    "top_k": [[n, round(p, 6)] for n, p in pred.top_k],
+                }
+            )
             return
         mask = pred.mask if self.lut is None else self.lut[pred.mask]
         self._png(self.out / "masks" / f"{item.key}.png", Image.fromarray(mask, "L"))
         base = np.asarray(image.convert("RGB"), dtype=np.float32)
         blend = (1 - self.alpha) * base + self.alpha * self.palette[pred.mask].astype(np.float32)
         self._png(self.out / "overlays" / f"{item.key}.png", Image.fromarray(np.rint(blend).astype(np.uint8)))
-        self.rows.append({"path": str(item.path), "mask": f"masks/{item.key}.png",
-                          "overlay": f"overlays/{item.key}.png", "confidence": round(pred.confidence, 6),
-                          "fractions": {k: round(v, 6) for k, v in pred.fractions.items()}})  # fmt: skip
+        self.rows.append(
+            {
+                "path": str(item.path),
+                "mask": f"masks/{item.key}.png",
+                "overlay": f"overlays/{item.key}.png",
+                "confidence": round(pred.confidence, 6),
+                "fractions": {k: round(v, 6) for k, v in pred.fractions.items()},
+            }
+        )
 
     def _png(self, path: Path, img: Image.Image) -> None:
         atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
