@@ -21,11 +21,16 @@ def add_sweep_parser(sub: argparse._SubParsersAction, add_set: Callable[[argpars
     p.add_argument("--sampler", default="tpe", choices=["tpe", "random", "grid"], help="default tpe (seeded)")
     p.add_argument("--seed", type=int, default=0, help="the sampler's seed")
     p.add_argument("--pruner", default="asha", choices=["asha", "none"], help="default asha (successive halving)")
-    p.add_argument("--min-resource", type=int, default=None, metavar="STEPS",
-                   help="ASHA's first rung (default train.eval_every)")  # fmt: skip
+    p.add_argument(
+        "--min-resource", type=int, default=None, metavar="STEPS", help="ASHA's first rung (default train.eval_every)"
+    )
     p.add_argument("--reduction-factor", type=int, default=3, help="ASHA keeps 1/this of each rung (default 3)")
-    p.add_argument("--storage", default=None, help="postgresql://USER@HOST/DB to share the study between machines "
-                   "(run the same command on each); default: the journal file <out>/optuna.journal")  # fmt: skip
+    p.add_argument(
+        "--storage",
+        default=None,
+        help="postgresql://USER@HOST/DB to share the study between machines "
+        "(run the same command on each); default: the journal file <out>/optuna.journal",
+    )
     p.add_argument("--study-name", default=None, help="default: the sweep folder's name")
     p.add_argument(
         "--range",
@@ -45,10 +50,21 @@ def sweep_command(args: argparse.Namespace) -> int:
 
     cfg = load_checked_config(args.config, args.overrides)
     out = args.out if args.out is not None else Path("runs") / "sweeps" / (cfg.name or Path(args.config).stem)
-    result = sweep(args.config, out, args.overrides, trials=args.trials, sampler=args.sampler, seed=args.seed,
-                   pruner=args.pruner, storage=args.storage, jobs=args.jobs, study_name=args.study_name,
-                   min_resource=args.min_resource, reduction_factor=args.reduction_factor,
-                   ranges=dict(_parse_range(r) for r in args.ranges))  # fmt: skip
+    result = sweep(
+        args.config,
+        out,
+        args.overrides,
+        trials=args.trials,
+        sampler=args.sampler,
+        seed=args.seed,
+        pruner=args.pruner,
+        storage=args.storage,
+        jobs=args.jobs,
+        study_name=args.study_name,
+        min_resource=args.min_resource,
+        reduction_factor=args.reduction_factor,
+        ranges=dict(_parse_range(r) for r in args.ranges),
+    )
     if os.environ.get("RANK", "0") not in ("", "0"):
         return 0
     print(format_summary(result, args.config, args.overrides))

@@ -46,9 +46,18 @@ def run_workers(spec: SweepSpec, jobs: int = 1) -> list[str]:
     return lost
 
 
-def sweep(recipe: str, out: str | Path, overrides: list[str] | tuple[str, ...] = (), trials: int = 8,
-          sampler: str = "tpe", seed: int = 0, pruner: str = "asha", storage: str | None = None, jobs: int = 1,
-          **options: Any) -> dict[str, Any]:  # fmt: skip
+def sweep(
+    recipe: str,
+    out: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    trials: int = 8,
+    sampler: str = "tpe",
+    seed: int = 0,
+    pruner: str = "asha",
+    storage: str | None = None,
+    jobs: int = 1,
+    **options: Any,
+) -> dict[str, Any]:
     """Tune ``recipe``'s method: ``trials`` trials of its search space (``asg.methods.space``) at the length of
     ``overrides``, chosen on the last source-val score. Returns the trials, the best one and the cost.
 

@@ -63,7 +63,12 @@ class TrialReporter(Callback):
             f"pruned at step {trainer.step} of {trainer.cfg.train.steps}: source-val score {score:.4f} ({self.rule})"
         )
         if trainer.run_dir is not None and trainer.dist.is_main:
-            note = {"step": trainer.step, "steps": trainer.cfg.train.steps, "source_val": score, "rule": self.rule,
-                    "trial": self.trial.number if self.trial is not None else None}  # fmt: skip
+            note = {
+                "step": trainer.step,
+                "steps": trainer.cfg.train.steps,
+                "source_val": score,
+                "rule": self.rule,
+                "trial": self.trial.number if self.trial is not None else None,
+            }
             atomic_write_text(trainer.run_dir.path / PRUNED_FILE, json.dumps(note, indent=1))
         raise optuna.TrialPruned(reason)

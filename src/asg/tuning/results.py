@@ -15,12 +15,21 @@ def trial_rows(study: Study) -> list[dict[str, Any]]:
     rows = []
     for t in sorted(study.counted(), key=lambda t: t.number):
         steps = max(t.intermediate_values) if t.intermediate_values else 0
-        rows.append({"trial": t.number, "state": t.state.name.lower(), "params": dict(t.params),
-                     "overrides": t.user_attrs.get("overrides", []), "steps": steps,
-                     "source_val": t.value if t.state == TrialState.COMPLETE else
-                     (t.intermediate_values[steps] if steps else None),
-                     "folder": t.user_attrs.get("folder"), "stopped": t.user_attrs.get("stopped", ""),
-                     "retried": t.user_attrs.get("retries", [])})  # fmt: skip
+        rows.append(
+            {
+                "trial": t.number,
+                "state": t.state.name.lower(),
+                "params": dict(t.params),
+                "overrides": t.user_attrs.get("overrides", []),
+                "steps": steps,
+                "source_val": t.value
+                if t.state == TrialState.COMPLETE
+                else (t.intermediate_values[steps] if steps else None),
+                "folder": t.user_attrs.get("folder"),
+                "stopped": t.user_attrs.get("stopped", ""),
+                "retried": t.user_attrs.get("retries", []),
+            }
+        )
     return rows
 
 
@@ -37,17 +46,29 @@ def cost(study: Study, rows: list[dict[str, Any]]) -> dict[str, Any]:
     starts = [t.datetime_start for t in study.counted() if t.datetime_start is not None]
     ends = [t.datetime_complete for t in study.counted() if t.datetime_complete is not None]
     span = (max(ends) - min(starts)).total_seconds() if starts and ends else None
-    return {"trials": len(rows), "complete": sum(r["state"] == "complete" for r in rows),
-            "pruned": sum(r["state"] == "pruned" for r in rows), "failed": sum(r["state"] == "fail" for r in rows),
-            "steps_trained": sum(r["steps"] for r in rows), "full_grid_runs": grid,
-            "full_grid_steps": grid * steps, "run_steps": steps,
-            "study_wall_s": None if span is None else round(span, 1)}  # fmt: skip
+    return {
+        "trials": len(rows),
+        "complete": sum(r["state"] == "complete" for r in rows),
+        "pruned": sum(r["state"] == "pruned" for r in rows),
+        "failed": sum(r["state"] == "fail" for r in rows),
+        "steps_trained": sum(r["steps"] for r in rows),
+        "full_grid_runs": grid,
+        "full_grid_steps": grid * steps,
+        "run_steps": steps,
+        "study_wall_s": None if span is None else round(span, 1),
+    }
 
 
 def summary(study: Study) -> dict[str, Any]:
     rows = trial_rows(study)
-    return {"study": study.spec.name, "rule": study.rule, "budget": study.budget, "rows": rows,
-            "best": best_row(rows), "cost": cost(study, rows)}  # fmt: skip
+    return {
+        "study": study.spec.name,
+        "rule": study.rule,
+        "budget": study.budget,
+        "rows": rows,
+        "best": best_row(rows),
+        "cost": cost(study, rows),
+    }
 
 
 def format_summary(result: dict[str, Any], recipe: str, overrides: list[str]) -> str:
@@ -61,9 +82,11 @@ def format_summary(result: dict[str, Any], recipe: str, overrides: list[str]) ->
         cells = [str(r["trial"]), r["state"], str(r["steps"]), score, *(f"{r['params'].get(k, '-'):.4g}" for k in keys)]
         lines.append("  ".join(f"{c:>12}" for c in cells))
     c = result["cost"]
-    lines.append(f"cost: {c['trials']} trials ({c['complete']} complete, {c['pruned']} pruned, {c['failed']} failed), "
-                 f"{c['steps_trained']} training steps; the full grid of the same knobs: {c['full_grid_runs']} runs, "
-                 f"{c['full_grid_steps']} steps" + (f"; {c['wall_s']:.0f} s" if "wall_s" in c else ""))  # fmt: skip
+    lines.append(
+        f"cost: {c['trials']} trials ({c['complete']} complete, {c['pruned']} pruned, {c['failed']} failed), "
+        f"{c['steps_trained']} training steps; the full grid of the same knobs: {c['full_grid_runs']} runs, "
+        f"{c['full_grid_steps']} steps" + (f"; {c['wall_s']:.0f} s" if "wall_s" in c else "")
+    )
     best = result["best"]
     if best is None:
         lines.append("no trial completed: nothing to choose")

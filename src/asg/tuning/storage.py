@@ -29,24 +29,31 @@ from asg.errors import ConfigError
 JOURNAL = "optuna.journal"
 
 
-def make_storage(url: str | None, folder: Path, heartbeat_s: int = 60, grace_s: int = 180,
-                 max_retries: int = 2) -> BaseStorage:  # fmt: skip
+def make_storage(
+    url: str | None, folder: Path, heartbeat_s: int = 60, grace_s: int = 180, max_retries: int = 2
+) -> BaseStorage:
     """The storage named by ``url`` (None: the journal file ``folder/optuna.journal``)."""
     if url is None or url.startswith("journal:") or url.endswith(".journal"):
         path = Path(url.removeprefix("journal:")) if url else folder / JOURNAL
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
     if url.startswith("sqlite"):
-        raise ConfigError("--storage sqlite:// is refused: with parallel workers SQLite locks and loses trials; use "
-                          "the journal file (the default) or postgresql://USER@HOST/DB")  # fmt: skip
+        raise ConfigError(
+            "--storage sqlite:// is refused: with parallel workers SQLite locks and loses trials; use "
+            "the journal file (the default) or postgresql://USER@HOST/DB"
+        )
     if not url.startswith(("postgresql", "mysql")):
         raise ConfigError(f"--storage {url!r}: give postgresql://USER@HOST[:PORT]/DB or a .journal file")
     if url.startswith("postgresql://") and _has("psycopg") and not _has("psycopg2"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")  # the driver installed with asg
     for attempt in range(3):  # workers starting together race to create the tables: the losers try again
         try:
-            return RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=grace_s,
-                              heartbeat_stale_trial_callback=RetryDeadWorker(max_retries))  # fmt: skip
+            return RDBStorage(
+                url,
+                heartbeat_interval=heartbeat_s,
+                grace_period=grace_s,
+                heartbeat_stale_trial_callback=RetryDeadWorker(max_retries),
+            )
         except Exception as exc:  # sqlalchemy's connection and driver errors
             if attempt == 2:
                 raise ConfigError(f"cannot open the study storage {_safe(url)}: {str(exc).splitlines()[0]}") from None
@@ -94,15 +101,23 @@ class RetryDeadWorker:
         chain = [*trial.user_attrs.get("retries", []), trial.number]
         who = f"pid {trial.user_attrs.get('pid')} on {trial.user_attrs.get('host')}"
         if len(chain) > self.max_retries:
-            print(f"asg sweep: trial {trial.number} of {study.study_name}: its worker ({who}) stopped mid-trial; "
-                  f"already retried {self.max_retries} times, so it stays failed", file=sys.stderr)  # fmt: skip
+            print(
+                f"asg sweep: trial {trial.number} of {study.study_name}: its worker ({who}) stopped mid-trial; "
+                f"already retried {self.max_retries} times, so it stays failed",
+                file=sys.stderr,
+            )
             return
         attrs = {**trial.user_attrs, "retries": chain}
-        study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, params=trial.params,
-                                                  distributions=trial.distributions, user_attrs=attrs))  # fmt: skip
-        print(f"asg sweep: trial {trial.number} of {study.study_name}: its worker ({who}) stopped mid-trial; marked "
-              f"failed and retried with the same parameters, resuming {trial.user_attrs.get('folder')}",
-              file=sys.stderr)  # fmt: skip
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=TrialState.WAITING, params=trial.params, distributions=trial.distributions, user_attrs=attrs
+            )
+        )
+        print(
+            f"asg sweep: trial {trial.number} of {study.study_name}: its worker ({who}) stopped mid-trial; marked "
+            f"failed and retried with the same parameters, resuming {trial.user_attrs.get('folder')}",
+            file=sys.stderr,
+        )
 
 
 def recover_dead_workers(study: optuna.Study, storage: BaseStorage, retry: RetryDeadWorker) -> list[int]:

@@ -50,14 +50,22 @@ class Study:
         asha = f"ASHA: rungs every x{rf} from step {self.min_resource}, top 1/{rf} of each rung continue"
         self.rule = asha if spec.pruner == "asha" else "no pruning"
         self.retry = RetryDeadWorker(spec.max_retries)
-        self.storage: BaseStorage = make_storage(spec.storage, spec.out, spec.heartbeat_s, spec.grace_s,
-                                                 spec.max_retries)  # fmt: skip
+        self.storage: BaseStorage = make_storage(
+            spec.storage, spec.out, spec.heartbeat_s, spec.grace_s, spec.max_retries
+        )
         pruner: optuna.pruners.BasePruner = (
             optuna.pruners.SuccessiveHalvingPruner(self.min_resource, spec.reduction_factor)
-            if spec.pruner == "asha" else optuna.pruners.NopPruner()
-        )  # fmt: skip
-        self.study = optuna.create_study(storage=self.storage, study_name=spec.name, direction="maximize",
-                                         sampler=self.sampler(0), pruner=pruner, load_if_exists=True)  # fmt: skip
+            if spec.pruner == "asha"
+            else optuna.pruners.NopPruner()
+        )
+        self.study = optuna.create_study(
+            storage=self.storage,
+            study_name=spec.name,
+            direction="maximize",
+            sampler=self.sampler(0),
+            pruner=pruner,
+            load_if_exists=True,
+        )
         self.study.set_user_attr("spec", json.loads(json.dumps(asdict(spec), default=str)))
 
     def sampler(self, number: int) -> optuna.samplers.BaseSampler:
@@ -98,8 +106,13 @@ class Study:
 
     def save_spec(self) -> None:
         self.spec.out.mkdir(parents=True, exist_ok=True)
-        info = {**json.loads(json.dumps(asdict(self.spec), default=str)), "budget": self.budget, "rule": self.rule,
-                "knobs": [asdict(k) for k in self.knobs], "steps": self.cfg.train.steps}  # fmt: skip
+        info = {
+            **json.loads(json.dumps(asdict(self.spec), default=str)),
+            "budget": self.budget,
+            "rule": self.rule,
+            "knobs": [asdict(k) for k in self.knobs],
+            "steps": self.cfg.train.steps,
+        }
         atomic_write_text(self.spec.out / "sweep.json", json.dumps(info, indent=1))
 
 

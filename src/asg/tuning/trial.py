@@ -26,8 +26,15 @@ def trial_overrides(spec: SweepSpec, params: list[str], number: int) -> list[str
     return [*spec.overrides, *params, f"name={spec.name}_trial{number:04d}"]
 
 
-def run_trial(spec: SweepSpec, params: list[str], folder: Path, trial: optuna.Trial | None, rule: str, dist: Dist,
-              quiet: bool = True) -> tuple[TrialState, float | None, str]:  # fmt: skip
+def run_trial(
+    spec: SweepSpec,
+    params: list[str],
+    folder: Path,
+    trial: optuna.Trial | None,
+    rule: str,
+    dist: Dist,
+    quiet: bool = True,
+) -> tuple[TrialState, float | None, str]:
     """Train (or resume, or read back) the trial's run; (state, last source-val score, a line saying how it ended).
 
     A run that stops on an error (a NaN loss at a too-high rate, say) is a failed trial, not a failed sweep.
@@ -40,8 +47,16 @@ def run_trial(spec: SweepSpec, params: list[str], folder: Path, trial: optuna.Tr
         if not rd.is_done():
             resume = rd.has_progress()
             cfg = check_registry_names(rd.read_config(over)) if resume else load_checked_config(spec.recipe, over)
-            Trainer(cfg, folder, data=shared_data(cfg.data), resume=resume, quiet=quiet, dist=dist,
-                    controller_factory=build_controller, callbacks=[reporter]).fit()  # fmt: skip
+            Trainer(
+                cfg,
+                folder,
+                data=shared_data(cfg.data),
+                resume=resume,
+                quiet=quiet,
+                dist=dist,
+                controller_factory=build_controller,
+                callbacks=[reporter],
+            ).fit()
         if not dist.is_main:  # rank 0 alone writes and reads the run folder
             return TrialState.COMPLETE, None, ""
         summary: dict[str, Any] = rd.read_json("summary.json")
