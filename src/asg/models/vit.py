@@ -107,8 +107,16 @@ class TimmViTBackbone(TimmBackbone):
         groups.append(("norm", ("norm", "fc_norm")))
         patch = int(model.patch_embed.patch_size[0])  # type: ignore[union-attr, index]
         head = NoGuidanceHead() if spec.clip or spec.pool == "cls_mean" else None
-        super().__init__(model, name=name, mean=spec.mean, std=spec.std, input_size=input_size, groups=groups,
-                         output_stride=patch, head=head)  # fmt: skip
+        super().__init__(
+            model,
+            name=name,
+            mean=spec.mean,
+            std=spec.std,
+            input_size=input_size,
+            groups=groups,
+            output_stride=patch,
+            head=head,
+        )
         self.pool = spec.pool
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 1))
         if spec.pool == "cls_mean":
