@@ -21,9 +21,11 @@ class ASG(MethodBase):
 
     def setup(self, model: nn.Module) -> None:
         if isinstance(getattr(model, "imagenet_head", None), NoGuidanceHead):  # its KL would be 0: no guidance
-            raise ConfigError("method asg needs a guidance head, and model.guidance_head=none gives the backbone "
-                              "none: choose imagenet, dinov2_linear or clip_zeroshot, or use feature guidance "
-                              "(method.name=feature)")  # fmt: skip
+            raise ConfigError(
+                "method asg needs a guidance head, and model.guidance_head=none gives the backbone "
+                "none: choose imagenet, dinov2_linear or clip_zeroshot, or use feature guidance "
+                "(method.name=feature)"
+            )
 
     def loss(self, out, labels: Tensor, teacher_logits: Tensor | None) -> LossOutput:
         if teacher_logits is None:

@@ -39,8 +39,9 @@ def feature_distance(student: Tensor, teacher: Tensor, kind: str = "cosine", eps
     """
     s, t = student.float(), teacher.float()
     if s.shape != t.shape or s.ndim != 2:
-        raise ValueError(f"feature_distance needs two [B, D] tensors of one shape, got {tuple(s.shape)} and "
-                         f"{tuple(t.shape)}")  # fmt: skip
+        raise ValueError(
+            f"feature_distance needs two [B, D] tensors of one shape, got {tuple(s.shape)} and {tuple(t.shape)}"
+        )
     if kind == "cosine":
         return (1.0 - nn.functional.cosine_similarity(s, t, dim=1, eps=eps)).mean()
     if kind == "mse":
