@@ -67,8 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser("evaluate", help="evaluate a run's checkpoint on its evaluation sets")
-    p.add_argument("run_dir", type=Path, help="a run folder, or a weight file from elsewhere (e.g. an official ASG "
-                   ".pth.tar) with --config")  # fmt: skip
+    p.add_argument(
+        "run_dir",
+        type=Path,
+        help="a run folder, or a weight file from elsewhere (e.g. an official ASG .pth.tar) with --config",
+    )
     p.add_argument("--config", default=None, help="with a weight file: the recipe that builds its model and data")
     p.add_argument("--checkpoint", default="last", help="last | source-val | oracle | PATH.safetensors")
     tta = p.add_mutually_exclusive_group()
@@ -119,12 +122,18 @@ def _parser() -> argparse.ArgumentParser:
         help="tune each method on its grid, choosing on source-val only (default: with --full)",
     )
     p.add_argument("--no-adapt", dest="adapt", action="store_false", help="skip the adaptation stage (digits)")
-    p.add_argument("--backbone-rates", action="store_true",
-                   help="also train ERM and ASG at their chosen point with optim.backbone_lr_mult in 0.03, 0.1, "
-                   "0.3, 1 (the backbone rate alone; one figure)")  # fmt: skip
-    p.add_argument("--jobs", type=int, default=None,
-                   help="runs trained side by side in worker processes (default: one per CPU core, at most 4; "
-                   "1 on a GPU)")  # fmt: skip
+    p.add_argument(
+        "--backbone-rates",
+        action="store_true",
+        help="also train ERM and ASG at their chosen point with optim.backbone_lr_mult in 0.03, 0.1, "
+        "0.3, 1 (the backbone rate alone; one figure)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="runs trained side by side in worker processes (default: one per CPU core, at most 4; 1 on a GPU)",
+    )
     _add_set(p, "override every demo run's config, e.g. --set train.device=cuda")
 
     _add_sweep_parser(sub)
@@ -132,8 +141,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="dataset tools")
     dsub = p.add_subparsers(dest="data_command", required=True)
     c = dsub.add_parser("check", help="check a dataset's layout and list files")
-    c.add_argument("name", help="visda17 | listfile | imagefolder | gta5 | synthia | cityscapes | bdd100k | "
-                   "mapillary | seglist")  # fmt: skip
+    c.add_argument(
+        "name", help="visda17 | listfile | imagefolder | gta5 | synthia | cityscapes | bdd100k | mapillary | seglist"
+    )
     c.add_argument("root", help="dataset root (or the list file for 'listfile' and 'seglist')")
     c.add_argument("--verify-images", action="store_true", help="also open every image (slow)")
     c.add_argument("--split", default=None, help="segmentation: the split to check (default: all there are)")
@@ -223,8 +233,9 @@ def _timing_line(out_dir: Path | None) -> str | None:
         return None
     if not t or not t.get("wall_s"):
         return None
-    parts = ", ".join(f"{k} {100 * t.get(f'{k}_s', 0.0) / t['wall_s']:.0f} %"
-                      for k in ("setup", "train_step", "eval", "final"))  # fmt: skip
+    parts = ", ".join(
+        f"{k} {100 * t.get(f'{k}_s', 0.0) / t['wall_s']:.0f} %" for k in ("setup", "train_step", "eval", "final")
+    )
     return f"time: {t['steps']} steps in {t['wall_s']:.1f} s ({parts})"
 
 
@@ -255,8 +266,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     from asg.api import evaluate, save_evaluation
     from asg.tasks import get_task
 
-    result = evaluate(args.run_dir, args.checkpoint, args.tta_flip, args.overrides, wise_ft=args.wise_ft,
-                      config=args.config)  # fmt: skip
+    result = evaluate(
+        args.run_dir, args.checkpoint, args.tta_flip, args.overrides, wise_ft=args.wise_ft, config=args.config
+    )
     alpha = result.get("wise_ft_alpha")
     label = f", wise_ft_alpha={alpha:g}" if alpha is not None else ""  # on every result line of a WiSE-FT model
     print(f"checkpoint {result['checkpoint']} ({result['checkpoint_file']}), tta_flip={result['tta_flip']}{label}")
@@ -307,9 +319,19 @@ def _demo(args: argparse.Namespace) -> int:
 
     methods = args.methods.split(",") if args.methods else None
     benchmarks = args.benchmarks.split(",") if args.benchmarks else None
-    report = run_demo(out=args.out, quick=args.quick, seeds=args.seeds, methods=methods, overrides=args.overrides,
-                      benchmarks=benchmarks, full=args.full, tune=args.tune, adapt=args.adapt,
-                      jobs=args.jobs, backbone_rates=args.backbone_rates)  # fmt: skip
+    report = run_demo(
+        out=args.out,
+        quick=args.quick,
+        seeds=args.seeds,
+        methods=methods,
+        overrides=args.overrides,
+        benchmarks=benchmarks,
+        full=args.full,
+        tune=args.tune,
+        adapt=args.adapt,
+        jobs=args.jobs,
+        backbone_rates=args.backbone_rates,
+    )
     print(report["markdown_table"])
     print(f"\nreport: {report['out_dir']}/report.md")
     return 0
@@ -333,8 +355,15 @@ def _l2o_train(args: argparse.Namespace) -> int:
     from asg.l2o.meta import meta_train
 
     _check_config_args(args, "l2o train", _l2o_default_out)
-    cfg, out = run_config(args.config, args.overrides, args.out, args.resume, "an `asg l2o train` folder",
-                          "meta-training", default_name="l2o")  # fmt: skip
+    cfg, out = run_config(
+        args.config,
+        args.overrides,
+        args.out,
+        args.resume,
+        "an `asg l2o train` folder",
+        "meta-training",
+        default_name="l2o",
+    )
     policy = meta_train(cfg, out, resume=args.resume)
     print(f"policy: {policy}")
     return 0
@@ -391,13 +420,22 @@ def main(argv: list[str] | None = None) -> int:
     from asg.predict.cli import export_command, predict_command
     from asg.tuning.cli import sweep_command
 
-    handlers = {"train": _train, "adapt": _adapt, "evaluate": _evaluate, "demo": _demo,
-                "predict": predict_command, "export": export_command, "sweep": sweep_command,
-                "compare": _compare}  # fmt: skip
+    handlers = {
+        "train": _train,
+        "adapt": _adapt,
+        "evaluate": _evaluate,
+        "demo": _demo,
+        "predict": predict_command,
+        "export": export_command,
+        "sweep": sweep_command,
+        "compare": _compare,
+    }
     try:
         if args.command not in ("train", "sweep") and os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):
-            raise AsgError(f"asg {args.command} runs on one process; under torchrun only `asg train` and `asg "
-                           "sweep` are distributed (start this command without torchrun)")  # fmt: skip
+            raise AsgError(
+                f"asg {args.command} runs on one process; under torchrun only `asg train` and `asg "
+                "sweep` are distributed (start this command without torchrun)"
+            )
         if args.command == "data":
             return _data_check(args) if args.data_command == "check" else _data_prepare(args)
         if args.command == "l2o":

@@ -44,8 +44,10 @@ def read_run(path: str | Path) -> RunRow:
         raise AsgError(f"{path} is not a run folder: it has no config.yaml (pass the --out folder of `asg train`)")
     summary = rd.read_json("summary.json")
     if not rd.is_done() or not isinstance(summary, dict):
-        raise AsgError(f"{path} is not a finished run (no 'done' file or summary.json): let it finish, or continue "
-                       f"it with `asg train --resume --out {path}`")  # fmt: skip
+        raise AsgError(
+            f"{path} is not a finished run (no 'done' file or summary.json): let it finish, or continue "
+            f"it with `asg train --resume --out {path}`"
+        )
     cfg = rd.read_config()
     metric = str(summary.get("primary_metric") or "")
     source_val = summary.get("source_val_set") or "source_val"
@@ -106,8 +108,10 @@ def table(rows: list[RunRow], markdown: bool = False) -> str:
         + [_cell(row.scores.get(s, {}).get(key)) for s in sets for key, _label in SELECTIONS]
         for row in rows
     ]
-    legend = ("metric in %: last = the last step; sv = the step chosen on synthetic source-val (the valid protocol); "
-              "oracle = chosen with the real labels (an upper bound); bb_lr_mult = optim.backbone_lr_mult")  # fmt: skip
+    legend = (
+        "metric in %: last = the last step; sv = the step chosen on synthetic source-val (the valid protocol); "
+        "oracle = chosen with the real labels (an upper bound); bb_lr_mult = optim.backbone_lr_mult"
+    )
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r) + " |" for r in body]

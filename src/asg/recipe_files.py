@@ -108,8 +108,10 @@ def _renamed(data: dict[str, Any], key: str, raw: str, value: Any) -> tuple[str,
     for part in new_key.split("."):
         node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
     if node is not _MISSING and node != new_value:
-        line = (f"--set {key}={raw}: {key} is the old name of {new_key}; {new_key}={new_value!r} replaces {node!r} "
-                "given earlier (of an old and a new name, the one given later wins)")  # fmt: skip
+        line = (
+            f"--set {key}={raw}: {key} is the old name of {new_key}; {new_key}={new_value!r} replaces {node!r} "
+            "given earlier (of an old and a new name, the one given later wins)"
+        )
         warnings.warn(ConfigWarning(line), stacklevel=3)
     return new_key, new_value
 
