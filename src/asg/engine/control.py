@@ -80,8 +80,10 @@ def fixed_only(cfg: Config, steps_per_epoch: int | None = None) -> LRController:
     """The trainer's default factory: the engine knows only the fixed controller; ``asg.l2o.build_controller``
     (passed by ``asg.train``, adaptation and meta-training) knows them all."""
     if cfg.l2o.controller != "fixed":
-        raise ConfigError(f"l2o.controller={cfg.l2o.controller} is built by asg.l2o.build_controller: pass "
-                          "Trainer(..., controller_factory=asg.l2o.build_controller) (asg.train does)")  # fmt: skip
+        raise ConfigError(
+            f"l2o.controller={cfg.l2o.controller} is built by asg.l2o.build_controller: pass "
+            "Trainer(..., controller_factory=asg.l2o.build_controller) (asg.train does)"
+        )
     return FixedController()
 
 

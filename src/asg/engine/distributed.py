@@ -40,8 +40,17 @@ from asg.utils import resolve_device
 
 # re-exported for older imports: collective and global_mean (asg.collectives), the step's collectives
 # (asg.engine.gradient_sync) and ShardedBatchSampler (asg.engine.sampler)
-__all__ = ["Dist", "ShardedBatchSampler", "average_gradients", "broadcast_module", "collective", "global_mean",
-           "rank_seed", "_common_dtype", "_reduce"]  # fmt: skip
+__all__ = [
+    "Dist",
+    "ShardedBatchSampler",
+    "average_gradients",
+    "broadcast_module",
+    "collective",
+    "global_mean",
+    "rank_seed",
+    "_common_dtype",
+    "_reduce",
+]
 
 T = TypeVar("T")
 _LAUNCH = "launch with torchrun, e.g. `torchrun --nproc-per-node 4 -m asg train --config RECIPE`"
@@ -69,8 +78,10 @@ class Dist:
         missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
         if missing:
             verb = "is" if len(missing) == 1 else "are"
-            raise AsgError(f"WORLD_SIZE={world} but {', '.join(missing)} {verb} not set: the torch.distributed "
-                           f"environment is incomplete; {_LAUNCH}")  # fmt: skip
+            raise AsgError(
+                f"WORLD_SIZE={world} but {', '.join(missing)} {verb} not set: the torch.distributed "
+                f"environment is incomplete; {_LAUNCH}"
+            )
         if not td.is_available():
             raise AsgError(f"WORLD_SIZE={world} but this PyTorch build has no torch.distributed; run one process")
         local = _env_int("LOCAL_RANK")
@@ -81,18 +92,24 @@ class Dist:
         cuda = resolve_device(device).type == "cuda"
         if cuda:
             if local >= torch.cuda.device_count():
-                raise AsgError(f"LOCAL_RANK={local} but only {torch.cuda.device_count()} GPU(s) are visible: start "
-                               "at most that many processes per node (torchrun --nproc-per-node)")  # fmt: skip
+                raise AsgError(
+                    f"LOCAL_RANK={local} but only {torch.cuda.device_count()} GPU(s) are visible: start "
+                    "at most that many processes per node (torchrun --nproc-per-node)"
+                )
             torch.cuda.set_device(local)
         backend = "nccl" if cuda and td.is_nccl_available() else "gloo" if td.is_gloo_available() else None
         if backend is None:
-            raise AsgError("torch.distributed has neither NCCL (CUDA runs) nor Gloo here: install a PyTorch build "
-                           "with one of them, or run one process")  # fmt: skip
+            raise AsgError(
+                "torch.distributed has neither NCCL (CUDA runs) nor Gloo here: install a PyTorch build "
+                "with one of them, or run one process"
+            )
         try:
             td.init_process_group(backend)  # env:// rendezvous: torchrun's MASTER_ADDR/PORT, RANK, WORLD_SIZE
         except (RuntimeError, ValueError) as exc:
-            raise AsgError(f"cannot join the process group ({backend}, {env['MASTER_ADDR']}:{env['MASTER_PORT']}, "
-                           f"rank {env['RANK']} of {world}): {exc}") from None  # fmt: skip
+            raise AsgError(
+                f"cannot join the process group ({backend}, {env['MASTER_ADDR']}:{env['MASTER_PORT']}, "
+                f"rank {env['RANK']} of {world}): {exc}"
+            ) from None
         atexit.register(_leave)
         return cls(td.get_rank(), world, local, backend)
 

@@ -23,8 +23,12 @@ def _reduce(d: Dist, params: list[Tensor], values: dict[str, Tensor], weight: fl
     parameter's gradient to the weighted mean (None where no rank had one) and returns the values' means."""
     dev, dtype = d.comm_device, _common_dtype(params)
     grads = [p.grad for p in params]
-    parts = [(g.detach().reshape(-1).to(dev, dtype) * weight) if g is not None
-             else torch.zeros(p.numel(), device=dev, dtype=dtype) for p, g in zip(params, grads)]  # fmt: skip
+    parts = [
+        (g.detach().reshape(-1).to(dev, dtype) * weight)
+        if g is not None
+        else torch.zeros(p.numel(), device=dev, dtype=dtype)
+        for p, g in zip(params, grads)
+    ]
     flags = torch.tensor([float(g is not None) for g in grads], device=dev, dtype=dtype)
     scalars = [v.detach().to(dev, dtype).reshape(1) * weight for v in values.values()]
     buffer = torch.cat([*parts, flags, *scalars, torch.tensor([float(weight)], device=dev, dtype=dtype)])

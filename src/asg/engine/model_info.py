@@ -146,8 +146,10 @@ def model_info_from_config(cfg: Config, run_dir: Path | None, class_names: list[
             pass
     if not names:
         where = f"{run_dir} has no {MODEL_INFO} (it was trained by an earlier asg)" if run_dir else "the recipe"
-        raise AsgError(f"{where} and its class names are unknown (data.name={cfg.data.name} without "
-                       "data.class_names): pass --class-names NAME,NAME,... in label order")  # fmt: skip
+        raise AsgError(
+            f"{where} and its class names are unknown (data.name={cfg.data.name} without "
+            "data.class_names): pass --class-names NAME,NAME,... in label order"
+        )
     if palette is not None and len(palette) != len(names):
         palette = None
     return model_info(cfg, names, task, [0.0] * 3, [1.0] * 3, palette)

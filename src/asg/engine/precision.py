@@ -27,8 +27,10 @@ class Precision:
         self.name, self.device = name, device
         self.dtype = DTYPES[name]
         if self.dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise AsgError(f"train.precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16 support: "
-                           "use train.precision=fp16 (with loss scaling) or fp32")  # fmt: skip
+            raise AsgError(
+                f"train.precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16 support: "
+                "use train.precision=fp16 (with loss scaling) or fp32"
+            )
         self.scaler = torch.amp.GradScaler(device.type, enabled=name == "fp16")
         self.overflow_streak = 0  # consecutive fp16 steps skipped for non-finite gradients
 

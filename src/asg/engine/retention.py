@@ -37,5 +37,6 @@ def imagenet_retention(
 def teacher_photo_logits(teacher: nn.Module, photos: Tensor, batch_size: int = 16) -> Tensor:
     """The teacher's ImageNet logits [N, 1000] (fp32, on the CPU) on ``photos`` [N, 3, H, W]."""
     device = next(teacher.parameters()).device
-    return torch.cat([teacher(photos[i : i + batch_size].to(device)).float().cpu()
-                      for i in range(0, len(photos), batch_size)])  # fmt: skip
+    return torch.cat(
+        [teacher(photos[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(photos), batch_size)]
+    )
