@@ -9,7 +9,7 @@ from asg.config import OptimConfig
 
 
 class LRInMomentumSGD(torch.optim.Optimizer):
-    """SGD whose momentum buffer accumulates ``lr * (g + wd * p)`` (spec 4.3, the official VisDA variant).
+    """SGD whose momentum buffer accumulates ``lr * (g + wd * p)`` (the official VisDA variant).
 
     ``buf = lr*d`` on the first step, else ``buf = momentum*buf + lr*d``; then ``p -= buf``. A learning-rate
     change therefore does not rescale past velocity, and a group at lr 0 still drifts with its momentum.

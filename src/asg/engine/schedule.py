@@ -1,4 +1,4 @@
-"""Learning-rate multipliers over training (spec 4.3)."""
+"""Learning-rate multipliers over training (``optim.schedule``, docs/recipes.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Learned layer-wise learning rates (spec 3): policy, decision windows, controllers, REINFORCE, meta-training.
+"""Learned layer-wise learning rates (docs/l2o.md): policy, decision windows, controllers, REINFORCE, meta-training.
 
 ``CONTROLLERS`` / ``build_controller`` give the training loop its ``LRController``; ``REWARDS`` holds the
 pluggable meta-training rewards (a reconstruction: the official reward was never released).

@@ -2,7 +2,8 @@
 
 * ``RandomController``: a new random scale per group at every decision (the released ``RANDOM=True``);
 * ``RandomInitController``: one random draw at start, kept all run (``RANDOM='init'``);
-* ``L2OController``: the learned policy (spec 3.3-3.4), optionally meta-training it (``learner``).
+* ``L2OController``: the learned policy (docs/l2o.md, "Faithful to the release"), optionally meta-training it
+  (``learner``).
 
 Decisions happen at the window ends of ``asg.l2o.windows``; the first window runs at scale 1. Scales are drawn
 from ``SCALES`` = {0, 0.1, ..., 1}. Each controller owns a ``torch.Generator``, so a seed fixes its choices.

@@ -1,4 +1,4 @@
-"""Window statistics -> the policy's observation vector (spec 3.3)."""
+"""Window statistics -> the policy's observation vector (docs/l2o.md, "Faithful to the release")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""REINFORCE for the L2O policy (spec 3.5).
+"""REINFORCE for the L2O policy (docs/l2o.md).
 
 As released: returns ``R_t = r_t + gamma * R_{t+1}`` over a rollout, loss ``-mean(R * log pi)``,
 ``SGD(lr_meta, momentum=0.9)``, no baseline, no entropy bonus, no gradient clipping. Options added here:

@@ -1,6 +1,6 @@
 """Rewards for L2O meta-training, one per finished decision window.
 
-RECONSTRUCTION: the ASG release contains neither the meta-training loop nor the reward (spec 3.1, 3.5).
+RECONSTRUCTION: the ASG release contains neither the meta-training loop nor the reward (docs/l2o.md, "Reconstructed").
 These functions are this project's best guess, selected by ``l2o.reward``. Every reward uses synthetic data
 only -- the training windows' losses or the held-out synthetic split (source-val) -- never real images.
 """

@@ -1,4 +1,4 @@
-"""Decision windows (spec 3.4): how many SGD steps run between two L2O decisions.
+"""Decision windows (docs/l2o.md, "Faithful to the release"): how many SGD steps run between two L2O decisions.
 
 The first window has ``min_steps`` steps at scale 1 (it produces the first observation). Each later window
 starts at step ``t`` (optimizer steps done so far) with ``current = t mod steps_per_epoch`` (steps done in

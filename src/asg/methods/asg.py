@@ -1,4 +1,4 @@
-"""ASG proxy guidance (spec 2.1): CE + lambda * KL(teacher || student) over the 1000 ImageNet classes.
+"""ASG proxy guidance: CE + lambda * KL(teacher || student) over the 1000 ImageNet classes.
 
 The student's ImageNet logits come from the frozen ImageNet head on the trained features; the teacher is a
 frozen ImageNet copy seeing the same synthetic batch. Temperature 1, batch-mean, no ImageNet images.

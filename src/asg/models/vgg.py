@@ -7,16 +7,16 @@ The one hand-written backbone left: FCN-8s needs conv1_1 with padding 100 and ce
 ``forward_features``: pool5. ``forward_head`` pools pool5 as torchvision's VGG does (``AdaptiveAvgPool2d(7, 7)``,
 flattened: D = 25088) and applies ``imagenet_head``, the ImageNet classifier fc6-fc7-fc8 (``Linear`` layers with
 ReLU; frozen by the ASG models). Its two dropouts are ``nn.Identity``: the head is a fixed function, as in the
-official code where the KL path always runs the teacher's classifier in eval mode (spec 2.2). Output stride 32 only.
+official code where the KL path always runs the teacher's classifier in eval mode. Output stride 32 only.
 
-``fcn=True`` builds FCN-8s's variant (spec 2.2, 8.12): conv1_1 with ``padding=100`` and max pools that round up
-(``ceil_mode=True``, as the FCN's Caffe pools; the official ASG student and its VGG16 teacher both have the two),
-so any input size >= 1 px gives a pool5 of at least 7x7. Map sizes then are ``ceil((H + 198) / 2**i)`` after
-pool i instead of ``floor(H / 2**i)``.
+``fcn=True`` builds FCN-8s's variant (docs/segmentation.md, "Models"): conv1_1 with ``padding=100`` and max pools
+that round up (``ceil_mode=True``, as the FCN's Caffe pools; the official ASG student and its VGG16 teacher both
+have the two), so any input size >= 1 px gives a pool5 of at least 7x7. Map sizes then are
+``ceil((H + 198) / 2**i)`` after pool i instead of ``floor(H / 2**i)``.
 The same weights fit both variants.
 
 Layer groups (6): ``conv1_1`` (the first conv alone, as ResNet's conv1/bn1 stem split), ``conv1_2``, ``conv2``,
-``conv3``, ``conv4``, ``conv5`` (the convolutions of each block). ``conv_groups`` gives spec 3.2's five
+``conv3``, ``conv4``, ``conv5`` (the convolutions of each block). ``conv_groups`` gives L2O's five
 ``conv1`` ... ``conv5`` groups, which FCN-8s completes with its ``fc`` (fc6/fc7 convs) and ``head`` groups.
 Input normalisation: ImageNet mean/std. Weight files use torchvision's key layout (``features.*``,
 ``classifier.*``) or this module's (``imagenet_head.*``).
@@ -82,7 +82,7 @@ class VGGBackbone(Backbone):
         return x if pre_logits else self.imagenet_head(x)
 
     def conv_groups(self) -> list[tuple[str, list[nn.Module]]]:
-        """Spec 3.2's five groups ``conv1`` ... ``conv5``: the convolutions of each VGG block."""
+        """L2O's five groups ``conv1`` ... ``conv5``: the convolutions of each VGG block."""
         groups = []
         start = 0
         for i, end in enumerate(_POOLS):
