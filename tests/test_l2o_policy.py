@@ -14,7 +14,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def official_state_dict(num_groups: int = 7) -> dict[str, torch.Tensor]:
-    """A state dict written by hand with the released names and shapes (spec 3.3)."""
+    """A state dict written by hand with the released names and shapes (docs/l2o.md, "Faithful to the release")."""
     g = torch.Generator().manual_seed(0)
     state = {}
     for i in range(5):

@@ -1,4 +1,4 @@
-"""Decision windows reproduce the schedules of spec 3.4."""
+"""Decision windows reproduce the schedules of docs/l2o.md ("Faithful to the release")."""
 
 from __future__ import annotations
 
