@@ -133,7 +133,7 @@ class TeacherConfig:
 
 @dataclass
 class OptimConfig:
-    """SGD with layer-group learning rates and the ASG schedule (spec 4.3)."""
+    """SGD with layer-group learning rates and the ASG schedule (docs/recipes.md)."""
 
     lr: float = 1e-4  # learning rate of the new head; backbone groups get lr * backbone_lr_mult
     backbone_lr_mult: float = 0.1
@@ -189,7 +189,7 @@ class EvalConfig:
 
 @dataclass
 class L2OConfig:
-    """The learned layer-wise learning-rate controller (spec 3)."""
+    """The learned layer-wise learning-rate controller (docs/l2o.md)."""
 
     # the learning-rate controller: a key of asg.l2o.CONTROLLERS ("fixed" = the recipe's rates all run)
     controller: str = "fixed"
