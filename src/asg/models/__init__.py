@@ -3,20 +3,12 @@ for FCN-8s), guidance heads, the ASG classifier and segmenters, and their teache
 
 from __future__ import annotations
 
-from importlib import resources
-
 from asg.models.backbones import BACKBONES, build_backbone
 from asg.models.base import ASGNetwork, Backbone, ModelOutput
 from asg.models.build import build_model
 from asg.models.classifier import ASGClassifier, Teacher, make_teacher
+from asg.models.guidance import imagenet_class_names
 from asg.models.segmenter import SEGMENTERS, ASGSegmenter, build_segmenter
-
-
-def imagenet_class_names() -> list[str]:
-    """The 1000 ImageNet class names in index order (from ``asg/resources/imagenet_classes.txt``)."""
-    text = resources.files("asg").joinpath("resources/imagenet_classes.txt").read_text(encoding="utf-8")
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
 
 __all__ = [
     "ASGClassifier",

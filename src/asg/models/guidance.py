@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,12 @@ class ClipZeroShotHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         z = F.normalize(x @ self.proj.to(x.dtype), dim=-1)
         return self.logit_scale * (z @ self.classifier.to(z.dtype))
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet class names in index order (from ``asg/resources/imagenet_classes.txt``)."""
+    text = resources.files("asg").joinpath("resources/imagenet_classes.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def attach_guidance_head(
@@ -123,8 +130,6 @@ def clip_zeroshot_head(
     The text side is computed once and cached under ``cache_dir`` (default ``$XDG_CACHE_HOME/asg/clip_zeroshot``),
     keyed by the file's path, size and mtime, the config, the templates and the class names.
     """
-    from asg.models import imagenet_class_names
-
     if templates not in TEMPLATES:
         raise ConfigError(f"model.clip_templates={templates!r}: choose one of {', '.join(TEMPLATES)}")
     path = Path(file).expanduser().resolve()
