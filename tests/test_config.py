@@ -18,10 +18,10 @@ def test_loading_and_validating_a_recipe_imports_no_torch():
         "import sys; import asg.config; "
         "cfg = asg.config.load_config('digits_asg', ['train.steps=5', 'optim.lr=0.01']); "
         "asg.config.validate(cfg); "
-        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'asg.'))))"
+        "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'asg'))))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['asg.config', 'asg.config_checks', 'asg.errors', 'asg.recipe_files']"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert "asg.config" in loaded and not [m for m in loaded if not m.startswith("asg")], loaded
 
 
 def test_registry_names_are_checked_where_things_are_built():
