@@ -243,14 +243,20 @@ def test_feature_teacher_cache_holds_features(tiny_bundle, tiny_config, tmp_path
     x = torch.stack([tiny_bundle.train[int(i)][0] for i in cached])
     assert torch.allclose(trainer.teacher_source.memory[cached], trainer.teacher(x), atol=1e-5)
 
-    disk = tiny_config("method.name=feature", "teacher.cache=true", "teacher.cache_storage=fp32",
-                       f"teacher.cache_dir={tmp_path}", "train.steps=1")  # fmt: skip
+    disk = tiny_config(
+        "method.name=feature",
+        "teacher.cache=true",
+        "teacher.cache_storage=fp32",
+        f"teacher.cache_dir={tmp_path}",
+        "train.steps=1",
+    )
     trainer = Trainer(disk, None, data=tiny_bundle, quiet=True)
     assert (
         trainer.teacher_source.disk_cache is not None and trainer.teacher_source.disk_cache.num_classes == dim
     )  # features [N, D] on disk
-    logits = tiny_config("teacher.cache=true", "teacher.cache_storage=fp32",
-                         f"teacher.cache_dir={tmp_path}", "train.steps=1")  # fmt: skip
+    logits = tiny_config(
+        "teacher.cache=true", "teacher.cache_storage=fp32", f"teacher.cache_dir={tmp_path}", "train.steps=1"
+    )
     other = Trainer(logits, None, data=tiny_bundle, quiet=True).teacher_source.disk_cache
     assert other is not None and other.num_classes == 1000 and other.path != trainer.teacher_source.disk_cache.path
     for storage in ("fp16", "topk"):
@@ -283,13 +289,19 @@ def finished_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("wise_ft")
     _image_folder(tmp_path / "images")
     recipe = {
-        "data": {"name": "imagefolder", "root": str(tmp_path / "images"), "image_size": 32, "batch_size": 4,
-                 "eval_batch_size": 8, "source_val_fraction": 0.25},
+        "data": {
+            "name": "imagefolder",
+            "root": str(tmp_path / "images"),
+            "image_size": 32,
+            "batch_size": 4,
+            "eval_batch_size": 8,
+            "source_val_fraction": 0.25,
+        },
         "method": {"name": "lpft", "probe_steps": 1},
         "optim": {"lr": 0.05, "warmup_steps": 0},
         "train": {"steps": 2, "eval_every": 2, "checkpoint_every": 2, "progress": False},
         "eval": {"retention": False},
-    }  # fmt: skip
+    }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(recipe))
     out = tmp_path / "run"

@@ -12,9 +12,19 @@ from PIL import Image
 from asg.cli import main
 from asg.compare import compare_runs, table
 
-TINY = ["data.num_workers=0", "data.image_size=32", "data.batch_size=4", "data.eval_batch_size=8",
-        "data.source_val_fraction=0.25", "train.steps=2", "train.eval_every=1", "train.checkpoint_every=2",
-        "train.progress=false", "eval.retention=false", "optim.warmup_steps=0"]  # fmt: skip
+TINY = [
+    "data.num_workers=0",
+    "data.image_size=32",
+    "data.batch_size=4",
+    "data.eval_batch_size=8",
+    "data.source_val_fraction=0.25",
+    "train.steps=2",
+    "train.eval_every=1",
+    "train.checkpoint_every=2",
+    "train.progress=false",
+    "eval.retention=false",
+    "optim.warmup_steps=0",
+]
 
 
 def _image_folder(root: Path) -> None:
@@ -34,8 +44,10 @@ def runs(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for recipe, extra in (("imagefolder_erm", ["optim.lr=0.02", "train.seed=3"]),
-                              ("imagefolder_asg", ["optim.backbone_lr_mult=0.25", "train.seed=4"])):  # fmt: skip
+        for recipe, extra in (
+            ("imagefolder_erm", ["optim.lr=0.02", "train.seed=3"]),
+            ("imagefolder_asg", ["optim.backbone_lr_mult=0.25", "train.seed=4"]),
+        ):
             sets = [f"--set={o}" for o in [f"data.root={tmp / 'images'}", *TINY, *extra]]
             assert main(["train", "--config", recipe, *sets, "--out", str(tmp / "runs" / recipe)]) == 0
     finally:
@@ -64,9 +76,27 @@ def test_cli_prints_one_table(runs, capsys):
     erm, asg = runs
     assert main(["compare", str(erm), str(asg)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["run", "method", "bb_lr_mult", "lr", "steps", "seed", "metric", "photos", "last",
-                                "photos", "sv", "photos", "oracle", "sketches", "last", "sketches", "sv", "sketches",
-                                "oracle"]  # fmt: skip
+    assert lines[0].split() == [
+        "run",
+        "method",
+        "bb_lr_mult",
+        "lr",
+        "steps",
+        "seed",
+        "metric",
+        "photos",
+        "last",
+        "photos",
+        "sv",
+        "photos",
+        "oracle",
+        "sketches",
+        "last",
+        "sketches",
+        "sv",
+        "sketches",
+        "oracle",
+    ]
     summary = json.loads((asg / "summary.json").read_text())
     sv = summary["selections"]["source-val"]["metrics"]["sketches"]["mean_class_acc"]
     assert lines[3].split()[:7] == ["imagefolder_asg", "asg", "0.25", "0.01", "2", "4", "mean_class_acc"]
@@ -83,8 +113,11 @@ def test_a_folder_that_is_not_a_finished_run_is_one_line(runs, tmp_path, capsys)
     shutil.copytree(erm, unfinished)
     (unfinished / "done").unlink()
     (tmp_path / "empty").mkdir()
-    for path, says in ((unfinished, "is not a finished run"), (tmp_path / "empty", "has no config.yaml"),
-                       (tmp_path / "missing", "is not a run folder")):  # fmt: skip
+    for path, says in (
+        (unfinished, "is not a finished run"),
+        (tmp_path / "empty", "has no config.yaml"),
+        (tmp_path / "missing", "is not a run folder"),
+    ):
         assert main(["compare", str(erm), str(path)]) == 2
         captured = capsys.readouterr()
         assert captured.out == ""  # nothing half-printed

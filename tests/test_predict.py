@@ -37,10 +37,22 @@ def cls_run(tmp_path_factory):
                 _image(c, hash((split, c, k)) % 1000).save(root / split / c / f"{k}.png")
     from asg.api import train
 
-    overrides = [f"data.root={root}", "data.num_workers=0", "data.image_size=32", "data.batch_size=6",
-                 "data.source_val_fraction=0.2", "train.steps=2", "train.eval_every=2", "train.checkpoint_every=2",
-                 "train.progress=false", "eval.retention=false", "model.hidden_dim=16",
-                 "optim.warmup_steps=0", "optim.lr=0.01", "name=shapes"]  # fmt: skip
+    overrides = [
+        f"data.root={root}",
+        "data.num_workers=0",
+        "data.image_size=32",
+        "data.batch_size=6",
+        "data.source_val_fraction=0.2",
+        "train.steps=2",
+        "train.eval_every=2",
+        "train.checkpoint_every=2",
+        "train.progress=false",
+        "eval.retention=false",
+        "model.hidden_dim=16",
+        "optim.warmup_steps=0",
+        "optim.lr=0.01",
+        "name=shapes",
+    ]
     out = tmp_path_factory.mktemp("runs") / "shapes"
     torch.set_num_threads(1)
     train(load_config("imagefolder_erm", overrides), out=out, quiet=True)  # the own-data recipe
@@ -252,13 +264,40 @@ def test_segmentation_onnx_predict_writes_masks_overlays_and_label_ids(tmp_path,
     (folder / "sub").mkdir(parents=True)
     _image("square", 1, size=(50, 70)).save(folder / "sub" / "a.png")
     _image("stripe", 2, size=(30, 20)).save(folder / "b.jpg")
-    argv = ["predict", str(onnx_path), str(folder), "--out", str(tmp_path / "p"), "--no-progress", "--label-ids",
-            "cityscapes"]  # fmt: skip
+    argv = [
+        "predict",
+        str(onnx_path),
+        str(folder),
+        "--out",
+        str(tmp_path / "p"),
+        "--no-progress",
+        "--label-ids",
+        "cityscapes",
+    ]
     assert main(argv) == 0
     assert "mean pixel fraction" in capsys.readouterr().out
     mask = np.asarray(Image.open(tmp_path / "p" / "masks" / "sub" / "a.png"))
-    assert mask.shape == (50, 70) and set(np.unique(mask)) <= {7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26,
-                                                                27, 28, 31, 32, 33}  # fmt: skip
+    assert mask.shape == (50, 70) and set(np.unique(mask)) <= {
+        7,
+        8,
+        11,
+        12,
+        13,
+        17,
+        19,
+        20,
+        21,
+        22,
+        23,
+        24,
+        25,
+        26,
+        27,
+        28,
+        31,
+        32,
+        33,
+    }
     assert Image.open(tmp_path / "p" / "overlays" / "b.png").size == (20, 30)
     row = json.loads((tmp_path / "p" / "predictions.jsonl").read_text().splitlines()[0])
     assert set(row["fractions"]) == set(CITYSCAPES_CLASSES)
@@ -281,12 +320,18 @@ FAMILIES = {
     "resnet_deeplabv3": ("segmentation", dict(backbone="resnet50", segmenter="deeplabv3", timm_kwargs=TINY_RESNET), 32),
     "resnet": ("classification", dict(backbone="resnet50", timm_kwargs=TINY_RESNET), 32),
     "vgg_fcn8s": ("segmentation", dict(backbone="vgg16", segmenter="fcn8s"), 32),
-    "convnext_fpn": ("segmentation", dict(backbone="convnext_tiny", segmenter="fpn",
-                                          timm_kwargs={"depths": [1, 1, 1, 1], "dims": [16, 32, 48, 64]}), 32),
+    "convnext_fpn": (
+        "segmentation",
+        dict(backbone="convnext_tiny", segmenter="fpn", timm_kwargs={"depths": [1, 1, 1, 1], "dims": [16, 32, 48, 64]}),
+        32,
+    ),
     "vit_dinov2": ("classification", dict(backbone="dinov2_vits14", guidance_head="none", timm_kwargs=VIT), 28),
-    "vit_dinov2_fpn_lora": ("segmentation", dict(backbone="dinov2_vits14", guidance_head="none", segmenter="fpn",
-                                                 timm_kwargs=VIT, lora_rank=2), 28),
-}  # fmt: skip
+    "vit_dinov2_fpn_lora": (
+        "segmentation",
+        dict(backbone="dinov2_vits14", guidance_head="none", segmenter="fpn", timm_kwargs=VIT, lora_rank=2),
+        28,
+    ),
+}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -26,7 +26,11 @@ def test_official_gta5_recipe_settings():
     cfg = load_config("gta5_cityscapes_fcn8s_vgg16_asg")
     assert (cfg.method.name, cfg.method.kl_weight) == ("asg", 75.0)
     assert (cfg.data.split, cfg.data.crop_size, cfg.data.scale_range, cfg.data.batch_size) == (
-        "train", [512, 512], [0.75, 1.25], 6)  # fmt: skip
+        "train",
+        [512, 512],
+        [0.75, 1.25],
+        6,
+    )
     assert (cfg.train.steps, cfg.optim.lr, cfg.optim.backbone_lr_mult, cfg.optim.sgd) == (100000, 1e-3, 0.1, "torch")
     assert cfg.optim.bn_mode == "frozen" and not cfg.eval.tta_flip and cfg.data.eval_resize is None
     l2o = load_config("gta5_cityscapes_fcn8s_vgg16_asg_l2o", ["l2o.policy=p"])
@@ -71,11 +75,21 @@ def test_seglist_recipes_train_on_a_tiny_list(name, tmp_path):
             Image.fromarray(rng.integers(0, 3, (40, 48), dtype=np.uint8)).save(tmp_path / f"{split}{i}_label.png")
             lines.append(f"{split}{i}.png {split}{i}_label.png")
         (tmp_path / f"{split}.txt").write_text("\n".join(lines) + "\n")
-    sets = [f"data.train_list={tmp_path / 'train.txt'}", f"data.eval_lists.real={tmp_path / 'real.txt'}",
-            "data.class_names=[ground,thing,sky]", "data.crop_size=[32,32]", "data.batch_size=2",
-            "data.num_workers=0", "data.source_val_fraction=0.25", "train.steps=2", "train.eval_every=2",
-            "train.checkpoint_every=2", "train.progress=false", "eval.retention=false",
-            "optim.warmup_steps=0"]  # fmt: skip
+    sets = [
+        f"data.train_list={tmp_path / 'train.txt'}",
+        f"data.eval_lists.real={tmp_path / 'real.txt'}",
+        "data.class_names=[ground,thing,sky]",
+        "data.crop_size=[32,32]",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        "data.source_val_fraction=0.25",
+        "train.steps=2",
+        "train.eval_every=2",
+        "train.checkpoint_every=2",
+        "train.progress=false",
+        "eval.retention=false",
+        "optim.warmup_steps=0",
+    ]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

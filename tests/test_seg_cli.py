@@ -30,8 +30,13 @@ def _trees(tmp_path):
         _pair(gta / "images" / f"{k:05d}.png", gta / "labels" / f"{k:05d}.png", k, 24, 40)
     for k, city in enumerate(["aachen", "bremen"]):
         base = f"{city}_000000_{k:06d}"
-        _pair(cs / "leftImg8bit" / "val" / city / f"{base}_leftImg8bit.png",
-              cs / "gtFine" / "val" / city / f"{base}_gtFine_labelIds.png", 100 + k, 24, 48)  # fmt: skip
+        _pair(
+            cs / "leftImg8bit" / "val" / city / f"{base}_leftImg8bit.png",
+            cs / "gtFine" / "val" / city / f"{base}_gtFine_labelIds.png",
+            100 + k,
+            24,
+            48,
+        )
     return gta, cs
 
 

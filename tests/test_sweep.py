@@ -29,9 +29,16 @@ from asg.tuning import Study, SweepSpec, run_workers, sweep
 from asg.tuning.space import check_knob, method_knobs
 
 # a trial: 6 steps, evaluated every 2 (ASHA's rungs at 2 and 6 with reduction factor 3)
-TINY = ["train.steps=6", "train.eval_every=2", "train.checkpoint_every=2", "train.log_every=1",
-        "train.progress=false", "optim.warmup_steps=0", "eval.retention=false",
-        "eval.full_eval_selected=false"]  # fmt: skip
+TINY = [
+    "train.steps=6",
+    "train.eval_every=2",
+    "train.checkpoint_every=2",
+    "train.log_every=1",
+    "train.progress=false",
+    "optim.warmup_steps=0",
+    "eval.retention=false",
+    "eval.full_eval_selected=false",
+]
 
 
 def _image_folder(root: Path) -> None:
@@ -52,11 +59,17 @@ def recipe(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("sweep_data")
     _image_folder(root / "images")
     cfg = {
-        "data": {"name": "imagefolder", "root": str(root / "images"), "image_size": 32, "batch_size": 6,
-                 "eval_batch_size": 16, "source_val_fraction": 0.25},
+        "data": {
+            "name": "imagefolder",
+            "root": str(root / "images"),
+            "image_size": 32,
+            "batch_size": 6,
+            "eval_batch_size": 16,
+            "source_val_fraction": 0.25,
+        },
         "method": {"name": "erm"},
         "optim": {"lr": 0.05},
-    }  # fmt: skip
+    }
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
@@ -123,8 +136,9 @@ def test_trial_parameters_reproduce_bit_for_bit_as_asg_train(recipe, tmp_path, o
 def test_tiny_study_prunes_deterministically_under_a_fixed_seed(recipe, tmp_path, one_thread):
     outcomes = []
     for name in ("a", "b"):
-        result = sweep(recipe, tmp_path / name, TINY, trials=5, sampler="random", seed=3, study_name="same",
-                       min_resource=2)  # fmt: skip
+        result = sweep(
+            recipe, tmp_path / name, TINY, trials=5, sampler="random", seed=3, study_name="same", min_resource=2
+        )
         outcomes.append([(r["trial"], r["state"], r["steps"], r["params"], r["source_val"]) for r in result["rows"]])
     assert outcomes[0] == outcomes[1]
     states = [o[1] for o in outcomes[0]]
@@ -227,8 +241,11 @@ def postgres():
     data = folder / "data"
     subprocess.run([*as_user, initdb, "-D", str(data), "-A", "trust", "-U", "asg"], check=True, capture_output=True)
     opts = f"-p {port} -k {folder} -h 127.0.0.1"
-    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-o", opts, "-l", str(folder / "log"), "-w", "start"],
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [*as_user, pg_ctl, "-D", str(data), "-o", opts, "-l", str(folder / "log"), "-w", "start"],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield f"postgresql://asg@127.0.0.1:{port}/postgres"
     finally:
@@ -254,9 +271,29 @@ def test_torchrun_trials_sample_on_rank_zero_only(recipe, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(port), "-m", "asg", "sweep", "--config", recipe,
-           "--out", str(tmp_path), "--trials", "2", "--sampler", "random", "--study-name", "ddp",
-           "--set", "data.batch_size=6", *[a for o in TINY for a in ("--set", o)]]  # fmt: skip
+    cmd = [
+        str(torchrun),
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(port),
+        "-m",
+        "asg",
+        "sweep",
+        "--config",
+        recipe,
+        "--out",
+        str(tmp_path),
+        "--trials",
+        "2",
+        "--sampler",
+        "random",
+        "--study-name",
+        "ddp",
+        "--set",
+        "data.batch_size=6",
+        *[a for o in TINY for a in ("--set", o)],
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     trials = _trials(tmp_path, "ddp")
