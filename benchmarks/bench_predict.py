@@ -96,8 +96,13 @@ def time_predictor(predictor: Any, size: int) -> dict:
         predictor.predict_batch(batch)
         times.append(time.perf_counter() - t0)
     median = statistics.median(times)
-    return {"images_per_s": len(batch) / median, "batch": len(batch), "batches": len(times),
-            "batch_s_median": median, "first_call_s": first}  # fmt: skip
+    return {
+        "images_per_s": len(batch) / median,
+        "batch": len(batch),
+        "batches": len(times),
+        "batch_s_median": median,
+        "first_call_s": first,
+    }
 
 
 def _compile_case(recipe: str, size: int, threads: int) -> dict:
@@ -118,17 +123,23 @@ def predict_throughput(threads: int = 1, compile: bool = True) -> dict:
     import onnxruntime
     import torch
 
-    out: dict[str, Any] = {"threads": threads, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-                           "timed": "Predictor.predict_batch on decoded PIL images (preprocessing, network, "
-                           "softmax/argmax, per-image results); median batch time after one warm-up call; BN "
-                           "folded; no flip TTA; whole images", "cases": {}}  # fmt: skip
+    out: dict[str, Any] = {
+        "threads": threads,
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "timed": "Predictor.predict_batch on decoded PIL images (preprocessing, network, "
+        "softmax/argmax, per-image results); median batch time after one warm-up call; BN "
+        "folded; no flip TTA; whole images",
+        "cases": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for name, (recipe, _task) in CASES.items():
             for size in SIZES:
                 row: dict[str, Any] = {"recipe": recipe, "size": size}
                 row["eager"] = time_predictor(build_predictor(recipe, size, "eager", threads), size)
-                row["onnxruntime"] = time_predictor(build_predictor(recipe, size, "onnxruntime", threads, Path(tmp)),
-                                                    size)  # fmt: skip
+                row["onnxruntime"] = time_predictor(
+                    build_predictor(recipe, size, "onnxruntime", threads, Path(tmp)), size
+                )
                 if compile:
                     row["compile"] = _compile_case(recipe, size, threads)
                 for runtime in ("onnxruntime", "compile"):
@@ -168,10 +179,14 @@ def markdown_rows(result: dict) -> list[tuple[str, str, str]]:
     for name, row in result["cases"].items():
         task = name.rsplit("_", 1)[0]
         model = "Lite0" if task == "classification" else "Lite0 + FPN"
-        rows.append((f"asg predict on the CPU ({result['threads']} thread), {task} ({model}, `{row['recipe']}`) at "
-                     f"{row['size']} px, batch {row['eager']['batch']}: eager / onnxruntime / torch.compile",
-                     f"{_ips(row, 'eager')} / {_ips(row, 'onnxruntime')} / {_ips(row, 'compile')} images/s",
-                     f"1 / {_ratio(row, 'onnxruntime')} / {_ratio(row, 'compile')} speed"))  # fmt: skip
+        rows.append(
+            (
+                f"asg predict on the CPU ({result['threads']} thread), {task} ({model}, `{row['recipe']}`) at "
+                f"{row['size']} px, batch {row['eager']['batch']}: eager / onnxruntime / torch.compile",
+                f"{_ips(row, 'eager')} / {_ips(row, 'onnxruntime')} / {_ips(row, 'compile')} images/s",
+                f"1 / {_ratio(row, 'onnxruntime')} / {_ratio(row, 'compile')} speed",
+            )
+        )
     return rows
 
 

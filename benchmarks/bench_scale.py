@@ -21,8 +21,7 @@ def demo_training_fraction(method: str = "asg") -> dict:
     """``asg demo --benchmarks digits --seeds 1 --methods METHOD --no-adapt`` (the default demo's settings, one
     run): the share of the training stage's wall time spent in training steps, and the phases of the run."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [*ASG, "demo", "--out", tmp, "--benchmarks", "digits", "--seeds", "1", "--methods", method,
-               "--no-adapt"]  # fmt: skip
+        cmd = [*ASG, "demo", "--out", tmp, "--benchmarks", "digits", "--seeds", "1", "--methods", method, "--no-adapt"]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         process_wall = time.perf_counter() - t0
@@ -41,8 +40,20 @@ def demo_training_fraction(method: str = "asg") -> dict:
 
 def _torchrun(nproc: int, out: Path, overrides: list[str]) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "asg",
-           "train", "--config", "digits_erm", "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "asg",
+        "train",
+        "--config",
+        "digits_erm",
+        "--out",
+        str(out),
+    ]
     for kv in overrides:
         cmd += ["--set", kv]
     t0 = time.perf_counter()

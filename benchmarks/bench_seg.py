@@ -23,8 +23,10 @@ def segmentation_step_times(device: str = "cpu") -> dict:
     from bench_trainer import paired_step_times, trainer_step_time
 
     variants = {name: (recipe, ["teacher.cache=false"]) for name, recipe in SEG_VARIANTS.items()}
-    results = {name: trainer_step_time(recipe, overrides, device, STEPS, WARMUP)
-               for name, (recipe, overrides) in variants.items()}  # fmt: skip
+    results = {
+        name: trainer_step_time(recipe, overrides, device, STEPS, WARMUP)
+        for name, (recipe, overrides) in variants.items()
+    }
     paired = paired_step_times(variants, device, steps=20, warmup=WARMUP)
     for name, r in results.items():
         r["separate_process_step_s_median"] = r["step_s_median"]
@@ -67,8 +69,13 @@ def pipeline_throughput(num_workers: int = 2, n: int = 48, size: tuple[int, int]
 
     with tempfile.TemporaryDirectory() as tmp:
         listfile = _write_fixture(Path(tmp), n, size)
-        cfg = DataConfig(name="seglist", train_list=str(listfile), scale_range=[0.75, 1.25], crop_size=[256, 256],
-                         source_val_fraction=0.0)  # fmt: skip
+        cfg = DataConfig(
+            name="seglist",
+            train_list=str(listfile),
+            scale_range=[0.75, 1.25],
+            crop_size=[256, 256],
+            source_val_fraction=0.0,
+        )
         ds = build_data(cfg).train
         loader = DataLoader(ds, batch_size=8, num_workers=num_workers)
         t0 = time.perf_counter()

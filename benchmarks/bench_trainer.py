@@ -27,12 +27,20 @@ def _adaptation_trainer(cfg, data, out_dir):
     model = build_model(cfg.model, data.num_classes, task=data.task)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        pseudo = pseudo_label(model, target, cfg, 0.2, data.num_classes, Path(tmp), torch.device(cfg.train.device),
-                              data.task)  # fmt: skip
+        pseudo = pseudo_label(
+            model, target, cfg, 0.2, data.num_classes, Path(tmp), torch.device(cfg.train.device), data.task
+        )
     rate = len(target) / (time.perf_counter() - t0)
     method = SelfTraining(build_method(cfg.method), cfg.adapt)
-    trainer = Trainer(cfg, out_dir, data=data, model=model, method=method, quiet=True,
-                      target=PseudoLabeled(target, pseudo.indices, pseudo.label))  # fmt: skip
+    trainer = Trainer(
+        cfg,
+        out_dir,
+        data=data,
+        model=model,
+        method=method,
+        quiet=True,
+        target=PseudoLabeled(target, pseudo.indices, pseudo.label),
+    )
     return trainer, rate
 
 
@@ -48,9 +56,15 @@ def _measure(recipe: str, overrides: list[str], device: str, steps: int, warmup:
 
     # the whole loop as `asg train` runs it: a run folder, checkpoints and evaluations every 10 steps (on 64 images
     # per set, so that evaluation does not dominate a 20-step measurement)
-    common = [f"train.steps={steps + warmup}", "train.progress=false", f"train.device={device}",
-              "eval.retention=false", "train.eval_every=10", "train.checkpoint_every=10",
-              "eval.full_eval_selected=false"]  # fmt: skip
+    common = [
+        f"train.steps={steps + warmup}",
+        "train.progress=false",
+        f"train.device={device}",
+        "eval.retention=false",
+        "train.eval_every=10",
+        "train.checkpoint_every=10",
+        "eval.full_eval_selected=false",
+    ]
     cfg = load_config(recipe, common + overrides)
     data = build_data(cfg.data)
     small = {k: Subset(v, range(min(64, len(v)))) for k, v in data.eval_sets.items()}
@@ -132,8 +146,14 @@ def _paired(variants: dict, device: str, steps: int, warmup: int, queue) -> None
     data = build_data(next(iter(configs.values())).data)
     trainers = {name: Trainer(cfg, None, data=data, quiet=True) for name, cfg in configs.items()}
     batch = next(iter(configs.values())).data.batch_size
-    loader = DataLoader(IndexedDataset(data.train), batch_size=batch, shuffle=True, drop_last=True,
-                        collate_fn=collate_skip_none, generator=torch.Generator().manual_seed(0))  # fmt: skip
+    loader = DataLoader(
+        IndexedDataset(data.train),
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=collate_skip_none,
+        generator=torch.Generator().manual_seed(0),
+    )
     batches = [b for b, _ in zip(loader, range(steps + warmup))]
     names = list(trainers)
     times: dict[str, list[float]] = {name: [] for name in names}

@@ -17,8 +17,9 @@ from asg.models import build_model
 
 def main() -> None:
     torch.manual_seed(0)
-    model = build_model(ModelConfig(backbone="vgg16", weights="none", segmenter="fcn8s", channels_last=False), 5,
-                        task="segmentation").eval()  # fmt: skip
+    model = build_model(
+        ModelConfig(backbone="vgg16", weights="none", segmenter="fcn8s", channels_last=False), 5, task="segmentation"
+    ).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.startswith("head.score"):

@@ -36,8 +36,10 @@ def main() -> int:
         for i, label in enumerate(labels):
             b, a = before[i].topk(5).indices.tolist(), after[i].topk(5).indices.tolist()
             ok &= b == a
-            print(f"  {label:12s} before {b} after {a} {'same' if b == a else 'DIFFERENT'}: "
-                  f"{', '.join(names[j] for j in a[:3])}")  # fmt: skip
+            print(
+                f"  {label:12s} before {b} after {a} {'same' if b == a else 'DIFFERENT'}: "
+                f"{', '.join(names[j] for j in a[:3])}"
+            )
     print("top-5 identical on every photo" if ok else "top-5 differ")
     return 0 if ok else 1
 

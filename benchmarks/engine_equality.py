@@ -47,7 +47,7 @@ RUNS: dict[str, list[str]] = {
                 *TINY,
             ]
         ),
-    ],  # fmt: skip
+    ],
 }
 DROP = {"elapsed_s", "timing", "wall_s", "seconds", "time", "started", "finished"}
 
@@ -117,9 +117,21 @@ def run_all(work: Path, keep_killed: Path | None) -> dict[str, dict[str, Any]]:
     for name, args in RUNS.items():
         asg([*args, "--out", str(work / name)])
         prints[name] = fingerprint(work / name)
-    asg(["adapt", "--config", "digits_cbst", "--from", str(work / "digits_asg"), "--out", str(work / "adapt"),
-         "--set=adapt.rounds=1", "--set=adapt.steps_per_round=4", "--set=data.num_train=320",
-         *(f"--set={s}" for s in TINY)])  # fmt: skip
+    asg(
+        [
+            "adapt",
+            "--config",
+            "digits_cbst",
+            "--from",
+            str(work / "digits_asg"),
+            "--out",
+            str(work / "adapt"),
+            "--set=adapt.rounds=1",
+            "--set=adapt.steps_per_round=4",
+            "--set=data.num_train=320",
+            *(f"--set={s}" for s in TINY),
+        ]
+    )
     prints["adapt"] = fingerprint(work / "adapt")
     killed = work / "killed"
     kill_during([*RUNS["digits_asg"], "--out", str(killed)], killed, after_step=4)
@@ -169,8 +181,10 @@ def main() -> None:
         failed |= bool(diffs)
         tensors = sum(len(v) for v in expected.get("weights", {}).values())
         rows = len(expected.get("results.jsonl", []))
-        print(f"{name:34s} {'identical' if not diffs else 'DIFFERENT'}  ({tensors} weight tensors, {rows} result rows, "
-              f"{len(expected.get('selections') or {})} selections)")  # fmt: skip
+        print(
+            f"{name:34s} {'identical' if not diffs else 'DIFFERENT'}  ({tensors} weight tensors, {rows} result rows, "
+            f"{len(expected.get('selections') or {})} selections)"
+        )
         for d in diffs[:10]:
             print("    " + d)
     sys.exit(1 if failed else 0)

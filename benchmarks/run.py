@@ -90,8 +90,7 @@ def main() -> None:
         l2o.update(meta_episode_time())
     out["l2o"] = l2o
     if "--no-adapt" not in sys.argv:
-        adapt = trainer_step_time("digits_cbst", [*DATA, "data.real_split=halves"], device, steps, warmup=3,
-                                  adapt=True)  # fmt: skip
+        adapt = trainer_step_time("digits_cbst", [*DATA, "data.real_split=halves"], device, steps, warmup=3, adapt=True)
         out["adaptation"] = {
             "recipe": "digits_cbst (target mnist5k_adapt, 2,500 images; source and target batches of 32)",
             "pseudo_label_images_per_s": adapt["pseudo_label_images_per_s"],
@@ -124,13 +123,17 @@ def main() -> None:
             f"end to end {r['end_to_end_steps_per_s']:.2f} steps/s (ratio {ratios[name]['end_to_end_time_ratio']:.3f})"
         )
     lo = out["loop_overhead"]
-    print(f"loop overhead: fit {min(lo['loop_s']):.2f} s vs bare train_step {min(lo['bare_steps_s']):.2f} s over "
-          f"{lo['steps']} steps: ratio {lo['ratio']:.3f} (target <= 1.05)")  # fmt: skip
+    print(
+        f"loop overhead: fit {min(lo['loop_s']):.2f} s vs bare train_step {min(lo['bare_steps_s']):.2f} s over "
+        f"{lo['steps']} steps: ratio {lo['ratio']:.3f} (target <= 1.05)"
+    )
     print("l2o:", json.dumps(out["l2o"]))
     if "adaptation" in out:
         a = out["adaptation"]
-        print(f"adaptation: pseudo-labelling {a['pseudo_label_images_per_s']:.1f} images/s, step "
-              f"{1000 * a['step']['step_s_median']:.1f} ms = {a['step_time_ratio_vs_erm']:.2f} x ERM")  # fmt: skip
+        print(
+            f"adaptation: pseudo-labelling {a['pseudo_label_images_per_s']:.1f} images/s, step "
+            f"{1000 * a['step']['step_s_median']:.1f} ms = {a['step_time_ratio_vs_erm']:.2f} x ERM"
+        )
     if "segmentation" in out:
         seg = out["segmentation"]
         for name, r in seg["variants"].items():
@@ -139,17 +142,23 @@ def main() -> None:
             )
         print("segmentation ASG/ERM:", json.dumps(seg["ratios_vs_erm"]["asg_live_teacher"]))
         by = {0: seg["data_pipeline_by_workers"][0], 2: seg["data_pipeline"], 4: seg["data_pipeline_by_workers"][4]}
-        print("segmentation data pipeline images/s by DataLoader workers: "
-              + ", ".join(f"{w}: {r['images_per_s']:.1f}" for w, r in by.items()))  # fmt: skip
+        print(
+            "segmentation data pipeline images/s by DataLoader workers: "
+            + ", ".join(f"{w}: {r['images_per_s']:.1f}" for w, r in by.items())
+        )
     if "demo_run" in out:
         d = out["demo_run"]
-        print(f"digits demo run ({d['command']}): training steps {100 * d['train_step_fraction']:.1f} % of the "
-              f"training stage's {d['training_stage_wall_s']:.1f} s; phases {json.dumps(d['phases_s'])}")  # fmt: skip
+        print(
+            f"digits demo run ({d['command']}): training steps {100 * d['train_step_fraction']:.1f} % of the "
+            f"training stage's {d['training_stage_wall_s']:.1f} s; phases {json.dumps(d['phases_s'])}"
+        )
     if "torchrun" in out:
         t = out["torchrun"]
-        print(f"torchrun gloo: 1 process {t['nproc_1']['train_images_per_s']} images/s, 2 processes "
-              f"{t['nproc_2']['train_images_per_s']} images/s (ratio {t['throughput_ratio_2_vs_1']}); rank-0 peak "
-              f"RSS {t['nproc_1'].get('peak_rss_mib')} / {t['nproc_2'].get('peak_rss_mib')} MiB")  # fmt: skip
+        print(
+            f"torchrun gloo: 1 process {t['nproc_1']['train_images_per_s']} images/s, 2 processes "
+            f"{t['nproc_2']['train_images_per_s']} images/s (ratio {t['throughput_ratio_2_vs_1']}); rank-0 peak "
+            f"RSS {t['nproc_1'].get('peak_rss_mib')} / {t['nproc_2'].get('peak_rss_mib')} MiB"
+        )
     print(f"wrote {path}")
 
 
@@ -177,16 +186,24 @@ def markdown_table(out: dict) -> str:
 
     rows = [
         ("digits ERM step", step("erm"), "1"),
-        ("digits ASG, live teacher", step("asg_live_teacher"),
-         f"{r['asg_live_teacher']['step_time_ratio']:.2f} time (target <= 1.35), "
-         f"{r['asg_live_teacher']['peak_mem_ratio']:.2f} memory (target <= 1.20)"),
-        ("digits ASG, teacher logits from the disk cache", step("asg_cached_teacher"),
-         f"{r['asg_cached_teacher']['step_time_ratio']:.2f} time (target <= 1.05), "
-         f"{r['asg_cached_teacher']['peak_mem_ratio']:.2f} memory"),
-        ("whole training loop (data, steps, checkpoints, evaluations) ERM / ASG live / ASG cached",
-         " / ".join(f"{v[n]['end_to_end_steps_per_s']:.2f}" for n in v) + " steps/s",
-         " / ".join(f"{r[n]['end_to_end_time_ratio']:.2f}" for n in v) + " time"),
-    ]  # fmt: skip
+        (
+            "digits ASG, live teacher",
+            step("asg_live_teacher"),
+            f"{r['asg_live_teacher']['step_time_ratio']:.2f} time (target <= 1.35), "
+            f"{r['asg_live_teacher']['peak_mem_ratio']:.2f} memory (target <= 1.20)",
+        ),
+        (
+            "digits ASG, teacher logits from the disk cache",
+            step("asg_cached_teacher"),
+            f"{r['asg_cached_teacher']['step_time_ratio']:.2f} time (target <= 1.05), "
+            f"{r['asg_cached_teacher']['peak_mem_ratio']:.2f} memory",
+        ),
+        (
+            "whole training loop (data, steps, checkpoints, evaluations) ERM / ASG live / ASG cached",
+            " / ".join(f"{v[n]['end_to_end_steps_per_s']:.2f}" for n in v) + " steps/s",
+            " / ".join(f"{r[n]['end_to_end_time_ratio']:.2f}" for n in v) + " time",
+        ),
+    ]
     if "adaptation" in out:
         a = out["adaptation"]
         rows.append(
@@ -196,42 +213,69 @@ def markdown_table(out: dict) -> str:
                 f"{a['step_time_ratio_vs_erm']:.2f} time",
             )
         )
-        rows.append(("pseudo-labelling (asg adapt's pseudo_label)", f"{a['pseudo_label_images_per_s']:.0f} images/s",
-                     ""))  # fmt: skip
+        rows.append(
+            ("pseudo-labelling (asg adapt's pseudo_label)", f"{a['pseudo_label_images_per_s']:.0f} images/s", "")
+        )
     if "segmentation" in out:
         seg = out["segmentation"]
         sv, sr = seg["variants"], seg["ratios_vs_erm"]["asg_live_teacher"]
-        rows.append(("scenes ERM / ASG live step",
-                     f"{1000 * sv['erm']['step_s_median']:.1f} / {1000 * sv['asg_live_teacher']['step_s_median']:.1f}"
-                     f" ms", f"{sr['step_time_ratio']:.2f} time, {sr['peak_mem_ratio']:.2f} memory"))  # fmt: skip
+        rows.append(
+            (
+                "scenes ERM / ASG live step",
+                f"{1000 * sv['erm']['step_s_median']:.1f} / {1000 * sv['asg_live_teacher']['step_s_median']:.1f} ms",
+                f"{sr['step_time_ratio']:.2f} time, {sr['peak_mem_ratio']:.2f} memory",
+            )
+        )
         workers = {int(k): w for k, w in seg["data_pipeline_by_workers"].items()}  # int keys, or str from JSON
         by = [workers[0], seg["data_pipeline"], workers[4]]
-        rows.append(("segmentation data pipeline at 0 / 2 / 4 DataLoader workers",
-                     " / ".join(f"{b['images_per_s']:.1f}" for b in by) + " images/s", ""))  # fmt: skip
+        rows.append(
+            (
+                "segmentation data pipeline at 0 / 2 / 4 DataLoader workers",
+                " / ".join(f"{b['images_per_s']:.1f}" for b in by) + " images/s",
+                "",
+            )
+        )
     if "demo_run" in out:
         d = out["demo_run"]
-        rows.append((f"share of training steps in a digits demo run (`{d['command']}`)",
-                     f"{100 * d['train_step_fraction']:.1f} % of {d['training_stage_wall_s']:.1f} s",
-                     "target >= 80 %"))  # fmt: skip
+        rows.append(
+            (
+                f"share of training steps in a digits demo run (`{d['command']}`)",
+                f"{100 * d['train_step_fraction']:.1f} % of {d['training_stage_wall_s']:.1f} s",
+                "target >= 80 %",
+            )
+        )
     if "torchrun" in out:
         t = out["torchrun"]
-        rows.append(("torchrun gloo on the CPU, digits ERM, global batch 32: 1 / 2 processes",
-                     f"{t['nproc_1']['train_images_per_s']:.1f} / {t['nproc_2']['train_images_per_s']:.1f} images/s, "
-                     f"rank-0 peak {t['nproc_1'].get('peak_rss_mib', 0):.0f} / "
-                     f"{t['nproc_2'].get('peak_rss_mib', 0):.0f} MiB",
-                     f"{t['throughput_ratio_2_vs_1']:.2f} throughput"))  # fmt: skip
+        rows.append(
+            (
+                "torchrun gloo on the CPU, digits ERM, global batch 32: 1 / 2 processes",
+                f"{t['nproc_1']['train_images_per_s']:.1f} / {t['nproc_2']['train_images_per_s']:.1f} images/s, "
+                f"rank-0 peak {t['nproc_1'].get('peak_rss_mib', 0):.0f} / "
+                f"{t['nproc_2'].get('peak_rss_mib', 0):.0f} MiB",
+                f"{t['throughput_ratio_2_vs_1']:.2f} throughput",
+            )
+        )
     if "loop_overhead" in out:
         lo = out["loop_overhead"]
-        rows.append(("Trainer.fit with evaluation and checkpoints off vs bare train_step, same batches",
-                     f"{min(lo['loop_s']):.2f} / {min(lo['bare_steps_s']):.2f} s for {lo['steps']} steps",
-                     f"{lo['ratio']:.3f} time (target <= 1.05)"))  # fmt: skip
+        rows.append(
+            (
+                "Trainer.fit with evaluation and checkpoints off vs bare train_step, same batches",
+                f"{min(lo['loop_s']):.2f} / {min(lo['bare_steps_s']):.2f} s for {lo['steps']} steps",
+                f"{lo['ratio']:.3f} time (target <= 1.05)",
+            )
+        )
     if "predict" in out:
         from bench_predict import markdown_rows
 
         rows += markdown_rows(out["predict"])
     l2o = out["l2o"]
-    rows.append(("L2O controller", f"{1e6 * l2o['controller_s_per_step']:.0f} µs per step",
-                 f"{100 * l2o['overhead_vs_erm_step']:.2f} % of an ERM step"))  # fmt: skip
+    rows.append(
+        (
+            "L2O controller",
+            f"{1e6 * l2o['controller_s_per_step']:.0f} µs per step",
+            f"{100 * l2o['overhead_vs_erm_step']:.2f} % of an ERM step",
+        )
+    )
     lines = [f"Measured by `make bench` on {out['device']}.", "", "| what | measured | ratio |", "|---|---|---|"]
     return "\n".join(lines + [f"| {a} | {b} | {c} |" for a, b, c in rows]) + "\n"
 

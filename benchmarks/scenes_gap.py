@@ -60,10 +60,12 @@ def main() -> None:
         named = (pred[found] == label[found]).mean()
         iou = iou_per_class(pred, label)
         ceiling = iou_per_class(np.where(found, label, pred), label)
-        print(f"{name} ({len(pred)} scenes): digit IoU {100 * iou[1:].mean():.1f}, background IoU "
-              f"{100 * iou[0]:.1f} | stroke IoU {100 * stroke_iou:.1f}, class accuracy on found strokes "
-              f"{100 * named:.1f} | digit IoU with every found stroke named right "
-              f"{100 * ceiling[1:].mean():.1f}")  # fmt: skip
+        print(
+            f"{name} ({len(pred)} scenes): digit IoU {100 * iou[1:].mean():.1f}, background IoU "
+            f"{100 * iou[0]:.1f} | stroke IoU {100 * stroke_iou:.1f}, class accuracy on found strokes "
+            f"{100 * named:.1f} | digit IoU with every found stroke named right "
+            f"{100 * ceiling[1:].mean():.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,16 @@ VARIANTS = """A64 B64 C64 D64 A96 B96 B128 B64_n6000 B64_800 D64_1200 C64_1200 B
 B64_lr10 B64_b32 B64_s2 B64_bb03 B64_asg A64_w03 C64_w01 A64_w01_b32 A64_w01_lr02 A64_w01_bb03 A64_w01 C64_w01_1200
 A64_bb03_1200 A64_w01_1200 A64_b32_1200 A64_w03_1200 D64_w01_1200 A64_w01_2400 A64_2400 L2_A64 A64_bb03 A64_bb10_1200
 A64_lr03_bb03_1200 A96_bb03_1200 B64_bb03_1200 L2_A64_1200 L2_A64_bb03_1200 L2_A96_1200 A64_bb03_2400""".split()
-PLOTTED = ("A64_1200", "A64_2400", "A64_bb03_2400", "A96_bb03_1200", "L2_A64_bb03_1200", "A64_w03_1200", "B64_1200",
-           "D64_1200")  # fmt: skip
+PLOTTED = (
+    "A64_1200",
+    "A64_2400",
+    "A64_bb03_2400",
+    "A96_bb03_1200",
+    "L2_A64_bb03_1200",
+    "A64_w03_1200",
+    "B64_1200",
+    "D64_1200",
+)
 SET_SYN, SET_REAL = "synthetic", "mnist_photos"
 BARS = {SET_SYN: 60.0, SET_REAL: 25.0}  # issue 15's bars on ERM's mean digit IoU
 
@@ -56,8 +64,12 @@ def parse(name: str) -> tuple[str, int, list[str], float]:
             overrides.append("model.fpn_finest_stride=2")
         else:
             key, value = token.rstrip("0123456789"), int(token.lstrip("abcdefghijklmnopqrstuvwxyz"))
-            option = {"lr": f"optim.lr={value / 100}", "bb": f"optim.backbone_lr_mult={value / 10}",
-                      "b": f"data.batch_size={value}", "n": f"data.num_train={value}"}.get(key)  # fmt: skip
+            option = {
+                "lr": f"optim.lr={value / 100}",
+                "bb": f"optim.backbone_lr_mult={value / 10}",
+                "b": f"data.batch_size={value}",
+                "n": f"data.num_train={value}",
+            }.get(key)
             if key == "w":
                 weight = value / 10
             elif option is None:
@@ -65,8 +77,12 @@ def parse(name: str) -> tuple[str, int, list[str], float]:
             else:
                 overrides.append(option)
     length = [f"train.steps={steps}", f"train.eval_every={max(100, steps // 8)}"]
-    return layout, size, [*length, "data.eval_max_per_set=200", "eval.full_eval_selected=false",
-                          f"data.image_size={size}", *overrides], weight  # fmt: skip
+    return (
+        layout,
+        size,
+        [*length, "data.eval_max_per_set=200", "eval.full_eval_selected=false", f"data.image_size={size}", *overrides],
+        weight,
+    )
 
 
 def _child_code(layout: str, weight: float, call: str) -> str:
@@ -91,17 +107,25 @@ def run_one(name: str, work: Path, device: str, summary: Path) -> None:
     call = f"from asg.api import train; train('digit_scenes_erm', {overrides!r}, out={str(work / name)!r}, quiet=True)"
     start = time.time()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", _child_code(layout, weight, call)], capture_output=True, text=True,
-                          env=env)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", _child_code(layout, weight, call)], capture_output=True, text=True, env=env
+    )
     rows = []
     results = work / name / "results.jsonl"
     for line in results.read_text().splitlines() if results.exists() else []:
         row = json.loads(line)
-        metrics = {s: {"digit": sum(m["per_class_iou"][1:]) / 10, "bg": m["per_class_iou"][0], "miou": m["miou"]}
-                   for s, m in row["metrics"].items()}  # fmt: skip
+        metrics = {
+            s: {"digit": sum(m["per_class_iou"][1:]) / 10, "bg": m["per_class_iou"][0], "miou": m["miou"]}
+            for s, m in row["metrics"].items()
+        }
         rows.append({"step": row["step"], **metrics})
-    record = {"name": name, "wall": round(time.time() - start, 1), "rc": proc.returncode, "rows": rows,
-              "err": proc.stderr[-1500:] if proc.returncode else ""}  # fmt: skip
+    record = {
+        "name": name,
+        "wall": round(time.time() - start, 1),
+        "rc": proc.returncode,
+        "rows": rows,
+        "err": proc.stderr[-1500:] if proc.returncode else "",
+    }
     with summary.open("a") as fh:
         fh.write(json.dumps(record) + "\n")
     print(name, record["wall"], "s", record["err"][-300:], flush=True)
@@ -111,8 +135,9 @@ def render(layout: str, size: int, n: int, work: Path) -> None:
     """Render (and cache) a layout's synthetic and real scenes once, before the runs that share them start."""
     root = work / f"data_{layout}"
     call = f"scenes.synthetic_scenes({n}, 0, {size}, {str(root)!r}); scenes.real_scenes(500, 0, {size}, {str(root)!r})"
-    subprocess.run([sys.executable, "-c", _child_code(layout, 1.0, call)], check=True,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-c", _child_code(layout, 1.0, call)], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
 
 
 def run(args: argparse.Namespace) -> None:
