@@ -52,7 +52,7 @@ def build_report(
     for s in summaries:
         last = s["selections"]["last"]
         metrics = {
-            k: {key: val for key, val in v.items() if not key.startswith("per_class")} | group_means(bench, v)
+            k: {key: val for key, val in v.items() if key != bench.per_class_key} | group_means(bench, v)
             for k, v in last["metrics"].items()
         }
         runs.append(
