@@ -15,6 +15,7 @@ from torch import nn
 
 from asg.errors import AsgError, WeightsError
 from asg.io import atomic_write, torch_load_problem
+from asg.models.finite import check_finite
 
 __all__ = ["atomic_write", "load_state", "load_weights", "save_state", "save_weights", "torch_load_problem"]
 
@@ -44,6 +45,7 @@ def load_weights(model: nn.Module, path: Path, data: bytes | None = None) -> Non
     except SafetensorError as exc:
         detail = " ".join(str(exc).split())
         raise WeightsError(f"cannot read checkpoint {path}: the file is corrupt or truncated ({detail})") from None
+    check_finite(state, f"checkpoint {path}")
     upgrade = getattr(model, "upgrade_state_dict", None)  # weights of an earlier release's key layout
     if upgrade is not None:
         state = upgrade(state)

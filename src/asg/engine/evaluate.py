@@ -12,10 +12,25 @@ from torch.utils.data import DataLoader, Dataset
 
 from asg.config import Config
 from asg.engine.metrics import EvalResult
+from asg.errors import AsgError
 from asg.models.fusion import inference_copy
 from asg.models.inference import sliding_options
 from asg.tasks import CLASSIFICATION, get_task
 from asg.utils import progress
+
+
+def refuse_non_finite_logits(out: object, desc: str) -> None:
+    """AsgError when a model's evaluation logits hold NaN or Inf: their argmax is class 0 (or any), so the metrics
+    would be those of a constant guess, reported as if real."""
+    logits = getattr(out, "logits", None)
+    if not isinstance(logits, Tensor) or bool(torch.isfinite(logits).all()):
+        return
+    flat = logits.detach().reshape(logits.shape[0], -1)
+    bad = int((~torch.isfinite(flat)).any(dim=1).sum())
+    raise AsgError(
+        f"{desc}: the model's logits are NaN or infinite for {bad} of {flat.shape[0]} images; its weights or the "
+        "images hold non-finite values (a diverged or damaged model), so no metric is reported"
+    )
 
 
 @torch.no_grad()
@@ -53,19 +68,23 @@ def evaluate(
         x = x.to(device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
-    for batch in progress(loader, desc=desc, enabled=show_progress, leave=False):
-        if not batch:  # every image of the batch was skipped (data.on_bad_image=skip)
-            continue
-        confusion += scorer.batch_confusion(
-            model,
-            batch,
-            num_classes,
-            prepare,
-            tta_flip=tta_flip,
-            window=window,
-            stride=stride,
-            ignore_index=ignore_index,
-        )
+    hook = model.register_forward_hook(lambda _m, _x, out: refuse_non_finite_logits(out, desc))
+    try:
+        for batch in progress(loader, desc=desc, enabled=show_progress, leave=False):
+            if not batch:  # every image of the batch was skipped (data.on_bad_image=skip)
+                continue
+            confusion += scorer.batch_confusion(
+                model,
+                batch,
+                num_classes,
+                prepare,
+                tta_flip=tta_flip,
+                window=window,
+                stride=stride,
+                ignore_index=ignore_index,
+            )
+    finally:
+        hook.remove()
     model.train(was_training)
     return EvalResult(confusion, task=task)
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from asg.errors import WeightsError
 from asg.io import atomic_write
 from asg.models.base import read_weight_file
+from asg.models.finite import check_finite
 from asg.models.official import official_policy_state
 
 NUM_STATS = 5  # task loss, KL, progress, last-weight mean, last-weight std
@@ -197,6 +198,7 @@ def load_policy(path: str | Path, num_groups: int | None) -> LRPolicy:
     if not path.is_file():
         raise WeightsError(f"policy file {path} does not exist (train one with `asg l2o train`)")
     state, official = _read_state(path)
+    check_finite(state, f"policy file {path}")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     parts = [k.split(".") for k in state if k.startswith("action_distribution.linear.")]
     found = sorted({int(p[2]) for p in parts if len(p) > 2 and p[2].isdigit()})

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from asg.errors import ConfigError, WeightsError
 from asg.io import torch_load_problem
+from asg.models.finite import check_finite
 
 ParamGroups = list[tuple[str, list[nn.Parameter]]]
 GroupModules = list[tuple[str, list[nn.Module]]]
@@ -285,4 +286,5 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
                 break
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise WeightsError(f"weight file {path} holds no state dict of tensors (nor one under 'state_dict'/'model')")
+    check_finite(obj, f"weight file {path}")
     return dict(obj)

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from asg.errors import WeightsError
 from asg.models.base import check_fit, read_weight_file, strip_prefix
+from asg.models.finite import check_finite
 
 
 def official_to_own(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -103,6 +104,7 @@ def load_official_checkpoint(model: nn.Module, path: str | Path) -> str:
         raise WeightsError(f"{path}: not an official ASG checkpoint (no 'state_dict'); init_from takes a run folder, "
                            "a .safetensors file of this package, or an official ASG .pth.tar")  # fmt: skip
     raw = obj["state_dict"]
+    check_finite(strip_prefix(raw, "module."), f"official ASG checkpoint {path}")
     layout = official_layout(raw)
     if layout == "fcn8s":
         return _load_fcn8s(model, path, obj, raw)
