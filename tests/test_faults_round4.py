@@ -319,3 +319,34 @@ def test_non_finite_evaluation_logits_are_refused(tmp_path):
         net.fc.bias[1] = float("nan")
     with pytest.raises(AsgError, match=r"eval real: the model's logits are NaN or infinite for 8 of 8 images"):
         evaluate(net, RandomImages(8), 3, show_progress=False, desc="eval real")
+
+
+# ---------------------------------------------------------------- 6. the demo report of a resumed run
+
+
+def test_demo_timing_sums_a_run_resumed_between_its_last_checkpoint_and_done(tiny_bundle, tiny_config, tmp_path):
+    """Issue 27.6: a run stopped after its last checkpoint but before ``done`` resumes, trains 0 steps and records
+    ``steps_per_s: null``; the demo report's timing sum takes it (it raised TypeError on every rerun)."""
+    import json
+
+    from asg.demo.report import runs_timing
+    from asg.engine.callbacks import Callback
+    from asg.engine.trainer import Trainer
+
+    class StopAfterLastCheckpoint(Callback):
+        def on_eval_end(self, trainer, row, results) -> None:
+            if trainer.step == trainer.cfg.train.steps:
+                raise KeyboardInterrupt("after the last checkpoint, before done")
+
+    cfg = tiny_config()
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, tmp_path / "run", data=tiny_bundle, quiet=True, callbacks=[StopAfterLastCheckpoint()]).fit()
+    assert not (tmp_path / "run" / "done").exists()
+    Trainer(cfg, tmp_path / "run", data=tiny_bundle, quiet=True, resume=True).fit()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["timing"]["steps"] == 0 and summary["timing"]["steps_per_s"] is None
+    full = json.loads(json.dumps(summary))
+    full["timing"].update(steps=4, steps_per_s=2.0)
+    timing = runs_timing([summary, full], train_wall_s=10.0)
+    assert timing["runs"] == 2 and timing["steps"] == 4 and "steps_per_s" not in timing
+    assert timing["train_step_s"] == round(summary["timing"]["train_step_s"] + full["timing"]["train_step_s"], 1)

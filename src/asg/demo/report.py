@@ -368,11 +368,17 @@ def runs_timing(summaries: list[dict], train_wall_s: float) -> dict[str, Any]:
     timings = [s["timing"] for s in summaries if s.get("timing")]
     if not timings:
         return {}
-    phases = sorted({k for t in timings for k in t if k.endswith("_s") and k != "wall_s"})
-    out: dict[str, Any] = {k: round(sum(t.get(k, 0.0) for t in timings), 1) for k in phases}
-    out["runs"], out["steps"] = len(timings), sum(t.get("steps", 0) for t in timings)
-    out["train_step_fraction"] = round(out["train_step_s"] / train_wall_s, 4) if train_wall_s > 0 else None
+    # seconds of each phase (not the rate steps_per_s); a part a run lacks (null: a resumed run that trained no
+    # step) counts 0
+    phases = sorted({k for t in timings for k in t if k.endswith("_s") and k not in ("wall_s", "steps_per_s")})
+    out: dict[str, Any] = {k: round(sum(_seconds(t.get(k)) for t in timings), 1) for k in phases}
+    out["runs"], out["steps"] = len(timings), sum(int(t.get("steps") or 0) for t in timings)
+    out["train_step_fraction"] = round(out.get("train_step_s", 0.0) / train_wall_s, 4) if train_wall_s > 0 else None
     return out
+
+
+def _seconds(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) else 0.0
 
 
 def _timing_words(report: dict) -> str:
