@@ -64,9 +64,20 @@ def official_to_own(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 FCN8S_CONVS = {  # the release's VGG16 convolution names -> index in torchvision's ``vgg16().features``
-    "conv1_1": 0, "conv1_2": 2, "conv2_1": 5, "conv2_2": 7, "conv3_1": 10, "conv3_2": 12, "conv3_3": 14,
-    "conv4_1": 17, "conv4_2": 19, "conv4_3": 21, "conv5_1": 24, "conv5_2": 26, "conv5_3": 28,
-}  # fmt: skip
+    "conv1_1": 0,
+    "conv1_2": 2,
+    "conv2_1": 5,
+    "conv2_2": 7,
+    "conv3_1": 10,
+    "conv3_2": 12,
+    "conv3_3": 14,
+    "conv4_1": 17,
+    "conv4_2": 19,
+    "conv4_3": 21,
+    "conv5_1": 24,
+    "conv5_2": 26,
+    "conv5_3": 28,
+}
 FCN8S_HEAD = ("fc6", "fc7", "score_fr", "score_pool4", "score_pool3", "upscore2", "upscore_pool4", "upscore8")
 IMAGENET_HEAD_PREFIX = "backbone.imagenet_head."
 
@@ -101,16 +112,20 @@ def load_official_checkpoint(model: nn.Module, path: str | Path) -> str:
     line). WeightsError when the file is of another layout or another backbone / segmenter / number of classes."""
     obj = read_weight_file(path)
     if not (isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping)):
-        raise WeightsError(f"{path}: not an official ASG checkpoint (no 'state_dict'); init_from takes a run folder, "
-                           "a .safetensors file of this package, or an official ASG .pth.tar")  # fmt: skip
+        raise WeightsError(
+            f"{path}: not an official ASG checkpoint (no 'state_dict'); init_from takes a run folder, "
+            "a .safetensors file of this package, or an official ASG .pth.tar"
+        )
     raw = obj["state_dict"]
     check_finite(strip_prefix(raw, "module."), f"official ASG checkpoint {path}")
     layout = official_layout(raw)
     if layout == "fcn8s":
         return _load_fcn8s(model, path, obj, raw)
     if layout != "classifier":
-        raise WeightsError(f"{path}: an official checkpoint with neither an 'fc_new' task head (VisDA-17 "
-                           "classifier) nor 'score_fr' and 'conv1_1' (GTA5 FCN-8s VGG16) is not supported")  # fmt: skip
+        raise WeightsError(
+            f"{path}: an official checkpoint with neither an 'fc_new' task head (VisDA-17 "
+            "classifier) nor 'score_fr' and 'conv1_1' (GTA5 FCN-8s VGG16) is not supported"
+        )
     state = official_to_own(raw)
     check_fit(model, state, f"{path} (official ASG layout) does not fit this model")
     model.load_state_dict(state, strict=False)
@@ -151,12 +166,16 @@ def official_policy_state(obj: object, path: str | Path, own: Mapping[str, Tenso
     state = strip_prefix(obj, "module.")
     foreign = sorted(k for k in state if not k.startswith(POLICY_PARTS))
     if foreign:
-        raise WeightsError(f"{path}: not an L2O policy file of the official ASG layout (unexpected "
-                           f"{len(foreign)}: {', '.join(foreign[:3])})")  # fmt: skip
+        raise WeightsError(
+            f"{path}: not an L2O policy file of the official ASG layout (unexpected "
+            f"{len(foreign)}: {', '.join(foreign[:3])})"
+        )
     missing = sorted(k for k in own if k not in state and not k.startswith("critic."))
     if missing:
-        raise WeightsError(f"{path}: an L2O policy file without its LSTM encoders or action heads (missing "
-                           f"{len(missing)}: {', '.join(missing[:3])}) cannot be used")  # fmt: skip
+        raise WeightsError(
+            f"{path}: an L2O policy file without its LSTM encoders or action heads (missing "
+            f"{len(missing)}: {', '.join(missing[:3])}) cannot be used"
+        )
     critic = all(k in state for k in own if k.startswith("critic."))
     full = {**{k: v for k, v in own.items() if k.startswith("critic.")}, **state}  # an absent critic: fresh
     encoders = len({k.split(".")[2] for k in state if k.startswith("net.state_encoder.")})
