@@ -1,4 +1,4 @@
-"""``asg adapt``: rounds of class-balanced self-training from a trained model (CBST/CRST, spec 4.4).
+"""``asg adapt``: rounds of class-balanced self-training from a trained model (CBST/CRST, docs/adaptation.md).
 
 Each round r (1-based) pseudo-labels the unlabelled target images with the model so far, keeping per class the
 most confident portion p_r = min(init_portion + (r - 1) * portion_step, max_portion), then trains

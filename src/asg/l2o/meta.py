@@ -1,6 +1,6 @@
 """Meta-training of the L2O policy with REINFORCE.
 
-RECONSTRUCTION: the ASG release has no meta-training loop (spec 3.1, 3.5). This follows the spec's best guess:
+RECONSTRUCTION: the ASG release has no meta-training loop (docs/l2o.md, "Reconstructed"). This follows the best guess:
 an episode trains a fresh copy of the same ImageNet-initialised task model for ``l2o.episode_steps`` steps while
 the policy chooses the layer-group scales; every finished window yields a reward (``l2o.reward``) and REINFORCE
 updates the policy every ``l2o.num_steps`` decisions (and at the episode end). Only synthetic data is used:

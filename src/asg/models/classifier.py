@@ -1,4 +1,4 @@
-"""ASG's classification network (spec 2.1): backbone + new task head + frozen guidance head, and the teacher."""
+"""ASG's classification network: backbone + new task head + frozen guidance head, and the teacher."""
 
 from __future__ import annotations
 

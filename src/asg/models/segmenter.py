@@ -1,15 +1,16 @@
-"""ASG's segmentation networks (spec 2.2): backbone + dense head + the backbone's frozen ImageNet head.
+"""ASG's segmentation networks (docs/segmentation.md, "Models"): backbone + dense head + the backbone's frozen
+ImageNet head.
 
 ``ASGSegmenter`` has ``ASGClassifier``'s contract, so the training loop, the methods and the L2O controllers use it
 unchanged: ``forward(x [B,3,H,W] in [0,1]) -> ModelOutput(logits [B,C,H,W] at the input size, imagenet_logits
 [B,1000], features [B,D])``, ``backbone``, ``imagenet_head``, ``num_classes``, 7 ``layer_groups`` (the last one
 ``"head"``), ``last_layer_weight``, ``pretrained_parameters``, ``task_parameters``.
 ``imagenet_logits`` is the frozen ImageNet head on the student's pooled deepest map (``backbone.forward_head``),
-one KL term per image, not per pixel (spec 2.2); the dense head never feeds it.
+one KL term per image, not per pixel; the dense head never feeds it.
 
 Segmenters (``cfg.model.segmenter``), each on its own backbones:
 
-    fcn8s      vgg16                                 FCN-8s at-once (spec 2.2), output stride 32
+    fcn8s      vgg16                                 FCN-8s at-once, output stride 32
     deeplabv3  resnet50, resnet101                   DeepLabv3 ASPP head, dilated ResNet, output stride 8 (16, 32)
     lraspp     efficientnet_lite0, efficientnet_lite2  LR-ASPP (MobileNetV3's light head), output stride 32
     fpn        efficientnet_lite0/2, resnet50/101,     light FPN decoder on the stride 4-32 maps, logits at stride 4
@@ -79,7 +80,7 @@ def bilinear_kernel(channels: int, kernel_size: int) -> Tensor:
 
 
 class FCN8sHead(SegmentationHead):
-    """FCN-8s at-once (spec 2.2) on a VGG16 built with ``fcn=True`` (conv1_1 padding 100, pools rounding up).
+    """FCN-8s at-once on a VGG16 built with ``fcn=True`` (conv1_1 padding 100, pools rounding up).
 
     pool5 -> fc6 (7x7 conv, no padding) -> ReLU -> Dropout2d -> fc7 (1x1 conv) -> ReLU -> Dropout2d -> score_fr
     -> upscore2 (x2); + score_pool4(0.01 * pool4) cropped at offset 5 -> upscore_pool4 (x2); + score_pool3(1e-4
@@ -89,7 +90,7 @@ class FCN8sHead(SegmentationHead):
     convolutions (no bias) start as bilinear upsampling and are trained. Dropout2d is only active in ``train()``
     mode (the official run trains in eval mode: off).
     Groups: the backbone's ``conv1`` ... ``conv5``, ``fc`` (fc6, fc7), ``head`` (score_fr, score_pool3,
-    score_pool4, upscore2, upscore_pool4, upscore8): spec 3.2's ``conv1..conv5, FC, fc_new``.
+    score_pool4, upscore2, upscore_pool4, upscore8): L2O's ``conv1..conv5, FC, fc_new``.
     """
 
     def __init__(self, backbone: VGGBackbone, num_classes: int) -> None:
@@ -144,7 +145,7 @@ class FCN8sHead(SegmentationHead):
 
     @property
     def last_layer_weight(self) -> Tensor:
-        """``upscore8.weight`` [C, C, 16, 16] flattened to [C, C * 256] (the official observation, spec 8.16)."""
+        """``upscore8.weight`` [C, C, 16, 16] flattened to [C, C * 256] (the official observation)."""
         return self.upscore8.weight.flatten(1)
 
 
@@ -156,8 +157,8 @@ class DeepLabV3Head(SegmentationHead):
     """DeepLabv3's ASPP head (torchvision ``DeepLabHead``: rates 12/24/36 + image pooling, 3x3 conv-BN-ReLU,
     1x1 classifier) on the deepest map, logits bilinearly upsampled to the input size.
 
-    This is v3 ASPP, not DeepLab-v2's sum of four dilated classifiers: it is what CSG's "DeepLab" really is
-    (spec 6.1). The BatchNorms are new (running mean 0, variance 1); ``last_layer_weight``: the 1x1
+    This is v3 ASPP, not DeepLab-v2's sum of four dilated classifiers: it is what CSG's "DeepLab" really is.
+    The BatchNorms are new (running mean 0, variance 1); ``last_layer_weight``: the 1x1
     classifier's [C, 256].
     """
 
