@@ -3,6 +3,8 @@ path, a symlink loop, a float TIFF, a SIGTERM to ``asg train``, a kill -9 of a p
 
 from __future__ import annotations
 
+import os
+import signal
 import textwrap
 from pathlib import Path
 
@@ -350,3 +352,53 @@ def test_demo_timing_sums_a_run_resumed_between_its_last_checkpoint_and_done(tin
     timing = runs_timing([summary, full], train_wall_s=10.0)
     assert timing["runs"] == 2 and timing["steps"] == 4 and "steps_per_s" not in timing
     assert timing["train_step_s"] == round(summary["timing"]["train_step_s"] + full["timing"]["train_step_s"], 1)
+
+
+# ---------------------------------------------------------------- 7. a dead worker of the demo's pool
+
+
+def pool_task(folder: Path, die: bool) -> str:
+    """A task of the worker-pool test (module level: spawned workers import it): writes ``folder``/done after a
+    pause (as a run writes its folder); with ``die``, on its first attempt its process is killed by SIGKILL."""
+    import time
+
+    result = folder / "done"
+    if result.exists():  # finished by an earlier attempt (as a finished run folder is read back)
+        return result.read_text()
+    folder.mkdir(exist_ok=True)
+    attempt = folder / "tried"
+    if die and not attempt.exists():
+        attempt.write_text("1")
+        time.sleep(0.5)  # the other worker is busy with its own task by now
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(1.0)
+    result.write_text(f"{folder.name} by {os.getpid()}")
+    return result.read_text()
+
+
+@pytest.mark.slow
+def test_a_worker_killed_by_sigkill_is_one_line_the_others_finish_and_the_rerun_completes(tmp_path, capsys):
+    """Issue 27.7: kill -9 of one of two workers (``asg demo --jobs 2``'s pool): no BrokenProcessPool traceback
+    and no lost work; one line names the task that died, every other task finishes in this call, and the rerun
+    completes the missing one."""
+    from asg.errors import AsgError
+    from asg.workers import run_tasks, worker_pool
+
+    tasks = [(tmp_path / name, name == "run_b") for name in ("run_a", "run_b", "run_c", "run_d")]
+    with worker_pool(2):
+        with pytest.raises(AsgError) as info:
+            run_tasks(pool_task, tasks, 2)
+        message = str(info.value)
+        assert "\n" not in message and f"running {tmp_path / 'run_b'} died (killed by SIGKILL" in message, message
+        assert "the other 3 task(s) finished" in message and "rerun the same command" in message
+        assert sorted(p.parent.name for p in tmp_path.glob("*/done")) == ["run_a", "run_c", "run_d"]
+        results = run_tasks(pool_task, tasks, 2)  # the rerun, in the same pool (a fresh worker replaced the dead)
+    assert [r.split()[0] for r in results] == ["run_a", "run_b", "run_c", "run_d"]
+
+
+def test_an_error_in_a_task_still_stops_the_queue_and_is_raised(tmp_path):
+    """A task's own error (not a dead worker) is raised as before, once the running tasks stop."""
+    from asg.workers import run_tasks
+
+    with pytest.raises(FileNotFoundError, match="No such file"):
+        run_tasks(pool_task, [(tmp_path / "missing" / "x", False), (tmp_path / "b", False)], 2)
