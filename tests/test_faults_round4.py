@@ -402,3 +402,34 @@ def test_an_error_in_a_task_still_stops_the_queue_and_is_raised(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="No such file"):
         run_tasks(pool_task, [(tmp_path / "missing" / "x", False), (tmp_path / "b", False)], 2)
+
+
+# ---------------------------------------------------------------- 8. the smaller findings
+
+
+def test_the_off_by_one_top_label_warning_fires_for_one_image_against_eight(tmp_path):
+    """Issue 27.8: labels 0..2 with 8 images each and one image labelled 3 (the case the warning was made for):
+    the top class has <= 2 images and no evaluation set has it. Not when an evaluation set has it, nor for a
+    small balanced set."""
+    import warnings
+
+    from asg.config import DataConfig
+    from asg.data.bundle import DataWarning
+    from asg.data.check import check_listfile
+    from asg.data.classification.listfile import build_listfile
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "x.png")
+    lines = [f"x.png {c}" for c in range(3) for _ in range(8)] + ["x.png 3"]
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "real.txt").write_text("".join(f"x.png {c}\n" for c in range(3)))
+    (tmp_path / "real4.txt").write_text("".join(f"x.png {c}\n" for c in range(4)))
+    cfg = DataConfig(name="listfile", train_list=str(tmp_path / "train.txt"), image_size=8, source_val_fraction=0.0,
+                     eval_lists={"real": str(tmp_path / "real.txt")})  # fmt: skip
+    with pytest.warns(DataWarning, match=r"inferred as 4 from the highest label 3, which has only 1 image"):
+        assert len(build_listfile(cfg).class_names) == 4
+    assert any("off-by-one" in w for w in check_listfile(tmp_path / "train.txt").warnings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        build_listfile(DataConfig(**{**cfg.__dict__, "eval_lists": {"real": str(tmp_path / "real4.txt")}}))
+        (tmp_path / "small.txt").write_text("".join(f"x.png {c}\n" for c in range(4) for _ in range(2)))
+        build_listfile(DataConfig(**{**cfg.__dict__, "train_list": str(tmp_path / "small.txt"), "eval_lists": {}}))

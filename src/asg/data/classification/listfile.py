@@ -179,17 +179,24 @@ def split_folders(root: Path) -> dict[str, Path]:
 
 
 TOP_CLASS_SHARE = 0.05  # an inferred top class with fewer images than this share of the others' median is suspect
+TOP_CLASS_FEW = 2  # ... or with at most this many images (and fewer than the others' median)
 
 
-def top_class_warning(list_path: str | Path, counts: dict[int, int]) -> str | None:
+def top_class_warning(
+    list_path: str | Path, counts: dict[int, int], eval_labels: list[set[int]] | None = None
+) -> str | None:
     """A warning when the number of classes is inferred from the labels (highest id + 1) and the highest class
-    has very few images against the others (an off-by-one label adds a class silently); None otherwise."""
+    looks like an off-by-one label that adds a class silently: it has at most ``TOP_CLASS_FEW`` images (or at most
+    5 % of the others' median), fewer than the others' median, and no evaluation set (``eval_labels``: the labels
+    of each real set, when known) has it. None otherwise."""
     if len(counts) < 2:
         return None
     top = max(counts)
     others = [n for c, n in counts.items() if c != top]
     median = float(np.median(others))
-    if counts[top] > TOP_CLASS_SHARE * median:
+    if counts[top] > max(TOP_CLASS_FEW, TOP_CLASS_SHARE * median) or counts[top] >= median:
+        return None
+    if eval_labels and any(top in labels for labels in eval_labels):
         return None
     return (
         f"{list_path}: the number of classes is inferred as {top + 1} from the highest label {top}, which has "
@@ -199,13 +206,9 @@ def top_class_warning(list_path: str | Path, counts: dict[int, int]) -> str | No
 
 
 def _check_class_ids(list_path: str | Path, labels: np.ndarray) -> int:
-    """Number of classes of a training list whose labels must be exactly 0..K-1 (no id without an image); a
-    DataWarning when the top class looks like an off-by-one label (:func:`top_class_warning`)."""
-    present, n = np.unique(labels, return_counts=True)
+    """Number of classes of a training list whose labels must be exactly 0..K-1 (no id without an image)."""
+    present = np.unique(labels)
     k = int(present[-1]) + 1
-    warning = top_class_warning(list_path, dict(zip(present.tolist(), n.tolist())))
-    if warning is not None:
-        warnings.warn(warning, DataWarning, stacklevel=2)
     gaps = np.setdiff1d(np.arange(k), present).tolist()
     if gaps:
         shown = ", ".join(map(str, gaps[:10])) + (f" (+{len(gaps) - 10} more)" if len(gaps) > 10 else "")
@@ -249,6 +252,12 @@ def build_listfile(cfg: DataConfig) -> DataBundle:
         eval_sets[name] = ListFileDataset(
             path, root=cfg.root, num_classes=len(class_names), image_size=cfg.image_size, on_bad_image=cfg.on_bad_image
         )
+    if n_cfg is None:  # inferred from the labels: an off-by-one top label (absent from every real set)?
+        present, n = np.unique(train.labels, return_counts=True)
+        real = [set(np.unique(ds.labels).tolist()) for name, ds in eval_sets.items() if name != "source_val"]
+        warning = top_class_warning(train.list_path, dict(zip(present.tolist(), n.tolist())), real)
+        if warning is not None:
+            warnings.warn(warning, DataWarning, stacklevel=2)
     return DataBundle(train_part, eval_sets, "source_val" if held_out is not None else None, class_names)
 
 
