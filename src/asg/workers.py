@@ -182,8 +182,10 @@ class _Pool:
         if errors:
             first = min(errors)
             for index, why in dead.items():
-                print(f"asg: error: the worker process running {task_name(fn, tasks[index], index)} died ({why})",
-                      file=sys.stderr)  # fmt: skip
+                print(
+                    f"asg: error: the worker process running {task_name(fn, tasks[index], index)} died ({why})",
+                    file=sys.stderr,
+                )
             raise errors[first]
         if dead:
             from asg.errors import AsgError
