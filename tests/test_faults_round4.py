@@ -433,3 +433,13 @@ def test_the_off_by_one_top_label_warning_fires_for_one_image_against_eight(tmp_
         build_listfile(DataConfig(**{**cfg.__dict__, "eval_lists": {"real": str(tmp_path / "real4.txt")}}))
         (tmp_path / "small.txt").write_text("".join(f"x.png {c}\n" for c in range(4) for _ in range(2)))
         build_listfile(DataConfig(**{**cfg.__dict__, "train_list": str(tmp_path / "small.txt"), "eval_lists": {}}))
+
+
+def test_a_synthia_label_names_every_id_outside_its_ids(tmp_path):
+    """Issue 27.8: a SYNTHIA label with ids 23 (undefined) and 1000 (beyond any table) names both, not 1000 only."""
+    from asg.data.segmentation.pairs import LabelIdError, map_label
+    from asg.data.segmentation.street_classes import synthia_lut
+
+    raw = np.array([[0, 23], [1000, 5]], dtype=np.int64)
+    with pytest.raises(LabelIdError, match=r"holds id\(s\) 23, 1000 outside SYNTHIA"):
+        map_label(raw, synthia_lut(16), "SYNTHIA class ids (0..22)", "x.png")

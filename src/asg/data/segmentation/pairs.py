@@ -96,8 +96,10 @@ def map_label(raw: np.ndarray, lut: np.ndarray, label_kind: str, where: str) -> 
     (the file names) and ``label_kind`` (what the ids should be) in the message.
     """
     top = int(raw.max(initial=0))
-    if top >= len(lut) or raw.min(initial=0) < 0:
-        bad = np.unique(raw[(raw < 0) | (raw >= len(lut))])
+    if top >= len(lut) or raw.min(initial=0) < 0:  # ids beyond the table, and those it leaves undefined: all named
+        inside = (raw >= 0) & (raw < len(lut))
+        undefined = raw[inside][lut[raw[inside]] < 0]
+        bad = np.union1d(np.unique(raw[~inside]), np.unique(undefined))
     else:
         mapped = lut[raw]
         if mapped.min(initial=0) >= 0:
