@@ -443,3 +443,10 @@ def test_a_synthia_label_names_every_id_outside_its_ids(tmp_path):
     raw = np.array([[0, 23], [1000, 5]], dtype=np.int64)
     with pytest.raises(LabelIdError, match=r"holds id\(s\) 23, 1000 outside SYNTHIA"):
         map_label(raw, synthia_lut(16), "SYNTHIA class ids (0..22)", "x.png")
+
+
+def test_data_check_of_a_missing_cityscapes_root_says_it_once(tmp_path, capsys):
+    """Issue 27.8: `asg data check cityscapes MISSING` printed the same error for each default split."""
+    assert cli.main(["data", "check", "cityscapes", str(tmp_path / "nothere")]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED (1 errors" in out and out.count("does not exist") == 1, out

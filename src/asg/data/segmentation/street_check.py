@@ -174,7 +174,8 @@ def check(
             try:
                 sources.append(find_pairs(name, root, sp, class_set))
             except DataError as exc:
-                failed.append(str(exc))
+                if str(exc) not in failed:  # a missing root: the same line for every split, said once
+                    failed.append(str(exc))
         if sources and split is None:  # an absent default split is not an error when another is there
             report.warnings += failed
         else:

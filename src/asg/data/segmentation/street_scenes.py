@@ -140,7 +140,8 @@ def find_pairs(name: str, root: str | Path, split: str, class_set: int = 19) -> 
     if (root / PREPARED_FILE).is_file():
         return _prepared(name, root, split, class_set)
     if not root.is_dir():
-        raise DataError(f"{name} root {root} does not exist; {_found(root)}")
+        what = "does not exist" if not root.exists() else f"is not a folder ({_found(root)})"
+        raise DataError(f"{name} root {root} {what}")
     return LAYOUTS[name](root, split, class_set)
 
 
