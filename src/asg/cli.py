@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -438,9 +441,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.command == "data":
             return _data_check(args) if args.data_command == "check" else _data_prepare(args)
-        if args.command == "l2o":
-            return _l2o_train(args)
-        return handlers[args.command](args)
+        with _sigterm_as_interrupt():  # docker stop, SLURM, systemd: stopped as Ctrl-C stops, with the same word
+            if args.command == "l2o":
+                return _l2o_train(args)
+            return handlers[args.command](args)
     except AsgError as exc:
         print(f"asg: error: {_error_line(exc)}", file=sys.stderr)
         return 2
@@ -450,9 +454,56 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"asg: error: {line}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"asg: interrupted; {_continue_hint(args)}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        term = isinstance(exc, Terminated)
+        print(f"asg: {'stopped by SIGTERM' if term else 'interrupted'}; {_continue_hint(args)}", file=sys.stderr)
+        return 128 + signal.SIGTERM if term else 130
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt, so that both stop a command alike."""
+
+
+_MAIN_PID: list[int] = []
+
+
+def _terminated(signum: int, frame: object) -> None:
+    if _MAIN_PID and os.getpid() != _MAIN_PID[-1]:  # a forked child (a DataLoader worker): the default action
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    raise Terminated("SIGTERM")
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block (main thread only), SIGTERM raises :class:`Terminated`."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _MAIN_PID.append(os.getpid())
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _MAIN_PID.pop()
+
+
+def _committed_nothing(args: argparse.Namespace) -> bool:
+    """True when ``asg train``'s run folder holds no checkpoint (a resume would be refused)."""
+    from asg.engine.rundir import RunDir
+
+    try:
+        out = args.out
+        if out is None:
+            from asg.api import default_run_dir
+            from asg.config import load_config
+
+            out = default_run_dir(load_config(args.config, args.overrides))
+        return not RunDir(out).has_progress()
+    except Exception:  # the advice is best effort: the usual one
+        return False
 
 
 def _continue_hint(args: argparse.Namespace) -> str:
@@ -463,6 +514,8 @@ def _continue_hint(args: argparse.Namespace) -> str:
         return "rerun the same command"
     if args.command in ("evaluate", "demo", "predict", "export", "sweep", "compare"):
         return "rerun the same command"
+    if args.command == "train" and _committed_nothing(args):
+        return "no checkpoint was written yet, so there is nothing to resume: rerun the same command without --resume"
     return "continue with the same command and --resume"
 
 
