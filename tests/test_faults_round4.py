@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -450,3 +452,64 @@ def test_data_check_of_a_missing_cityscapes_root_says_it_once(tmp_path, capsys):
     assert cli.main(["data", "check", "cityscapes", str(tmp_path / "nothere")]) == 1
     out = capsys.readouterr().out
     assert "FAILED (1 errors" in out and out.count("does not exist") == 1, out
+
+
+# ``asg train`` (the CLI's main) on the tiny data, each step slowed down so that a signal lands mid-run
+SLOW_TRAIN = textwrap.dedent(f"""
+    import sys, time
+    sys.path.insert(0, {TESTS_DIR!r})
+    import torch
+    from helpers import TINY_OVERRIDES, tiny_data
+    from asg import cli
+    import asg.engine.trainer as trainer
+    torch.set_num_threads(1)
+    bundle = tiny_data()
+    trainer.build_data = lambda cfg: bundle
+    step = trainer.Trainer.train_step
+    def slow_step(self, batch):
+        time.sleep(0.3)
+        return step(self, batch)
+    trainer.Trainer.train_step = slow_step
+    sets = [a for o in TINY_OVERRIDES + sys.argv[2:] for a in ("--set", o)]
+    sys.exit(cli.main(["train", "--config", sys.argv[1] + "/recipe.yaml", "--out", sys.argv[1] + "/run", *sets]))
+""")
+
+
+def _signal_a_training(folder: Path, sig: int, wait_for: str, *overrides: str) -> subprocess.CompletedProcess:
+    """Start ``asg train`` into ``folder/run``, send ``sig`` once ``wait_for`` exists in the run folder."""
+    import time
+
+    folder.mkdir(exist_ok=True)
+    (folder / "recipe.yaml").write_text("name: tiny\n")
+    env = {**os.environ, "PYTHONPATH": SRC_DIR}
+    argv = [sys.executable, "-c", SLOW_TRAIN, str(folder), "train.steps=200", *overrides]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (folder / "run" / wait_for).exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+@pytest.mark.slow
+def test_sigterm_to_asg_train_says_how_to_continue_like_ctrl_c(tmp_path):
+    """Issue 27.8: SIGTERM (docker stop, SLURM, systemd) ended `asg train` with exit 143 and no word; now it is
+    handled as Ctrl-C is: one line saying how to continue (exit 143), and the run resumes."""
+    proc = _signal_a_training(tmp_path, signal.SIGTERM, "checkpoint.json", "train.checkpoint_every=2")
+    assert proc.returncode == 143, proc.stderr
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == "asg: stopped by SIGTERM; continue with the same command and --resume", proc.stderr
+    assert (tmp_path / "run" / "checkpoint.json").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_before_the_first_checkpoint_says_rerun_without_resume(tmp_path):
+    """Issue 27.8: Ctrl-C before the first checkpoint advised --resume, which then fails ("no checkpoint in this
+    folder"); now it says to rerun the same command."""
+    proc = _signal_a_training(tmp_path, signal.SIGINT, "config.yaml", "train.checkpoint_every=1000")
+    assert proc.returncode == 130, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("asg: interrupted; no checkpoint was written yet") and "without --resume" in last, last
+    assert not (tmp_path / "run" / "checkpoint.json").exists()
