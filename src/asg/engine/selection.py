@@ -103,7 +103,7 @@ class Evaluator:
             if set_name is None or set_name not in results:
                 continue
             score = results[set_name].primary
-            if rule not in self.best or score > self.best[rule]["score"]:
+            if rule not in self.best or score >= self.best[rule]["score"]:  # a tie goes to the later step
                 tag = f"best_{rule.replace('-', '_')}_step_{t.step:07d}"
                 entry = rd.write_weights(tag, weights_to_save(t.model), t.step)
                 self.best[rule] = {**entry, "score": score, "set": set_name}
