@@ -513,3 +513,19 @@ def test_ctrl_c_before_the_first_checkpoint_says_rerun_without_resume(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("asg: interrupted; no checkpoint was written yet") and "without --resume" in last, last
     assert not (tmp_path / "run" / "checkpoint.json").exists()
+
+
+def test_source_val_ties_pick_the_later_step(tiny_bundle, tiny_config, tmp_path):
+    """Issue 27.8: equal source-val scores (here every step: a learning rate too small to change a prediction)
+    select the later step, not the earliest."""
+    import json
+
+    from asg.engine.trainer import Trainer
+
+    cfg = tiny_config("optim.lr=1e-12", "method.name=erm")
+    Trainer(cfg, tmp_path / "run", data=tiny_bundle, quiet=True).fit()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    scores = {r["step"]: r["metrics"]["source_val"]["mean_class_acc"] for r in rows if "metrics" in r}
+    assert len(scores) >= 2 and len(set(scores.values())) == 1, scores
+    manifest = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
+    assert manifest["best"]["source-val"]["step"] == max(scores)
