@@ -425,8 +425,13 @@ def test_the_off_by_one_top_label_warning_fires_for_one_image_against_eight(tmp_
     (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
     (tmp_path / "real.txt").write_text("".join(f"x.png {c}\n" for c in range(3)))
     (tmp_path / "real4.txt").write_text("".join(f"x.png {c}\n" for c in range(4)))
-    cfg = DataConfig(name="listfile", train_list=str(tmp_path / "train.txt"), image_size=8, source_val_fraction=0.0,
-                     eval_lists={"real": str(tmp_path / "real.txt")})  # fmt: skip
+    cfg = DataConfig(
+        name="listfile",
+        train_list=str(tmp_path / "train.txt"),
+        image_size=8,
+        source_val_fraction=0.0,
+        eval_lists={"real": str(tmp_path / "real.txt")},
+    )
     with pytest.warns(DataWarning, match=r"inferred as 4 from the highest label 3, which has only 1 image"):
         assert len(build_listfile(cfg).class_names) == 4
     assert any("off-by-one" in w for w in check_listfile(tmp_path / "train.txt").warnings)
