@@ -77,6 +77,8 @@ def load_init_weights(model: nn.Module, cfg: Config, num_classes: int, task: str
     when the source was trained with another backbone, segmenter or number of classes."""
     assert cfg.model.init_from is not None
     weights, run = init_weights_path(cfg.model.init_from, cfg.model.init_checkpoint)
+    if run is not None and not cfg.adapt.from_unfinished:  # as `asg adapt`: not a running or unfinished run
+        init_record(cfg.model.init_from, cfg.model.init_checkpoint)
     if run is not None and (run / "config.yaml").is_file():
         theirs = load_config(run / "config.yaml")
         for key in get_task(task).model_keys:
