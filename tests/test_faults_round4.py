@@ -534,3 +534,21 @@ def test_source_val_ties_pick_the_later_step(tiny_bundle, tiny_config, tmp_path)
     assert len(scores) >= 2 and len(set(scores.values())) == 1, scores
     manifest = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
     assert manifest["best"]["source-val"]["step"] == max(scores)
+
+
+def test_train_refuses_init_from_an_unfinished_run_as_adapt_does(tiny_bundle, tiny_config, tmp_path):
+    """Issue 27.8: `asg train --set model.init_from=UNFINISHED_RUN` was accepted silently (asg adapt refuses it):
+    refused the same way, with the same way out (adapt.from_unfinished=true)."""
+    import shutil
+
+    from asg.engine.trainer import Trainer
+    from asg.errors import WeightsError
+
+    Trainer(tiny_config(), tmp_path / "done_run", data=tiny_bundle, quiet=True).fit()
+    shutil.copytree(tmp_path / "done_run", tmp_path / "stopped")
+    (tmp_path / "stopped" / "done").unlink()
+    with pytest.raises(WeightsError, match=r"model.init_from: .*stopped never finished .*adapt.from_unfinished=true"):
+        Trainer(tiny_config(f"model.init_from={tmp_path / 'stopped'}"), tmp_path / "b", data=tiny_bundle, quiet=True)
+    Trainer(tiny_config(f"model.init_from={tmp_path / 'done_run'}"), tmp_path / "c", data=tiny_bundle, quiet=True)
+    Trainer(tiny_config(f"model.init_from={tmp_path / 'stopped'}", "adapt.from_unfinished=true"), tmp_path / "d",
+            data=tiny_bundle, quiet=True)  # fmt: skip
