@@ -552,3 +552,12 @@ def test_train_refuses_init_from_an_unfinished_run_as_adapt_does(tiny_bundle, ti
     Trainer(tiny_config(f"model.init_from={tmp_path / 'done_run'}"), tmp_path / "c", data=tiny_bundle, quiet=True)
     Trainer(tiny_config(f"model.init_from={tmp_path / 'stopped'}", "adapt.from_unfinished=true"), tmp_path / "d",
             data=tiny_bundle, quiet=True)  # fmt: skip
+
+
+def test_a_batch_larger_than_the_training_set_is_warned(tiny_bundle, tiny_config, tmp_path):
+    """Issue 27.8: data.batch_size=256 on 48 training images ran with batches of 48 without a word."""
+    from asg.data.bundle import DataWarning
+    from asg.engine.trainer import Trainer
+
+    with pytest.warns(DataWarning, match=r"data.batch_size=256 is larger than the training set \(48 images\)"):
+        Trainer(tiny_config("data.batch_size=256"), None, data=tiny_bundle, quiet=True)
