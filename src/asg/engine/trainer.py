@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -118,6 +119,14 @@ class Trainer:
             raise AsgError(f"data.batch_size={cfg.data.batch_size} is the global batch, split over {self.dist.world} "
                            f"processes: it must be at least {min_batch * self.dist.world}{per}")  # fmt: skip
         n_train = dataset_size(self.data.train)
+        if cfg.data.batch_size > n_train:
+            from asg.data.bundle import DataWarning
+
+            line = (
+                f"data.batch_size={cfg.data.batch_size} is larger than the training set ({n_train} images): "
+                f"every batch holds at most those {n_train} images; lower data.batch_size or add images"
+            )
+            warnings.warn(DataWarning(line), stacklevel=2)
         epoch = cfg.l2o.steps_per_epoch or steps_per_epoch(n_train, cfg.data.batch_size, min_batch)
         self.controller = controller if controller is not None else controller_factory(cfg, epoch)
         if hasattr(self.controller, "bind_probe"):
