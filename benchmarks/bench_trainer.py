@@ -53,6 +53,7 @@ def _measure(recipe: str, overrides: list[str], device: str, steps: int, warmup:
     from asg.config import load_config
     from asg.data import build_data
     from asg.engine.trainer import Trainer
+    from asg.tasks import task_of
 
     # the whole loop as `asg train` runs it: a run folder, checkpoints and evaluations every 10 steps (on 64 images
     # per set, so that evaluation does not dominate a 20-step measurement)
@@ -102,13 +103,13 @@ def _measure(recipe: str, overrides: list[str], device: str, steps: int, warmup:
         {
             "step_s_median": statistics.median(times[warmup:]),
             "step_s_mean": statistics.mean(times[warmup:]),
-            # Trainer.run's loop end to end: data, steps, logging, checkpoints and evaluations every 10 steps
+            # Trainer.fit's loop end to end: data, steps, logging, checkpoints and evaluations every 10 steps
             "end_to_end_steps_per_s": steps / loop_s,  # the warm-up steps' own time left out
             "loop_phases_s": {k: loop[f"{k}_s"] for k in ("data", "train_step", "checkpoint", "eval")},
             "peak_mem_mib": peak,
             "memory_kind": "cuda allocated" if device.startswith("cuda") else "process RSS",
             "batch": [cfg.data.batch_size, 3, cfg.data.image_size, cfg.data.image_size],
-            "model": cfg.model.backbone + (f"+{cfg.model.segmenter}" if data.is_segmentation else ""),
+            "model": cfg.model.backbone + (f"+{cfg.model.segmenter}" if task_of(data).per_pixel else ""),
             "timed_steps": len(times) - warmup,
             **extra,
         }

@@ -84,15 +84,15 @@ class CountingERM(ERM):
 def test_post_step_hook_runs_once_per_optimizer_step_across_a_resume(tiny_bundle, tiny_config, tmp_path, monkeypatch):
     cfg = tiny_config("method.name=erm", "train.steps=5")
     method = CountingERM(cfg.method)
-    Trainer(cfg, None, data=tiny_bundle, method=method, quiet=True).run()
+    Trainer(cfg, None, data=tiny_bundle, method=method, quiet=True).fit()
     assert method.calls == 5
     crash = [CrashAt(3)]  # the checkpoint of step 2 is on disk
     with pytest.raises(KeyboardInterrupt):
         Trainer(
             cfg, tmp_path / "r", data=tiny_bundle, method=CountingERM(cfg.method), quiet=True, callbacks=crash
-        ).run()
+        ).fit()
     resumed = CountingERM(cfg.method)
-    Trainer(cfg, tmp_path / "r", data=tiny_bundle, method=resumed, quiet=True, resume=True).run()
+    Trainer(cfg, tmp_path / "r", data=tiny_bundle, method=resumed, quiet=True, resume=True).fit()
     assert resumed.calls == 5  # 2 restored from the checkpoint + steps 3..5
 
 
@@ -114,7 +114,7 @@ def test_ema_update_of_self_training(tiny_bundle, tiny_config):
 
 @pytest.mark.slow
 def test_init_from_loads_every_weight_and_starts_at_step_zero(tiny_bundle, tiny_config, tmp_path):
-    Trainer(tiny_config("method.name=erm"), tmp_path / "src", data=tiny_bundle, quiet=True).run()
+    Trainer(tiny_config("method.name=erm"), tmp_path / "src", data=tiny_bundle, quiet=True).fit()
     saved = load_file(str(tmp_path / "src" / "last.safetensors"))
     cfg = tiny_config(f"model.init_from={tmp_path / 'src'}")
     trainer = Trainer(cfg, None, data=tiny_bundle, quiet=True)
@@ -157,7 +157,7 @@ class ImagesLabelsRaise(Dataset):
 
 
 def _adapt_setup(tiny_bundle, tiny_config, tmp_path):
-    Trainer(tiny_config("method.name=erm"), tmp_path / "src", data=tiny_bundle, quiet=True).run()
+    Trainer(tiny_config("method.name=erm"), tmp_path / "src", data=tiny_bundle, quiet=True).fit()
     target = ImagesLabelsRaise(tiny_bundle.eval_sets["real"])
     bundle = DataBundle(tiny_bundle.train, tiny_bundle.eval_sets, "source_val", tiny_bundle.class_names,
                         target_sets={"real_adapt": target})  # fmt: skip

@@ -126,7 +126,7 @@ def test_lpft_probe_trains_only_the_head_then_everything(tiny_bundle, tiny_confi
         return out
 
     trainer.train_step = step_and_record
-    trainer.run()
+    trainer.fit()
     assert len(seen) == 4
     for step in (0, 1):  # the probe: backbone bit-identical (weights and buffers), no grads, no momentum
         backbone, head, grads_none, momentum = seen[step]
@@ -225,7 +225,7 @@ def test_feature_guidance_starts_at_zero_on_the_untrained_model(tiny_bundle, tin
     logs = []
     original = trainer.train_step
     trainer.train_step = lambda batch: logs.append(original(batch)) or logs[-1]
-    trainer.run()
+    trainer.fit()
     assert logs[0].logs["feature_dist"] == pytest.approx(0.0, abs=1e-6)  # the guidance term at step 0
     assert logs[0].logs["loss"] == pytest.approx(logs[0].logs["task_loss"], abs=1e-5)
 
@@ -233,7 +233,7 @@ def test_feature_guidance_starts_at_zero_on_the_untrained_model(tiny_bundle, tin
 def test_feature_teacher_cache_holds_features(tiny_bundle, tiny_config, tmp_path, one_thread):
     cfg = tiny_config("method.name=feature", "teacher.cache=true", "train.steps=2", "train.eval_every=100")
     trainer = Trainer(cfg, None, data=tiny_bundle, quiet=True)
-    trainer.run()
+    trainer.fit()
     dim = trainer.model.backbone.feature_dim
     assert trainer.teacher_source.memory is not None and trainer.teacher_source.memory.shape == (
         len(tiny_bundle.train),
@@ -345,7 +345,8 @@ def test_gradient_all_reduce_keeps_a_frozen_parameters_grad_none(tmp_path):
     skips them) and still average the others."""
     import torch.distributed as td
 
-    from asg.engine.distributed import Dist, _reduce
+    from asg.engine.distributed import Dist
+    from asg.engine.gradient_sync import _reduce
 
     td.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:

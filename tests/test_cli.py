@@ -20,7 +20,7 @@ def _recipe(tmp_path):
         "train": {"steps": 4, "eval_every": 2, "checkpoint_every": 2, "progress": False},
         "eval": {"retention": True, "full_eval_selected": False},
     }
-    from asg.config import recipe_path
+    from asg.recipe_files import recipe_path
 
     path = tmp_path / "tiny.yaml"
     recipe["inherit"] = str(recipe_path("digits_base"))

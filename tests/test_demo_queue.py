@@ -4,6 +4,7 @@ import pytest
 
 import asg.demo as demo
 from asg.config import load_config
+from asg.engine.summary import RunSummary
 
 
 class QueueSeen(Exception):
@@ -69,7 +70,13 @@ def test_tuned_long_protocol_adds_seeds_where_three_spread_over_three_points(tmp
     tasks = demo._training_tasks(demo.DIGITS, tmp_path, [], 3, ["erm", "asg"], {})
     scores = {"erm": [0.50, 0.52, 0.51], "asg": [0.40, 0.50, 0.45]}  # std 0.01 and 0.05
     summaries = [
-        {"selections": {"last": {"metrics": {"mnist5k_test": {"mean_class_acc": scores[t.label][t.seed]}}}}}
+        RunSummary.from_dict(
+            {
+                "selections": {
+                    "last": {"step": 1, "metrics": {"mnist5k_test": {"mean_class_acc": scores[t.label][t.seed]}}}
+                }
+            }
+        )
         for t in tasks
     ]
     assert demo._wide_labels(demo.DIGITS, tasks, summaries) == ["asg"]

@@ -22,8 +22,8 @@ from conftest import TINY_OVERRIDES, CrashAt, RandomImages
 from asg.config import load_config
 from asg.data import DataBundle
 from asg.engine.callbacks import Callback
-from asg.engine.distributed import Dist, ShardedBatchSampler
-from asg.engine.sampler import EpochBatchSampler
+from asg.engine.distributed import Dist
+from asg.engine.sampler import EpochBatchSampler, ShardedBatchSampler
 from asg.engine.trainer import Trainer
 from asg.errors import AsgError, TrainingDiverged
 
@@ -70,7 +70,7 @@ def _train(out: Path, *, resume: bool = False, crash_at: int | None = None, nan_
         trainer.method.forward_loss = poisoned
     record = {"losses": losses, "error": None, "world": trainer.dist.world}
     try:
-        trainer.run()
+        trainer.fit()
     except (KeyboardInterrupt, TrainingDiverged) as exc:
         record["error"] = f"{type(exc).__name__}: {exc}"
     record["state"] = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
@@ -259,7 +259,7 @@ def _dying_worker(rank: int, port: int, out: Path) -> None:
     rank_1_dies = CrashAt(2, kill=True, when=lambda trainer: trainer.dist.rank == 1)  # in step 3
     trainer = Trainer(load_config(None, OVERRIDES), out, data=_bundle(), quiet=True, callbacks=[rank_1_dies])
     try:
-        trainer.run()
+        trainer.fit()
         message = "finished"
     except AsgError as exc:
         message = f"AsgError: {exc}"
@@ -289,7 +289,7 @@ def test_a_rank_that_dies_stops_the_others_with_a_message_and_an_intact_checkpoi
     manifest = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
     assert manifest["step"] == 2 and not (tmp_path / "run" / "done").exists()
     assert not list((tmp_path / "run").glob("*.tmp*"))
-    Trainer(load_config(None, OVERRIDES), tmp_path / "run", data=_bundle(), quiet=True, resume=True).run()
+    Trainer(load_config(None, OVERRIDES), tmp_path / "run", data=_bundle(), quiet=True, resume=True).fit()
     assert (tmp_path / "run" / "done").exists()
 
 

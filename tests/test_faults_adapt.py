@@ -36,7 +36,7 @@ def killed_training(out: Path, kill_at: int) -> None:
         sets = {{"source_val": RandomImages(12, seed=1), "real": RandomImages(12, seed=2)}}
         bundle = DataBundle(RandomImages(48, seed=0), sets, "source_val", ["a", "b", "c"])
         cfg = load_config(None, TINY_OVERRIDES + ["method.name=erm", "train.steps=6"])
-        Trainer(cfg, {str(out)!r}, data=bundle, quiet=True, callbacks=[CrashAt({kill_at}, kill=True)]).run()
+        Trainer(cfg, {str(out)!r}, data=bundle, quiet=True, callbacks=[CrashAt({kill_at}, kill=True)]).fit()
     """)
     env = {**os.environ, "PYTHONPATH": SRC_DIR}
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
@@ -77,7 +77,7 @@ def test_resumed_adaptation_refuses_a_start_model_that_changed(tiny_bundle, tiny
     from asg.engine.trainer import Trainer
 
     src = tmp_path / "src"
-    Trainer(tiny_config("method.name=erm"), src, data=tiny_bundle, quiet=True).run()
+    Trainer(tiny_config("method.name=erm"), src, data=tiny_bundle, quiet=True).fit()
     cfg, bundle = adapt_config(tiny_bundle, tiny_config, src)
     Adaptation(cfg, tmp_path / "a", data=bundle, quiet=True).run()
     (tmp_path / "a" / "done").unlink()
@@ -98,7 +98,7 @@ def test_damaged_pseudo_labels_on_resume_are_computed_again(
     from asg.engine.trainer import Trainer
 
     src = tmp_path / "src"
-    Trainer(tiny_config("method.name=erm"), src, data=tiny_bundle, quiet=True).run()
+    Trainer(tiny_config("method.name=erm"), src, data=tiny_bundle, quiet=True).fit()
     cfg, bundle = adapt_config(tiny_bundle, tiny_config, src, "adapt.steps_per_round=4")
     Adaptation(cfg, tmp_path / "a", data=bundle, quiet=True).run()
     with every_trainer_crashes_at(3), pytest.raises(KeyboardInterrupt):

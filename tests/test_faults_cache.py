@@ -17,7 +17,9 @@ from test_teacher_cache import ALL, CountingTeacher, N, build, digits, exact_log
 import asg
 from asg.data.classification.listfile import ListFileDataset
 from asg.engine import teacher_cache, teacher_files, teacher_keys
-from asg.engine.teacher_cache import TeacherCacheError, TeacherLogitCache, cache_key
+from asg.engine.teacher_cache import TeacherLogitCache
+from asg.engine.teacher_keys import cache_key
+from asg.engine.teacher_storage import TeacherCacheError
 
 SRC_DIR = str(Path(asg.__file__).resolve().parents[1])
 TESTS_DIR = str(Path(__file__).resolve().parent)
@@ -150,7 +152,7 @@ def test_disk_that_fills_during_the_build_is_one_message_not_a_bus_error(tmp_pat
         teacher_build._check_space = lambda folder, needed: None
         try:
             build({str(root)!r}, digits(n=1000), CountingTeacher())
-        except teacher_cache.TeacherCacheError as exc:
+        except TeacherCacheError as exc:
             print(exc)
             sys.exit(3)
     """)

@@ -59,7 +59,8 @@ def test_torch_save_write_failure_is_one_message_and_the_last_checkpoint_is_kept
     import torch
 
     from asg.engine import checkpoint
-    from asg.engine.rundir import RunDir, RunFolderError
+    from asg.engine.run_lock import RunFolderError
+    from asg.engine.rundir import RunDir
 
     rd = RunDir(tmp_path)
     weights = {"w": torch.zeros(3)}
@@ -203,7 +204,7 @@ def test_evaluate_while_the_training_commits_and_deletes_the_checkpoint(
     from asg.engine.trainer import Trainer
 
     run = tmp_path / "run"
-    Trainer(tiny_config("method.name=erm"), run, data=tiny_bundle, quiet=True).run()
+    Trainer(tiny_config("method.name=erm"), run, data=tiny_bundle, quiet=True).fit()
     rd = RunDir(run)
     manifest = rd.read_manifest()
     looked_up = run / manifest["weights"]["file"]

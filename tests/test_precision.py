@@ -32,7 +32,7 @@ def test_bf16_runs_student_and_teacher_in_bf16_without_autograd_on_the_teacher(t
         return forward_loss(model, batch)
 
     trainer.method.forward_loss = record
-    trainer.run()
+    trainer.fit()
     assert seen and all(s == (torch.bfloat16, torch.bfloat16, False) for s in seen)
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # weights stay fp32
 
@@ -50,7 +50,7 @@ def test_fp16_skips_an_overflowing_step_halves_the_scale_and_goes_on(tiny_bundle
         return step(batch)
 
     trainer.train_step = spy
-    trainer.run()
+    trainer.fit()
     scale = trainer.precision.scaler.get_scale()
     assert scale == pytest.approx(2.0**16 / 2)  # the default initial scale, halved once
     assert torch.equal(before[1], before[2])  # the overflowing step changed nothing
@@ -61,7 +61,7 @@ def test_fp32_stops_at_a_non_finite_gradient(tiny_bundle, tiny_config):
     trainer = Trainer(tiny_config("train.steps=3"), None, data=tiny_bundle, quiet=True)
     _overflow_at(trainer, {1})
     with pytest.raises(TrainingDiverged, match="non-finite gradient norm at step 2"):
-        trainer.run()
+        trainer.fit()
 
 
 @pytest.mark.slow
@@ -70,7 +70,7 @@ def test_fp16_stops_when_every_step_overflows(tiny_bundle, tiny_config):
     trainer = Trainer(cfg, None, data=tiny_bundle, quiet=True)
     _overflow_at(trainer, set(range(1000)))
     with pytest.raises(TrainingDiverged, match=f"overflowed at {MAX_OVERFLOW_STREAK} steps in a row"):
-        trainer.run()
+        trainer.fit()
     assert trainer.step == MAX_OVERFLOW_STREAK - 1
 
 
@@ -81,14 +81,14 @@ def test_fp16_resume_restores_the_loss_scale_and_equals_the_uninterrupted_run(
     cfg = tiny_config("train.precision=fp16", "train.steps=5")
     a = Trainer(cfg, tmp_path / "a", data=tiny_bundle, quiet=True)
     _overflow_at(a, {0})
-    a.run()
+    a.fit()
 
     b = Trainer(cfg, tmp_path / "b", data=tiny_bundle, quiet=True, callbacks=[CrashAt(3)])  # after step 2's checkpoint
     _overflow_at(b, {0})
     with pytest.raises(KeyboardInterrupt):
-        b.run()
+        b.fit()
     resumed = Trainer(cfg, tmp_path / "b", data=tiny_bundle, quiet=True, resume=True)
-    resumed.run()
+    resumed.fit()
     # halved at step 1 and restored from the checkpoint (a fresh scaler would still be at 2^16)
     assert resumed.precision.scaler.get_scale() == a.precision.scaler.get_scale() == pytest.approx(2.0**15)
     wa, wb = load_file(tmp_path / "a" / "last.safetensors"), load_file(tmp_path / "b" / "last.safetensors")
@@ -96,7 +96,7 @@ def test_fp16_resume_restores_the_loss_scale_and_equals_the_uninterrupted_run(
 
 
 def test_versions_json_records_how_the_run_computed(tiny_bundle, tiny_config, tmp_path):
-    Trainer(tiny_config("train.precision=fp16", "train.steps=1"), tmp_path, data=tiny_bundle, quiet=True).run()
+    Trainer(tiny_config("train.precision=fp16", "train.steps=1"), tmp_path, data=tiny_bundle, quiet=True).fit()
     v = json.loads((tmp_path / "versions.json").read_text())
     assert (v["precision"], v["autocast_dtype"], v["grad_scaler"]) == ("fp16", "float16", True)
     assert v["channels_last"] is True and v["compile"] is None and v["world_size"] == 1
@@ -112,11 +112,11 @@ def test_train_amp_of_older_recipes_reads_as_bf16():
 @pytest.mark.slow
 def test_compile_in_place_keeps_groups_and_checkpoint_keys(tiny_bundle, tiny_config, tmp_path):
     plain = Trainer(tiny_config("train.steps=2"), tmp_path / "plain", data=tiny_bundle, quiet=True)
-    plain.run()
+    plain.fit()
     cfg = tiny_config("train.steps=2", "train.compile=true", "train.compile_backend=eager")
     compiled = Trainer(cfg, tmp_path / "compiled", data=tiny_bundle, quiet=True)
     names = [name for name, _ in compiled.groups]
-    compiled.run()
+    compiled.fit()
     assert names == [name for name, _ in plain.groups]
     a, b = load_file(tmp_path / "plain" / "last.safetensors"), load_file(tmp_path / "compiled" / "last.safetensors")
     assert a.keys() == b.keys()  # no "_orig_mod." prefix: checkpoints load into an uncompiled model

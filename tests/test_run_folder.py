@@ -15,7 +15,8 @@ from conftest import CrashAt
 from safetensors.torch import load_file
 
 from asg.config import load_config
-from asg.engine.rundir import TRAINING, RunDir, RunFolderError, RunKind
+from asg.engine.run_lock import RunFolderError
+from asg.engine.rundir import TRAINING, RunDir, RunKind
 from asg.engine.selection import Evaluator
 from asg.engine.trainer import Trainer
 from asg.errors import AsgError, ConfigError, TrainingDiverged
@@ -48,13 +49,13 @@ def test_second_process_into_a_locked_folder_is_refused_with_its_pid(tmp_path, t
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunFolderError, match=f"pid {holder.pid}"):
-            Trainer(tiny_config(), tmp_path, data=tiny_bundle, quiet=True).run()
+            Trainer(tiny_config(), tmp_path, data=tiny_bundle, quiet=True).fit()
         assert not (tmp_path / "results.jsonl").exists()
     finally:
         holder.kill()
         holder.wait()
     # the OS dropped the dead holder's lock
-    Trainer(tiny_config(), tmp_path, data=tiny_bundle, quiet=True).run()
+    Trainer(tiny_config(), tmp_path, data=tiny_bundle, quiet=True).fit()
     assert (tmp_path / "done").exists()
 
 
@@ -69,7 +70,7 @@ def test_lock_is_exclusive_within_one_process_and_released(tmp_path):
 @pytest.mark.slow
 def test_crash_between_checkpoint_files_and_manifest_resumes_exactly(tiny_bundle, tiny_config, tmp_path, monkeypatch):
     cfg = tiny_config("train.steps=6", "train.eval_every=1", "train.checkpoint_every=2")
-    Trainer(cfg, tmp_path / "a", data=tiny_bundle, quiet=True).run()
+    Trainer(cfg, tmp_path / "a", data=tiny_bundle, quiet=True).fit()
 
     commit = RunDir.commit
 
@@ -80,10 +81,10 @@ def test_crash_between_checkpoint_files_and_manifest_resumes_exactly(tiny_bundle
 
     monkeypatch.setattr(RunDir, "commit", die_before_second_checkpoint)
     with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, tmp_path / "b", data=tiny_bundle, quiet=True).run()
+        Trainer(cfg, tmp_path / "b", data=tiny_bundle, quiet=True).fit()
     monkeypatch.setattr(RunDir, "commit", commit)
     assert json.loads((tmp_path / "b" / "checkpoint.json").read_text())["step"] == 2
-    Trainer(cfg, tmp_path / "b", data=tiny_bundle, quiet=True, resume=True).run()
+    Trainer(cfg, tmp_path / "b", data=tiny_bundle, quiet=True, resume=True).fit()
     _same_weights(tmp_path / "a" / "last.safetensors", tmp_path / "b" / "last.safetensors")
     assert _steps(tmp_path / "b") == [1, 2, 3, 4, 5, 6]
     leftovers = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
@@ -93,7 +94,7 @@ def test_crash_between_checkpoint_files_and_manifest_resumes_exactly(tiny_bundle
 def test_mismatched_checkpoint_files_are_refused(tiny_bundle, tiny_config, tmp_path, monkeypatch):
     cfg = tiny_config("train.steps=6")
     with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True, callbacks=[CrashAt(5)]).run()
+        Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True, callbacks=[CrashAt(5)]).fit()
     manifest = json.loads((tmp_path / "checkpoint.json").read_text())
     weights = tmp_path / manifest["weights"]["file"]
     state = load_file(weights)
@@ -102,7 +103,7 @@ def test_mismatched_checkpoint_files_are_refused(tiny_bundle, tiny_config, tmp_p
 
     save_file(state, weights)
     with pytest.raises(RunFolderError, match="checksum"):
-        Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True, resume=True).run()
+        Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True, resume=True).fit()
 
 
 KILL_SCRIPT = textwrap.dedent(
@@ -118,7 +119,7 @@ KILL_SCRIPT = textwrap.dedent(
     bundle = DataBundle(RandomImages(48, seed=0), {"source_val": RandomImages(12, seed=1),
                         "real": RandomImages(12, seed=2)}, "source_val", ["a", "b", "c"])
     cfg = load_config(None, sys.argv[3:])
-    Trainer(cfg, sys.argv[1], data=bundle, quiet=True, callbacks=[CrashAt(5, kill=True)]).run()
+    Trainer(cfg, sys.argv[1], data=bundle, quiet=True, callbacks=[CrashAt(5, kill=True)]).fit()
     """
 )
 
@@ -127,7 +128,7 @@ KILL_SCRIPT = textwrap.dedent(
 def test_kill_9_then_resume_writes_each_step_once(tiny_bundle, tiny_config, tmp_path, one_thread):
     overrides = ["train.steps=7", "train.eval_every=1", "train.checkpoint_every=3"]
     cfg = tiny_config(*overrides)
-    Trainer(cfg, tmp_path / "a", data=tiny_bundle, quiet=True).run()
+    Trainer(cfg, tmp_path / "a", data=tiny_bundle, quiet=True).fit()
 
     script = tmp_path / "die.py"
     script.write_text(KILL_SCRIPT)
@@ -135,7 +136,7 @@ def test_kill_9_then_resume_writes_each_step_once(tiny_bundle, tiny_config, tmp_
     proc = subprocess.run(argv, capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert _steps(tmp_path / "b") == [1, 2, 3, 4, 5]  # rows 4 and 5 are past the step-3 checkpoint
-    Trainer(cfg, tmp_path / "b", data=tiny_bundle, quiet=True, resume=True).run()
+    Trainer(cfg, tmp_path / "b", data=tiny_bundle, quiet=True, resume=True).fit()
     assert _steps(tmp_path / "b") == [1, 2, 3, 4, 5, 6, 7]
     _same_weights(tmp_path / "a" / "last.safetensors", tmp_path / "b" / "last.safetensors")
     _same_weights(tmp_path / "a" / "best_oracle.safetensors", tmp_path / "b" / "best_oracle.safetensors")
@@ -155,9 +156,9 @@ def _tiny_overrides(tiny_config):
 def test_rerun_over_a_run_that_never_checkpointed_starts_afresh(tiny_bundle, tiny_config, tmp_path, monkeypatch):
     cfg = tiny_config("train.steps=4", "train.eval_every=1", "train.checkpoint_every=4")
     with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True, callbacks=[CrashAt(2)]).run()
+        Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True, callbacks=[CrashAt(2)]).fit()
     assert _steps(tmp_path) == [1, 2] and not (tmp_path / "checkpoint.json").exists()
-    Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True).run()
+    Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True).fit()
     assert _steps(tmp_path) == [1, 2, 3, 4]
 
 
@@ -166,7 +167,7 @@ def test_a_failed_evaluation_does_not_cost_the_checkpoint_and_is_redone_on_resum
     tiny_bundle, tiny_config, tmp_path, monkeypatch
 ):
     cfg = tiny_config("train.steps=4", "train.eval_every=2", "train.checkpoint_every=2")
-    Trainer(cfg, tmp_path / "a", data=tiny_bundle, quiet=True).run()
+    Trainer(cfg, tmp_path / "a", data=tiny_bundle, quiet=True).fit()
     original = Evaluator.evaluate
 
     def broken(self, sets):
@@ -176,11 +177,11 @@ def test_a_failed_evaluation_does_not_cost_the_checkpoint_and_is_redone_on_resum
 
     monkeypatch.setattr(Evaluator, "evaluate", broken)
     with pytest.raises(OSError):
-        Trainer(cfg, tmp_path / "b", data=tiny_bundle, quiet=True).run()
+        Trainer(cfg, tmp_path / "b", data=tiny_bundle, quiet=True).fit()
     manifest = json.loads((tmp_path / "b" / "checkpoint.json").read_text())
     assert manifest["step"] == 2 and manifest["evaluated_through"] is None  # saved before evaluating
     monkeypatch.setattr(Evaluator, "evaluate", original)
-    Trainer(cfg, tmp_path / "b", data=tiny_bundle, quiet=True, resume=True).run()
+    Trainer(cfg, tmp_path / "b", data=tiny_bundle, quiet=True, resume=True).fit()
     assert _steps(tmp_path / "b") == [2, 4]
     _same_weights(tmp_path / "a" / "best_source_val.safetensors", tmp_path / "b" / "best_source_val.safetensors")
 
@@ -199,7 +200,7 @@ def test_finite_loss_explosion_stops_and_keeps_the_previous_checkpoint(tiny_bund
 
     monkeypatch.setattr(trainer.method, "loss", exploding)
     with pytest.raises(TrainingDiverged, match=r"exploding loss \(1000 x .*\) at step 18"):
-        trainer.run()
+        trainer.fit()
     manifest = json.loads((tmp_path / "checkpoint.json").read_text())
     assert manifest["step"] == 15
     assert not (tmp_path / "done").exists()
@@ -219,7 +220,7 @@ def test_exploded_weights_are_never_checkpointed(tiny_bundle, tiny_config, tmp_p
 
     monkeypatch.setattr(trainer.optimizer, "step", blow_up)
     with pytest.raises(TrainingDiverged, match="weights to be saved at step 10"):
-        trainer.run()
+        trainer.fit()
     assert json.loads((tmp_path / "checkpoint.json").read_text())["step"] == 5
     saved = load_file(tmp_path / "last.safetensors")
     assert max(float(v.abs().max()) for v in saved.values() if v.is_floating_point()) < 1e6
@@ -228,10 +229,10 @@ def test_exploded_weights_are_never_checkpointed(tiny_bundle, tiny_config, tmp_p
 def test_resume_applies_a_changed_learning_rate(tiny_bundle, tiny_config, tmp_path, monkeypatch):
     cfg = tiny_config("train.steps=4", "optim.schedule=constant")
     with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True, callbacks=[CrashAt(3)]).run()
+        Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True, callbacks=[CrashAt(3)]).fit()
     saved = tmp_path / "config.yaml"
     resumed = Trainer(load_config(saved, ["optim.lr=0.002"]), tmp_path, data=tiny_bundle, quiet=True, resume=True)
-    resumed.run()
+    resumed.fit()
     head = resumed.optimizer.param_groups[-1]
     assert head["base_lr"] == pytest.approx(0.002) and head["lr"] == pytest.approx(0.002)
     assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(0.002 * cfg.optim.backbone_lr_mult)
@@ -244,12 +245,12 @@ def test_resume_applies_a_changed_learning_rate(tiny_bundle, tiny_config, tmp_pa
 def test_resume_refuses_a_change_that_makes_another_experiment(tiny_bundle, tiny_config, tmp_path, monkeypatch):
     cfg = tiny_config("train.steps=4")
     with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True, callbacks=[CrashAt(3)]).run()
+        Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True, callbacks=[CrashAt(3)]).fit()
     for override, key in (("method.name=erm", "method.name"), ("train.seed=5", "train.seed"),
                           ("train.steps=2", "train.steps")):  # fmt: skip
         with pytest.raises(ConfigError, match=key):
             Trainer(load_config(tmp_path / "config.yaml", [override]), tmp_path, data=tiny_bundle, quiet=True,
-                    resume=True).run()  # fmt: skip
+                    resume=True).fit()  # fmt: skip
 
 
 @pytest.mark.slow
@@ -267,9 +268,9 @@ def test_full_disk_keeps_the_previous_checkpoint(tiny_bundle, tiny_config, tmp_p
 
     monkeypatch.setattr(checkpoint, "save_file", full)
     with pytest.raises(RunFolderError, match="disk is full.*checkpoint of step 2 is kept"):
-        trainer.run()
+        trainer.fit()
     monkeypatch.setattr(checkpoint, "save_file", save)
-    Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True, resume=True).run()  # resumable from step 2
+    Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True, resume=True).fit()  # resumable from step 2
     assert (tmp_path / "done").exists()
 
 
@@ -277,7 +278,7 @@ def test_unwritable_output_folder_is_one_message(tiny_bundle, tiny_config, tmp_p
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(RunFolderError, match=f"cannot create {blocker}/run"):
-        Trainer(tiny_config(), blocker / "run", data=tiny_bundle, quiet=True).run()
+        Trainer(tiny_config(), blocker / "run", data=tiny_bundle, quiet=True).fit()
 
 
 def test_loss_guard_catches_an_early_explosion_but_not_noise_after_convergence():
@@ -319,7 +320,7 @@ def test_begin_refuses_progress_without_resume_and_resumes_it(tmp_path):
         rd.save_checkpoint(2, {"w": torch.zeros(2)}, {}, {}, None)
         with pytest.raises(AsgError, match=r"holds a run already: pass --resume to continue it"):
             rd.begin(False)
-        assert rd.begin(True) == [] and rd.has_checkpoint()  # nothing removed: the caller restores
+        assert rd.begin(True) == [] and rd.has_progress()  # nothing removed: the caller restores
         kind = RunKind(noun="adaptation", markers=("start.json",), missing=None)
         (tmp_path / "start.json").write_text("{}")
         with pytest.raises(AsgError, match=r"holds an adaptation that stopped in round 2 at step 4: pass --resume"):

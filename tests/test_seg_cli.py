@@ -70,7 +70,7 @@ def test_gta5_to_cityscapes_through_the_cli(tmp_path, capsys):
         "train": {"steps": 4, "eval_every": 2, "checkpoint_every": 2, "progress": False},
         "eval": {"retention": False, "sliding_window": [16, 16]},
     }
-    from asg.config import recipe_path
+    from asg.recipe_files import recipe_path
 
     recipe["inherit"] = str(recipe_path("digit_scenes_base"))
     path = tmp_path / "gta5_tiny.yaml"

@@ -189,10 +189,10 @@ def test_resume_with_random_augmentation_in_two_workers_equals_uninterrupted(
 ):
     bundle = dataclasses.replace(tiny_bundle, train=NoisyImages(tiny_bundle.train), has_augmentation=True)
     cfg = tiny_config("train.steps=5", "data.num_workers=2")
-    Trainer(cfg, tmp_path / "a", data=bundle, quiet=True).run()
+    Trainer(cfg, tmp_path / "a", data=bundle, quiet=True).fit()
     with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, tmp_path / "b", data=bundle, quiet=True, callbacks=[CrashAt(3)]).run()
-    Trainer(cfg, tmp_path / "b", data=bundle, quiet=True, resume=True).run()
+        Trainer(cfg, tmp_path / "b", data=bundle, quiet=True, callbacks=[CrashAt(3)]).fit()
+    Trainer(cfg, tmp_path / "b", data=bundle, quiet=True, resume=True).fit()
     a, b = load_file(tmp_path / "a" / "last.safetensors"), load_file(tmp_path / "b" / "last.safetensors")
     for k in a:
         assert torch.equal(a[k], b[k]), f"resumed run differs at {k}"

@@ -18,7 +18,6 @@ from asg.models import (
     ModelOutput,
     build_backbone,
     build_model,
-    build_segmenter,
     make_teacher,
 )
 from asg.models.segmenter import FCN8sHead, bilinear_kernel
@@ -259,8 +258,8 @@ def test_default_output_strides_and_dispatch():
     cfg = ModelConfig(backbone="resnet50", weights="none", segmenter="deeplabv3", output_stride=None)
     assert build_model(cfg, 3, task="segmentation").backbone.output_stride == 8
     cfg16 = ModelConfig(backbone="resnet50", weights="none", segmenter="deeplabv3", output_stride=16)
-    assert build_segmenter(cfg16, 3).backbone.output_stride == 16
-    assert build_segmenter(cfg16, 3, output_stride=32).backbone.output_stride == 32
+    assert build_model(cfg16, 3, task="segmentation").backbone.output_stride == 16
+    assert build_model(cfg16, 3, task="segmentation", output_stride=32).backbone.output_stride == 32
     classifier = build_model(cfg, 3)  # the classification call is unchanged
     assert isinstance(classifier, ASGClassifier) and classifier.backbone.output_stride == 32
     assert build_model(cfg16, 3).backbone.output_stride == 16  # cfg.output_stride also reaches the classifier
@@ -315,7 +314,7 @@ def test_fpn_head_reads_its_finest_level_and_checks_it():
 
 def test_unknown_segmenter():
     with pytest.raises(ConfigError, match="valid: fcn8s, deeplabv3, lraspp"):
-        build_segmenter(ModelConfig(backbone="vgg16", weights="none", segmenter="pspnet"), 3)
+        build_model(ModelConfig(backbone="vgg16", weights="none", segmenter="pspnet"), 3, task="segmentation")
 
 
 def test_missing_vgg_weights_name_the_expected_file(tmp_path, monkeypatch):

@@ -12,13 +12,9 @@ from torch import nn
 from asg.data.bundle import LabeledSubset
 from asg.data.classification.digits import ArrayDataset
 from asg.data.classification.listfile import ListFileDataset
-from asg.engine.teacher_cache import (
-    TeacherCacheError,
-    TeacherLogitCache,
-    UnfingerprintableDataset,
-    cache_key,
-    measure_storage_error,
-)
+from asg.engine.teacher_cache import TeacherLogitCache
+from asg.engine.teacher_keys import UnfingerprintableDataset, cache_key
+from asg.engine.teacher_storage import TeacherCacheError, measure_storage_error
 from asg.errors import AsgError
 
 N, SIZE, BATCH = 20, 8, 8
@@ -285,11 +281,11 @@ def test_trainer_disk_cache_gives_the_live_teachers_logits_and_is_shared_across_
     x = torch.stack([tiny_bundle.train[int(i)][0] for i in idx])
     cached = trainer.teacher_source.outputs(x, idx)  # the trainer's own path, CPU memory map -> device
     torch.testing.assert_close(cached, trainer.teacher(x), rtol=1e-5, atol=1e-5)
-    live = Trainer(tiny_config("teacher.cache=false"), None, data=tiny_bundle, quiet=True).run()
+    live = Trainer(tiny_config("teacher.cache=false"), None, data=tiny_bundle, quiet=True).fit()
     second = Trainer(tiny_config(*over, "train.seed=0"), None, data=tiny_bundle, quiet=True)
     assert (
         second.teacher_source.disk_cache is not None and not second.teacher_source.disk_cache.built
     )  # shared: not computed again
-    disk = second.run()
+    disk = second.fit()
     for a, b in zip(live.history, disk.history):
         assert a["metrics"]["real"]["acc"] == pytest.approx(b["metrics"]["real"]["acc"], abs=1e-6)

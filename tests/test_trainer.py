@@ -15,7 +15,7 @@ def test_step_moves_backbone_and_head_but_not_teacher_or_imagenet_head(tiny_bund
     trainer = Trainer(tiny_config("train.steps=2"), None, data=tiny_bundle, quiet=True)
     teacher0, head0 = _snapshot(trainer.teacher), _snapshot(trainer.model.imagenet_head)
     backbone0, task0 = _snapshot(trainer.model.backbone), _snapshot(trainer.model.head)
-    trainer.run()
+    trainer.fit()
     for k, v in _snapshot(trainer.teacher).items():
         assert torch.equal(v, teacher0[k]), f"teacher changed: {k}"
     for k, v in _snapshot(trainer.model.imagenet_head).items():
@@ -32,13 +32,13 @@ def test_step_moves_backbone_and_head_but_not_teacher_or_imagenet_head(tiny_bund
 @pytest.mark.slow
 def test_resume_equals_uninterrupted_run(tiny_bundle, tiny_config, tmp_path, monkeypatch):
     cfg = tiny_config("train.steps=5", "teacher.cache=true", "optim.sgd=lr_in_momentum")
-    Trainer(cfg, tmp_path / "a", data=tiny_bundle, quiet=True).run()
+    Trainer(cfg, tmp_path / "a", data=tiny_bundle, quiet=True).fit()
 
     with pytest.raises(KeyboardInterrupt):  # checkpoint written at step 2; step 3 is lost
-        Trainer(cfg, tmp_path / "b", data=tiny_bundle, quiet=True, callbacks=[CrashAt(3)]).run()
+        Trainer(cfg, tmp_path / "b", data=tiny_bundle, quiet=True, callbacks=[CrashAt(3)]).fit()
     with pytest.raises(AsgError, match="--resume"):
-        Trainer(cfg, tmp_path / "b", data=tiny_bundle, quiet=True).run()
-    Trainer(cfg, tmp_path / "b", data=tiny_bundle, quiet=True, resume=True).run()
+        Trainer(cfg, tmp_path / "b", data=tiny_bundle, quiet=True).fit()
+    Trainer(cfg, tmp_path / "b", data=tiny_bundle, quiet=True, resume=True).fit()
 
     a, b = load_file(tmp_path / "a" / "last.safetensors"), load_file(tmp_path / "b" / "last.safetensors")
     assert a.keys() == b.keys()
@@ -62,7 +62,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_bundle, tiny_
 
     monkeypatch.setattr(trainer.method, "loss", poisoned)
     with pytest.raises(TrainingDiverged, match="step 4") as err:  # the 4th step's forward
-        trainer.run()
+        trainer.fit()
     assert "step 2" in str(err.value) and "checkpoint.json" in str(err.value)
     saved = load_file(tmp_path / "last.safetensors")
     assert all(torch.isfinite(v).all() for v in saved.values() if v.is_floating_point())
@@ -70,7 +70,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_bundle, tiny_
 
 
 def test_run_folder_contents(tiny_bundle, tiny_config, tmp_path):
-    result = Trainer(tiny_config(), tmp_path, data=tiny_bundle, quiet=True).run()
+    result = Trainer(tiny_config(), tmp_path, data=tiny_bundle, quiet=True).fit()
     for name in (
         "config.yaml",
         "versions.json",

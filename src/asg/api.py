@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from asg.config import Config
-from asg.engine.rundir import EXPORTS, RunDir
+from asg.engine.manifest import EXPORTS
+from asg.engine.rundir import RunDir
 from asg.errors import AsgError, WeightsError
 
 
@@ -222,7 +223,7 @@ def evaluate(
     ImageNet + alpha x fine-tuned, fine-tuned task head; ``asg.methods.wise_ft``); the result and each set's
     entry then carry ``wise_ft_alpha``.
     """
-    from asg.engine.metrics import real_average
+    from asg.engine.summary import EvalReport
     from asg.tasks import task_of
 
     alpha = None
@@ -255,7 +256,7 @@ def evaluate(
         "sets": sets,
         "note": note,
     }
-    average = real_average(sets, data.real_set_names, task_of(data).primary_metric)
+    average = EvalReport.of(sets, data.real_set_names, task_of(data).primary_metric).real_average
     if average is not None:
         result["real_average"] = {**average, **label}
     return result

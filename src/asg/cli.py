@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import json
 import os
 import re
 import signal
@@ -230,10 +229,13 @@ def _train(args: argparse.Namespace) -> int:
 
 def _timing_line(out_dir: Path | None) -> str | None:
     """Where this process's wall time went (from summary.json), one line."""
+    from asg.engine.rundir import RunDir
+
     try:
-        t = json.loads((Path(out_dir) / "summary.json").read_text())["timing"] if out_dir is not None else None
-    except (OSError, ValueError, KeyError):
+        summary = RunDir(out_dir).read_summary() if out_dir is not None else None
+    except AsgError:
         return None
+    t = summary.timing if summary is not None else None
     if not t or not t.get("wall_s"):
         return None
     parts = ", ".join(

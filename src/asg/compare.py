@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from asg.engine.rundir import RunDir
 from asg.errors import AsgError
@@ -42,30 +41,30 @@ def read_run(path: str | Path) -> RunRow:
     rd = RunDir(path)
     if not rd.config_path.is_file():
         raise AsgError(f"{path} is not a run folder: it has no config.yaml (pass the --out folder of `asg train`)")
-    summary = rd.read_json("summary.json")
-    if not rd.is_done() or not isinstance(summary, dict):
+    summary = rd.read_summary()
+    if not rd.is_done() or summary is None:
         raise AsgError(
             f"{path} is not a finished run (no 'done' file or summary.json): let it finish, or continue "
             f"it with `asg train --resume --out {path}`"
         )
     cfg = rd.read_config()
-    metric = str(summary.get("primary_metric") or "")
-    source_val = summary.get("source_val_set") or "source_val"
-    selections: dict[str, Any] = summary.get("selections") or {}
+    metric = summary.primary_metric
+    source_val = summary.source_val_set or "source_val"
     scores: dict[str, dict[str, float | None]] = {}
     for key, _label in SELECTIONS:
-        for set_name, values in ((selections.get(key) or {}).get("metrics") or {}).items():
-            if set_name == source_val or not isinstance(values, dict):
-                continue
-            value = values.get(metric)
-            scores.setdefault(set_name, {})[key] = float(value) if isinstance(value, (int, float)) else None
+        sel = summary.selections.get(key)
+        if sel is None:
+            continue
+        for set_name, values in sel.metrics.items():
+            if set_name != source_val and isinstance(values, dict):
+                scores.setdefault(set_name, {})[key] = sel.report.value(set_name, metric)
     return RunRow(
         run=str(path),
-        method=str(summary.get("method", cfg.method.name)),
+        method=summary.method or cfg.method.name,
         backbone_lr_mult=float(cfg.optim.backbone_lr_mult),
         lr=float(cfg.optim.lr),
-        steps=int(summary.get("steps", cfg.train.steps)),
-        seed=int(summary.get("seed", cfg.train.seed)),
+        steps=summary.steps or cfg.train.steps,
+        seed=summary.seed,
         metric=metric,
         scores=scores,
     )

@@ -14,15 +14,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from asg.config_checks import DEVICE_PATTERN, validate
+from asg.config_checks import validate
 from asg.errors import ConfigError
-from asg.recipe_files import apply_overrides, read_recipe, recipe_path, upgrade_old_keys
+from asg.recipe_files import apply_overrides, read_recipe, upgrade_old_keys
 
-__all__ = [  # DEVICE_PATTERN, apply_overrides, read_recipe, recipe_path and validate are re-exported for older imports
-    "AdaptConfig", "Config", "DataConfig", "EvalConfig", "L2OConfig", "MethodConfig", "ModelConfig", "OptimConfig",
-    "TeacherConfig", "TrainConfig", "config_from_dict", "config_to_dict", "load_config", "upgrade_old_keys",
-    "DEVICE_PATTERN", "apply_overrides", "read_recipe", "recipe_path", "validate",
-]  # fmt: skip
+__all__ = [
+    "AdaptConfig",
+    "Config",
+    "DataConfig",
+    "EvalConfig",
+    "L2OConfig",
+    "MethodConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TeacherConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+]
 
 
 @dataclass

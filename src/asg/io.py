@@ -1,4 +1,4 @@
-"""Files written whole or not at all, and why a weights-only ``torch.load`` refused a file.
+"""Files written whole or not at all, a file's SHA-256, and why a weights-only ``torch.load`` refused a file.
 
 A leaf module: it imports nothing from asg, so every layer (data preparation, models, methods, the engine,
 meta-training, adaptation, the demo) may use it without an upward import.
@@ -6,6 +6,7 @@ meta-training, adaptation, the demo) may use it without an upward import.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tempfile
@@ -32,6 +33,15 @@ def atomic_write(path: Path, write: Callable[..., Any]) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
+    """The SHA-256 of a file, hex, read in blocks of ``block`` bytes (never the whole file in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def torch_load_problem(exc: BaseException) -> str:

@@ -22,16 +22,17 @@ from typing import Any
 
 from asg.adapt.pseudo import DamagedPseudoLabels, PseudoLabels, load_pseudo_labels, pseudo_label
 from asg.adapt.report import AdaptResult, add_precision, write_report
-from asg.config import Config, load_config
+from asg.config import Config
 from asg.data import DataBundle, build_data, check_bundle_files
 from asg.data.targets import PseudoLabeled, target_dataset
 from asg.engine.checkpoint import load_weights, save_weights
 from asg.engine.evaluate import evaluate_sets
 from asg.engine.init_from import ADAPTATION_FILE, init_record, init_weights_path, load_init_weights
-from asg.engine.metrics import real_average
-from asg.engine.rundir import RunDir, RunKind, sha256
+from asg.engine.rundir import RunDir, RunKind
+from asg.engine.summary import EvalReport, Selection
 from asg.engine.trainer import Trainer
 from asg.errors import AsgError, ConfigError
+from asg.io import sha256_file
 from asg.l2o import build_controller
 from asg.methods import SelfTraining, build_method
 from asg.models import build_model
@@ -158,11 +159,7 @@ class Adaptation:
         results = evaluate_sets(model, self.data.eval_sets, self.data.num_classes, self.cfg, self.device,
                                 show_progress=show, task=self.data.task)  # fmt: skip
         metrics = {k: r.to_dict() for k, r in results.items()}
-        out: dict[str, Any] = {"metrics": metrics}
-        average = real_average(metrics, self.data.real_set_names, self.metric)
-        if average is not None:
-            out["real_average"] = average
-        return out
+        return EvalReport.of(metrics, self.data.real_set_names, self.metric).to_dict()
 
     def _start(self) -> dict[str, Any]:
         """Evaluation of the starting model and what it is (``start.json``, computed once; on a resume the
@@ -170,12 +167,12 @@ class Adaptation:
         path = self.out / START_FILE
         m = self.cfg.model
         assert m.init_from is not None
-        if path.is_file():
-            start = json.loads(path.read_text())
+        start = self.rd.read_json(START_FILE)
+        if start is not None:
             recorded = start.get("init_weights")
             if recorded is not None:
                 weights, _ = init_weights_path(m.init_from, m.init_checkpoint)
-                if not weights.is_file() or sha256(weights) != recorded["sha256"]:
+                if not weights.is_file() or sha256_file(weights) != recorded["sha256"]:
                     raise AsgError(
                         f"the starting model changed since this adaptation began: {weights} is not the file of "
                         f"step {recorded['step']} (SHA-256 {recorded['sha256'][:12]}...) recorded in {path}; "
@@ -195,9 +192,11 @@ class Adaptation:
         """The starting model's full-set metrics from its own run's summary, when that run evaluated the same
         weights on the same sets with the same protocol (sharing work); None otherwise."""
         run = Path(str(self.cfg.model.init_from))
-        if not (run / "summary.json").is_file() or not (run / "config.yaml").is_file():
+        rd = RunDir(run)
+        summary = rd.read_summary() if run.is_dir() else None
+        if summary is None or not rd.config_path.is_file():
             return None
-        theirs = load_config(run / "config.yaml")
+        theirs = rd.read_config()
         same_data = all(getattr(theirs.data, k) == getattr(self.cfg.data, k) for k in _EVAL_DATA_KEYS)
         same_eval = (theirs.eval.tta_flip, theirs.eval.sliding_window) == (
             self.cfg.eval.tta_flip,
@@ -205,19 +204,14 @@ class Adaptation:
         )
         if not same_data or not same_eval:
             return None
-        summary = json.loads((run / "summary.json").read_text())
         rule = {"source-val": "source-val", "oracle": "oracle"}.get(self.cfg.model.init_checkpoint, "last")
-        sel = summary.get("selections", {}).get(rule, {})
-        metrics = sel.get("metrics", {})
+        sel = summary.selections.get(rule)
+        metrics = sel.metrics if sel is not None else {}
         full = rule == "last" or theirs.eval.full_eval_selected or theirs.data.eval_max_per_set is None
         if not full or not set(self.data.eval_sets) <= set(metrics):
             return None  # evaluated on capped subsets ("last" is always re-evaluated on the full sets), or not all
-        mine = {k: metrics[k] for k in self.data.eval_sets}
-        out: dict[str, Any] = {"init_from": str(run), "metrics": mine, "from_summary": True}
-        average = real_average(mine, self.data.real_set_names, self.metric)
-        if average is not None:
-            out["real_average"] = average
-        return out
+        mine = EvalReport.of({k: metrics[k] for k in self.data.eval_sets}, self.data.real_set_names, self.metric)
+        return {"init_from": str(run), **mine.to_dict(), "from_summary": True}
 
     def _round(self, r: int) -> dict[str, Any]:
         cfg, folder = self.cfg, self.out / round_folder(r)
@@ -238,26 +232,27 @@ class Adaptation:
             pseudo = pseudo_label(model, self.target, cfg, portion_of_round(cfg, r), self.data.num_classes,
                                   folder, self.device, self.data.task, show_progress=show)  # fmt: skip
             del model
-        if RunDir(folder).is_done():  # stopped after the round finished, before adaptation.json was updated
-            selections = RunDir(folder).read_json("summary.json")["selections"]
+        summary = RunDir(folder).read_summary() if RunDir(folder).is_done() else None
+        if summary is not None:  # stopped after the round finished, before adaptation.json was updated
+            last = summary.selections.get("last")
         else:
             trainer = self._round_trainer(r, folder, prev, pseudo)
-            selections = trainer.run().selections
+            selections = trainer.fit().selections
+            last = Selection.from_dict(selections["last"]) if "last" in selections else None
             ema = getattr(trainer.method, "ema", None)
             if cfg.adapt.ema_decay is not None and ema is not None:
                 save_weights(ema, folder / "ema.safetensors")
-        last = selections.get("last", {})
         row: dict[str, Any] = {
             "round": r,
             "folder": folder.name,
             "portion": pseudo.stats["portion"],
             "pseudo": {k: pseudo.stats[k] for k in ("selected", "total", "unit", "images", "class_counts")},
             "thresholds": pseudo.stats["thresholds"],
-            "metrics": last.get("metrics", {}),
-            "step": last.get("step"),
+            "metrics": last.metrics if last is not None else {},
+            "step": last.step if last is not None else None,
         }
-        if "real_average" in last:
-            row["real_average"] = last["real_average"]
+        if last is not None and last.report.real_average is not None:
+            row["real_average"] = last.report.real_average
         return row
 
     def _round_trainer(self, r: int, folder: Path, prev: Path | None, pseudo: PseudoLabels) -> Trainer:

@@ -57,10 +57,6 @@ class DataBundle:
         """Number of images per set, e.g. ``{"train": 5400, "synthetic": 600, "mnist5k": 5000}``."""
         return {"train": len(self.train), **{k: len(v) for k, v in self.eval_sets.items()}}  # type: ignore[arg-type]
 
-    @property
-    def is_segmentation(self) -> bool:
-        return self.task == "segmentation"
-
     def warnings(self) -> list[str]:
         """One-line problems of the training set that do not stop training (one class only, classes without images).
 

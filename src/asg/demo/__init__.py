@@ -31,6 +31,7 @@ from asg.demo.report import build_report, combined_markdown, write_report
 from asg.demo.runs import adapt_one, train_all
 from asg.demo.tuning import tune_methods, wise_ft_runs
 from asg.engine.rundir import RunDir
+from asg.engine.summary import RunSummary
 from asg.errors import ConfigError
 from asg.registries import load_checked_config
 from asg.workers import default_jobs, run_tasks, worker_pool
@@ -161,10 +162,9 @@ def _run_benchmark(
         print(f"asg demo: {', '.join(wide)}: seed std over {100 * WIDE_STD:g} points; seeds up to {MORE_SEEDS}")
         tasks += more
         summaries += train_all([(t.recipe, t.overrides, t.folder) for t in more], jobs)
-    for task, summary in zip(tasks, summaries):
-        summary["label"], summary["run_dir"] = task.label, str(task.folder)
+    rows = [{**s.to_dict(), "label": t.label, "run_dir": str(t.folder)} for t, s in zip(tasks, summaries)]
     if WISE_FT in methods and bench.wise_ft_from is not None:
-        summaries += wise_ft_runs(bench, out_dir, common, choices, tuned_runs, seeds, jobs)
+        rows += wise_ft_runs(bench, out_dir, common, choices, tuned_runs, seeds, jobs)
     train_wall = time.time() - t0
     adaptations = []
     if adapt and bench.adapt_target is not None:
@@ -190,7 +190,7 @@ def _run_benchmark(
         rates = backbone_rate_runs(bench, out_dir, common, choices, labels, seeds=seeds, jobs=jobs)
     report = build_report(
         bench,
-        summaries,
+        rows,
         out_dir,
         quick=quick,
         wall_s=time.time() - t0,
@@ -210,12 +210,12 @@ def _run_benchmark(
 WIDE_STD, MORE_SEEDS = 0.03, 5  # the tuned long protocol: 5 seeds where 3 spread over 3 points
 
 
-def _wide_labels(bench: Benchmark, tasks: list[TrainingTask], summaries: list[dict[str, Any]]) -> list[str]:
+def _wide_labels(bench: Benchmark, tasks: list[TrainingTask], summaries: list[RunSummary]) -> list[str]:
     """The labels whose last-checkpoint score on the first real set has a seed std above ``WIDE_STD``."""
     real = bench.sets[1]
     scores: dict[str, list[float]] = {}
     for task, summary in zip(tasks, summaries):
-        scores.setdefault(task.label, []).append(summary["selections"]["last"]["metrics"][real][bench.metric])
+        scores.setdefault(task.label, []).append(summary.selections["last"].metrics[real][bench.metric])
     return [label for label, v in scores.items() if len(v) > 1 and float(np.std(v, ddof=1)) > WIDE_STD]
 
 

@@ -51,7 +51,7 @@ def backbone_rate_runs(
     summaries = train_all(tasks, jobs)
     table: dict[str, dict[str, Any]] = {}
     for (label, rate), summary in zip(keys, summaries):
-        metrics = summary["selections"]["last"]["metrics"]
+        metrics = summary.selections["last"].metrics
         cell = table.setdefault(label, {}).setdefault(f"{rate:g}", {"real": [], "kl": [], "top1": []})
         cell["real"].append(float(np.mean([metrics[s][bench.metric] for s in bench.sets[1:] if s in metrics])))
         if "real_photos" in metrics:

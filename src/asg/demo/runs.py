@@ -11,6 +11,7 @@ from asg.adapt import Adaptation
 from asg.api import evaluate_wise_ft
 from asg.engine.init_from import ADAPTATION_FILE
 from asg.engine.rundir import RunDir
+from asg.engine.summary import RunSummary
 from asg.engine.trainer import Trainer
 from asg.io import atomic_write
 from asg.l2o import build_controller
@@ -19,7 +20,7 @@ from asg.registries import check_registry_names, load_checked_config
 from asg.workers import run_tasks, shared_data
 
 
-def train_one(recipe: str, overrides: list[str], out_dir: Path, quiet: bool = False) -> dict[str, Any]:
+def train_one(recipe: str, overrides: list[str], out_dir: Path, quiet: bool = False) -> RunSummary:
     """Train one run into ``out_dir`` (or read the finished one, or resume the interrupted one): its summary."""
     rd = RunDir(out_dir)
     if not rd.is_done():
@@ -28,10 +29,12 @@ def train_one(recipe: str, overrides: list[str], out_dir: Path, quiet: bool = Fa
         Trainer(
             cfg, out_dir, data=shared_data(cfg.data), resume=resume, quiet=quiet, controller_factory=build_controller
         ).fit()
-    return rd.read_json("summary.json")
+    summary = rd.read_summary()
+    assert summary is not None, f"{out_dir} finished without summary.json"
+    return summary
 
 
-def train_all(tasks: list[tuple[str, list[str], Path]], jobs: int) -> list[dict[str, Any]]:
+def train_all(tasks: list[tuple[str, list[str], Path]], jobs: int) -> list[RunSummary]:
     """Every (recipe, overrides, folder) task trained (``jobs`` at a time): their summaries, in order; one line
     per finished run when the runs go to worker processes (their progress bars are off)."""
     if jobs <= 1:
@@ -57,8 +60,9 @@ def wise_ft_one(folder: Path, alphas: tuple[float, ...], source_val: str, metric
     """WiSE-FT of one fine-tuned run: alpha chosen on ``source_val``, then evaluated on every set; kept in
     ``<folder>/wise_ft.json`` (read back when present)."""
     cached = folder / "wise_ft.json"
-    if cached.exists():
-        return json.loads(cached.read_text())
+    done = RunDir(folder).read_json(cached.name)
+    if done is not None:
+        return done
     source = wise_ft_eval(folder, alphas, [source_val])
     alpha = choose_alpha({a: m[source_val][metric] for a, m in source.items()})
     result = {

@@ -106,7 +106,7 @@ def wise_ft_runs(
     out = []
     for seed, (summary, result) in enumerate(zip(summaries, results)):
         last = {
-            "step": summary["selections"]["last"]["step"],
+            "step": summary.selections["last"].step,
             "tta_flip": False,
             "metrics": result["metrics"],
             "wise_ft_alpha": result["alpha"],
@@ -115,7 +115,7 @@ def wise_ft_runs(
             {
                 "label": WISE_FT,
                 "seed": seed,
-                "class_names": summary["class_names"],
+                "class_names": summary.class_names,
                 "wise_ft": result,
                 "selections": {"last": last},
                 "timing": None,

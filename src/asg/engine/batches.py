@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from asg.config import Config
 from asg.data import DataBundle, collate_skip_none
-from asg.engine.distributed import Dist, ShardedBatchSampler
-from asg.engine.sampler import EpochBatchSampler, IndexedDataset
+from asg.engine.distributed import Dist
+from asg.engine.sampler import EpochBatchSampler, IndexedDataset, ShardedBatchSampler
 from asg.engine.timing import PhaseTimer
 from asg.errors import AsgError
 

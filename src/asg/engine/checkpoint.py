@@ -1,7 +1,4 @@
-"""Atomic checkpoint files: model weights in safetensors, trainer state in a weights-only torch file.
-
-``atomic_write`` and ``torch_load_problem`` live in the leaf module :mod:`asg.io`; they are re-exported here for
-older imports."""
+"""Atomic checkpoint files: model weights in safetensors, trainer state in a weights-only torch file."""
 
 from __future__ import annotations
 
@@ -16,8 +13,6 @@ from torch import nn
 from asg.errors import AsgError, WeightsError
 from asg.io import atomic_write, torch_load_problem
 from asg.models.finite import check_finite
-
-__all__ = ["atomic_write", "load_state", "load_weights", "save_state", "save_weights", "torch_load_problem"]
 
 
 def save_weights(

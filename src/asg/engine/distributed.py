@@ -16,7 +16,7 @@ run is bit-identical to one without this module.
 
 This module holds :class:`Dist` (joining the group, its collectives) and the seed of each rank; the collectives of
 the training step are in :mod:`asg.engine.gradient_sync` and :class:`~asg.engine.sampler.ShardedBatchSampler` is
-with the other samplers. Their names are importable from here too.
+with the other samplers.
 """
 
 from __future__ import annotations
@@ -31,26 +31,10 @@ import torch
 import torch.distributed as td
 from torch import Tensor
 
-from asg.collectives import collective, global_mean
-from asg.collectives import common_dtype as _common_dtype
-from asg.engine.gradient_sync import _reduce, average_gradients, broadcast_module
-from asg.engine.sampler import ShardedBatchSampler
+from asg.collectives import collective
+from asg.engine.gradient_sync import _reduce
 from asg.errors import AsgError
 from asg.utils import resolve_device
-
-# re-exported for older imports: collective and global_mean (asg.collectives), the step's collectives
-# (asg.engine.gradient_sync) and ShardedBatchSampler (asg.engine.sampler)
-__all__ = [
-    "Dist",
-    "ShardedBatchSampler",
-    "average_gradients",
-    "broadcast_module",
-    "collective",
-    "global_mean",
-    "rank_seed",
-    "_common_dtype",
-    "_reduce",
-]
 
 T = TypeVar("T")
 _LAUNCH = "launch with torchrun, e.g. `torchrun --nproc-per-node 4 -m asg train --config RECIPE`"

@@ -7,16 +7,16 @@ stays the ImageNet network, built before the weights are loaded.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from asg.config import Config, load_config
+from asg.config import Config
 from asg.engine.checkpoint import load_weights
-from asg.engine.rundir import RunDir, sha256
+from asg.engine.rundir import RunDir
 from asg.errors import WeightsError
+from asg.io import sha256_file
 from asg.tasks import CLASSIFICATION, get_task
 
 ADAPTATION_FILE = "adaptation.json"  # written by ``asg adapt``: its final model is the last round's
@@ -33,8 +33,9 @@ def init_weights_path(init_from: str, checkpoint: str = "last") -> tuple[Path, P
             f"model.init_from: {path} does not exist (give a run folder of `asg train`/`asg adapt` or a "
             ".safetensors file)"
         )
-    if (path / ADAPTATION_FILE).is_file():
-        rounds = json.loads((path / ADAPTATION_FILE).read_text()).get("rounds", [])
+    adaptation = RunDir(path).read_json(ADAPTATION_FILE)
+    if adaptation is not None:
+        rounds = adaptation.get("rounds", [])
         if not rounds:
             raise WeightsError(f"model.init_from: the adaptation in {path} has not finished a round yet")
         path = path / rounds[-1]["folder"]
@@ -59,7 +60,7 @@ def init_record(init_from: str, checkpoint: str = "last", allow_unfinished: bool
         manifest = rd.read_manifest()
         entry = manifest["weights"] if checkpoint == "last" else manifest.get("best", {}).get(checkpoint, {})
         record["step"] = entry.get("step", manifest.get("step"))
-        record["finished"] = (top / "done").is_file()
+        record["finished"] = top_rd.is_done()
         if not record["finished"] and not allow_unfinished:
             raise WeightsError(
                 f"model.init_from: {top} never finished (no 'done' file; its last checkpoint is of step "
@@ -68,7 +69,7 @@ def init_record(init_from: str, checkpoint: str = "last", allow_unfinished: bool
             )
     if not weights.is_file():
         raise WeightsError(f"model.init_from: the weights file {weights} does not exist")
-    record["sha256"] = sha256(weights)
+    record["sha256"] = sha256_file(weights)
     return record
 
 
@@ -79,8 +80,9 @@ def load_init_weights(model: nn.Module, cfg: Config, num_classes: int, task: str
     weights, run = init_weights_path(cfg.model.init_from, cfg.model.init_checkpoint)
     if run is not None and not cfg.adapt.from_unfinished:  # as `asg adapt`: not a running or unfinished run
         init_record(cfg.model.init_from, cfg.model.init_checkpoint)
-    if run is not None and (run / "config.yaml").is_file():
-        theirs = load_config(run / "config.yaml")
+    rd = RunDir(run) if run is not None else None
+    if rd is not None and rd.config_path.is_file():
+        theirs = rd.read_config()
         for key in get_task(task).model_keys:
             mine, other = getattr(cfg.model, key), getattr(theirs.model, key)
             if mine != other:
@@ -88,14 +90,13 @@ def load_init_weights(model: nn.Module, cfg: Config, num_classes: int, task: str
                     f"model.init_from: {run} was trained with model.{key}={other!r}, this run has {mine!r}; "
                     f"set --set model.{key}={other} or start from another model"
                 )
-        summary = run / "summary.json"
-        if summary.is_file():
-            names = json.loads(summary.read_text()).get("class_names")
-            if names is not None and len(names) != num_classes:
-                raise WeightsError(
-                    f"model.init_from: {run} was trained for {len(names)} classes, this run's data has "
-                    f"{num_classes}; adapt a model of the same benchmark"
-                )
+        summary = rd.read_summary()
+        names = summary.class_names if summary is not None else []
+        if names and len(names) != num_classes:
+            raise WeightsError(
+                f"model.init_from: {run} was trained for {len(names)} classes, this run's data has "
+                f"{num_classes}; adapt a model of the same benchmark"
+            )
     if not weights.is_file():
         raise WeightsError(f"model.init_from: the weights file {weights} does not exist")
     if weights.suffix != ".safetensors":

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from asg.engine.checkpoint import load_state, save_state, save_weights
-from asg.engine.run_lock import LockedFolder, RunFolderError, sha256
-from asg.io import atomic_write, atomic_write_text
+from asg.engine.run_lock import LockedFolder, RunFolderError
+from asg.io import atomic_write, atomic_write_text, sha256_file
 
 MANIFEST = "checkpoint.json"
 FORMAT = 1
@@ -46,10 +46,6 @@ class CheckpointFiles(LockedFolder):
     @property
     def manifest_path(self) -> Path:
         return self.path / MANIFEST
-
-    def has_checkpoint(self) -> bool:
-        """True when a checkpoint can be resumed (or an older asg's ``state.pt`` is there)."""
-        return self.manifest_path.exists() or (self.path / "state.pt").exists()
 
     def read_manifest(self) -> dict[str, Any]:
         """The committed manifest; RunFolderError when there is none, it is unreadable or of another format."""
@@ -76,7 +72,7 @@ class CheckpointFiles(LockedFolder):
             raise RunFolderError(f"checkpoint file {path} named in {self.manifest_path} is missing; {advice}")
         if entry.get("step") != step:
             raise RunFolderError(f"{path} is from step {entry.get('step')}, the manifest from step {step}; {advice}")
-        if sha256(path) != entry["sha256"]:
+        if sha256_file(path) != entry["sha256"]:
             raise RunFolderError(f"{path} does not match its checksum in {self.manifest_path}; {advice}")
         return path
 
@@ -93,7 +89,7 @@ class CheckpointFiles(LockedFolder):
         return manifest, state, weights
 
     def _entry(self, path: Path, step: int) -> dict[str, Any]:
-        return {"file": str(path.relative_to(self.path)), "step": step, "sha256": sha256(path)}
+        return {"file": str(path.relative_to(self.path)), "step": step, "sha256": sha256_file(path)}
 
     def write_weights(self, name: str, weights: dict[str, torch.Tensor], step: int) -> dict[str, Any]:
         """Write ``checkpoints/<name>.safetensors`` (immutable) and return its manifest entry."""

@@ -17,6 +17,7 @@ from typing import Any
 
 from asg.config import Config, config_to_dict
 from asg.data import SEGMENTATION_DATASETS, dataset_task
+from asg.engine.rundir import RunDir
 from asg.errors import AsgError
 from asg.tasks import get_task
 
@@ -139,11 +140,12 @@ def model_info_from_config(cfg: Config, run_dir: Path | None, class_names: list[
     names, palette = known_class_names(cfg)
     if class_names:
         names = list(class_names)
-    elif run_dir is not None and (run_dir / "summary.json").is_file():
+    elif run_dir is not None:
         try:
-            names = json.loads((run_dir / "summary.json").read_text()).get("class_names") or names
-        except (OSError, ValueError):
-            pass
+            summary = RunDir(run_dir).read_summary()
+        except AsgError:  # unreadable: the names come from elsewhere
+            summary = None
+        names = (summary.class_names if summary is not None else None) or names
     if not names:
         where = f"{run_dir} has no {MODEL_INFO} (it was trained by an earlier asg)" if run_dir else "the recipe"
         raise AsgError(
@@ -157,10 +159,10 @@ def model_info_from_config(cfg: Config, run_dir: Path | None, class_names: list[
 
 def read_model_info(run_dir: Path) -> ModelInfo | None:
     """``run_dir/model.json`` as a :class:`ModelInfo`, or None when the run has none."""
-    path = Path(run_dir) / MODEL_INFO
-    if not path.is_file():
+    data = RunDir(run_dir).read_json(MODEL_INFO)
+    if data is None:
         return None
     try:
-        return ModelInfo.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError) as exc:
-        raise AsgError(f"cannot read {path}: {exc}") from None
+        return ModelInfo.from_dict(data)
+    except (ValueError, TypeError) as exc:
+        raise AsgError(f"cannot read {Path(run_dir) / MODEL_INFO}: {exc}") from None

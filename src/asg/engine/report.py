@@ -10,8 +10,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from asg.engine.summary import RunSummary  # noqa: E402
 from asg.engine.timing import timing_markdown  # noqa: E402
-from asg.tasks import CLASSIFICATION, get_task  # noqa: E402
+from asg.tasks import get_task  # noqa: E402
 
 
 def plot_confusion(confusion, class_names: list[str], path: Path, title: str = "") -> None:
@@ -113,32 +114,31 @@ def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}"
 
 
-def run_report_markdown(summary: dict, history: list[dict]) -> str:
+def run_report_markdown(summary: RunSummary, history: list[dict]) -> str:
     """A run's ``report.md``: the protocol, each selection's primary metric per set, per-class tables."""
-    task = summary.get("task", CLASSIFICATION.name)
-    metric = summary.get("primary_metric", CLASSIFICATION.primary_metric)
-    lines = [f"# {summary.get('name') or 'run'}: {summary.get('method')} (seed {summary.get('seed')})", ""]
-    protocol = ", ".join(f"{k}={v}" for k, v in summary.get("protocol", {}).items())
+    task, metric = summary.task, summary.primary_metric
+    lines = [f"# {summary.name or 'run'}: {summary.method} (seed {summary.seed})", ""]
+    protocol = ", ".join(f"{k}={v}" for k, v in summary.protocol.items())
     lines += [f"Task: {task}; primary metric: {metric}; protocol: {protocol}.", ""]
-    selections = summary.get("selections", {})
-    sets = sorted({s for sel in selections.values() for s in sel.get("metrics", {}) if s != "real_photos"})
+    selections = summary.selections
+    sets = sorted({s for sel in selections.values() for s in sel.metrics if s != "real_photos"})
     if sets:
         lines += ["| checkpoint | step | " + " | ".join(sets) + " |", "|---|---|" + "---|" * len(sets)]
         for rule, sel in selections.items():
-            m = sel.get("metrics", {})
+            m = sel.metrics
             cells = [_pct(m[s].get(metric)) if s in m else "" for s in sets]
-            lines.append(f"| {rule} | {sel.get('step')} | " + " | ".join(cells) + " |")
+            lines.append(f"| {rule} | {sel.step} | " + " | ".join(cells) + " |")
         lines.append("")
-        averages = {r: s["real_average"] for r, s in selections.items() if "real_average" in s}
+        averages = {r: s.report.real_average for r, s in selections.items() if s.report.real_average is not None}
         for rule, avg in averages.items():
             lines.append(f"- {rule}: {avg['metric']} averaged over {', '.join(avg['over'])} = {_pct(avg['value'])}")
         for sel in selections.values():
-            if sel.get("note"):
-                lines.append(f"- {sel['note']}")
+            if sel.extra.get("note"):
+                lines.append(f"- {sel.extra['note']}")
         lines.append("")
-    last = selections.get("last", {}).get("metrics", {})
+    last = selections["last"].metrics if "last" in selections else {}
     per_class_key, what = get_task(task).per_class, get_task(task).per_class_label
-    names = summary.get("class_names", [])
+    names = summary.class_names
     shown = [s for s in sets if per_class_key in last.get(s, {})]
     if shown and names:
         lines += [f"## Per-class {what} (%), last checkpoint", ""]
@@ -151,9 +151,9 @@ def run_report_markdown(summary: dict, history: list[dict]) -> str:
         lines += [f"ImageNet retention (last): top-1 agreement {_pct(retention['top1_agreement'])} %, "
                   f"KL {retention['kl']:.3f}.", ""]  # fmt: skip
     figures = [("curves.png", "Curves"), ("predictions.png", "Predictions (last checkpoint)")]
-    lines += [f"![{title}]({name})" for name, title in figures if name in summary.get("figures", [])]
-    if summary.get("timing"):
-        lines += ["", *timing_markdown(summary["timing"])]
+    lines += [f"![{title}]({name})" for name, title in figures if name in summary.figures]
+    if summary.timing:
+        lines += ["", *timing_markdown(summary.timing)]
     lines.append(f"\n{len(history)} evaluations in results.jsonl.")
     return "\n".join(lines) + "\n"
 

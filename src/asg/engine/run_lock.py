@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import shutil
 import time
@@ -96,15 +95,6 @@ def _is_write_failure(exc: Exception) -> bool:
     """A SafetensorError, or torch.save's RuntimeError for a failed write (it hides the OSError)."""
     text = str(exc)
     return isinstance(exc, SafetensorError) or any(t in text for t in ("write", "unexpected pos", "inline_container"))
-
-
-def sha256(path: Path) -> str:
-    """The SHA-256 of a file, hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class LockedFolder:

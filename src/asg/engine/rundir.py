@@ -28,18 +28,17 @@ from typing import Any
 import yaml
 
 from asg.config import Config, config_to_dict, load_config
-from asg.engine.manifest import EXPORTS, FORMAT, MANIFEST, CheckpointFiles
-from asg.engine.run_lock import RunFolderError, sha256
+from asg.engine.manifest import EXPORTS, MANIFEST, CheckpointFiles
+from asg.engine.run_lock import RunFolderError
+from asg.engine.summary import RunSummary
 from asg.errors import AsgError
 from asg.utils import versions
 
-__all__ = ["EXPORTS", "FORMAT", "MANIFEST", "RUN_FILES", "RUN_FOLDERS", "TRAINING", "RunDir", "RunFolderError",
-           "RunKind", "sha256"]  # fmt: skip
-
 CONFIG = "config.yaml"
 DONE = "done"
+SUMMARY = "summary.json"
 # files a run writes; removed when a run starts afresh in a folder whose earlier run never checkpointed
-RUN_FILES = ("results.jsonl", "summary.json", DONE, "resumes.jsonl", "skipped_images.txt", *EXPORTS.values())
+RUN_FILES = ("results.jsonl", SUMMARY, DONE, "resumes.jsonl", "skipped_images.txt", *EXPORTS.values())
 RUN_FOLDERS = ("tb", "checkpoints")
 
 
@@ -151,6 +150,37 @@ class RunDir(CheckpointFiles):
             return json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise RunFolderError(f"cannot read {path}: {exc}") from None
+
+    def read_text(self, name: str) -> str | None:
+        """The text of ``name``, or None when it does not exist."""
+        path = self.path / name
+        if not path.is_file():
+            return None
+        try:
+            return path.read_text()
+        except OSError as exc:
+            raise RunFolderError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+    def read_lines(self, name: str) -> list[str]:
+        """The lines of the text file ``name`` ([] without the file)."""
+        return (self.read_text(name) or "").splitlines()
+
+    # ------------------------------------------------------------------ summary.json
+    def write_summary(self, summary: RunSummary) -> None:
+        """Write ``summary.json`` (atomically)."""
+        self.write_text(SUMMARY, json.dumps(summary.to_dict(), indent=1))
+
+    def read_summary(self) -> RunSummary | None:
+        """The run's ``summary.json`` (any version), or None when the run has not written it."""
+        data = self.read_json(SUMMARY)
+        if data is None:
+            return None
+        if not isinstance(data, dict):
+            raise RunFolderError(f"cannot read {self.path / SUMMARY}: not a JSON object")
+        try:
+            return RunSummary.from_dict(data)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RunFolderError(f"cannot read {self.path / SUMMARY}: {type(exc).__name__}: {exc}") from None
 
     # ------------------------------------------------------------------ history (results.jsonl and the like)
     def read_rows(self, name: str = "results.jsonl") -> list[dict[str, Any]]:

@@ -15,12 +15,13 @@ from torch import nn
 
 from asg.config import Config
 from asg.engine.batches import StepBatch
-from asg.engine.distributed import Dist, average_gradients, broadcast_module, rank_seed
+from asg.engine.distributed import Dist, rank_seed
+from asg.engine.gradient_sync import average_gradients, broadcast_module
 from asg.engine.guards import LossGuard, diverged
 from asg.engine.precision import MAX_OVERFLOW_STREAK, Precision
 from asg.engine.teacher import TeacherSource
 from asg.methods import Batch, Method, TargetBatch
-from asg.models import ASGClassifier, ASGSegmenter
+from asg.models import ASGNetwork
 
 
 @dataclass
@@ -35,7 +36,7 @@ class StepRunner:
     """Takes optimizer steps on ``model``; ``kept()`` says what a divergence leaves on disk (for its message)."""
 
     def __init__(
-        self, cfg: Config, model: ASGClassifier | ASGSegmenter, method: Method, optimizer: torch.optim.Optimizer,
+        self, cfg: Config, model: ASGNetwork, method: Method, optimizer: torch.optim.Optimizer,
         schedule: Callable[[int], float], precision: Precision, dist: Dist, device: torch.device,
         teacher: TeacherSource, loss_guard: LossGuard, has_share: Callable[[int], bool], kept: Callable[[], str],
     ) -> None:  # fmt: skip

@@ -18,8 +18,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from asg.engine.teacher_files import _check_space, _file_sha256, _fsync, _reserve
+from asg.engine.teacher_files import _check_space, _fsync, _reserve
 from asg.engine.teacher_storage import FORMAT_VERSION, TeacherCacheError, _decode, _encode, _layout, kl_rows
+from asg.io import sha256_file
 from asg.utils import progress
 
 
@@ -79,7 +80,7 @@ def _fill(folder: Path, key: str, dataset: Dataset, teacher: nn.Module, storage:
         raise TeacherCacheError(f"the dataset yielded {start} of its {n} images")
     for arr in (filled, *arrays.values()):
         arr.flush()
-    checksums = {name: _file_sha256(folder / f"{name}.npy") for name in ("filled", *arrays)}
+    checksums = {name: sha256_file(folder / f"{name}.npy") for name in ("filled", *arrays)}
     meta = {
         "format": FORMAT_VERSION,
         "key": key,

@@ -18,9 +18,9 @@ SHA-256 is in meta.json, verified once per process and again when a file changes
 and :meth:`TeacherLogitCache.build_or_open` rebuilds it. Space is checked and reserved (``posix_fallocate``)
 before the memory-mapped files are written, so a full disk is an error message, not a SIGBUS.
 
-This module holds :class:`TeacherLogitCache` (open with its checks, build or open) and re-exports the names of
-its parts: the key (:mod:`asg.engine.teacher_keys`: it covers the images, the caller's transform description, the
-teacher's weights and the storage), the storage modes (:mod:`asg.engine.teacher_storage`), the folder's files
+This module holds :class:`TeacherLogitCache` (open with its checks, build or open). Its parts: the key
+(:mod:`asg.engine.teacher_keys`: it covers the images, the caller's transform description, the teacher's weights
+and the storage), the storage modes (:mod:`asg.engine.teacher_storage`), the folder's files
 (:mod:`asg.engine.teacher_files`) and the build (:mod:`asg.engine.teacher_build`).
 """
 
@@ -39,54 +39,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from asg.engine.teacher_build import _fill, _images, _write_failure
-from asg.engine.teacher_files import (
-    _VERIFIED,
-    SPACE_MARGIN,
-    _alive,
-    _check_space,
-    _file_sha256,
-    _fsync,
-    _install,
-    _remove_dead_builds,
-    _reserve,
-    _tmp_prefix,
-    _verify,
-)
-from asg.engine.teacher_keys import (
-    CONTENT_KEY_MAX_BYTES,
-    KEY_MODES,
-    UnfingerprintableDataset,
-    _feed_dataset,
-    _file_bytes,
-    _files_total,
-    _tensor_bytes,
-    cache_key,
-    dataset_fingerprint,
-    resolve_key_mode,
-    teacher_fingerprint,
-)
-from asg.engine.teacher_storage import (
-    FORMAT_VERSION,
-    LOGP_FLOOR,
-    STORAGES,
-    TeacherCacheError,
-    _decode,
-    _encode,
-    _layout,
-    check_storage,
-    kl_rows,
-    measure_storage_error,
-)
-
-__all__ = ["CONTENT_KEY_MAX_BYTES", "FORMAT_VERSION", "KEY_MODES", "LOGP_FLOOR", "SPACE_MARGIN", "STORAGES",
-           "TeacherCacheError", "TeacherLogitCache", "UnfingerprintableDataset", "cache_key", "check_storage",
-           "dataset_fingerprint", "default_cache_root", "kl_rows", "measure_storage_error", "resolve_key_mode",
-           "teacher_fingerprint",
-           # the parts' helpers, importable from here as before the split
-           "_VERIFIED", "_alive", "_check_space", "_decode", "_encode", "_feed_dataset", "_file_bytes",
-           "_file_sha256", "_files_total", "_fill", "_fsync", "_images", "_install", "_layout", "_remove_dead_builds",
-           "_reserve", "_tensor_bytes", "_tmp_prefix", "_verify", "_write_failure"]  # fmt: skip
+from asg.engine.teacher_build import _fill, _write_failure
+from asg.engine.teacher_files import _install, _remove_dead_builds, _tmp_prefix, _verify
+from asg.engine.teacher_storage import FORMAT_VERSION, TeacherCacheError, _decode, _layout, check_storage
 
 
 def default_cache_root() -> Path:

@@ -5,7 +5,6 @@ and the atomic rename that installs a built folder under its key."""
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import shutil
 import socket
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from asg.engine.teacher_storage import TeacherCacheError
+from asg.io import sha256_file
 
 SPACE_MARGIN = 16 << 20  # bytes kept free beyond the cache's own size
 
@@ -46,14 +46,6 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _reserve(path: Path) -> None:
@@ -106,7 +98,7 @@ def _verify(path: Path, meta: dict[str, Any], names: list[str], fix: str) -> Non
         seen = (str(file), str(sums.get(name)), st.st_ino, st.st_size, st.st_ctime_ns)  # ctime: utime cannot reset it
         if seen in _VERIFIED:
             continue
-        if _file_sha256(file) != sums.get(name):
+        if sha256_file(file) != sums.get(name):
             raise TeacherCacheError(f"teacher cache {path}: {name}.npy does not match its checksum (corrupted on "
                                     f"disk or changed by hand); {fix}")  # fmt: skip
         _VERIFIED.add(seen)

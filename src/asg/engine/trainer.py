@@ -23,10 +23,11 @@ from asg.config import Config
 from asg.data import DataBundle, build_data, check_bundle_files, warn_bundle
 from asg.engine.batches import BatchStream, StepBatch, dataset_size
 from asg.engine.callbacks import Callback, ProgressBar, TensorBoardLogger
-from asg.engine.checkpointing import Checkpointer
+from asg.engine.checkpointing import Checkpointer, Restored
 from asg.engine.control import ControllerFactory, LRControl, LRController, fixed_only
-from asg.engine.distributed import Dist, broadcast_module
+from asg.engine.distributed import Dist
 from asg.engine.final import FinalReport
+from asg.engine.gradient_sync import broadcast_module
 from asg.engine.guards import LossGuard
 from asg.engine.init_from import load_init_weights
 from asg.engine.optim import build_optimizer
@@ -40,7 +41,7 @@ from asg.engine.teacher import TeacherSource
 from asg.engine.timing import PhaseTimer
 from asg.errors import AsgError
 from asg.methods import Method, build_method
-from asg.models import ASGClassifier, ASGSegmenter, Teacher, build_model, make_teacher
+from asg.models import ASGNetwork, Teacher, build_model, make_teacher
 from asg.models.fusion import inference_copy
 from asg.tasks import CLASSIFICATION, Task, heldout_loss, task_of
 from asg.utils import seed_everything
@@ -76,7 +77,7 @@ class Trainer:
         out_dir: str | Path | None = None,
         *,
         data: DataBundle | None = None,
-        model: ASGClassifier | ASGSegmenter | None = None,
+        model: ASGNetwork | None = None,
         controller: LRController | None = None,
         controller_factory: ControllerFactory = fixed_only,
         method: Method | None = None,
@@ -105,9 +106,8 @@ class Trainer:
         if cfg.teacher.fuse_bn:  # it is always in eval mode: its BatchNorms are fixed affine maps
             self.teacher = cast(Teacher, inference_copy(self.teacher))
         self.precision = Precision(cfg.train.precision, self.device)
-        self.init_weights: str | None = None
         if cfg.model.init_from and not resume:  # (a resume restores its own weights)
-            self.init_weights = load_init_weights(self.model, cfg, self.data.num_classes, self.data.task)
+            load_init_weights(self.model, cfg, self.data.num_classes, self.data.task)
         self.method: Method = method if method is not None else build_method(cfg.method)
         self.teacher.set_output(self.method.teacher_output)  # ImageNet logits, or pooled features (feature guidance)
         self.method.setup(self.model)
@@ -139,12 +139,14 @@ class Trainer:
         self.elapsed = 0.0  # seconds trained, as of the last checkpoint (restored by a resume)
         self.batches = BatchStream(self.data, cfg, self.dist, min_batch, target)
         self.batches.timer = self.timer
-        self.checkpointer = Checkpointer(self.run_dir)
+        self.checkpointer = Checkpointer(self.run_dir, cfg, self.model, self.dist, self.precision, self.loss_guard,
+                                         self.say)  # fmt: skip
         schedule = build_schedule(cfg.optim, cfg.train.steps)
         self.stepper = StepRunner(cfg, self.model, self.method, self.optimizer, schedule, self.precision, self.dist,
                                   self.device, self.teacher_source, self.loss_guard, self.batches.has_share,
                                   self.checkpointer.kept)  # fmt: skip
-        self.evaluator = Evaluator(self)
+        self.evaluator = Evaluator(cfg, self.model, self.data, self.task, self.device, self.dist, self.run_dir,
+                                   self.protocol(), self.quiet)  # fmt: skip
         self.callbacks: list[Callback] = [LRControl(self.controller, epoch), TensorBoardLogger(), ProgressBar(),
                                           *(callbacks or [])]  # fmt: skip
         if cfg.train.compile:  # after every weight is in place; in place, so groups and checkpoints are unchanged
@@ -158,7 +160,7 @@ class Trainer:
         with self.run_dir if self.run_dir is not None and main else contextlib.nullcontext():
             try:
                 if self.run_dir is not None:
-                    self.checkpointer.open(self)  # refuse, resume or start; config, versions
+                    self.checkpointer.open(self.resume, self.data, self.skipped, self._restore)  # or refuse
                 for cb in self.callbacks:
                     cb.on_fit_start(self)
                 t0 = time.time() - self.elapsed
@@ -175,10 +177,10 @@ class Trainer:
                         out = self.train_step(batch)
                     for cb in self.callbacks:
                         cb.on_step_end(self, out)
-                    if self.checkpointer.due(self):
+                    if self.checkpointer.due(self.step):
                         with self.timer("checkpoint"):
                             self.elapsed = time.time() - t0
-                            self.checkpointer.save(self)  # before evaluating: a bad image cannot cost the step
+                            self._save()  # before evaluating: a bad image cannot cost the step
                     if self.evaluator.due(self.step):
                         self._evaluate(time.time() - t0)
                 return self._finish()
@@ -186,17 +188,20 @@ class Trainer:
                 for cb in self.callbacks:
                     cb.on_fit_end(self)
 
-    run = fit  # the name of earlier releases
-
     def train_step(self, batch: StepBatch) -> StepOutput:
         """One optimizer step on ``batch`` with the current layer-group scales; counts the step."""
         out = self.stepper(batch, self.step, self.scales)
         self.step += 1
         return out
 
+    def _save(self) -> None:
+        ev = self.evaluator
+        self.checkpointer.save(self.step, self.state_dict, ev.best, ev.evaluated_through, self.stepper.last_batch_loss)
+
     def _evaluate(self, elapsed: float) -> None:
         with self.timer("eval"):
-            done = self.evaluator.run(elapsed)
+            checkpointed = self.checkpointer.committed_step == self.step
+            done = self.evaluator.run(self.step, elapsed, self.scales, checkpointed)
         if done is not None:
             for cb in self.callbacks:
                 cb.on_eval_end(self, *done)
@@ -205,8 +210,19 @@ class Trainer:
         history = list(getattr(self.controller, "history", []))
         result = TrainResult(self.evaluator.history, out_dir=self.out_dir, controller_history=history, task=self.task)
         if self.run_dir is not None and self.dist.is_main:
-            result.selections = FinalReport(self, self.run_dir).write()
+            report = FinalReport(self.run_dir, self.cfg, self.model, self.teacher, self.data, self.task, self.device,
+                                 self.evaluator, self.timer, self.protocol())  # fmt: skip
+            groups, cache = [name for name, _ in self.groups], self.teacher_source.describe()
+            world = self.dist.world
+            result.selections = report.write(self.step, self.first_step, controller_history=history,
+                                             group_names=groups, teacher_cache=cache, world_size=world)  # fmt: skip
         return result
+
+    def _restore(self, restored: Restored) -> None:
+        """Apply a checkpoint the checkpointer read back (its weights are in the model already)."""
+        self.load_state_dict(restored.state)
+        self.step = restored.step
+        self.evaluator.restore(restored.best, restored.evaluated_through, restored.step)
 
     # ------------------------------------------------------------------ state and facts
     def state_dict(self) -> dict[str, Any]:
@@ -239,10 +255,6 @@ class Trainer:
         self.method.load_state_dict(state.get("method", {}))
         self.precision.load_state_dict(state.get("precision", {}))
         self.teacher_source.load_state_dict(state)
-
-    @property
-    def history(self) -> list[dict[str, Any]]:
-        return self.evaluator.history
 
     def protocol(self) -> dict[str, Any]:
         """How the numbers of a result line were obtained (recorded in every line of results.jsonl)."""

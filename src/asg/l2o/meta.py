@@ -50,7 +50,7 @@ META_TRAINING = RunKind(
 )  # fmt: skip
 
 if TYPE_CHECKING:
-    from asg.models import ASGClassifier, ASGSegmenter
+    from asg.models import ASGNetwork
 
 
 def synthetic_only(bundle: Any, keep_source_val: bool) -> Any:
@@ -115,7 +115,7 @@ def meta_train(
     resume: bool = False,
     *,
     data: Any | None = None,
-    model: ASGClassifier | ASGSegmenter | None = None,
+    model: ASGNetwork | None = None,
     quiet: bool = False,
 ) -> Path:
     """Meta-train an ``LRPolicy`` for ``cfg.l2o.episodes`` episodes; returns the path of ``policy.safetensors``.
@@ -127,9 +127,7 @@ def meta_train(
         return _meta_train(cfg, run_dir, resume, data, model, quiet)
 
 
-def _meta_train(
-    cfg: Config, run_dir: RunDir, resume: bool, data: Any, model: ASGClassifier | ASGSegmenter | None, quiet: bool
-) -> Path:
+def _meta_train(cfg: Config, run_dir: RunDir, resume: bool, data: Any, model: ASGNetwork | None, quiet: bool) -> Path:
     from torch.utils.tensorboard import SummaryWriter
 
     out_dir = run_dir.path
@@ -212,7 +210,7 @@ def _meta_train(
                 quiet=True,
                 check_files=False,
             )
-            result = trainer.run()
+            result = trainer.fit()
             learner.update()  # flush a partial rollout (normally done by the controller at the last step)
             if result.history and bundle.source_val_name in result.history[-1]["metrics"]:
                 metric = task_of(bundle).primary_metric  # mean-class accuracy, or mIoU for segmentation

@@ -24,7 +24,7 @@ from asg.methods.base import LossOutput, MethodBase, cross_entropy
 from asg.methods.space import Knob
 
 if TYPE_CHECKING:
-    from asg.models import ASGClassifier, ASGSegmenter
+    from asg.models import ASGNetwork
 
 
 class LPFT(MethodBase):
@@ -33,7 +33,7 @@ class LPFT(MethodBase):
     knobs = (Knob("method.probe_steps", 10, 600, (25, 50, 100), integer=True, max_fraction=0.5),)
 
     def setup(self, model: nn.Module) -> None:
-        pretrained = cast("ASGClassifier | ASGSegmenter", model).pretrained_parameters()
+        pretrained = cast("ASGNetwork", model).pretrained_parameters()
         self.params: list[nn.Parameter] = [p for p in pretrained if p.requires_grad]
 
     def probing(self, step: int) -> bool:

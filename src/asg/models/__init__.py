@@ -8,7 +8,7 @@ from asg.models.base import ASGNetwork, Backbone, ModelOutput
 from asg.models.build import build_model
 from asg.models.classifier import ASGClassifier, Teacher, make_teacher
 from asg.models.guidance import imagenet_class_names
-from asg.models.segmenter import SEGMENTERS, ASGSegmenter, build_segmenter
+from asg.models.segmenter import SEGMENTERS, ASGSegmenter
 
 __all__ = [
     "ASGClassifier",
@@ -21,7 +21,6 @@ __all__ = [
     "Teacher",
     "build_backbone",
     "build_model",
-    "build_segmenter",
     "imagenet_class_names",
     "make_teacher",
 ]

@@ -58,12 +58,10 @@ def build_model(
     cfg: ModelConfig, num_classes: int, *, task: Literal["segmentation"], output_stride: int | None = None
 ) -> ASGSegmenter: ...
 @overload
-def build_model(
-    cfg: ModelConfig, num_classes: int, *, task: str, output_stride: int | None = None
-) -> ASGClassifier | ASGSegmenter: ...
+def build_model(cfg: ModelConfig, num_classes: int, *, task: str, output_stride: int | None = None) -> ASGNetwork: ...
 def build_model(
     cfg: ModelConfig, num_classes: int, *, task: str = "classification", output_stride: int | None = None
-) -> ASGClassifier | ASGSegmenter:
+) -> ASGNetwork:
     """The ASG network for ``task``: "classification" (``ASGClassifier``) or "segmentation" (``ASGSegmenter``).
 
     Backbone ``cfg.backbone`` with ``cfg.weights`` and guidance head ``cfg.guidance_head``; then LoRA

@@ -345,10 +345,3 @@ def make_segmenter_head(cfg: ModelConfig, backbone: Backbone, num_classes: int) 
     if cfg.segmenter == "fpn":
         return _fpn_head(backbone, num_classes, cfg)
     return SEGMENTERS[cfg.segmenter].make_head(backbone, num_classes)
-
-
-def build_segmenter(cfg: ModelConfig, num_classes: int, *, output_stride: int | None = None) -> ASGSegmenter:
-    """``build_model(cfg, num_classes, task="segmentation", output_stride=...)``."""
-    from asg.models.build import build_model
-
-    return build_model(cfg, num_classes, task="segmentation", output_stride=output_stride)

@@ -20,9 +20,8 @@ from torch import Tensor, nn
 
 from asg.config import config_to_dict
 from asg.engine.model_info import ModelInfo
-from asg.engine.rundir import sha256
 from asg.errors import AsgError
-from asg.io import atomic_write_text
+from asg.io import atomic_write_text, sha256_file
 from asg.models.backbones import BACKBONES_VIT
 from asg.models.fusion import inference_copy
 
@@ -152,7 +151,7 @@ def export_onnx(
     side: dict[str, Any] = {
         "format": SIDECAR_FORMAT,
         "onnx_file": path.name,
-        "onnx_sha256": sha256(path),
+        "onnx_sha256": sha256_file(path),
         **info.to_dict(),
         "input": {
             "name": "image",

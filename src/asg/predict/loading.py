@@ -12,8 +12,9 @@ from typing import cast
 from torch import nn
 
 from asg.config import Config
+from asg.engine.manifest import EXPORTS
 from asg.engine.model_info import ModelInfo, model_info_from_config, read_model_info
-from asg.engine.rundir import EXPORTS, RunDir
+from asg.engine.rundir import RunDir
 from asg.errors import AsgError, WeightsError
 
 

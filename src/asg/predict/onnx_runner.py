@@ -16,8 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from asg.engine.model_info import ModelInfo
-from asg.engine.rundir import sha256
 from asg.errors import AsgError
+from asg.io import sha256_file
 from asg.models.base import ModelOutput
 from asg.predict.export import SIDECAR_FORMAT, sidecar_checksum, sidecar_path
 
@@ -57,7 +57,7 @@ def read_sidecar(path: Path) -> dict[str, Any]:
         raise AsgError(f"{side_path} is not an asg ONNX sidecar (format {SIDECAR_FORMAT} expected)")
     if side.get("sidecar_sha256") != sidecar_checksum(side):
         raise AsgError(f"{side_path} was altered after export (its checksum does not match): export again")
-    if side.get("onnx_sha256") != sha256(path):
+    if side.get("onnx_sha256") != sha256_file(path):
         raise AsgError(f"{path} does not match the checksum in {side_path.name} (altered, or another export's "
                        "file): export again")  # fmt: skip
     return side

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -59,15 +57,17 @@ def run_trial(
             ).fit()
         if not dist.is_main:  # rank 0 alone writes and reads the run folder
             return TrialState.COMPLETE, None, ""
-        summary: dict[str, Any] = rd.read_json("summary.json")
+        summary = rd.read_summary()
     except optuna.TrialPruned as pruned:
         return TrialState.PRUNED, None, str(pruned)
     except AsgError as exc:
         print(f"asg sweep: trial {number} ({folder}) failed: {exc}", file=sys.stderr, flush=True)
         return TrialState.FAIL, None, f"failed: {exc}"
     value = reporter.last_score
-    if value is None and (folder / SCORE_FILE).exists():  # a finished folder read back (a retried trial)
-        value = float(json.loads((folder / SCORE_FILE).read_text())["score"])
+    recorded = rd.read_json(SCORE_FILE) if value is None else None
+    if recorded is not None:  # a finished folder read back (a retried trial)
+        value = float(recorded["score"])
     if value is None:
         return TrialState.FAIL, None, f"failed: {folder} finished without a source-val evaluation"
-    return TrialState.COMPLETE, value, f"complete at step {summary['steps']}: source-val score {value:.4f}"
+    steps = summary.steps if summary is not None else "?"
+    return TrialState.COMPLETE, value, f"complete at step {steps}: source-val score {value:.4f}"

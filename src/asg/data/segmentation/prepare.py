@@ -27,7 +27,7 @@ from asg.data.segmentation.street_scenes import (
     find_pairs,
 )
 from asg.errors import ConfigError, DataError
-from asg.io import atomic_write
+from asg.io import atomic_write, sha256_file
 
 PROVENANCE_FILE = "provenance.jsonl"  # one line per label written: what produced it
 PROVENANCE_FORMAT = 1
@@ -142,10 +142,6 @@ def _recipe(name: str, class_set: int, ds: SegmentationPairs) -> str:
     return h.hexdigest()[:16]
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 class _Provenance:
     """``dst/provenance.jsonl``: per label written, the recipe, the source file and both files' SHA-256.
 
@@ -175,7 +171,7 @@ class _Provenance:
         if entry.get("source") != str(source) or entry.get("source_sha256") != source_sha:
             return "from a source label that changed since"
         try:
-            if _sha256(out) != entry.get("sha256"):
+            if sha256_file(out) != entry.get("sha256"):
                 return "damaged since written"
         except OSError:
             return "unreadable"
@@ -206,7 +202,7 @@ def _convert(ds: SegmentationPairs, i: int, src: Path, dst: Path, report: Prepar
         report.problems.append(f"{ds.image_path(i)}: cannot read image ({type(exc).__name__}: {exc})")
         return None
     try:
-        source_sha = _sha256(label)
+        source_sha = sha256_file(label)
     except OSError as exc:
         report.problems.append(f"{label}: cannot read label ({exc.strerror or exc})")
         return None
