@@ -13,7 +13,8 @@ from torch.utils.data import Dataset
 
 from asg.config import MethodConfig
 from asg.engine.evaluate import evaluate
-from asg.engine.metrics import EvalResult, real_average
+from asg.engine.metrics import EvalResult
+from asg.engine.summary import real_average
 from asg.engine.sampler import EpochBatchSampler, IndexedDataset
 from asg.engine.trainer import Trainer
 from asg.methods import build_method

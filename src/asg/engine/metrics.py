@@ -1,10 +1,10 @@
 """One model's result on one set (:class:`EvalResult`: a confusion matrix and the task whose metrics it gives;
-the metrics themselves are the task's, ``asg.tasks``), and the average of a metric over the real sets."""
+the metrics themselves are the task's, ``asg.tasks``). Their average over the real sets is
+:class:`asg.engine.summary.EvalReport`'s."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -25,16 +25,3 @@ class EvalResult:
 
     def to_dict(self) -> dict:
         return get_task(self.task).metrics(self.confusion)
-
-
-def real_average(metrics: dict[str, dict[str, Any]], real_sets: list[str], metric: str) -> dict[str, Any] | None:
-    """Mean of ``metric`` over the real sets present (at least two), labelled with what it averages.
-
-    ``metrics`` maps set names to ``EvalResult.to_dict()``; returns e.g.
-    ``{"metric": metric, "value": 0.41, "over": ["cityscapes", "bdd100k", "mapillary"], ...}``.
-    """
-    names = [n for n in real_sets if n in metrics]
-    if len(names) < 2:
-        return None
-    values = [metrics[n][metric] for n in names]
-    return {"metric": metric, "value": float(np.mean(values)), "over": names, "note": "unweighted mean over the sets"}

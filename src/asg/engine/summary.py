@@ -11,8 +11,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from asg.engine.metrics import real_average
+import numpy as np
+
 from asg.tasks import get_task
+
+
+def real_average(metrics: dict[str, dict[str, Any]], real_sets: list[str], metric: str) -> dict[str, Any] | None:
+    """Mean of ``metric`` over the real sets present (at least two), labelled with what it averages.
+
+    ``metrics`` maps set names to ``EvalResult.to_dict()``; returns e.g.
+    ``{"metric": metric, "value": 0.41, "over": ["cityscapes", "bdd100k", "mapillary"], ...}``.
+    """
+    names = [n for n in real_sets if n in metrics]
+    if len(names) < 2:
+        return None
+    values = [metrics[n][metric] for n in names]
+    return {"metric": metric, "value": float(np.mean(values)), "over": names, "note": "unweighted mean over the sets"}
+
 
 SUMMARY_VERSION = 1  # 1: ``version`` written; 0: a file without it (same fields, some absent in older files)
 
