@@ -44,7 +44,7 @@ def build_predictor(recipe: str, size: int, runtime: str, threads: int, tmp: Pat
     import torch
 
     from asg.config import load_config
-    from asg.engine.model_info import model_info_from_config
+    from asg.engine.rundir.model_info import model_info_from_config
     from asg.models import build_model
     from asg.models.fusion import inference_copy
     from asg.predict.predictor import Predictor

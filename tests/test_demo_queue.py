@@ -4,7 +4,7 @@ import pytest
 
 import asg.demo as demo
 from asg.config import load_config
-from asg.engine.summary import RunSummary
+from asg.engine.rundir.summary import RunSummary
 
 
 class QueueSeen(Exception):

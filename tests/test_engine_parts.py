@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from asg.config import OptimConfig, config_to_dict, load_config
-from asg.engine.metrics import EvalResult
+from asg.engine.evaluation.metrics import EvalResult
 from asg.engine.optim import LRInMomentumSGD, build_optimizer
 from asg.engine.sampler import EpochBatchSampler
 from asg.engine.schedule import build_schedule, warmup_poly_floor
@@ -112,7 +112,7 @@ def test_confusion_leaves_out_the_ignore_label_and_gives_iou():
 
 
 def test_retention_with_precomputed_teacher_logits_equals_the_live_teacher():
-    from asg.engine.retention import imagenet_retention, teacher_photo_logits
+    from asg.engine.evaluation.retention import imagenet_retention, teacher_photo_logits
     from asg.models import build_model, make_teacher
 
     model = build_model(load_config(None).model, 3)

@@ -18,7 +18,7 @@ import asg.cli
 import asg.l2o.meta
 from asg.cli import main
 from asg.config import ModelConfig, config_to_dict, load_config
-from asg.engine.checkpoint import load_weights, save_weights
+from asg.engine.rundir.weights import load_weights, save_weights
 from asg.errors import AsgError, ConfigError, DataError, WeightsError
 from asg.recipe_files import apply_overrides
 from asg.utils import resolve_device

@@ -17,7 +17,7 @@ from test_adapt import ImagesLabelsRaise
 import asg
 from asg.adapt import Adaptation
 from asg.data import DataBundle
-from asg.engine.rundir import RunDir
+from asg.engine.rundir.folder import RunDir
 from asg.errors import AsgError, WeightsError
 
 SRC_DIR = str(Path(asg.__file__).resolve().parents[1])

@@ -16,10 +16,12 @@ from test_teacher_cache import ALL, CountingTeacher, N, build, digits, exact_log
 
 import asg
 from asg.data.classification.listfile import ListFileDataset
-from asg.engine import teacher_cache, teacher_files, teacher_keys
-from asg.engine.teacher_cache import TeacherLogitCache
-from asg.engine.teacher_keys import cache_key
-from asg.engine.teacher_storage import TeacherCacheError
+from asg.engine.teacher import cache as teacher_cache
+from asg.engine.teacher import files as teacher_files
+from asg.engine.teacher import keys as teacher_keys
+from asg.engine.teacher.cache import TeacherLogitCache
+from asg.engine.teacher.keys import cache_key
+from asg.engine.teacher.storage import TeacherCacheError
 
 SRC_DIR = str(Path(asg.__file__).resolve().parents[1])
 TESTS_DIR = str(Path(__file__).resolve().parent)
@@ -148,7 +150,8 @@ def test_disk_that_fills_during_the_build_is_one_message_not_a_bus_error(tmp_pat
         import sys
         sys.path.insert(0, {TESTS_DIR!r})
         from test_teacher_cache import CountingTeacher, digits, build
-        from asg.engine import teacher_build, teacher_cache
+        from asg.engine.teacher import build as teacher_build
+        from asg.engine.teacher import cache as teacher_cache
         teacher_build._check_space = lambda folder, needed: None
         try:
             build({str(root)!r}, digits(n=1000), CountingTeacher())

@@ -58,9 +58,9 @@ def test_torch_save_write_failure_is_one_message_and_the_last_checkpoint_is_kept
     """Case 7, the trainer-state file: torch.save hides the OSError in a RuntimeError."""
     import torch
 
-    from asg.engine import checkpoint
-    from asg.engine.run_lock import RunFolderError
-    from asg.engine.rundir import RunDir
+    from asg.engine.rundir import weights as checkpoint
+    from asg.engine.rundir.folder import RunDir
+    from asg.engine.rundir.lock import RunFolderError
 
     rd = RunDir(tmp_path)
     weights = {"w": torch.zeros(3)}
@@ -91,8 +91,8 @@ def test_kill_during_a_checkpoint_write_leaves_no_temporary_file(tmp_path):
     proc = _run(
         """
         import os, signal, sys, torch
-        import asg.engine.checkpoint as c
-        from asg.engine.rundir import RunDir
+        import asg.engine.rundir.weights as c
+        from asg.engine.rundir.folder import RunDir
         def dying(state, tmp, metadata=None):
             open(tmp, "wb").write(b"x" * 100_000)
             os.kill(os.getpid(), signal.SIGKILL)
@@ -106,7 +106,7 @@ def test_kill_during_a_checkpoint_write_leaves_no_temporary_file(tmp_path):
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert len(list((tmp_path / "checkpoints").glob(".*.tmp"))) == 1
-    from asg.engine.rundir import RunDir
+    from asg.engine.rundir.folder import RunDir
 
     with RunDir(tmp_path) as rd:
         assert not list(tmp_path.rglob("*.tmp"))
@@ -118,7 +118,7 @@ def test_lock_dies_with_its_process_not_with_its_forked_workers(tmp_path):
     proc = _run(
         """
         import os, signal, sys, time
-        from asg.engine.rundir import RunDir
+        from asg.engine.rundir.folder import RunDir
         RunDir(sys.argv[1]).lock()
         child = os.fork()
         if child == 0:  # the worker: off the test's pipes, so that the test does not wait for it
@@ -136,7 +136,7 @@ def test_lock_dies_with_its_process_not_with_its_forked_workers(tmp_path):
     try:
         assert proc.returncode == -signal.SIGKILL
         os.kill(child, 0)  # the orphaned worker is alive
-        from asg.engine.rundir import RunDir
+        from asg.engine.rundir.folder import RunDir
 
         with RunDir(tmp_path):
             pass
@@ -155,7 +155,7 @@ def test_refused_pickle_files_are_one_line_of_ours(tmp_path, capsys):
     """Case 15: backbone weights, trainer state and policy files holding pickled objects."""
     import torch
 
-    from asg.engine.checkpoint import load_state
+    from asg.engine.rundir.weights import load_state
     from asg.errors import AsgError
     from asg.l2o.policy import _read_state
     from asg.models.backbones import load_state_dict_file
@@ -200,7 +200,7 @@ def test_evaluate_while_the_training_commits_and_deletes_the_checkpoint(
 
     import asg.data
     from asg.api import evaluate
-    from asg.engine.rundir import RunDir
+    from asg.engine.rundir.folder import RunDir
     from asg.engine.trainer import Trainer
 
     run = tmp_path / "run"

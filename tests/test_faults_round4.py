@@ -272,7 +272,7 @@ def test_non_finite_weights_are_refused_by_every_loader(tmp_path):
     L2O policy (release .pth, .safetensors) with NaN or Inf are refused naming the file and the tensor."""
     from safetensors.torch import save_file
 
-    from asg.engine.checkpoint import load_weights
+    from asg.engine.rundir.weights import load_weights
     from asg.errors import WeightsError
     from asg.l2o.policy import LRPolicy, load_policy, save_policy
     from asg.models.base import load_state_dict_file
@@ -304,7 +304,7 @@ def test_non_finite_evaluation_logits_are_refused(tmp_path):
     """Issue 27.5: a model whose logits are NaN (its weights went bad in memory) is not scored as class 0."""
     from helpers import RandomImages
 
-    from asg.engine.evaluate import evaluate
+    from asg.engine.evaluation.evaluate import evaluate
     from asg.errors import AsgError
     from asg.models.base import ModelOutput
 

@@ -213,7 +213,7 @@ def test_official_asg_visda_checkpoint_loads(tmp_path, capsys):
     import torchvision
 
     from asg.config import Config
-    from asg.engine.init_from import load_init_weights
+    from asg.engine.rundir.init_from import load_init_weights
 
     torch.manual_seed(0)
     net = torchvision.models.resnet50(weights=None)

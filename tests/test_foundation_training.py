@@ -99,7 +99,7 @@ def test_lora_checkpoints_hold_what_trains_and_resume_exactly(tiny_config, tmp_p
     from conftest import CrashAt
     from safetensors.torch import load_file
 
-    from asg.engine.checkpoint import load_weights
+    from asg.engine.rundir.weights import load_weights
 
     backbone_file, head_file = _dinov2_files(tmp_path)
     model = ["model.backbone=dinov2_vits14", f"model.weights={backbone_file}", f"model.guidance_file={head_file}",

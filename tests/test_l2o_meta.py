@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 import asg.engine.trainer as trainer_mod
-from asg.engine.rundir import RunDir
+from asg.engine.rundir.folder import RunDir
 from asg.errors import AsgError, ConfigError
 from asg.l2o import load_policy
 from asg.l2o.meta import meta_train

@@ -7,12 +7,12 @@ import torch
 
 from asg.engine.checkpointing import Checkpointer, Restored
 from asg.engine.distributed import Dist
-from asg.engine.final import FinalReport
+from asg.engine.evaluation.evaluator import Evaluator
+from asg.engine.evaluation.final import FinalReport
 from asg.engine.guards import LossGuard
 from asg.engine.precision import Precision
-from asg.engine.rundir import RunDir
-from asg.engine.selection import Evaluator
-from asg.engine.summary import SUMMARY_VERSION, EvalReport, RunSummary
+from asg.engine.rundir.folder import RunDir
+from asg.engine.rundir.summary import SUMMARY_VERSION, EvalReport, RunSummary
 from asg.engine.timing import PhaseTimer
 from asg.errors import AsgError
 from asg.models import build_model, make_teacher

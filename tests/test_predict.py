@@ -12,7 +12,7 @@ from PIL import Image
 
 from asg.cli import main
 from asg.config import ModelConfig, load_config
-from asg.engine.model_info import ModelInfo
+from asg.engine.rundir.model_info import ModelInfo
 from asg.models import build_model
 
 CLASSES = ["circle", "square", "stripe"]
@@ -172,7 +172,7 @@ def test_unfinished_old_and_mismatched_runs(cls_run, tmp_path, capsys):
     assert main(argv) == 0
     assert json.loads((tmp_path / "o" / "predictions.jsonl").read_text())["class"] in {"x", "y", "z"}
 
-    from asg.engine.checkpoint import save_weights
+    from asg.engine.rundir.weights import save_weights
 
     other = build_model(ModelConfig(weights="none", hidden_dim=8), 5)  # another head size and class count
     save_weights(other, tmp_path / "other.safetensors")

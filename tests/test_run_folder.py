@@ -15,9 +15,9 @@ from conftest import CrashAt
 from safetensors.torch import load_file
 
 from asg.config import load_config
-from asg.engine.run_lock import RunFolderError
-from asg.engine.rundir import TRAINING, RunDir, RunKind
-from asg.engine.selection import Evaluator
+from asg.engine.evaluation.evaluator import Evaluator
+from asg.engine.rundir.folder import TRAINING, RunDir, RunKind
+from asg.engine.rundir.lock import RunFolderError
 from asg.engine.trainer import Trainer
 from asg.errors import AsgError, ConfigError, TrainingDiverged
 
@@ -42,7 +42,7 @@ def _steps(run):
 @pytest.mark.slow
 def test_second_process_into_a_locked_folder_is_refused_with_its_pid(tmp_path, tiny_bundle, tiny_config):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys,time; from asg.engine.rundir import RunDir; r=RunDir(sys.argv[1]); "
+        [sys.executable, "-c", "import sys,time; from asg.engine.rundir.folder import RunDir; r=RunDir(sys.argv[1]); "
          "r.lock(); print('locked', flush=True); time.sleep(60)", str(tmp_path)],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -257,7 +257,7 @@ def test_resume_refuses_a_change_that_makes_another_experiment(tiny_bundle, tiny
 def test_full_disk_keeps_the_previous_checkpoint(tiny_bundle, tiny_config, tmp_path, monkeypatch):
     cfg = tiny_config("train.steps=4")
     trainer = Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True)
-    import asg.engine.checkpoint as checkpoint
+    import asg.engine.rundir.weights as checkpoint
 
     save = checkpoint.save_file
 

@@ -12,9 +12,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from asg.config import MethodConfig
-from asg.engine.evaluate import evaluate
-from asg.engine.metrics import EvalResult
-from asg.engine.summary import real_average
+from asg.engine.evaluation.evaluate import evaluate
+from asg.engine.evaluation.metrics import EvalResult
+from asg.engine.rundir.summary import real_average
 from asg.engine.sampler import EpochBatchSampler, IndexedDataset
 from asg.engine.trainer import Trainer
 from asg.methods import build_method

@@ -12,9 +12,9 @@ from torch import nn
 from asg.data.bundle import LabeledSubset
 from asg.data.classification.digits import ArrayDataset
 from asg.data.classification.listfile import ListFileDataset
-from asg.engine.teacher_cache import TeacherLogitCache
-from asg.engine.teacher_keys import UnfingerprintableDataset, cache_key
-from asg.engine.teacher_storage import TeacherCacheError, measure_storage_error
+from asg.engine.teacher.cache import TeacherLogitCache
+from asg.engine.teacher.keys import UnfingerprintableDataset, cache_key
+from asg.engine.teacher.storage import TeacherCacheError, measure_storage_error
 from asg.errors import AsgError
 
 N, SIZE, BATCH = 20, 8, 8

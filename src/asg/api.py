@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from asg.config import Config
-from asg.engine.manifest import EXPORTS
-from asg.engine.rundir import RunDir
+from asg.engine.rundir.folder import RunDir
+from asg.engine.rundir.manifest import EXPORTS
 from asg.errors import AsgError, WeightsError
 
 
@@ -109,7 +109,7 @@ def load_run(
     recipe ``config`` that builds its model and data; it is read as ``model.init_from`` reads it.
     """
     from asg.data import build_data
-    from asg.engine.checkpoint import load_weights
+    from asg.engine.rundir.weights import load_weights
     from asg.models import build_model
     from asg.models.base_weights import check_run_base_weights
     from asg.registries import check_registry_names
@@ -144,7 +144,7 @@ def load_run(
 
 def _load_weight_file(path: Path, config: str | Path | None, overrides: list[str] | None) -> LoadedRun:
     from asg.data import build_data
-    from asg.engine.init_from import load_init_weights
+    from asg.engine.rundir.init_from import load_init_weights
     from asg.models import build_model
     from asg.registries import load_checked_config
     from asg.utils import resolve_device
@@ -165,7 +165,7 @@ def _evaluate_loaded(
 ) -> dict[str, dict[str, Any]]:
     """``{set: metrics, confusion, n, role}`` of ``run.model`` as it is now on the evaluation sets ``names``
     (None: all, full sets); ``label`` is added to every set's entry."""
-    from asg.engine.evaluate import evaluate_sets
+    from asg.engine.evaluation.evaluate import evaluate_sets
 
     data = run.data
     chosen = data.eval_sets if names is None else {n: data.eval_sets[n] for n in names}
@@ -223,7 +223,7 @@ def evaluate(
     ImageNet + alpha x fine-tuned, fine-tuned task head; ``asg.methods.wise_ft``); the result and each set's
     entry then carry ``wise_ft_alpha``.
     """
-    from asg.engine.summary import EvalReport
+    from asg.engine.rundir.summary import EvalReport
     from asg.tasks import task_of
 
     alpha = None
@@ -334,7 +334,7 @@ def save_evaluation(result: dict[str, Any], out_dir: str | Path) -> Path:
 
     ``out_dir`` is created if needed; an OSError (e.g. a read-only folder) is left to the caller.
     """
-    from asg.engine.report import plot_confusion
+    from asg.engine.evaluation.report import plot_confusion
     from asg.io import atomic_write
 
     out_dir = Path(out_dir)

@@ -229,7 +229,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _timing_line(out_dir: Path | None) -> str | None:
     """Where this process's wall time went (from summary.json), one line."""
-    from asg.engine.rundir import RunDir
+    from asg.engine.rundir.folder import RunDir
 
     try:
         summary = RunDir(out_dir).read_summary() if out_dir is not None else None
@@ -494,7 +494,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 def _committed_nothing(args: argparse.Namespace) -> bool:
     """True when ``asg train``'s run folder holds no checkpoint (a resume would be refused)."""
-    from asg.engine.rundir import RunDir
+    from asg.engine.rundir.folder import RunDir
 
     try:
         out = args.out

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from asg.engine.rundir import RunDir
+from asg.engine.rundir.folder import RunDir
 from asg.errors import AsgError
 
 SELECTIONS = (("last", "last"), ("source-val", "sv"), ("oracle", "oracle"))  # summary key, column label

@@ -15,8 +15,8 @@ import torch
 from torch.nn import functional as F
 
 from asg.adapt.pseudo import load_pseudo_labels
-from asg.engine.report import plot_curves
-from asg.engine.rundir import RunDir
+from asg.engine.evaluation.report import plot_curves
+from asg.engine.rundir.folder import RunDir
 from asg.io import atomic_write
 
 

@@ -25,11 +25,11 @@ from asg.adapt.report import AdaptResult, add_precision, write_report
 from asg.config import Config
 from asg.data import DataBundle, build_data, check_bundle_files
 from asg.data.targets import PseudoLabeled, target_dataset
-from asg.engine.checkpoint import load_weights, save_weights
-from asg.engine.evaluate import evaluate_sets
-from asg.engine.init_from import ADAPTATION_FILE, init_record, init_weights_path, load_init_weights
-from asg.engine.rundir import RunDir, RunKind
-from asg.engine.summary import EvalReport, Selection
+from asg.engine.evaluation.evaluate import evaluate_sets
+from asg.engine.rundir.folder import RunDir, RunKind
+from asg.engine.rundir.init_from import ADAPTATION_FILE, init_record, init_weights_path, load_init_weights
+from asg.engine.rundir.summary import EvalReport, Selection
+from asg.engine.rundir.weights import load_weights, save_weights
 from asg.engine.trainer import Trainer
 from asg.errors import AsgError, ConfigError
 from asg.io import sha256_file

@@ -30,8 +30,8 @@ from asg.demo.benchmarks import BENCHMARKS, DIGITS, SCENES, WISE_FT, Benchmark
 from asg.demo.report import build_report, combined_markdown, write_report
 from asg.demo.runs import adapt_one, train_all
 from asg.demo.tuning import tune_methods, wise_ft_runs
-from asg.engine.rundir import RunDir
-from asg.engine.summary import RunSummary
+from asg.engine.rundir.folder import RunDir
+from asg.engine.rundir.summary import RunSummary
 from asg.errors import ConfigError
 from asg.registries import load_checked_config
 from asg.workers import default_jobs, run_tasks, worker_pool

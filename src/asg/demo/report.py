@@ -20,7 +20,7 @@ from asg.demo.tables import (
     settings_cells,
     trials_markdown,
 )
-from asg.engine.report import plot_curves, plot_per_class
+from asg.engine.evaluation.report import plot_curves, plot_per_class
 from asg.io import atomic_write
 
 

@@ -9,9 +9,9 @@ from typing import Any
 
 from asg.adapt import Adaptation
 from asg.api import evaluate_wise_ft
-from asg.engine.init_from import ADAPTATION_FILE
-from asg.engine.rundir import RunDir
-from asg.engine.summary import RunSummary
+from asg.engine.rundir.folder import RunDir
+from asg.engine.rundir.init_from import ADAPTATION_FILE
+from asg.engine.rundir.summary import RunSummary
 from asg.engine.trainer import Trainer
 from asg.io import atomic_write
 from asg.l2o import build_controller

@@ -8,7 +8,7 @@ from typing import Any
 
 from asg.demo.benchmarks import WISE_FT, Benchmark
 from asg.demo.runs import train_all, wise_ft_one
-from asg.engine.rundir import RunDir
+from asg.engine.rundir.folder import RunDir
 from asg.tuning.launch import run_workers
 from asg.tuning.results import summary as study_summary
 from asg.tuning.spec import SweepSpec

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
     from asg.engine.batches import StepBatch
-    from asg.engine.evaluate import EvalResult
+    from asg.engine.evaluation.evaluate import EvalResult
     from asg.engine.step import StepOutput
     from asg.engine.trainer import Trainer
 

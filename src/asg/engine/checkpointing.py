@@ -20,13 +20,13 @@ from torch import nn
 
 from asg.config import Config
 from asg.data import DataBundle, set_skip_log
-from asg.engine.checkpoint import load_weights, weights_to_save
 from asg.engine.distributed import Dist
 from asg.engine.guards import LossGuard, diverged, non_finite_tensors
-from asg.engine.model_info import write_model_info
 from asg.engine.precision import Precision
-from asg.engine.resume import check_resume_changes
-from asg.engine.rundir import TRAINING, RunDir
+from asg.engine.rundir.folder import TRAINING, RunDir
+from asg.engine.rundir.model_info import write_model_info
+from asg.engine.rundir.resume import check_resume_changes
+from asg.engine.rundir.weights import load_weights, weights_to_save
 from asg.models.base_weights import check_base_weights, read_record, write_record
 
 

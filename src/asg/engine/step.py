@@ -19,7 +19,7 @@ from asg.engine.distributed import Dist, rank_seed
 from asg.engine.gradient_sync import average_gradients, broadcast_module
 from asg.engine.guards import LossGuard, diverged
 from asg.engine.precision import MAX_OVERFLOW_STREAK, Precision
-from asg.engine.teacher import TeacherSource
+from asg.engine.teacher.source import TeacherSource
 from asg.methods import Batch, Method, TargetBatch
 from asg.models import ASGNetwork
 

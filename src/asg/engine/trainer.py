@@ -26,18 +26,18 @@ from asg.engine.callbacks import Callback, ProgressBar, TensorBoardLogger
 from asg.engine.checkpointing import Checkpointer, Restored
 from asg.engine.control import ControllerFactory, LRControl, LRController, fixed_only
 from asg.engine.distributed import Dist
-from asg.engine.final import FinalReport
+from asg.engine.evaluation.evaluator import Evaluator
+from asg.engine.evaluation.final import FinalReport
 from asg.engine.gradient_sync import broadcast_module
 from asg.engine.guards import LossGuard
-from asg.engine.init_from import load_init_weights
 from asg.engine.optim import build_optimizer
 from asg.engine.precision import Precision, compile_modules
-from asg.engine.rundir import RunDir
+from asg.engine.rundir.folder import RunDir
+from asg.engine.rundir.init_from import load_init_weights
 from asg.engine.sampler import steps_per_epoch
 from asg.engine.schedule import build_schedule
-from asg.engine.selection import Evaluator
 from asg.engine.step import StepOutput, StepRunner
-from asg.engine.teacher import TeacherSource
+from asg.engine.teacher.source import TeacherSource
 from asg.engine.timing import PhaseTimer
 from asg.errors import AsgError
 from asg.methods import Method, build_method

@@ -25,7 +25,7 @@ import torch
 
 from asg.config import Config
 from asg.data import build_data, check_bundle_files
-from asg.engine.rundir import RunDir, RunKind
+from asg.engine.rundir.folder import RunDir, RunKind
 from asg.engine.trainer import Trainer
 from asg.errors import AsgError, TrainingDiverged
 from asg.io import atomic_write, torch_load_problem

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from asg.config import config_to_dict
-from asg.engine.model_info import ModelInfo
+from asg.engine.rundir.model_info import ModelInfo
 from asg.errors import AsgError
 from asg.io import atomic_write_text, sha256_file
 from asg.models.backbones import BACKBONES_VIT

@@ -1,5 +1,5 @@
 """A trained model without its data: a run folder's (or a weight file's) network with one checkpoint's weights, its
-:class:`~asg.engine.model_info.ModelInfo`, optionally WiSE-FT interpolated. Nothing here opens a dataset."""
+:class:`~asg.engine.rundir.model_info.ModelInfo`, optionally WiSE-FT interpolated. Nothing here opens a dataset."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from typing import cast
 from torch import nn
 
 from asg.config import Config
-from asg.engine.manifest import EXPORTS
-from asg.engine.model_info import ModelInfo, model_info_from_config, read_model_info
-from asg.engine.rundir import RunDir
+from asg.engine.rundir.folder import RunDir
+from asg.engine.rundir.manifest import EXPORTS
+from asg.engine.rundir.model_info import ModelInfo, model_info_from_config, read_model_info
 from asg.errors import AsgError, WeightsError
 
 
@@ -73,7 +73,7 @@ def load_model(
                 f"{path} is a weight file, not a run folder: pass --config RECIPE (the recipe that builds "
                 "its model, e.g. gta5_cityscapes_fcn8s_vgg16_asg)"
             )
-        from asg.engine.init_from import load_init_weights
+        from asg.engine.rundir.init_from import load_init_weights
         from asg.registries import load_checked_config
 
         cfg = load_checked_config(config, [*(overrides or []), f"model.init_from={path}"])
@@ -101,8 +101,8 @@ def load_model(
 def _load_run(
     path: Path, checkpoint: str, overrides: list[str] | None, class_names: list[str] | None, notes: list[str]
 ) -> tuple[Path, Config, ModelInfo, nn.Module, Path, str]:
-    from asg.engine.checkpoint import load_weights
-    from asg.engine.init_from import ADAPTATION_FILE
+    from asg.engine.rundir.init_from import ADAPTATION_FILE
+    from asg.engine.rundir.weights import load_weights
     from asg.registries import check_registry_names
 
     if not path.is_dir():

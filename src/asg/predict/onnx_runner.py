@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from asg.engine.model_info import ModelInfo
+from asg.engine.rundir.model_info import ModelInfo
 from asg.errors import AsgError
 from asg.io import sha256_file
 from asg.models.base import ModelOutput

@@ -1,10 +1,10 @@
 """``Predictor``: a trained model applied to a person's images, with the evaluation's own inference code.
 
 Classification: each image is resized and centre-cropped to the training size as the datasets do, and scored by
-:func:`asg.engine.evaluate.predict_scores` (flip TTA included), so its class is the one ``asg evaluate`` counts.
-Segmentation: each image at its native size (or ``data.eval_resize``), whole or in sliding windows, optional flip
-and multi-scale, by :func:`asg.engine.evaluate.segmentation_probs`; probabilities are upsampled to the input's own
-size before the argmax, as the evaluation upsamples them to the label's.
+:func:`asg.engine.evaluation.evaluate.predict_scores` (flip TTA included), so its class is the one
+``asg evaluate`` counts. Segmentation: each image at its native size (or ``data.eval_resize``), whole or in sliding
+windows, optional flip and multi-scale, by :func:`asg.engine.evaluation.evaluate.segmentation_probs`; probabilities
+are upsampled to the input's own size before the argmax, as the evaluation upsamples them to the label's.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torchvision.transforms.functional import pil_to_tensor as pil_to_image_tens
 from asg.data.files import same_size_groups
 from asg.data.segmentation.pairs import EvalPairTransform
 from asg.data.transforms import pil_to_tensor
-from asg.engine.model_info import ModelInfo
+from asg.engine.rundir.model_info import ModelInfo
 from asg.errors import AsgError
 from asg.models.inference import predict_scores, segmentation_probs
 from asg.predict.inputs import to_pil

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from asg.engine.model_info import ModelInfo
+from asg.engine.rundir.model_info import ModelInfo
 from asg.errors import AsgError
 from asg.io import atomic_write, atomic_write_text
 from asg.predict.inputs import InputItem

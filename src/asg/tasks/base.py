@@ -66,7 +66,7 @@ class Task:
         return {}
 
     def inference_fields(self, cfg: Config, palette: list[list[int]]) -> dict[str, Any]:
-        """Fields of a model's ``model.json`` beyond the common ones (``asg.engine.model_info.ModelInfo``);
+        """Fields of a model's ``model.json`` beyond the common ones (``asg.engine.rundir.model_info.ModelInfo``);
         ``palette``: an RGB colour per class."""
         return {}
 

@@ -18,7 +18,7 @@ from asg.engine.callbacks import Callback
 from asg.io import atomic_write_text
 
 if TYPE_CHECKING:
-    from asg.engine.metrics import EvalResult
+    from asg.engine.evaluation.metrics import EvalResult
     from asg.engine.trainer import Trainer
 
 SCORE_FILE = "trial_score.json"  # the last evaluation's score (step, score)

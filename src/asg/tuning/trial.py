@@ -9,7 +9,7 @@ import optuna
 from optuna.trial import TrialState
 
 from asg.engine.distributed import Dist
-from asg.engine.rundir import RunDir
+from asg.engine.rundir.folder import RunDir
 from asg.engine.trainer import Trainer
 from asg.errors import AsgError
 from asg.l2o import build_controller

@@ -15,12 +15,12 @@ from torch import nn
 
 from asg.config import Config
 from asg.data import DataBundle
-from asg.engine.checkpoint import load_weights
-from asg.engine.report import plot_predictions, plot_run_curves, run_report_markdown
-from asg.engine.retention import imagenet_retention, teacher_photo_logits
-from asg.engine.rundir import RunDir
-from asg.engine.selection import Evaluator
-from asg.engine.summary import EvalReport, RunSummary, Selection
+from asg.engine.evaluation.evaluator import Evaluator
+from asg.engine.evaluation.report import plot_predictions, plot_run_curves, run_report_markdown
+from asg.engine.evaluation.retention import imagenet_retention, teacher_photo_logits
+from asg.engine.rundir.folder import RunDir
+from asg.engine.rundir.summary import EvalReport, RunSummary, Selection
+from asg.engine.rundir.weights import load_weights
 from asg.engine.timing import PhaseTimer, peak_memory_mib
 from asg.io import atomic_write
 from asg.models import Teacher

@@ -19,9 +19,9 @@ and :meth:`TeacherLogitCache.build_or_open` rebuilds it. Space is checked and re
 before the memory-mapped files are written, so a full disk is an error message, not a SIGBUS.
 
 This module holds :class:`TeacherLogitCache` (open with its checks, build or open). Its parts: the key
-(:mod:`asg.engine.teacher_keys`: it covers the images, the caller's transform description, the teacher's weights
-and the storage), the storage modes (:mod:`asg.engine.teacher_storage`), the folder's files
-(:mod:`asg.engine.teacher_files`) and the build (:mod:`asg.engine.teacher_build`).
+(:mod:`asg.engine.teacher.keys`: it covers the images, the caller's transform description, the teacher's weights
+and the storage), the storage modes (:mod:`asg.engine.teacher.storage`), the folder's files
+(:mod:`asg.engine.teacher.files`) and the build (:mod:`asg.engine.teacher.build`).
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from asg.engine.teacher_build import _fill, _write_failure
-from asg.engine.teacher_files import _install, _remove_dead_builds, _tmp_prefix, _verify
-from asg.engine.teacher_storage import FORMAT_VERSION, TeacherCacheError, _decode, _layout, check_storage
+from asg.engine.teacher.build import _fill, _write_failure
+from asg.engine.teacher.files import _install, _remove_dead_builds, _tmp_prefix, _verify
+from asg.engine.teacher.storage import FORMAT_VERSION, TeacherCacheError, _decode, _layout, check_storage
 
 
 def default_cache_root() -> Path:

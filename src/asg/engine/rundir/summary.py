@@ -1,6 +1,6 @@
 """The typed records of a run's results: :class:`EvalReport` (an evaluation's metrics per set and their average
 over the real sets) and :class:`RunSummary` (a finished run's ``summary.json``, read back by
-:meth:`asg.engine.rundir.RunDir.read_summary`).
+:meth:`asg.engine.rundir.folder.RunDir.read_summary`).
 
 ``summary.json`` carries ``version`` (:data:`SUMMARY_VERSION`); a file without it was written before the field
 existed (version 0) and reads alike, its missing fields taking the values the writer of that time implied.

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from asg.engine.teacher_files import _check_space, _fsync, _reserve
-from asg.engine.teacher_storage import FORMAT_VERSION, TeacherCacheError, _decode, _encode, _layout, kl_rows
+from asg.engine.teacher.files import _check_space, _fsync, _reserve
+from asg.engine.teacher.storage import FORMAT_VERSION, TeacherCacheError, _decode, _encode, _layout, kl_rows
 from asg.io import sha256_file
 from asg.utils import progress
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from asg.config import Config, config_to_dict
 from asg.data import SEGMENTATION_DATASETS, dataset_task
-from asg.engine.rundir import RunDir
+from asg.engine.rundir.folder import RunDir
 from asg.errors import AsgError
 from asg.tasks import get_task
 

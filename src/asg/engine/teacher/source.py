@@ -16,8 +16,8 @@ from asg.config import Config
 from asg.data import DataBundle
 from asg.engine.batches import dataset_size
 from asg.engine.distributed import Dist
-from asg.engine.teacher_cache import TeacherLogitCache
-from asg.engine.teacher_keys import UnfingerprintableDataset, cache_key, resolve_key_mode
+from asg.engine.teacher.cache import TeacherLogitCache
+from asg.engine.teacher.keys import UnfingerprintableDataset, cache_key, resolve_key_mode
 from asg.errors import ConfigError
 from asg.methods import Method
 from asg.models import Teacher

@@ -20,12 +20,12 @@ from torch.utils.data import Dataset, Subset
 from asg.config import Config
 from asg.data import DataBundle, balanced_subset
 from asg.engine.batches import dataset_size
-from asg.engine.checkpoint import weights_to_save
 from asg.engine.distributed import Dist
-from asg.engine.evaluate import evaluate_sets
-from asg.engine.metrics import EvalResult
-from asg.engine.rundir import RunDir
-from asg.engine.summary import EvalReport
+from asg.engine.evaluation.evaluate import evaluate_sets
+from asg.engine.evaluation.metrics import EvalResult
+from asg.engine.rundir.folder import RunDir
+from asg.engine.rundir.summary import EvalReport
+from asg.engine.rundir.weights import weights_to_save
 from asg.tasks import Task
 
 

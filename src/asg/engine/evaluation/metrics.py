@@ -1,6 +1,6 @@
 """One model's result on one set (:class:`EvalResult`: a confusion matrix and the task whose metrics it gives;
 the metrics themselves are the task's, ``asg.tasks``). Their average over the real sets is
-:class:`asg.engine.summary.EvalReport`'s."""
+:class:`asg.engine.rundir.summary.EvalReport`'s."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from asg.engine.summary import RunSummary  # noqa: E402
+from asg.engine.rundir.summary import RunSummary  # noqa: E402
 from asg.engine.timing import timing_markdown  # noqa: E402
 from asg.tasks import get_task  # noqa: E402
 

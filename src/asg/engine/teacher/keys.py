@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from asg.engine.teacher_storage import FORMAT_VERSION, TeacherCacheError, check_storage
+from asg.engine.teacher.storage import FORMAT_VERSION, TeacherCacheError, check_storage
 
 KEY_MODES = ("auto", "stat", "content")
 CONTENT_KEY_MAX_BYTES = 2 << 30  # "auto" hashes the bytes of image files up to this total size, else stats them

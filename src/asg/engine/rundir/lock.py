@@ -5,7 +5,7 @@
 - **guard**: an ``OSError`` (or a library's write failure) while writing becomes one :class:`RunFolderError`
   line saying what to do (disk full, file size limit, permissions).
 
-:class:`asg.engine.rundir.RunDir` builds on :class:`LockedFolder`.
+:class:`asg.engine.rundir.folder.RunDir` builds on :class:`LockedFolder`.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from asg.engine.teacher_storage import TeacherCacheError
+from asg.engine.teacher.storage import TeacherCacheError
 from asg.io import sha256_file
 
 SPACE_MARGIN = 16 << 20  # bytes kept free beyond the cache's own size

@@ -2,7 +2,7 @@
 
 ``fp32`` (exact) and ``fp16`` store the logits; ``topk`` stores the k largest log-probabilities, their classes,
 the log-sum-exp and the log of the rest mass, and spreads the rest mass uniformly over the other classes when it
-reconstructs (see :mod:`asg.engine.teacher_cache` for the files). Also here: the cache's error type, the checks of
+reconstructs (see :mod:`asg.engine.teacher.cache` for the files). Also here: the cache's error type, the checks of
 a storage mode and its k, and the KL that measures what a mode loses.
 """
 

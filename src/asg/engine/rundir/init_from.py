@@ -13,8 +13,8 @@ from typing import Any
 from torch import nn
 
 from asg.config import Config
-from asg.engine.checkpoint import load_weights
-from asg.engine.rundir import RunDir
+from asg.engine.rundir.folder import RunDir
+from asg.engine.rundir.weights import load_weights
 from asg.errors import WeightsError
 from asg.io import sha256_file
 from asg.tasks import CLASSIFICATION, get_task

@@ -3,8 +3,8 @@ files, keeps its checkpoints consistent and marks it done.
 
 Training, meta-training, adaptation, the demo, the API and the CLI all go through :class:`RunDir`:
 
-- **lock** (:mod:`asg.engine.run_lock`): one process writes a folder; a failed write is one line saying why.
-- **checkpoints** (:mod:`asg.engine.manifest`): immutable step-named files committed by ``checkpoint.json``.
+- **lock** (:mod:`asg.engine.rundir.lock`): one process writes a folder; a failed write is one line saying why.
+- **checkpoints** (:mod:`asg.engine.rundir.manifest`): immutable step-named files committed by ``checkpoint.json``.
 - **lifecycle** (here): :meth:`RunDir.begin` refuses a finished run, refuses a folder that holds a run unless it
   is resumed, and clears the leftovers of a run that stopped before it saved anything to resume from;
   :meth:`RunDir.finish` writes ``done`` atomically, last; :meth:`RunDir.is_done` reads it.
@@ -28,9 +28,9 @@ from typing import Any
 import yaml
 
 from asg.config import Config, config_to_dict, load_config
-from asg.engine.manifest import EXPORTS, MANIFEST, CheckpointFiles
-from asg.engine.run_lock import RunFolderError
-from asg.engine.summary import RunSummary
+from asg.engine.rundir.lock import RunFolderError
+from asg.engine.rundir.manifest import EXPORTS, MANIFEST, CheckpointFiles
+from asg.engine.rundir.summary import RunSummary
 from asg.errors import AsgError
 from asg.utils import versions
 

@@ -1,7 +1,7 @@
 """Evaluation: one confusion matrix per model and set (:func:`evaluate`), each batch scored by the task
 (``asg.tasks``), and the package's one evaluation path (:func:`evaluate_sets`). The metrics are the task's
-(:class:`~asg.engine.metrics.EvalResult`), ImageNet retention is in :mod:`asg.engine.retention`, the inference
-itself (flip TTA, sliding windows) in :mod:`asg.models.inference`."""
+(:class:`~asg.engine.evaluation.metrics.EvalResult`), ImageNet retention is in :mod:`asg.engine.evaluation.retention`,
+the inference itself (flip TTA, sliding windows) in :mod:`asg.models.inference`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from asg.config import Config
-from asg.engine.metrics import EvalResult
+from asg.engine.evaluation.metrics import EvalResult
 from asg.errors import AsgError
 from asg.models.fusion import inference_copy
 from asg.models.inference import sliding_options

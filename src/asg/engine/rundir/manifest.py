@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from asg.engine.checkpoint import load_state, save_state, save_weights
-from asg.engine.run_lock import LockedFolder, RunFolderError
+from asg.engine.rundir.lock import LockedFolder, RunFolderError
+from asg.engine.rundir.weights import load_state, save_state, save_weights
 from asg.io import atomic_write, atomic_write_text, sha256_file
 
 MANIFEST = "checkpoint.json"

@@ -1,0 +1,1 @@
+"""Evaluation during training, its metrics and selections, the end-of-run report."""
