@@ -561,3 +561,37 @@ def test_a_batch_larger_than_the_training_set_is_warned(tiny_bundle, tiny_config
 
     with pytest.warns(DataWarning, match=r"data.batch_size=256 is larger than the training set \(48 images\)"):
         Trainer(tiny_config("data.batch_size=256"), None, data=tiny_bundle, quiet=True)
+
+
+def test_a_full_disk_at_the_first_checkpoint_says_rerun_and_leaves_no_orphan(tmp_path, monkeypatch):
+    """Issue 27.8: the trainer state of the first checkpoint fails to write (the disk fills after the weights):
+    the message advised --resume, which is then refused, and the weight file stayed behind (21 MB on the full
+    disk). Now it says to rerun without --resume and removes the step's files; at a later checkpoint the kept one
+    is named and --resume is right."""
+    import errno
+
+    import torch
+
+    from asg.engine.rundir.folder import RunDir
+    from asg.engine.rundir.lock import RunFolderError
+
+    real_save = torch.save
+
+    def full(obj, f, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(f))
+
+    rd = RunDir(tmp_path / "run")
+    with rd:
+        monkeypatch.setattr(torch, "save", full)
+        with pytest.raises(RunFolderError) as info:
+            rd.save_checkpoint(2, {"w": torch.zeros(1000)}, {"x": 1}, {}, None)
+        assert "without --resume" in str(info.value) and "no checkpoint had been written yet" in str(info.value)
+        assert not list((tmp_path / "run" / "checkpoints").glob("*")), "the step's weight file is an orphan"
+        monkeypatch.setattr(torch, "save", real_save)
+        rd.save_checkpoint(2, {"w": torch.zeros(1000)}, {"x": 1}, {}, None)
+        monkeypatch.setattr(torch, "save", full)
+        with pytest.raises(RunFolderError) as info:
+            rd.save_checkpoint(4, {"w": torch.ones(1000)}, {"x": 2}, {}, None)
+        assert "the checkpoint of step 2 is kept" in str(info.value) and "without --resume" not in str(info.value)
+        assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("*")) == [
+            "step_0000002.safetensors", "step_0000002.state.pt"]  # fmt: skip
