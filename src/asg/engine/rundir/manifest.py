@@ -107,11 +107,28 @@ class CheckpointFiles(LockedFolder):
     ) -> None:
         """Write the step's files, then the manifest (the commit point), then drop files no longer named."""
         tag = f"step_{step:07d}"
-        entry_w = self.write_weights(tag, weights, step)
-        path_s = self.path / "checkpoints" / f"{tag}.state.pt"
-        self._guard(lambda: save_state({**state, "step": step}, path_s), path_s, extra=self._kept())
-        self.commit({"step": step, "weights": entry_w, "state": self._entry(path_s, step), "best": best,
-                     "evaluated_through": evaluated_through})  # fmt: skip
+        try:
+            entry_w = self.write_weights(tag, weights, step)
+            path_s = self.path / "checkpoints" / f"{tag}.state.pt"
+            self._guard(lambda: save_state({**state, "step": step}, path_s), path_s, extra=self._kept())
+            self.commit({"step": step, "weights": entry_w, "state": self._entry(path_s, step), "best": best,
+                         "evaluated_through": evaluated_through})  # fmt: skip
+        except RunFolderError as exc:
+            self._drop_uncommitted(tag, step)  # a weight file the commit never named must not fill the disk
+            if self.manifest_path.exists():
+                raise
+            # nothing was committed: a resume would be refused, the same command starts the run again
+            raise RunFolderError(str(exc).replace(", then resume with --resume", "")) from None
+
+    def _drop_uncommitted(self, tag: str, step: int) -> None:
+        """Remove the files of checkpoint ``tag`` unless the manifest commits that step."""
+        try:
+            committed = self.manifest_path.exists() and int(self.read_manifest()["step"]) == step
+        except Exception:  # an unreadable manifest: keep everything
+            return
+        if not committed:
+            for path in (self.path / "checkpoints").glob(f"{tag}.*"):
+                path.unlink(missing_ok=True)
 
     def commit(self, manifest: dict[str, Any]) -> None:
         """Write ``checkpoint.json`` atomically, refresh the exported links, delete unnamed checkpoint files."""
@@ -157,7 +174,7 @@ class CheckpointFiles(LockedFolder):
 
     def _kept(self) -> str:
         if not self.manifest_path.exists():
-            return " (no checkpoint had been written yet)"
+            return " (no checkpoint had been written yet: rerun the same command, without --resume)"
         try:
             step = json.loads(self.manifest_path.read_text())["step"]
         except (OSError, ValueError, KeyError):
