@@ -151,7 +151,7 @@ def test_disk_that_fills_during_the_build_is_one_message_not_a_bus_error(tmp_pat
         sys.path.insert(0, {TESTS_DIR!r})
         from test_teacher_cache import CountingTeacher, digits, build
         from asg.engine.teacher import build as teacher_build
-        from asg.engine.teacher import cache as teacher_cache
+        from asg.engine.teacher.storage import TeacherCacheError
         teacher_build._check_space = lambda folder, needed: None
         try:
             build({str(root)!r}, digits(n=1000), CountingTeacher())
