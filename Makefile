@@ -23,11 +23,16 @@ demo: setup
 demo-quick: setup
 	$(BIN)/asg demo --quick
 
-test: setup
-	$(BIN)/python -m pytest
+# pytest-xdist: one worker per core, each test module on one worker (so that a module's shared run is made once:
+# the 2-process runs of test_distributed, the trained runs of test_predict, test_compare...); `make test XDIST=`
+# runs everything in one process
+XDIST ?= -n auto --dist loadscope
 
-test-fast: setup  # the fast subset (under two minutes on 2 cores); CI runs everything
-	$(BIN)/python -m pytest -m "not slow"
+test: setup  # everything: about 6 minutes on 2 cores
+	$(BIN)/python -m pytest $(XDIST)
+
+test-fast: setup  # the fast subset (under a minute on 2 cores): no end-to-end run, no process started; CI runs all
+	$(BIN)/python -m pytest $(XDIST) -m "not slow"
 
 bench: setup
 	$(BIN)/python benchmarks/run.py

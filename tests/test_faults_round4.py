@@ -398,6 +398,7 @@ def test_a_worker_killed_by_sigkill_is_one_line_the_others_finish_and_the_rerun_
     assert [r.split()[0] for r in results] == ["run_a", "run_b", "run_c", "run_d"]
 
 
+@pytest.mark.slow
 def test_an_error_in_a_task_still_stops_the_queue_and_is_raised(tmp_path):
     """A task's own error (not a dead worker) is raised as before, once the running tasks stop."""
     from asg.workers import run_tasks
@@ -550,8 +551,12 @@ def test_train_refuses_init_from_an_unfinished_run_as_adapt_does(tiny_bundle, ti
     with pytest.raises(WeightsError, match=r"model.init_from: .*stopped never finished .*adapt.from_unfinished=true"):
         Trainer(tiny_config(f"model.init_from={tmp_path / 'stopped'}"), tmp_path / "b", data=tiny_bundle, quiet=True)
     Trainer(tiny_config(f"model.init_from={tmp_path / 'done_run'}"), tmp_path / "c", data=tiny_bundle, quiet=True)
-    Trainer(tiny_config(f"model.init_from={tmp_path / 'stopped'}", "adapt.from_unfinished=true"), tmp_path / "d",
-            data=tiny_bundle, quiet=True)  # fmt: skip
+    Trainer(
+        tiny_config(f"model.init_from={tmp_path / 'stopped'}", "adapt.from_unfinished=true"),
+        tmp_path / "d",
+        data=tiny_bundle,
+        quiet=True,
+    )
 
 
 def test_a_batch_larger_than_the_training_set_is_warned(tiny_bundle, tiny_config, tmp_path):
@@ -594,4 +599,30 @@ def test_a_full_disk_at_the_first_checkpoint_says_rerun_and_leaves_no_orphan(tmp
             rd.save_checkpoint(4, {"w": torch.ones(1000)}, {"x": 2}, {}, None)
         assert "the checkpoint of step 2 is kept" in str(info.value) and "without --resume" not in str(info.value)
         assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("*")) == [
-            "step_0000002.safetensors", "step_0000002.state.pt"]  # fmt: skip
+            "step_0000002.safetensors",
+            "step_0000002.state.pt",
+        ]
+
+
+def test_prediction_figures_name_each_colour_and_the_white_ignored_pixels(tmp_path):
+    """predictions.png's legend: every class shown (label or prediction) by name and colour, and white = ignored."""
+    from asg.engine.evaluation.report import legend_entries, plot_predictions
+
+    palette = [(0, 0, 0), (255, 0, 0), (0, 255, 0)]
+    label = np.array([[0, 1], [255, 255]])
+    pred = np.array([[0, 2], [0, 0]])
+    samples = [(np.zeros((2, 2, 3)), label, pred)]
+    entries = legend_entries(samples, palette, ["background", "one", "two"])
+    assert entries == [
+        ("background", (0, 0, 0)),
+        ("one", (255, 0, 0)),
+        ("two", (0, 255, 0)),
+        ("ignored (255): not scored", (255, 255, 255)),
+    ]
+    assert legend_entries([(np.zeros((2, 2, 3)), label[:1], pred[:1])], palette, None) == [
+        ("0", (0, 0, 0)),
+        ("1", (255, 0, 0)),
+        ("2", (0, 255, 0)),
+    ]
+    plot_predictions(samples, palette, tmp_path / "p.png", "t", ["background", "one", "two"])
+    assert (tmp_path / "p.png").stat().st_size > 0

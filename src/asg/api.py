@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from asg.config import Config
 from asg.engine.rundir.folder import RunDir
 from asg.engine.rundir.manifest import EXPORTS
 from asg.errors import AsgError, WeightsError
+
+if TYPE_CHECKING:
+    from asg.engine.callbacks import Callback
 
 
 def default_run_dir(cfg: Config, default_name: str = "run") -> Path:
@@ -54,19 +57,21 @@ def train(
     out: str | Path | None = None,
     resume: bool = False,
     quiet: bool = False,
+    callbacks: list[Callback] | None = None,
 ):
     """Train a recipe (path or Config) into ``out`` (default ``runs/<name>``); returns a ``TrainResult``.
 
     With ``resume=True`` the run folder's saved config plus ``overrides`` is used and training continues
     exactly; ``config`` then only names the default folder (it may be None when ``out`` is given). Changed
     optimizer, schedule and length settings are applied from the restored step on; others are refused.
+    ``callbacks``: engine callbacks (``asg.engine.callbacks.Callback``) added to the run.
     """
     from asg.engine.trainer import Trainer
 
     cfg, out = run_config(config, overrides, out, resume, "a run folder", "training")
     from asg.l2o import build_controller
 
-    return Trainer(cfg, out, resume=resume, quiet=quiet, controller_factory=build_controller).fit()
+    return Trainer(cfg, out, resume=resume, quiet=quiet, controller_factory=build_controller, callbacks=callbacks).fit()
 
 
 def adapt(
@@ -75,14 +80,16 @@ def adapt(
     out: str | Path | None = None,
     resume: bool = False,
     quiet: bool = False,
+    callbacks: list[Callback] | None = None,
 ):
     """Adapt a trained model (``model.init_from``) to unlabelled target images (``adapt.target``) by
     class-balanced self-training rounds; returns an ``asg.adapt.AdaptResult``. ``resume`` continues a stopped
-    adaptation in ``out`` with its saved config (plus ``overrides``) from the round and step where it stopped."""
+    adaptation in ``out`` with its saved config (plus ``overrides``) from the round and step where it stopped.
+    ``callbacks``: engine callbacks added to every round's training run."""
     from asg.adapt import adapt as run_adaptation
 
     cfg, out = run_config(config, overrides, out, resume, "an `asg adapt` folder", "adaptation")
-    return run_adaptation(cfg, out, resume=resume, quiet=quiet)
+    return run_adaptation(cfg, out, resume=resume, quiet=quiet, callbacks=callbacks)
 
 
 @dataclass
@@ -150,8 +157,10 @@ def _load_weight_file(path: Path, config: str | Path | None, overrides: list[str
     from asg.utils import resolve_device
 
     if config is None:
-        raise AsgError(f"{path} is a weight file, not a run folder: pass --config RECIPE (the recipe that builds its "
-                       "model and data, e.g. gta5_cityscapes_fcn8s_vgg16_asg)")  # fmt: skip
+        raise AsgError(
+            f"{path} is a weight file, not a run folder: pass --config RECIPE (the recipe that builds its "
+            "model and data, e.g. gta5_cityscapes_fcn8s_vgg16_asg)"
+        )
     cfg = load_checked_config(config, [*(overrides or []), f"model.init_from={path}"])
     device = resolve_device(cfg.train.device)
     data = build_data(cfg.data)
@@ -169,8 +178,16 @@ def _evaluate_loaded(
 
     data = run.data
     chosen = data.eval_sets if names is None else {n: data.eval_sets[n] for n in names}
-    results = evaluate_sets(run.model, chosen, data.num_classes, run.cfg, run.device, tta_flip=tta,
-                            show_progress=show_progress, task=data.task)  # fmt: skip
+    results = evaluate_sets(
+        run.model,
+        chosen,
+        data.num_classes,
+        run.cfg,
+        run.device,
+        tta_flip=tta,
+        show_progress=show_progress,
+        task=data.task,
+    )
     return {
         name: {
             **r.to_dict(),
@@ -315,8 +332,9 @@ def load(
     ``class_names`` (for a run of an earlier asg that does not record them)."""
     from asg.predict.run import load_predictor
 
-    predictor, _ = load_predictor(run, checkpoint, config=config, overrides=overrides, wise_ft=wise_ft,
-                                  device=device, **options)  # fmt: skip
+    predictor, _ = load_predictor(
+        run, checkpoint, config=config, overrides=overrides, wise_ft=wise_ft, device=device, **options
+    )
     return predictor
 
 

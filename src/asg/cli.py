@@ -72,7 +72,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "run_dir",
         type=Path,
+        nargs="?",
         help="a run folder, or a weight file from elsewhere (e.g. an official ASG .pth.tar) with --config",
+    )
+    p.add_argument(
+        "--zero-shot",
+        action="store_true",
+        help="CLIP zero-shot classification of the recipe --config's classes, no run folder (asg.zero_shot)",
     )
     p.add_argument("--config", default=None, help="with a weight file: the recipe that builds its model and data")
     p.add_argument("--checkpoint", default="last", help="last | source-val | oracle | PATH.safetensors")
@@ -111,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     length.add_argument(
         "--full",
         action="store_true",
-        help="every method (also feature, l2sp, asg+random; asg+l2o on scenes), 1,200 steps",
+        help="every method (also feature, l2sp, asg+random, csg; asg+l2o on scenes), 1,200 steps",
     )
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/demo or runs/demo-quick)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds per method")
@@ -139,6 +145,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_set(p, "override every demo run's config, e.g. --set train.device=cuda")
 
     _add_sweep_parser(sub)
+    from asg.clip_table import add_clip_table_parser
+
+    add_clip_table_parser(sub, _add_set)
 
     p = sub.add_parser("data", help="dataset tools")
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -271,9 +280,20 @@ def _evaluate(args: argparse.Namespace) -> int:
     from asg.api import evaluate, save_evaluation
     from asg.tasks import get_task
 
-    result = evaluate(
-        args.run_dir, args.checkpoint, args.tta_flip, args.overrides, wise_ft=args.wise_ft, config=args.config
-    )
+    if args.zero_shot:  # no run folder: the recipe's CLIP tower and its text tower over the classes
+        if args.config is None or args.run_dir is not None or args.wise_ft is not None:
+            raise AsgError("asg evaluate --zero-shot takes --config RECIPE (a CLIP recipe), no run folder or --wise-ft")
+        from asg.zero_shot import evaluate_zero_shot
+
+        result = evaluate_zero_shot(args.config, args.overrides, args.tta_flip)
+        if args.out is None:
+            args.out = Path("runs") / f"{Path(args.config).stem}_zero_shot"
+    elif args.run_dir is None:
+        raise AsgError("asg evaluate needs a run folder (or a weight file with --config, or --zero-shot --config)")
+    else:
+        result = evaluate(
+            args.run_dir, args.checkpoint, args.tta_flip, args.overrides, wise_ft=args.wise_ft, config=args.config
+        )
     alpha = result.get("wise_ft_alpha")
     label = f", wise_ft_alpha={alpha:g}" if alpha is not None else ""  # on every result line of a WiSE-FT model
     print(f"checkpoint {result['checkpoint']} ({result['checkpoint_file']}), tta_flip={result['tta_flip']}{label}")
@@ -290,7 +310,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     if "real_average" in result:
         avg = result["real_average"]
         print(f"average {avg['metric']} over {', '.join(avg['over'])}: {100 * avg['value']:.2f}{label}")
-    out = args.out if args.out is not None else args.run_dir if args.run_dir.is_dir() else args.run_dir.parent
+    run_dir = Path(args.run_dir) if args.run_dir is not None else Path(".")
+    out = args.out if args.out is not None else run_dir if run_dir.is_dir() else run_dir.parent
     try:
         path = save_evaluation(result, out)
     except OSError as exc:
@@ -422,6 +443,7 @@ _python_show_warning = warnings.showwarning
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     warnings.showwarning = _show_warning
+    from asg.clip_table import clip_table_command
     from asg.predict.cli import export_command, predict_command
     from asg.tuning.cli import sweep_command
 
@@ -433,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         "predict": predict_command,
         "export": export_command,
         "sweep": sweep_command,
+        "clip-table": clip_table_command,
         "compare": _compare,
     }
     try:

@@ -81,7 +81,7 @@ class ModelConfig:
 
     backbone: str = "efficientnet_lite0"
     weights: str = "imagenet"  # "imagenet" (packaged or cached), "none", or a .pth/.safetensors path
-    hidden_dim: int = 512  # task head: feat -> hidden -> ReLU -> classes, as in ASG
+    hidden_dim: int = 512  # task head: feat -> hidden -> ReLU -> classes, as in ASG; 0: one linear layer
     channels_last: bool = True
     # segmentation: head on the backbone ("fcn8s" | "deeplabv3" | "lraspp" | "fpn") and the backbone's output stride
     segmenter: str = "lraspp"
@@ -120,6 +120,21 @@ class MethodConfig:
     probe_steps: int = 50  # LP-FT: steps that train the new head alone (backbone frozen) before full fine-tuning
     feature_weight: float = 1.0  # feature guidance: beta of CE + beta * d(student features, teacher features)
     feature_distance: str = "cosine"  # feature guidance: "cosine" (1 - cos, scale-free, in [0, 2]) | "mse"
+    # CSG (asg.methods.csg): CE + csg_weight x sum over csg_stages of InfoNCE against the frozen teacher's keys
+    csg_weight: float = 0.1  # the paper's VisDA-17 weight (GTA5: 75)
+    csg_stages: list[int] = field(default_factory=lambda: [-2, -1])  # stage maps (Python indices; ResNet [3, 4])
+    csg_dim: int = 128  # projection size
+    csg_queue: int = 65536  # keys per stage in the queue of negatives
+    csg_temperature: float = 0.07
+    csg_momentum: float = 0.999  # key MLP = EMA of the query MLP
+    csg_chunks: int = 8  # segmentation: each map cut into chunks x chunks patches, each an instance
+    csg_apool: bool = True  # attentional pooling (false: average pooling)
+    csg_train_mlp: bool = True  # false: the query MLP stays at its initialisation (the release's segmentation)
+    # views: "auto" (classification randaugment, segmentation jitter) | "randaugment" (both views) | "jitter" (key
+    # only, colour) | "none" (the batch itself for both)
+    csg_augment: str = "auto"
+    csg_randaugment: list[int] = field(default_factory=lambda: [1, 6])  # RandAugment N (operations), M (magnitude)
+    csg_jitter: float = 0.4  # colour-jitter strength of the key view ("jitter")
 
 
 @dataclass

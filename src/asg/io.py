@@ -51,8 +51,10 @@ def torch_load_problem(exc: BaseException) -> str:
     if "Weights only load failed" in text:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
         what = f"a pickled Python object ({found.group(1)})" if found else "pickled Python code or objects"
-        return f"it holds {what}, which asg never loads (only tensors and plain containers): a file of another "\
-               "program, or a damaged or tampered one"  # fmt: skip
+        return (
+            f"it holds {what}, which asg never loads (only tensors and plain containers): a file of another "
+            "program, or a damaged or tampered one"
+        )
     if isinstance(exc, OSError):
         return exc.strerror or text
     first = " ".join(text.split())

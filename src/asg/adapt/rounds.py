@@ -25,6 +25,7 @@ from asg.adapt.report import AdaptResult, add_precision, write_report
 from asg.config import Config
 from asg.data import DataBundle, build_data, check_bundle_files
 from asg.data.targets import PseudoLabeled, target_dataset
+from asg.engine.callbacks import Callback
 from asg.engine.evaluation.evaluate import evaluate_sets
 from asg.engine.rundir.folder import RunDir, RunKind
 from asg.engine.rundir.init_from import ADAPTATION_FILE, init_record, init_weights_path, load_init_weights
@@ -41,11 +42,29 @@ from asg.utils import resolve_device, seed_everything
 
 START_FILE = "start.json"
 # an adaptation resumes once its starting model was evaluated; a resume before that starts afresh
-ADAPTATION = RunKind(noun="adaptation", markers=(START_FILE, ADAPTATION_FILE), missing=None,
-                     stopped_before="its starting model was evaluated", leftovers=())  # fmt: skip
+ADAPTATION = RunKind(
+    noun="adaptation",
+    markers=(START_FILE, ADAPTATION_FILE),
+    missing=None,
+    stopped_before="its starting model was evaluated",
+    leftovers=(),
+)
 # data settings that decide the evaluation sets and their images (a run that shares them evaluated the same)
-_EVAL_DATA_KEYS = ("name", "root", "image_size", "num_train", "source_val_fraction", "split_seed", "real_split",
-                   "real_split_seed", "eval_lists", "eval_roots", "eval_resize", "class_set", "split")  # fmt: skip
+_EVAL_DATA_KEYS = (
+    "name",
+    "root",
+    "image_size",
+    "num_train",
+    "source_val_fraction",
+    "split_seed",
+    "real_split",
+    "real_split_seed",
+    "eval_lists",
+    "eval_roots",
+    "eval_resize",
+    "class_set",
+    "split",
+)
 
 
 def portion_of_round(cfg: Config, r: int) -> float:
@@ -60,7 +79,7 @@ def round_folder(r: int) -> str:
 
 class Adaptation:
     """Runs ``cfg``'s adaptation into ``out_dir`` (``resume`` continues a stopped one); ``data`` reuses a bundle
-    built elsewhere (otherwise it comes from ``cfg.data``)."""
+    built elsewhere (otherwise it comes from ``cfg.data``); ``callbacks`` are added to every round's trainer."""
 
     def __init__(
         self,
@@ -70,12 +89,14 @@ class Adaptation:
         resume: bool = False,
         quiet: bool = False,
         data: DataBundle | None = None,
+        callbacks: list[Callback] | None = None,
     ) -> None:
         if not cfg.adapt.target:
             raise ConfigError("asg adapt needs adapt.target (a target set of the benchmark, a list file or a folder)")
         if not cfg.model.init_from:
             raise ConfigError("asg adapt needs model.init_from=RUN_FOLDER|FILE (the trained model to adapt)")
         self.cfg, self.out, self.resume, self.quiet = cfg, Path(out_dir), resume, quiet
+        self.callbacks = list(callbacks or [])
         self.rd = RunDir(self.out)
         seed_everything(cfg.train.seed)
         self.device = resolve_device(cfg.train.device)
@@ -156,8 +177,15 @@ class Adaptation:
 
     def _evaluate(self, model: Any) -> dict[str, Any]:
         show = self.cfg.train.progress and not self.quiet
-        results = evaluate_sets(model, self.data.eval_sets, self.data.num_classes, self.cfg, self.device,
-                                show_progress=show, task=self.data.task)  # fmt: skip
+        results = evaluate_sets(
+            model,
+            self.data.eval_sets,
+            self.data.num_classes,
+            self.cfg,
+            self.device,
+            show_progress=show,
+            task=self.data.task,
+        )
         metrics = {k: r.to_dict() for k, r in results.items()}
         return EvalReport.of(metrics, self.data.real_set_names, self.metric).to_dict()
 
@@ -181,8 +209,10 @@ class Adaptation:
             return start
         record = init_record(m.init_from, m.init_checkpoint, self.cfg.adapt.from_unfinished)
         if record["finished"] is False:
-            self._say(f"asg: warning: starting from {m.init_from}, which never finished (checkpoint of step "
-                      f"{record['step']}; adapt.from_unfinished)")  # fmt: skip
+            self._say(
+                f"asg: warning: starting from {m.init_from}, which never finished (checkpoint of step "
+                f"{record['step']}; adapt.from_unfinished)"
+            )
         start = self._evaluated_by_init_run() or {"init_from": m.init_from, **self._evaluate(self._model())}
         start["init_weights"] = record
         self.rd.write_text(START_FILE, json.dumps(start, indent=1))
@@ -226,11 +256,22 @@ class Adaptation:
             labeller = ema_file if ema_file is not None and ema_file.is_file() and cfg.adapt.ema_decay else None
             weights = str(labeller) if labeller is not None else (str(prev / "last.safetensors") if prev else None)
             model = self._model(weights)
-            self._say(f"round {r}/{cfg.adapt.rounds}: pseudo-labelling {len(self.target)} target images, "  # type: ignore[arg-type]
-                      f"portion {portion_of_round(cfg, r):.2f}")  # fmt: skip
+            self._say(
+                f"round {r}/{cfg.adapt.rounds}: pseudo-labelling {len(self.target)} target images, "  # type: ignore[arg-type]
+                f"portion {portion_of_round(cfg, r):.2f}"
+            )
             show = cfg.train.progress and not self.quiet
-            pseudo = pseudo_label(model, self.target, cfg, portion_of_round(cfg, r), self.data.num_classes,
-                                  folder, self.device, self.data.task, show_progress=show)  # fmt: skip
+            pseudo = pseudo_label(
+                model,
+                self.target,
+                cfg,
+                portion_of_round(cfg, r),
+                self.data.num_classes,
+                folder,
+                self.device,
+                self.data.task,
+                show_progress=show,
+            )
             del model
         summary = RunDir(folder).read_summary() if RunDir(folder).is_done() else None
         if summary is not None:  # stopped after the round finished, before adaptation.json was updated
@@ -266,14 +307,33 @@ class Adaptation:
         target = PseudoLabeled(self.target, pseudo.indices, pseudo.label, pair_tf)
         method = SelfTraining(build_method(cfg.method), cfg.adapt)
         resume = RunDir(folder).has_progress()
-        self._say(f"round {r}/{self.cfg.adapt.rounds}: training {cfg.train.steps} steps on the synthetic data and "
-                  f"{len(target)} pseudo-labelled target images" + (" (resumed)" if resume else ""))  # fmt: skip
-        return Trainer(cfg, folder, data=self.data, method=method, target=target, resume=resume,
-                       quiet=self.quiet, check_files=False, controller_factory=build_controller)  # fmt: skip
+        self._say(
+            f"round {r}/{self.cfg.adapt.rounds}: training {cfg.train.steps} steps on the synthetic data and "
+            f"{len(target)} pseudo-labelled target images" + (" (resumed)" if resume else "")
+        )
+        return Trainer(
+            cfg,
+            folder,
+            data=self.data,
+            method=method,
+            target=target,
+            resume=resume,
+            quiet=self.quiet,
+            check_files=False,
+            controller_factory=build_controller,
+            callbacks=self.callbacks,
+        )
 
 
 def adapt(
-    cfg: Config, out_dir: str | Path, *, resume: bool = False, quiet: bool = False, data: DataBundle | None = None
+    cfg: Config,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    quiet: bool = False,
+    data: DataBundle | None = None,
+    callbacks: list[Callback] | None = None,
 ) -> AdaptResult:
-    """Run (or, with ``resume``, continue) ``cfg``'s adaptation into ``out_dir``."""
-    return Adaptation(cfg, out_dir, resume=resume, quiet=quiet, data=data).run()
+    """Run (or, with ``resume``, continue) ``cfg``'s adaptation into ``out_dir``; ``callbacks`` are added to every
+    round's trainer."""
+    return Adaptation(cfg, out_dir, resume=resume, quiet=quiet, data=data, callbacks=callbacks).run()

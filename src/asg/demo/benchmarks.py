@@ -70,6 +70,7 @@ DIGITS = Benchmark(
         "l2sp": "digits_l2sp",
         "asg+l2o": "digits_asg_l2o",
         "asg+random": "digits_asg_random",
+        "csg": "digits_csg",
     },
     # --full: all; feature guidance (and l2sp, asg+random) only there or with --methods, to keep `make demo` within
     # 15 minutes (docs/findings.md)
@@ -90,7 +91,7 @@ DIGITS = Benchmark(
         "data.num_train=2000",
         "data.eval_max_per_set=200",
         "eval.full_eval_selected=false",
-    ),  # fmt: skip
+    ),
     full=(
         "data.real_split=halves",
         "train.steps=1200",
@@ -165,6 +166,7 @@ SCENES = Benchmark(
         "wise-ft": "digit_scenes_erm",
         "feature": "digit_scenes_feature",
         "asg+l2o": "digit_scenes_asg_l2o",
+        "csg": "digit_scenes_csg",
     },
     # feature guidance (and asg+l2o) only with --full or --methods: a fourth trained method took `make demo` past
     # 15 minutes (docs/findings.md)
@@ -178,7 +180,7 @@ SCENES = Benchmark(
         "data.num_train=800",
         "data.eval_max_per_set=100",
         "eval.full_eval_selected=false",
-    ),  # fmt: skip
+    ),
     full=("train.steps=1200", "train.eval_every=150", "data.eval_max_per_set=200", "eval.full_eval_selected=true"),
     lr_range=(0.005, 0.2, (0.02, 0.05, 0.1)),
     # chosen on source-val by `asg demo --benchmarks scenes --tune --seeds 1 --methods erm,asg,lp-ft,wise-ft,feature`

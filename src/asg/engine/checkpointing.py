@@ -101,8 +101,10 @@ class Checkpointer:
         skip_log = rd.path / "skipped_images.txt"
         if skipped:
             rd.write_text(skip_log.name, "".join(line + "\n" for line in skipped))
-            self.say(f"asg: warning: left out {len(skipped)} missing or empty image(s) (data.on_bad_image=skip); "
-                     f"they and any image that fails to decode later are listed in {skip_log}")  # fmt: skip
+            self.say(
+                f"asg: warning: left out {len(skipped)} missing or empty image(s) (data.on_bad_image=skip); "
+                f"they and any image that fails to decode later are listed in {skip_log}"
+            )
         if cfg.data.on_bad_image == "skip":
             set_skip_log(data, skip_log)
 
@@ -134,9 +136,11 @@ class Checkpointer:
                 self.say(f"asg: note: resuming with changed settings, applied from step {step} on: {listed}")
                 row["changes"] = {k: list(v) for k, v in changes.items()}
         if saved_world != world:
-            self.say(f"asg: note: the checkpoint of step {step} was saved by {saved_world} process(es) and resumes "
-                     f"on {world}; data.batch_size={self.cfg.data.batch_size} is the global batch, so batches and "
-                     "augmentations continue as before")  # fmt: skip
+            self.say(
+                f"asg: note: the checkpoint of step {step} was saved by {saved_world} process(es) and resumes "
+                f"on {world}; data.batch_size={self.cfg.data.batch_size} is the global batch, so batches and "
+                "augmentations continue as before"
+            )
             row["world_size"] = [saved_world, world]
         if len(row) > 1:
             rd.append_row(row, "resumes.jsonl")
@@ -172,5 +176,9 @@ class Checkpointer:
             raise diverged("non-finite weights", {"tensors": len(bad)}, step, self.kept(), f" (first: {bad[0]})")
         loss = last_loss()
         if loss is not None and self.loss_guard.exploded(loss):
-            raise diverged("exploded loss of the weights to be saved",
-                           {"loss": loss, "scale": self.loss_guard.scale}, step, self.kept())  # fmt: skip
+            raise diverged(
+                "exploded loss of the weights to be saved",
+                {"loss": loss, "scale": self.loss_guard.scale},
+                step,
+                self.kept(),
+            )

@@ -14,13 +14,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from asg.engine.callbacks import Callback
+from asg.engine.callbacks import Callback, Loop
 from asg.errors import ConfigError
 
 if TYPE_CHECKING:
     from asg.config import Config
     from asg.engine.step import StepOutput
-    from asg.engine.trainer import Trainer
 
 
 @dataclass
@@ -95,7 +94,7 @@ class LRControl(Callback):
     def __init__(self, controller: LRController, steps_per_epoch: int) -> None:
         self.controller, self.steps_per_epoch = controller, steps_per_epoch
 
-    def on_step_end(self, trainer: Trainer, out: StepOutput) -> None:
+    def on_step_end(self, trainer: Loop, out: StepOutput) -> None:
         w = trainer.model.last_layer_weight.detach()
         stats = StepStats(
             step=trainer.step,

@@ -31,8 +31,7 @@ import torch
 import torch.distributed as td
 from torch import Tensor
 
-from asg.collectives import collective
-from asg.engine.gradient_sync import _reduce
+from asg.collectives import collective, weighted_all_reduce
 from asg.errors import AsgError
 from asg.utils import resolve_device
 
@@ -156,7 +155,7 @@ class Dist:
         """Means of scalar ``values`` over the ranks, each rank weighted by ``weight`` (its share of the batch)."""
         if self.world == 1:
             return {k: float(v) for k, v in values.items()}
-        return _reduce(self, [], values, weight)
+        return weighted_all_reduce(self.comm_device, [], values, weight)
 
     def together(self, fn: Callable[[], T] | None) -> T | None:
         """Run ``fn`` on this rank (None: nothing), then raise on every rank if it failed on any.

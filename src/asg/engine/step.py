@@ -36,10 +36,20 @@ class StepRunner:
     """Takes optimizer steps on ``model``; ``kept()`` says what a divergence leaves on disk (for its message)."""
 
     def __init__(
-        self, cfg: Config, model: ASGNetwork, method: Method, optimizer: torch.optim.Optimizer,
-        schedule: Callable[[int], float], precision: Precision, dist: Dist, device: torch.device,
-        teacher: TeacherSource, loss_guard: LossGuard, has_share: Callable[[int], bool], kept: Callable[[], str],
-    ) -> None:  # fmt: skip
+        self,
+        cfg: Config,
+        model: ASGNetwork,
+        method: Method,
+        optimizer: torch.optim.Optimizer,
+        schedule: Callable[[int], float],
+        precision: Precision,
+        dist: Dist,
+        device: torch.device,
+        teacher: TeacherSource,
+        loss_guard: LossGuard,
+        has_share: Callable[[int], bool],
+        kept: Callable[[], str],
+    ) -> None:
         self.cfg, self.model, self.method, self.optimizer = cfg, model, method, optimizer
         self.schedule, self.precision, self.dist, self.device = schedule, precision, dist, device
         self.teacher, self.loss_guard, self.has_share, self.kept = teacher, loss_guard, has_share, kept
@@ -110,9 +120,13 @@ class StepRunner:
         self.precision.overflow_streak += 1
         if self.precision.overflow_streak >= MAX_OVERFLOW_STREAK:
             scale = float(self.precision.scaler.get_scale())
-            raise diverged(f"fp16 gradients overflowed at {MAX_OVERFLOW_STREAK} steps in a row",
-                           {"grad_norm": grad_norm, "loss_scale": scale}, step + 1, self.kept(),
-                           " (try train.precision=bf16 or fp32)")  # fmt: skip
+            raise diverged(
+                f"fp16 gradients overflowed at {MAX_OVERFLOW_STREAK} steps in a row",
+                {"grad_norm": grad_norm, "loss_scale": scale},
+                step + 1,
+                self.kept(),
+                " (try train.precision=bf16 or fp32)",
+            )
 
     def last_batch_loss(self) -> float | None:
         """The rank-averaged loss of the current weights on the last batch, in eval mode (None before a step)."""

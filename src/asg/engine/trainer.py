@@ -40,7 +40,7 @@ from asg.engine.step import StepOutput, StepRunner
 from asg.engine.teacher.source import TeacherSource
 from asg.engine.timing import PhaseTimer
 from asg.errors import AsgError
-from asg.methods import Method, build_method
+from asg.methods import Method, build_method, with_method_parameters
 from asg.models import ASGNetwork, Teacher, build_model, make_teacher
 from asg.models.fusion import inference_copy
 from asg.tasks import CLASSIFICATION, Task, heldout_loss, task_of
@@ -110,14 +110,18 @@ class Trainer:
             load_init_weights(self.model, cfg, self.data.num_classes, self.data.task)
         self.method: Method = method if method is not None else build_method(cfg.method)
         self.teacher.set_output(self.method.teacher_output)  # ImageNet logits, or pooled features (feature guidance)
+        if hasattr(self.method, "bind_teacher"):  # CSG runs the frozen teacher itself, as its key encoder
+            self.method.bind_teacher(self.teacher)
         self.method.setup(self.model)
-        self.groups = self.model.layer_groups()
+        self.groups = with_method_parameters(self.model.layer_groups(), self.method)  # + CSG's MLPs, in "head"
         self.optimizer = build_optimizer(self.groups, cfg.optim)
         min_batch = 2 if cfg.optim.bn_mode == "train" else 1  # BatchNorm cannot train on one image
         if cfg.data.batch_size < min_batch * self.dist.world:
             per = " (2 images per process with optim.bn_mode=train)" if min_batch > 1 else ""
-            raise AsgError(f"data.batch_size={cfg.data.batch_size} is the global batch, split over {self.dist.world} "
-                           f"processes: it must be at least {min_batch * self.dist.world}{per}")  # fmt: skip
+            raise AsgError(
+                f"data.batch_size={cfg.data.batch_size} is the global batch, split over {self.dist.world} "
+                f"processes: it must be at least {min_batch * self.dist.world}{per}"
+            )
         n_train = dataset_size(self.data.train)
         if cfg.data.batch_size > n_train:
             from asg.data.bundle import DataWarning
@@ -132,23 +136,41 @@ class Trainer:
         if hasattr(self.controller, "bind_probe"):
             self.controller.bind_probe(self.source_val_loss)
         self.scales = list(self.controller.start([name for name, _ in self.groups], cfg.train.steps))
-        self.teacher_source = TeacherSource(cfg, self.teacher, self.method, self.data, self.dist, self.device,
-                                            self.quiet)  # fmt: skip
+        self.teacher_source = TeacherSource(
+            cfg, self.teacher, self.method, self.data, self.dist, self.device, self.quiet
+        )
         self.loss_guard = LossGuard(cfg.train.loss_explosion_factor)
         self.step = self.first_step = 0  # first_step: where this process started (after a resume: the restored one)
         self.elapsed = 0.0  # seconds trained, as of the last checkpoint (restored by a resume)
         self.batches = BatchStream(self.data, cfg, self.dist, min_batch, target)
         self.batches.timer = self.timer
-        self.checkpointer = Checkpointer(self.run_dir, cfg, self.model, self.dist, self.precision, self.loss_guard,
-                                         self.say)  # fmt: skip
+        self.checkpointer = Checkpointer(
+            self.run_dir, cfg, self.model, self.dist, self.precision, self.loss_guard, self.say
+        )
         schedule = build_schedule(cfg.optim, cfg.train.steps)
-        self.stepper = StepRunner(cfg, self.model, self.method, self.optimizer, schedule, self.precision, self.dist,
-                                  self.device, self.teacher_source, self.loss_guard, self.batches.has_share,
-                                  self.checkpointer.kept)  # fmt: skip
-        self.evaluator = Evaluator(cfg, self.model, self.data, self.task, self.device, self.dist, self.run_dir,
-                                   self.protocol(), self.quiet)  # fmt: skip
-        self.callbacks: list[Callback] = [LRControl(self.controller, epoch), TensorBoardLogger(), ProgressBar(),
-                                          *(callbacks or [])]  # fmt: skip
+        self.stepper = StepRunner(
+            cfg,
+            self.model,
+            self.method,
+            self.optimizer,
+            schedule,
+            self.precision,
+            self.dist,
+            self.device,
+            self.teacher_source,
+            self.loss_guard,
+            self.batches.has_share,
+            self.checkpointer.kept,
+        )
+        self.evaluator = Evaluator(
+            cfg, self.model, self.data, self.task, self.device, self.dist, self.run_dir, self.protocol(), self.quiet
+        )
+        self.callbacks: list[Callback] = [
+            LRControl(self.controller, epoch),
+            TensorBoardLogger(),
+            ProgressBar(),
+            *(callbacks or []),
+        ]
         if cfg.train.compile:  # after every weight is in place; in place, so groups and checkpoints are unchanged
             live = [self.teacher] if self.teacher_source.live else []
             compile_modules(cfg.train.compile_backend, self.model, *live)
@@ -210,12 +232,28 @@ class Trainer:
         history = list(getattr(self.controller, "history", []))
         result = TrainResult(self.evaluator.history, out_dir=self.out_dir, controller_history=history, task=self.task)
         if self.run_dir is not None and self.dist.is_main:
-            report = FinalReport(self.run_dir, self.cfg, self.model, self.teacher, self.data, self.task, self.device,
-                                 self.evaluator, self.timer, self.protocol())  # fmt: skip
+            report = FinalReport(
+                self.run_dir,
+                self.cfg,
+                self.model,
+                self.teacher,
+                self.data,
+                self.task,
+                self.device,
+                self.evaluator,
+                self.timer,
+                self.protocol(),
+            )
             groups, cache = [name for name, _ in self.groups], self.teacher_source.describe()
             world = self.dist.world
-            result.selections = report.write(self.step, self.first_step, controller_history=history,
-                                             group_names=groups, teacher_cache=cache, world_size=world)  # fmt: skip
+            result.selections = report.write(
+                self.step,
+                self.first_step,
+                controller_history=history,
+                group_names=groups,
+                teacher_cache=cache,
+                world_size=world,
+            )
         return result
 
     def _restore(self, restored: Restored) -> None:
@@ -259,8 +297,12 @@ class Trainer:
     def protocol(self) -> dict[str, Any]:
         """How the numbers of a result line were obtained (recorded in every line of results.jsonl)."""
         cfg = self.cfg
-        out = {"tta_flip": cfg.eval.tta_flip, "eval_max_per_set": cfg.data.eval_max_per_set,
-               "bn_mode": cfg.optim.bn_mode, "world_size": self.dist.world}  # fmt: skip
+        out = {
+            "tta_flip": cfg.eval.tta_flip,
+            "eval_max_per_set": cfg.data.eval_max_per_set,
+            "bn_mode": cfg.optim.bn_mode,
+            "world_size": self.dist.world,
+        }
         return {**out, **self.task.protocol(cfg, self.data.num_classes)}
 
     def source_val_loss(self, max_batches: int = 4) -> float:

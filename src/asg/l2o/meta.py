@@ -45,9 +45,16 @@ META_TRAINING = RunKind(
     markers=(STATE_FILE,),
     missing="no episode finished in this folder",
     stopped_before="its first episode finished",
-    leftovers=("meta_history.jsonl", "skipped_images.txt", "policy.safetensors", "meta_rewards.png",
-               "scale_schedule.png", "tb", "policies"),
-)  # fmt: skip
+    leftovers=(
+        "meta_history.jsonl",
+        "skipped_images.txt",
+        "policy.safetensors",
+        "meta_rewards.png",
+        "scale_schedule.png",
+        "tb",
+        "policies",
+    ),
+)
 
 if TYPE_CHECKING:
     from asg.models import ASGNetwork

@@ -1,20 +1,38 @@
 """Training methods: each turns a batch into a loss (``METHODS`` maps names to classes; ``SelfTraining`` wraps one
 of them for domain adaptation, see ``asg.adapt``). Baselines beside ASG: ``erm``, ``l2sp``, ``lpft`` and
-``feature``; WiSE-FT acts after training (``asg.methods.wise_ft``). See docs/baselines.md."""
+``feature``; ``csg``, the authors' contrastive follow-up (``asg.methods.csg``); WiSE-FT acts after training
+(``asg.methods.wise_ft``). See docs/methods.md."""
 
 from __future__ import annotations
 
 from asg.config import MethodConfig
 from asg.errors import ConfigError
 from asg.methods.asg import ASG
-from asg.methods.base import Batch, LossOutput, Method, MethodBase, TargetBatch, cross_entropy, kl_teacher_student
+from asg.methods.base import (
+    Batch,
+    LossOutput,
+    Method,
+    MethodBase,
+    TargetBatch,
+    cross_entropy,
+    kl_teacher_student,
+    with_method_parameters,
+)
+from asg.methods.csg import CSG
 from asg.methods.erm import ERM
 from asg.methods.feature import FeatureGuidance, feature_distance
 from asg.methods.l2sp import L2SP
 from asg.methods.lpft import LPFT
 from asg.methods.self_training import SelfTraining, model_regularizer
 
-METHODS: dict[str, type[MethodBase]] = {"erm": ERM, "asg": ASG, "l2sp": L2SP, "lpft": LPFT, "feature": FeatureGuidance}
+METHODS: dict[str, type[MethodBase]] = {
+    "erm": ERM,
+    "asg": ASG,
+    "l2sp": L2SP,
+    "lpft": LPFT,
+    "feature": FeatureGuidance,
+    "csg": CSG,
+}
 
 
 def build_method(cfg: MethodConfig) -> Method:
@@ -35,4 +53,5 @@ __all__ = [
     "feature_distance",
     "kl_teacher_student",
     "model_regularizer",
+    "with_method_parameters",
 ]

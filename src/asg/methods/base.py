@@ -85,6 +85,16 @@ class Method(Protocol):
         """Called once after every optimizer step (e.g. an EMA of the weights)."""
         ...
 
+    def bind_teacher(self, teacher: nn.Module) -> None:
+        """Called once before ``setup`` with the trainer's frozen ImageNet teacher (``asg.models.Teacher``), for a
+        method that runs it itself (CSG's key encoder); most methods ignore it."""
+        ...
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters the method owns (CSG's projection MLPs), after ``setup``: the optimizer trains them
+        in the new head's group; the method saves them in its ``state_dict``."""
+        ...
+
     def state_dict(self) -> dict[str, Any]:
         """Tensors and numbers saved with the checkpoint (``{}`` for stateless methods)."""
         ...
@@ -108,6 +118,16 @@ def kl_teacher_student(teacher_logits: Tensor, student_logits: Tensor) -> Tensor
     log_p_s = torch.log_softmax(student_logits.float(), dim=1)
     log_p_t = torch.log_softmax(teacher_logits.float(), dim=1)
     return (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1).mean()
+
+
+def with_method_parameters(groups: list[tuple[str, list[nn.Parameter]]], method: Any) -> list[tuple[str, list[Any]]]:
+    """The model's layer groups with the method's own trainable parameters (``extra_parameters``) added to the
+    last group, the new head's (same learning rate and L2O scale); ``groups`` itself when there are none."""
+    extra = list(getattr(method, "extra_parameters", lambda: [])())
+    if not extra:
+        return groups
+    name, params = groups[-1]
+    return [*groups[:-1], (name, [*params, *extra])]
 
 
 class MethodBase:
@@ -137,6 +157,12 @@ class MethodBase:
 
     def after_step(self, model: nn.Module) -> None:
         pass
+
+    def bind_teacher(self, teacher: nn.Module) -> None:
+        pass
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        return []
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -57,6 +57,12 @@ class SelfTraining:
     def begin_step(self, model: nn.Module, step: int) -> None:
         self.source.begin_step(model, step)
 
+    def bind_teacher(self, teacher: nn.Module) -> None:
+        self.source.bind_teacher(teacher)
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        return self.source.extra_parameters()
+
     def loss(self, out: Any, labels: Tensor, teacher_logits: Tensor | None) -> LossOutput:
         return self.source.loss(out, labels, teacher_logits)
 

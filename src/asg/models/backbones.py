@@ -13,18 +13,24 @@ only a file: "imagenet" raises a WeightsError naming the file and where to get i
     dinov2_vit{s,b,l}14  vit_*_patch14_dinov2                           file only (dinov2_vit?14_pretrain.pth)
     clip_vitb16/l14      vit_*_clip_quickgelu_224 image tower           file only (open_clip weights)
     eva02_base           eva02_base_patch14_448 (in1k fine-tuned)        file only (timm layout)
+    dinov3_vit{s16,s16plus,b16,l16,h16plus}  vit_*_patch16_dinov3          file only (Meta or timm layout; gated,
+    convnext_{tiny,small,base,large}_dinov3  convnext_* (no classifier)     DINOv3 License: asg.models.dinov3)
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
 from asg.errors import ConfigError, WeightsError
 from asg.models.base import Backbone, hub_cache_file, load_state_dict_file
+from asg.models.dinov3 import CONVNEXTS as DINOV3_CONVNEXTS
+from asg.models.dinov3 import VITS as DINOV3_VITS
+from asg.models.dinov3 import file_help as dinov3_file_help
 
 _TV_URL = "https://download.pytorch.org/models/"
 # torchvision IMAGENET1K_V1 weights (the ones ASG used): current file name first, then the legacy name
@@ -60,6 +66,14 @@ def _state(name: str, weights: str) -> tuple[Mapping[str, Tensor] | None, str]:
     """(state dict or None, its source) for ``weights`` of backbone ``name``."""
     if weights == "none":
         return None, "none"
+    if name in DINOV3_VITS or name in DINOV3_CONVNEXTS:  # gated weights: the message names file, licence, source
+        if weights == "imagenet" or not Path(weights).expanduser().is_file():
+            what = (
+                "has no default weights (model.weights=imagenet)"
+                if weights == "imagenet"
+                else f"weight file {weights} does not exist"
+            )
+            raise WeightsError(f"{name} {what}; {dinov3_file_help(name)}. Nothing is downloaded.")
     if weights != "imagenet":
         return load_state_dict_file(weights), weights
     if name in _LITE_PACKAGES:
@@ -119,6 +133,11 @@ def build_backbone(
         from asg.models.timm_backbone import convnext
 
         return convnext(name, *_state(name, weights), **kwargs)
+    if name in DINOV3_CONVNEXTS:  # timm's ConvNeXt with DINOv3's weights, no classifier
+        from asg.models.timm_backbone import convnext
+
+        timm_name = DINOV3_CONVNEXTS[name][0]
+        return convnext(name, *_state(name, weights), timm_name=timm_name, **{"num_classes": 0, **kwargs})
     from asg.models.vit import vit
 
     bb = vit(name, *_state(name, weights), input_size=input_size, stage_blocks=stage_blocks, **kwargs)
@@ -127,7 +146,15 @@ def build_backbone(
     return bb
 
 
-BACKBONES_VIT = ("dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "clip_vitb16", "clip_vitl14", "eva02_base")
+BACKBONES_VIT = (
+    "dinov2_vits14",
+    "dinov2_vitb14",
+    "dinov2_vitl14",
+    "clip_vitb16",
+    "clip_vitl14",
+    "eva02_base",
+    *DINOV3_VITS,
+)
 # name -> family; the families' modules are imported when a backbone is built
 BACKBONES: dict[str, str] = {
     "efficientnet_lite0": "cnn",
@@ -137,5 +164,6 @@ BACKBONES: dict[str, str] = {
     "vgg16": "cnn",
     "convnext_tiny": "cnn",
     "convnext_base": "cnn",
+    **dict.fromkeys(DINOV3_CONVNEXTS, "cnn"),
     **dict.fromkeys(BACKBONES_VIT, "vit"),
 }

@@ -172,6 +172,11 @@ class ASGNetwork(nn.Module):
         """Named groups of trainable parameters, the new layers last (``"head"``)."""
         raise NotImplementedError
 
+    @property
+    def last_layer_weight(self) -> Tensor:
+        """The final classifier's 2-D weight ``[num_classes, features]`` (the L2O controllers observe it)."""
+        raise NotImplementedError
+
     def pretrained_parameters(self) -> list[nn.Parameter]:
         """Trainable pretrained parameters (every group but the last, ``"head"``)."""
         return [p for _, params in self.layer_groups()[:-1] for p in params]

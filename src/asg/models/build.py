@@ -37,10 +37,15 @@ def backbone_from_config(cfg: ModelConfig, output_stride: int) -> Backbone:
         kind = {"dinov2": "dinov2_linear" if cfg.guidance_file else "none", "clip": "clip_zeroshot"}.get(
             cfg.backbone.split("_")[0], "imagenet"
         )
+        if "dinov3" in cfg.backbone:  # no released ImageNet head below ViT-7B: a user-trained one, else none
+            kind = "linear" if cfg.guidance_file else "none"
     spec = VITS.get(cfg.backbone)
-    clip = {"model": cfg.clip_model or (spec.open_clip_name if spec else ""), "templates": cfg.clip_templates,
-            "cache_dir": cfg.clip_cache_dir}  # fmt: skip
-    file = cfg.guidance_file if kind == "dinov2_linear" else cfg.weights
+    clip = {
+        "model": cfg.clip_model or (spec.open_clip_name if spec else ""),
+        "templates": cfg.clip_templates,
+        "cache_dir": cfg.clip_cache_dir,
+    }
+    file = cfg.guidance_file if kind in ("dinov2_linear", "linear") else cfg.weights
     attach_guidance_head(backbone, kind, file=file, clip=clip)
     return backbone
 

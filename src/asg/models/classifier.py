@@ -15,7 +15,8 @@ __all__ = ["ASGClassifier", "ModelOutput", "Teacher", "make_teacher"]
 
 
 class ASGClassifier(ASGNetwork):
-    """Backbone -> pooled features [B, D] -> ``head`` (D -> hidden -> ReLU -> C, ASG's ``fc_new``, default init).
+    """Backbone -> pooled features [B, D] -> ``head`` (D -> hidden -> ReLU -> C, ASG's ``fc_new``, default init;
+    ``hidden_dim=0``: one linear layer D -> C).
 
     The features are pooled once (``backbone(x)``: ``forward_features`` then ``forward_head(pre_logits=True)``).
     The backbone's guidance head (``imagenet_head``) is frozen, never in ``layer_groups``, and applied to the same
@@ -26,15 +27,24 @@ class ASGClassifier(ASGNetwork):
         super().__init__()
         self.backbone = backbone
         self._freeze_guidance_head()
-        self.head = nn.Sequential(
-            nn.Linear(backbone.feature_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, num_classes)
-        )
+        if hidden_dim == 0:  # a linear head (linear probing)
+            self.head = nn.Sequential(nn.Linear(backbone.feature_dim, num_classes))
+        else:
+            self.head = nn.Sequential(
+                nn.Linear(backbone.feature_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, num_classes)
+            )
         self.num_classes = num_classes
 
     def forward(self, x: Tensor) -> ModelOutput:
         """x [B,3,H,W] RGB in [0,1] -> ModelOutput."""
         features = self.backbone(x)  # pooled once; both heads read it
         return ModelOutput(self.head(features), self.imagenet_head(features), features)
+
+    def forward_with_stages(self, x: Tensor) -> tuple[ModelOutput, list[Tensor]]:
+        """``forward(x)`` and, from the same pass, the backbone's stage maps (``Backbone.forward_stages``), for a
+        method that reads intermediate features (CSG)."""
+        stages, features = self.backbone.forward_dense(self.backbone.normalize(x))
+        return ModelOutput(self.head(features), self.imagenet_head(features), features), stages
 
     def layer_groups(self) -> ParamGroups:
         """The backbone's 6 groups (stem to last stage) + ``("head", ...)``; trainable parameters only."""

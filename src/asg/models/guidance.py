@@ -6,6 +6,9 @@ any step: the KL starts at 0, as with a CNN's own head.
     imagenet       the backbone's own ImageNet classifier (EfficientNet-Lite, ResNet, ConvNeXt, EVA02-in1k, VGG16)
     dinov2_linear  DINOv2's released linear head (``dinov2_vit?14_linear_head.pth``: ``weight`` [1000, 2D],
                    ``bias``) on the normed class token concatenated with the mean normed patch token
+    linear         a linear ImageNet head in the same layout (``weight`` [1000, D], ``bias`` [1000]) on the
+                   backbone's pooled features, e.g. one the user trained for DINOv3 (no head is released below
+                   ViT-7B; DINOv3 pools the normed class token, D = width)
     clip_zeroshot  CLIP's zero-shot ImageNet classifier: ``100 * normalize(x @ proj) @ T`` with T [E, 1000] the
                    normalised mean text embedding of each class name over prompt templates, computed once with the
                    frozen text tower (open_clip ``build_zero_shot_classifier``) and cached on disk
@@ -29,7 +32,7 @@ from asg.errors import ConfigError, WeightsError
 from asg.io import atomic_write
 from asg.models.base import Backbone, NoGuidanceHead, load_state_dict_file, local_weights_file, read_weight_file
 
-GUIDANCE_HEADS = ("imagenet", "dinov2_linear", "clip_zeroshot", "none")
+GUIDANCE_HEADS = ("imagenet", "dinov2_linear", "linear", "clip_zeroshot", "none")
 TEMPLATES = ("openai", "simple")  # open_clip's 80 OpenAI ImageNet prompts, or its 7 "simple" ones
 
 
@@ -81,23 +84,27 @@ def attach_guidance_head(
         return
     if kind == "none":
         backbone.imagenet_head = NoGuidanceHead()
-    elif kind == "dinov2_linear":
-        if file is None:
-            raise ConfigError(
-                "model.guidance_head=dinov2_linear needs model.guidance_file (dinov2_vit?14_linear_head.pth)"
-            )
-        path = local_weights_file(
-            file,
-            "DINOv2 linear head",
-            "https://dl.fbaipublicfiles.com/dinov2/ (e.g. dinov2_vitb14/dinov2_vitb14_linear_head.pth)",
+    elif kind in ("dinov2_linear", "linear"):
+        what = (
+            "a linear head file (weight [1000, D], bias [1000])"
+            if kind == "linear"
+            else "dinov2_vit?14_linear_head.pth"
         )
+        if file is None:
+            raise ConfigError(f"model.guidance_head={kind} needs model.guidance_file ({what})")
+        where = (
+            "https://dl.fbaipublicfiles.com/dinov2/ (e.g. dinov2_vitb14/dinov2_vitb14_linear_head.pth)"
+            if kind == "dinov2_linear"
+            else "a linear classifier you trained on ImageNet over this backbone's pooled features"
+        )
+        path = local_weights_file(file, "DINOv2 linear head" if kind == "dinov2_linear" else "linear head", where)
         state = load_state_dict_file(path)
         head = nn.Linear(backbone.feature_dim, 1000)
         if set(state) != {"weight", "bias"} or tuple(state["weight"].shape) != tuple(head.weight.shape):
             shapes = {k: tuple(v.shape) for k, v in state.items()}
             raise WeightsError(
-                f"{path} is not a DINOv2 linear head for {name} (expected weight "
-                f"{tuple(head.weight.shape)} and bias; found {shapes})"
+                f"{path} is not a {'DINOv2 ' if kind == 'dinov2_linear' else ''}linear head for {name} (expected "
+                f"weight {tuple(head.weight.shape)} and bias; found {shapes})"
             )
         head.load_state_dict(state)
         backbone.imagenet_head = head
@@ -122,10 +129,15 @@ def _cache_dir(cache_dir: str | None) -> Path:
 
 
 def clip_zeroshot_head(
-    file: str, clip_model: str, templates: str = "openai", cache_dir: str | None = None
+    file: str,
+    clip_model: str,
+    templates: str = "openai",
+    cache_dir: str | None = None,
+    names: list[str] | None = None,
 ) -> ClipZeroShotHead:
-    """The CLIP zero-shot ImageNet head of open_clip weight ``file`` (config ``clip_model``: an open_clip name
-    such as ``ViT-B-16-quickgelu`` or a .json file with ``embed_dim``, ``vision_cfg``, ``text_cfg``).
+    """The CLIP zero-shot head of open_clip weight ``file`` (config ``clip_model``: an open_clip name such as
+    ``ViT-B-16-quickgelu`` or a .json file with ``embed_dim``, ``vision_cfg``, ``text_cfg``) over the class
+    ``names`` (default: the 1000 ImageNet classes; a dataset's class names give its zero-shot classifier).
 
     The text side is computed once and cached under ``cache_dir`` (default ``$XDG_CACHE_HOME/asg/clip_zeroshot``),
     keyed by the file's path, size and mtime, the config, the templates and the class names.
@@ -133,7 +145,7 @@ def clip_zeroshot_head(
     if templates not in TEMPLATES:
         raise ConfigError(f"model.clip_templates={templates!r}: choose one of {', '.join(TEMPLATES)}")
     path = Path(file).expanduser().resolve()
-    names = imagenet_class_names()
+    names = imagenet_class_names() if names is None else list(names)
     st = path.stat()
     key = json.dumps([str(path), st.st_size, st.st_mtime_ns, clip_model, templates, names])
     cached = _cache_dir(cache_dir) / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".safetensors")

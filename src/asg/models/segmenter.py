@@ -39,6 +39,8 @@ from torchvision.ops import FeaturePyramidNetwork
 from asg.config import ModelConfig
 from asg.errors import ConfigError
 from asg.models.base import ASGNetwork, Backbone, GroupModules, ModelOutput, ParamGroups
+from asg.models.dinov3 import CONVNEXTS as DINOV3_CONVNEXTS
+from asg.models.dinov3 import VITS as DINOV3_VITS
 from asg.models.vgg import VGGBackbone
 
 
@@ -218,8 +220,9 @@ class FPNSegHead(SegmentationHead):
             self.pyramid = SimplePyramid(in_channels)
             in_channels, strides = self.pyramid.out_channels, list(SimplePyramid.strides)
         if finest_stride not in strides:
-            raise ConfigError(f"model.fpn_finest_stride={finest_stride}: the backbone's maps have strides "
-                              f"{sorted(set(strides))}")  # fmt: skip
+            raise ConfigError(
+                f"model.fpn_finest_stride={finest_stride}: the backbone's maps have strides {sorted(set(strides))}"
+            )
         self.first = strides.index(finest_stride)
         self.fpn = FeaturePyramidNetwork(in_channels[self.first :], channels)
         self.fuse = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True))
@@ -249,8 +252,9 @@ class SimplePyramid(nn.Module):
         if len(channels) != 4:
             raise ConfigError(f"model.vit_blocks: the ViT pyramid takes 4 blocks, got {len(channels)}")
         d0, d1, _, _ = channels
-        self.up4 = nn.Sequential(nn.ConvTranspose2d(d0, d0 // 2, 2, 2), nn.GELU(),
-                                 nn.ConvTranspose2d(d0 // 2, d0 // 4, 2, 2))  # fmt: skip
+        self.up4 = nn.Sequential(
+            nn.ConvTranspose2d(d0, d0 // 2, 2, 2), nn.GELU(), nn.ConvTranspose2d(d0 // 2, d0 // 4, 2, 2)
+        )
         self.up2 = nn.ConvTranspose2d(d1, d1 // 2, 2, 2)
         self.down2 = nn.MaxPool2d(2, ceil_mode=True)
         self.out_channels = [d0 // 4, d1 // 2, channels[2], channels[3]]
@@ -274,9 +278,13 @@ class ASGSegmenter(ASGNetwork):
 
     def forward(self, x: Tensor) -> ModelOutput:
         """x [B,3,H,W] RGB in [0,1] -> ModelOutput(logits [B,C,H,W], imagenet_logits [B,1000], features [B,D])."""
+        return self.forward_with_stages(x)[0]
+
+    def forward_with_stages(self, x: Tensor) -> tuple[ModelOutput, list[Tensor]]:
+        """``forward(x)`` and the backbone's stage maps the dense head read (for CSG)."""
         stages, features = self.backbone.forward_dense(self.backbone.normalize(x))
         logits = self.head(stages, (x.shape[-2], x.shape[-1]))
-        return ModelOutput(logits, self.imagenet_head(features), features)
+        return ModelOutput(logits, self.imagenet_head(features), features), stages
 
     def group_modules(self) -> GroupModules:
         """The 7 module groups: 6 ImageNet-initialised ones, then the new ``"head"``."""
@@ -313,6 +321,8 @@ def _fpn_head(backbone: Backbone, num_classes: int, cfg: ModelConfig | None = No
 _FPN_BACKBONES = (
     *("efficientnet_lite0", "efficientnet_lite2", "resnet50", "resnet101", "convnext_tiny", "convnext_base"),
     *("dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "clip_vitb16", "clip_vitl14", "eva02_base"),
+    *DINOV3_VITS,
+    *DINOV3_CONVNEXTS,
 )
 SEGMENTERS: dict[str, SegmenterSpec] = {
     "fcn8s": SegmenterSpec(("vgg16",), 32, _fcn8s_head),

@@ -172,8 +172,14 @@ _LITE_BLOCK = {  # package block module -> timm module, for an expanding (Invert
 }
 _LITE_DS_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
 _LITE_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
-_LITE_OLD_ASG = {"conv_stem": "_conv_stem", "bn0": "_bn0", "conv_head": "_conv_head", "bn1": "_bn1",
-                 "imagenet_head": "_fc", "blocks": "_blocks"}  # fmt: skip
+_LITE_OLD_ASG = {
+    "conv_stem": "_conv_stem",
+    "bn0": "_bn0",
+    "conv_head": "_conv_head",
+    "bn1": "_bn1",
+    "imagenet_head": "_fc",
+    "blocks": "_blocks",
+}
 
 
 def lite_key_map(model: nn.Module) -> Callable[[str], str]:
@@ -187,8 +193,11 @@ def lite_key_map(model: nn.Module) -> Callable[[str], str]:
     """
     from timm.models._efficientnet_blocks import DepthwiseSeparableConv
 
-    places = [(i, j, isinstance(b, DepthwiseSeparableConv)) for i, stage in enumerate(model.blocks)  # type: ignore
-              for j, b in enumerate(stage)]  # fmt: skip
+    places = [
+        (i, j, isinstance(b, DepthwiseSeparableConv))
+        for i, stage in enumerate(model.blocks)  # type: ignore
+        for j, b in enumerate(stage)
+    ]
 
     def translate(key: str) -> str:
         head, _, rest = key.partition(".")
@@ -235,8 +244,10 @@ def efficientnet_lite(name: str, state: Mapping[str, Tensor] | None, source: str
         else:
             translate = lite_key_map(model)
             native = {translate(k): v for k, v in state.items() if not k.endswith("num_batches_tracked")}
-            native = {("imagenet_head." + k[11:] if k.startswith("classifier.") else "model." + k): v
-                      for k, v in native.items()}  # fmt: skip
+            native = {
+                ("imagenet_head." + k[11:] if k.startswith("classifier.") else "model." + k): v
+                for k, v in native.items()
+            }
             bb.load_own(native, source)
     return bb
 
@@ -244,15 +255,21 @@ def efficientnet_lite(name: str, state: Mapping[str, Tensor] | None, source: str
 # ---------------------------------------------------------------- ResNet (torchvision weight files) and ConvNeXt
 
 _RESNET_GROUPS: GroupPrefixes = [
-    ("conv1", ("conv1",)), ("bn1", ("bn1",)), ("layer1", ("layer1",)), ("layer2", ("layer2",)),
-    ("layer3", ("layer3",)), ("layer4", ("layer4",)),
-]  # fmt: skip
+    ("conv1", ("conv1",)),
+    ("bn1", ("bn1",)),
+    ("layer1", ("layer1",)),
+    ("layer2", ("layer2",)),
+    ("layer3", ("layer3",)),
+    ("layer4", ("layer4",)),
+]
 RESNET_OUTPUT_STRIDES = (32, 16, 8)
 
 
 class ResNetBackbone(TimmBackbone):
     """timm ResNet (torchvision's architecture and key layout: its weight files load unchanged); output stride 32,
     or 16 / 8 through timm's ``output_stride`` (layer4, or layer3+4, dilated instead of strided)."""
+
+    timm_kwargs: dict[str, Any] = {}  # the timm arguments it was built with (re-striding rebuilds them); not mutated
 
     def set_output_stride(self, output_stride: int) -> None:
         """Re-stride in place to 32, 16 or 8, same parameter tensors: copies every convolution's stride, padding and
@@ -261,7 +278,7 @@ class ResNetBackbone(TimmBackbone):
         if output_stride == self.output_stride:
             return
         with torch.device("meta"):
-            ref = create_timm(self.name, output_stride=output_stride)
+            ref = create_timm(self.name, output_stride=output_stride, **getattr(self, "timm_kwargs", {}))
         for (own_name, own), (ref_name, other) in zip(self.model.named_modules(), ref.named_modules(), strict=True):
             if own_name != ref_name:  # pragma: no cover - same architecture by construction
                 raise RuntimeError(f"{self.name}: {own_name} != {ref_name}")
@@ -287,23 +304,34 @@ def resnet(
     own = state is not None and is_own_layout(state)
     if state is not None and not own:
         # this package's former layout named the head imagenet_head; torchvision and timm name it fc
-        state = {("fc." + k[14:] if k.startswith("imagenet_head.") else k): v
-                 for k, v in strip_prefix(state, "module.").items()}  # fmt: skip
+        state = {
+            ("fc." + k[14:] if k.startswith("imagenet_head.") else k): v
+            for k, v in strip_prefix(state, "module.").items()
+        }
     model = create_timm(name, None if own else state, source, output_stride=output_stride, **kwargs)
     bb = ResNetBackbone(
-        model, name=name, mean=IMAGENET_MEAN, std=IMAGENET_STD, input_size=224, groups=_RESNET_GROUPS,
+        model,
+        name=name,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        input_size=224,
+        groups=_RESNET_GROUPS,
         output_stride=output_stride,
-    )  # fmt: skip
+    )
     bb.native_output_stride = 32
+    bb.timm_kwargs = dict(kwargs)  # the architecture's own arguments (a tiny test model's), for re-striding
     if own and state is not None:
         bb.load_own(state, source)
     return bb
 
 
-def convnext(name: str, state: Mapping[str, Tensor] | None, source: str, **kwargs: Any) -> TimmBackbone:
-    """timm ConvNeXt (FB or timm layout through timm's converter); groups stem, stages 1-4, head norm."""
+def convnext(
+    name: str, state: Mapping[str, Tensor] | None, source: str, timm_name: str | None = None, **kwargs: Any
+) -> TimmBackbone:
+    """timm ConvNeXt ``timm_name`` (default ``name``; FB/DINOv3 or timm layout through timm's converter); groups
+    stem, stages 1-4, head norm."""
     own = state is not None and is_own_layout(state)
-    model = create_timm(name, None if own else state, source, drop_path_rate=0.0, **kwargs)
+    model = create_timm(timm_name or name, None if own else state, source, drop_path_rate=0.0, **kwargs)
     groups: GroupPrefixes = [("stem", ("stem",))]
     groups += [(f"stage{i + 1}", (f"stages.{i}",)) for i in range(4)]
     groups.append(("norm", ("norm_pre", "head.norm")))

@@ -1,12 +1,15 @@
-"""Foundation ViT backbones through timm: DINOv2 ViT-S/B/L/14, CLIP ViT-B/16 and L/14 image towers, EVA02-B/14.
+"""Foundation ViT backbones through timm: DINOv2 ViT-S/B/L/14, DINOv3 ViT-S/S+/B/L/H+/16 (``asg.models.dinov3``),
+CLIP ViT-B/16 and L/14 image towers, EVA02-B/14.
 
 ``forward_features``: the final normed tokens [B, N, D]; ``forward_head(tokens, pre_logits=True)`` pools them:
 DINOv2 as its released linear classifiers read it (``cls_mean``: normed class token concatenated with the mean
-normed patch token, D = 2 x width), CLIP and EVA02 as timm does (class token / mean token, D = width).
+normed patch token, D = 2 x width), DINOv3 as upstream (normed class token, D = width), CLIP and EVA02 as timm
+does (class token / mean token, D = width).
 
 Position embeddings: built for ``input_size`` (``model.input_size``, else the backbone's native size); timm resamples
 the file's grid to it on load (bicubic, ``checkpoint_filter_fn``) and, with ``dynamic_img_size``, interpolates again
-for any other input size at run time, so training crops need not be square or native.
+for any other input size at run time, so training crops need not be square or native. DINOv3 has no position
+table: its rotary embeddings are computed for each input's grid.
 
 Dense maps (``forward_stages``): the tokens of 4 blocks at quarter depths (``model.vit_blocks``; default
 ``d/4-1, d/2-1, 3d/4-1, d-1``: 2, 5, 8, 11 for 12 blocks, as DPT and ViT-Adapter read ViT-B) as [B, D, H/p, W/p]
@@ -25,6 +28,9 @@ from typing import Any
 from torch import Tensor, nn
 
 from asg.models.base import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, NoGuidanceHead
+from asg.models.dinov3 import VITS as DINOV3_VITS
+from asg.models.dinov3 import WHERE as DINOV3_WHERE
+from asg.models.dinov3 import qkv_bias_variant
 from asg.models.timm_backbone import GroupPrefixes, TimmBackbone, create_timm, is_own_layout
 
 
@@ -39,6 +45,8 @@ class ViTSpec:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     open_clip_name: str = ""
+    family: str = ""  # "dinov3": its weights' file rules (asg.models.dinov3)
+    timm_args: tuple[tuple[str, Any], ...] = ()  # extra timm.create_model arguments
 
 
 _FB = "https://dl.fbaipublicfiles.com/dinov2/"
@@ -87,6 +95,25 @@ VITS: dict[str, ViTSpec] = {
         CLIP_STD,
     ),
 }
+
+
+def _dinov3_specs() -> dict[str, ViTSpec]:
+    return {
+        name: ViTSpec(
+            timm_name,
+            224,
+            "timm",
+            False,
+            f"{stem}_pretrain_lvd1689m-<hash>.pth",
+            DINOV3_WHERE,
+            family="dinov3",
+            timm_args=(("global_pool", "token"),),
+        )
+        for name, (timm_name, stem) in DINOV3_VITS.items()
+    }
+
+
+VITS.update(_dinov3_specs())  # DINOv3: upstream class-token pooling, RoPE (any input size)
 
 
 def default_blocks(depth: int) -> tuple[int, ...]:
@@ -172,9 +199,13 @@ def vit(
         "drop_path_rate": 0.0,
         "num_classes": 0,
     }
-    if spec.pool == "timm" and not spec.clip:
+    args.update(spec.timm_args)
+    timm_name = spec.timm_name
+    if spec.family == "dinov3":  # the distilled ViTs' zero qkv biases, or a file that has real ones
+        timm_name, state = qkv_bias_variant(timm_name, state)
+    if spec.pool == "timm" and not spec.clip and not spec.family:
         args["num_classes"] = 1000  # EVA02 fine-tuned on ImageNet-1k: its own head guides
-    model = create_timm(spec.timm_name, None if own else state, source, **{**args, **kwargs})
+    model = create_timm(timm_name, None if own else state, source, **{**args, **kwargs})
     bb = TimmViTBackbone(model, name=name, spec=spec, input_size=size, stage_blocks=stage_blocks)
     if own and state is not None:
         bb.load_own(state, source)

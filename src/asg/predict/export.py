@@ -80,8 +80,16 @@ def _export(module: nn.Module, x: Tensor, path: Path, dynamic_size: bool, per_pi
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about shapes turned into constants; the check decides
-        torch.onnx.export(module, (x,), str(path), input_names=["image"], output_names=["logits"],
-                          dynamic_axes=axes, opset_version=opset, dynamo=False)  # fmt: skip
+        torch.onnx.export(
+            module,
+            (x,),
+            str(path),
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_axes=axes,
+            opset_version=opset,
+            dynamo=False,
+        )
 
 
 def check_onnx(reference: nn.Module, path: Path, inputs: list[Tensor]) -> float:
@@ -143,8 +151,10 @@ def export_onnx(
             _export(module, x, tmp, dynamic, info.per_pixel, opset)
             diff = check_onnx(model, tmp, checked)
         if not diff <= tolerance:
-            raise AsgError(f"the ONNX model differs from PyTorch by up to {diff:.3g} in the logits (tolerance "
-                           f"{tolerance:g}); not written")  # fmt: skip
+            raise AsgError(
+                f"the ONNX model differs from PyTorch by up to {diff:.3g} in the logits (tolerance "
+                f"{tolerance:g}); not written"
+            )
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -161,14 +171,14 @@ def export_onnx(
             "size": [h, w],
             "dynamic_batch": True,
             "dynamic_size": dynamic,
-        },  # fmt: skip
+        },
         "output": {"name": "logits", "shape": ["B", "C", "H", "W"] if info.per_pixel else ["B", "C"]},
         "normalisation": {
             "mean": info.mean,
             "std": info.std,
             "inside_model": True,
             "formula": "(x - mean) / std on x in [0, 1]",
-        },  # fmt: skip
+        },
         "check": {"max_abs_logit_diff": diff, "tolerance": tolerance, "inputs": [list(t.shape) for t in checked]},
         "lora_layers_merged": lora,
         "opset": opset,
@@ -200,16 +210,23 @@ def export_run(
 
     if fmt != "onnx":
         raise AsgError(f"--format {fmt!r}: only onnx is supported")
-    loaded = load_model(source, checkpoint, config=config, overrides=overrides, wise_ft=wise_ft,
-                        class_names=class_names)  # fmt: skip
+    loaded = load_model(
+        source, checkpoint, config=config, overrides=overrides, wise_ft=wise_ft, class_names=class_names
+    )
     say(loaded.notes)
     if out is None:
         folder = loaded.source if loaded.source.is_dir() else loaded.source.parent
         tag = Path(loaded.checkpoint).stem.replace("-", "_").replace(".", "_")
         out = folder / f"model_{tag}{f'_wise_ft{wise_ft:g}' if wise_ft is not None else ''}.onnx"
-    extra = {"source": str(loaded.source), "checkpoint": loaded.checkpoint, "weights": str(loaded.weights),
-             "wise_ft_alpha": loaded.wise_ft_alpha, "asg_version": __version__,
-             "config": config_to_dict(loaded.cfg)}  # fmt: skip
+    extra = {
+        "source": str(loaded.source),
+        "checkpoint": loaded.checkpoint,
+        "weights": str(loaded.weights),
+        "wise_ft_alpha": loaded.wise_ft_alpha,
+        "asg_version": __version__,
+        "config": config_to_dict(loaded.cfg),
+    }
     path = Path(out)
-    return path, export_onnx(loaded.model, loaded.info, path, tolerance=tolerance, opset=opset,
-                             fuse_bn=loaded.cfg.eval.fuse_bn, extra=extra)  # fmt: skip
+    return path, export_onnx(
+        loaded.model, loaded.info, path, tolerance=tolerance, opset=opset, fuse_bn=loaded.cfg.eval.fuse_bn, extra=extra
+    )

@@ -47,8 +47,10 @@ def read_sidecar(path: Path) -> dict[str, Any]:
     the ONNX file is not the one it describes."""
     side_path = sidecar_path(path)
     if not side_path.is_file():
-        raise AsgError(f"{path}: its sidecar {side_path.name} is missing (it holds the class names and input size): "
-                       "copy it beside the model or export again with `asg export`")  # fmt: skip
+        raise AsgError(
+            f"{path}: its sidecar {side_path.name} is missing (it holds the class names and input size): "
+            "copy it beside the model or export again with `asg export`"
+        )
     try:
         side = json.loads(side_path.read_text())
     except (OSError, ValueError) as exc:
@@ -58,8 +60,9 @@ def read_sidecar(path: Path) -> dict[str, Any]:
     if side.get("sidecar_sha256") != sidecar_checksum(side):
         raise AsgError(f"{side_path} was altered after export (its checksum does not match): export again")
     if side.get("onnx_sha256") != sha256_file(path):
-        raise AsgError(f"{path} does not match the checksum in {side_path.name} (altered, or another export's "
-                       "file): export again")  # fmt: skip
+        raise AsgError(
+            f"{path} does not match the checksum in {side_path.name} (altered, or another export's file): export again"
+        )
     return side
 
 

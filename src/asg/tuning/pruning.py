@@ -14,18 +14,17 @@ from typing import TYPE_CHECKING, Any
 import optuna
 import torch
 
-from asg.engine.callbacks import Callback
+from asg.engine.callbacks import Callback, Loop
 from asg.io import atomic_write_text
 
 if TYPE_CHECKING:
     from asg.engine.evaluation.metrics import EvalResult
-    from asg.engine.trainer import Trainer
 
 SCORE_FILE = "trial_score.json"  # the last evaluation's score (step, score)
 PRUNED_FILE = "pruned.json"  # in a pruned trial's run folder: the step, score and rule that stopped it
 
 
-def trial_score(primary: float, trainer: Trainer) -> float:
+def trial_score(primary: float, trainer: Loop) -> float:
     """The score a study maximises: the source-val primary metric (accuracy, mIoU), ties broken by the lower
     source-val cross-entropy. A synthetic split often saturates (every trial of the digits at 100 %), and the
     first of equal scores would then be an arbitrary choice; ``loss / 1000`` stays below the smallest accuracy
@@ -45,7 +44,7 @@ class TrialReporter(Callback):
         self.trial, self.rule = trial, rule
         self.last_score: float | None = None
 
-    def on_eval_end(self, trainer: Trainer, row: dict[str, Any], results: dict[str, EvalResult]) -> None:
+    def on_eval_end(self, trainer: Loop, row: dict[str, Any], results: dict[str, EvalResult]) -> None:
         name = trainer.data.source_val_name
         if name is None or name not in results:
             return

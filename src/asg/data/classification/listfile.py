@@ -254,7 +254,11 @@ def build_listfile(cfg: DataConfig) -> DataBundle:
         )
     if n_cfg is None:  # inferred from the labels: an off-by-one top label (absent from every real set)?
         present, n = np.unique(train.labels, return_counts=True)
-        real = [set(np.unique(ds.labels).tolist()) for name, ds in eval_sets.items() if name != "source_val"]
+        real = [
+            set(np.unique(ds.labels).tolist())
+            for name, ds in eval_sets.items()
+            if name != "source_val" and isinstance(ds, ListFileDataset)
+        ]
         warning = top_class_warning(train.list_path, dict(zip(present.tolist(), n.tolist())), real)
         if warning is not None:
             warnings.warn(warning, DataWarning, stacklevel=2)

@@ -112,8 +112,10 @@ def _check_dst(src: Path, dst: Path, name: str, class_set: int) -> dict[str, Any
     labels = (dst / "labels").resolve()  # resolved: a symlink dst/labels -> SRC/... would write into the source
     if _inside(dst, src) or _inside(labels, src):
         where = dst if _inside(dst, src) else f"{dst / 'labels'} (a link to {labels})"
-        raise DataError(f"destination {where} is inside the source {src}: prepare never writes into the source; "
-                        f"choose a folder outside it")  # fmt: skip
+        raise DataError(
+            f"destination {where} is inside the source {src}: prepare never writes into the source; "
+            f"choose a folder outside it"
+        )
     if _inside(src, labels):
         raise DataError(f"source {src} lies inside {dst / 'labels'}, where prepare writes; choose another dst")
     if (src / PREPARED_FILE).is_file():
@@ -183,16 +185,18 @@ class _Provenance:
             f.write(json.dumps(entry) + "\n")
 
 
-def _convert(ds: SegmentationPairs, i: int, src: Path, dst: Path, report: PrepareReport, prov: _Provenance,
-             recipe: str) -> str | None:  # fmt: skip
+def _convert(
+    ds: SegmentationPairs, i: int, src: Path, dst: Path, report: PrepareReport, prov: _Provenance, recipe: str
+) -> str | None:
     """Write the train-id PNG of pair ``i`` (unless provenance.jsonl proves the one there); its path relative to
     dst."""
     label = ds.label_path(i)
     out = dst / "labels" / label.relative_to(src)
     rel = out.relative_to(dst).as_posix()
     if _inside(out.parent.resolve(), src):  # a linked folder under dst/labels
-        raise DataError(f"{out.parent} is a link into the source {src}: prepare never writes into the source; "
-                        "remove the link")  # fmt: skip
+        raise DataError(
+            f"{out.parent} is a link into the source {src}: prepare never writes into the source; remove the link"
+        )
     try:
         size = image_size(ds.image_path(i))
     except FileNotFoundError:
@@ -231,8 +235,16 @@ def _convert(ds: SegmentationPairs, i: int, src: Path, dst: Path, report: Prepar
     Image.fromarray(ids, mode="L").save(buf, format="PNG")
     data = buf.getvalue()
     atomic_write(out, lambda tmp: Path(tmp).write_bytes(data))
-    prov.record({"label": rel, "recipe": recipe, "class_set": report.class_set, "source": str(label),
-                 "source_sha256": source_sha, "sha256": hashlib.sha256(data).hexdigest()})  # fmt: skip
+    prov.record(
+        {
+            "label": rel,
+            "recipe": recipe,
+            "class_set": report.class_set,
+            "source": str(label),
+            "source_sha256": source_sha,
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
+    )
     report.written += 1
     return rel
 
@@ -257,12 +269,19 @@ def prepare(name: str, src: str | Path, dst: str | Path, *, split: str = "all", 
         settings = (unfinished.get("name"), unfinished.get("class_set"), unfinished.get("src"))
         same = settings == (name, class_set, str(src_p))
         report.notes.append(
-            f"continued an interrupted prepare into {dst_p}" if same else
-            f"{dst_p} held an interrupted prepare of {settings[0]} from {settings[2]} with class_set {settings[1]}: "
-            "its labels were converted again"
-        )  # fmt: skip
-    info = {"name": name, "src": str(src_p), "class_set": class_set, "class_names": class_names(class_set),
-            "labels": "train ids, PNG mode L, 255 = ignore", "provenance": PROVENANCE_FILE}  # fmt: skip
+            f"continued an interrupted prepare into {dst_p}"
+            if same
+            else f"{dst_p} held an interrupted prepare of {settings[0]} from {settings[2]} "
+            f"with class_set {settings[1]}: its labels were converted again"
+        )
+    info = {
+        "name": name,
+        "src": str(src_p),
+        "class_set": class_set,
+        "class_names": class_names(class_set),
+        "labels": "train ids, PNG mode L, 255 = ignore",
+        "provenance": PROVENANCE_FILE,
+    }
     _write_text(dst_p / PREPARED_FILE, json.dumps({**info, "complete": False}, indent=2) + "\n")
     prov = _Provenance(dst_p)
     done: dict[Path, str | None] = {}  # source label -> its prepared path (None: left out)

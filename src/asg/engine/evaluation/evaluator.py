@@ -51,8 +51,10 @@ class Evaluator:
         self.cfg, self.model, self.data, self.task, self.device = cfg, model, data, task, device
         self.dist, self.run_dir, self.protocol, self.quiet = dist, run_dir, protocol, quiet
         cap = cfg.data.eval_max_per_set
-        self.sets = {k: balanced_subset(v, cap, seed=0) if cap and dataset_size(v) > cap else v
-                     for k, v in data.eval_sets.items()}  # fmt: skip
+        self.sets = {
+            k: balanced_subset(v, cap, seed=0) if cap and dataset_size(v) > cap else v
+            for k, v in data.eval_sets.items()
+        }
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, dict[str, Any]] = {}  # rule -> {step, score, set, file, sha256}
         self.pending = False  # restored at an evaluation step whose evaluation did not finish
@@ -87,8 +89,9 @@ class Evaluator:
         """Evaluate the model on ``sets`` in this process."""
         cfg = self.cfg
         show = cfg.train.progress and not self.quiet
-        return evaluate_sets(self.model, sets, self.data.num_classes, cfg, self.device, show_progress=show,
-                             task=self.data.task)  # fmt: skip
+        return evaluate_sets(
+            self.model, sets, self.data.num_classes, cfg, self.device, show_progress=show, task=self.data.task
+        )
 
     def evaluate_sharded(self, sets: dict[str, Dataset]) -> dict[str, EvalResult]:
         """``evaluate`` with each rank on the items ``rank::world`` of every set, confusion matrices summed."""

@@ -178,7 +178,10 @@ class FinalReport:
                 for image, label in (item for item in items if item is not None)
             ]
             title = f"{names[0]}, step {step}"
-            atomic_write(path / "predictions.png", lambda tmp: plot_predictions(rows, palette, Path(tmp), title))
+            atomic_write(
+                path / "predictions.png",
+                lambda tmp: plot_predictions(rows, palette, Path(tmp), title, data.class_names),
+            )
             written.append("predictions.png")
         return written
 

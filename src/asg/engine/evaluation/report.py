@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 from asg.engine.rundir.summary import RunSummary  # noqa: E402
 from asg.engine.timing import timing_markdown  # noqa: E402
@@ -90,22 +91,49 @@ def colorize(labels: np.ndarray, palette: list[tuple[int, int, int]], ignore_ind
     return lut[np.clip(labels, 0, 255).astype(np.int64)]
 
 
+def legend_entries(
+    samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    palette: list[tuple[int, int, int]],
+    class_names: list[str] | None = None,
+    ignore_index: int = 255,
+) -> list[tuple[str, tuple[int, int, int]]]:
+    """(name, colour) of every class in the samples' labels or predictions, then white for ``ignore_index``
+    (pixels the label leaves unscored, e.g. the rims around the digit scenes' strokes) if any label has it."""
+    ids = sorted(
+        {int(c) for _, label, pred in samples for c in np.unique(np.concatenate([label.ravel(), pred.ravel()]))}
+    )
+    entries = [(class_names[c] if class_names else str(c), palette[c]) for c in ids if c < len(palette)]
+    if ignore_index in ids:
+        entries.append((f"ignored ({ignore_index}): not scored", (255, 255, 255)))
+    return entries
+
+
 def plot_predictions(
     samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
     palette: list[tuple[int, int, int]],
     path: Path,
     title: str,
+    class_names: list[str] | None = None,
+    ignore_index: int = 255,
 ) -> None:
-    """Rows of (image [H,W,3] in [0,1], label [H,W], prediction [H,W]), labels colour-coded with ``palette``."""
-    fig, axes = plt.subplots(len(samples), 3, figsize=(7.5, 2.4 * len(samples)), squeeze=False)
+    """Rows of (image [H,W,3] in [0,1], label [H,W], prediction [H,W]), labels colour-coded with ``palette``; below
+    them a legend of the classes shown (name and colour) and of white, the pixels the label ignores (not scored)."""
+    fig, axes = plt.subplots(len(samples), 3, figsize=(7.5, 2.4 * len(samples) + 0.6), squeeze=False)
+    titles = ("image", "label", "prediction")
     for row, (image, label, pred) in zip(axes, samples):
-        for ax, shown, name in zip(row, (image, colorize(label, palette), colorize(pred, palette)),
-                                   ("image", "label", "prediction")):  # fmt: skip
+        for ax, shown, name in zip(row, (image, colorize(label, palette), colorize(pred, palette)), titles):
             ax.imshow(shown)
             ax.set_title(name, fontsize=8)
             ax.axis("off")
+    entries = legend_entries(samples, palette, class_names, ignore_index)
+    handles = [
+        Patch(facecolor=(rgb[0] / 255, rgb[1] / 255, rgb[2] / 255), edgecolor="0.5", label=name)
+        for name, rgb in entries
+    ]
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.6 / (2.4 * len(samples) + 0.6), 1, 1))
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
@@ -148,8 +176,11 @@ def run_report_markdown(summary: RunSummary, history: list[dict]) -> str:
         lines.append("")
     retention = last.get("real_photos")
     if retention:
-        lines += [f"ImageNet retention (last): top-1 agreement {_pct(retention['top1_agreement'])} %, "
-                  f"KL {retention['kl']:.3f}.", ""]  # fmt: skip
+        lines += [
+            f"ImageNet retention (last): top-1 agreement {_pct(retention['top1_agreement'])} %, "
+            f"KL {retention['kl']:.3f}.",
+            "",
+        ]
     figures = [("curves.png", "Curves"), ("predictions.png", "Predictions (last checkpoint)")]
     lines += [f"![{title}]({name})" for name, title in figures if name in summary.figures]
     if summary.timing:

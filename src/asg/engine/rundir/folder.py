@@ -67,8 +67,10 @@ class RunKind:
         """The note to print when :meth:`RunDir.begin` removed ``removed`` (empty: no note)."""
         if not removed:
             return ""
-        return (f"asg: note: {path} held an earlier {self.noun} that stopped before {self.stopped_before}; "
-                f"removed its {', '.join(removed)} and starting afresh")  # fmt: skip
+        return (
+            f"asg: note: {path} held an earlier {self.noun} that stopped before {self.stopped_before}; "
+            f"removed its {', '.join(removed)} and starting afresh"
+        )
 
 
 TRAINING = RunKind()  # `asg train` and every round of `asg adapt`
@@ -85,13 +87,16 @@ class RunDir(CheckpointFiles):
         (``kind.fresh_note`` says so). ``where`` (e.g. "round 2 at step 40") names the point an earlier run
         stopped at in the refusal. The caller then restores its state when ``resume`` and progress exist."""
         if self.is_done():
-            raise AsgError(f"{self.path} already finished (to continue it, remove its '{DONE}' file and pass "
-                           "--resume; or use another --out)")  # fmt: skip
+            raise AsgError(
+                f"{self.path} already finished (to continue it, remove its '{DONE}' file and pass "
+                "--resume; or use another --out)"
+            )
         if self.has_progress(kind):
             if not resume:
                 stopped = f" that stopped in {where}" if where else " already"
-                raise AsgError(f"{self.path} holds {kind.what}{stopped}: pass --resume to continue it, or choose "
-                               "another --out")  # fmt: skip
+                raise AsgError(
+                    f"{self.path} holds {kind.what}{stopped}: pass --resume to continue it, or choose another --out"
+                )
             return []
         if resume and kind.missing is not None:
             raise AsgError(f"cannot resume: {self.path / kind.markers[0]} does not exist ({kind.missing})")

@@ -55,8 +55,10 @@ def init_record(init_from: str, checkpoint: str = "last", allow_unfinished: bool
         rd, top_rd = RunDir(run), RunDir(top)
         holder = top_rd.holder() or rd.holder()
         if holder is not None:
-            raise WeightsError(f"model.init_from: {top} is being written by a running asg process ({holder}); "
-                               "wait until it finishes, then start the adaptation")  # fmt: skip
+            raise WeightsError(
+                f"model.init_from: {top} is being written by a running asg process ({holder}); "
+                "wait until it finishes, then start the adaptation"
+            )
         manifest = rd.read_manifest()
         entry = manifest["weights"] if checkpoint == "last" else manifest.get("best", {}).get(checkpoint, {})
         record["step"] = entry.get("step", manifest.get("step"))

@@ -111,8 +111,15 @@ class CheckpointFiles(LockedFolder):
             entry_w = self.write_weights(tag, weights, step)
             path_s = self.path / "checkpoints" / f"{tag}.state.pt"
             self._guard(lambda: save_state({**state, "step": step}, path_s), path_s, extra=self._kept())
-            self.commit({"step": step, "weights": entry_w, "state": self._entry(path_s, step), "best": best,
-                         "evaluated_through": evaluated_through})  # fmt: skip
+            self.commit(
+                {
+                    "step": step,
+                    "weights": entry_w,
+                    "state": self._entry(path_s, step),
+                    "best": best,
+                    "evaluated_through": evaluated_through,
+                }
+            )
         except RunFolderError as exc:
             self._drop_uncommitted(tag, step)  # a weight file the commit never named must not fill the disk
             if self.manifest_path.exists():

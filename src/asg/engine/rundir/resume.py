@@ -28,6 +28,7 @@ APPLIED_ON_RESUME = (
     "method.kl_weight",
     "method.l2sp_alpha",
     "method.kl_cap",
+    "method.csg_weight",  # CSG's weight, as ASG's lambda (its queue, MLPs and stages are refused: the state's shape)
     "train.steps",
     "train.eval_every",
     "train.checkpoint_every",

@@ -35,8 +35,18 @@ def _images(batch: list[Any], start: int) -> Tensor:
     return torch.stack([item[0] for item in batch])
 
 
-def _fill(folder: Path, key: str, dataset: Dataset, teacher: nn.Module, storage: str, k: int, batch_size: int,
-          device: str | torch.device, description: str, show_progress: bool) -> None:  # fmt: skip
+def _fill(
+    folder: Path,
+    key: str,
+    dataset: Dataset,
+    teacher: nn.Module,
+    storage: str,
+    k: int,
+    batch_size: int,
+    device: str | torch.device,
+    description: str,
+    show_progress: bool,
+) -> None:
     """Compute every logit into ``folder`` (data files, filled.npy, then meta.json), all fsynced."""
     n = len(cast(Sized, dataset))
     if n == 0:
@@ -104,6 +114,8 @@ def _write_failure(root: Path, exc: OSError) -> str:
     where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(root) else ""
     what = f"cannot write the teacher cache in {root}{where}: {exc.strerror or exc}"
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return (f"{what}; free space, or set teacher.cache_dir to a folder on another disk (or "
-                "teacher.cache_storage=fp16/topk/memory)")  # fmt: skip
+        return (
+            f"{what}; free space, or set teacher.cache_dir to a folder on another disk (or "
+            "teacher.cache_storage=fp16/topk/memory)"
+        )
     return f"{what}; set teacher.cache_dir to a folder you can write"

@@ -80,8 +80,15 @@ class TeacherLogitCache:
         return _decode({name: arr[rows] for name, arr in self.arrays.items()}, self.storage, self.num_classes)
 
     @classmethod
-    def open(cls, root: str | Path | None, key: str, *, n: int | None = None, storage: str | None = None,
-             k: int | None = None) -> TeacherLogitCache:  # fmt: skip
+    def open(
+        cls,
+        root: str | Path | None,
+        key: str,
+        *,
+        n: int | None = None,
+        storage: str | None = None,
+        k: int | None = None,
+    ) -> TeacherLogitCache:
         """Open the complete folder ``<root>/<key>``; TeacherCacheError if it is missing, incomplete, corrupt,
         truncated, or its meta.json disagrees with ``key`` or the given ``n``, ``storage``, ``k``."""
         path = Path(root if root is not None else default_cache_root()) / key
@@ -116,9 +123,20 @@ class TeacherLogitCache:
         return cls(path, meta, arrays)
 
     @classmethod
-    def build_or_open(cls, root: str | Path | None, key: str, dataset: Dataset, teacher: nn.Module, *,
-                      storage: str = "fp32", k: int = 32, batch_size: int = 64, device: str | torch.device = "cpu",
-                      description: str = "", show_progress: bool = False) -> TeacherLogitCache:  # fmt: skip
+    def build_or_open(
+        cls,
+        root: str | Path | None,
+        key: str,
+        dataset: Dataset,
+        teacher: nn.Module,
+        *,
+        storage: str = "fp32",
+        k: int = 32,
+        batch_size: int = 64,
+        device: str | torch.device = "cpu",
+        description: str = "",
+        show_progress: bool = False,
+    ) -> TeacherLogitCache:
         """Open ``<root>/<key>``, or compute ``teacher``'s logits of every item of ``dataset`` (index order,
         eval mode, no grad; items ``(image [3, H, W], target)``) into it. A folder that ``open`` refuses is
         rebuilt (``replaced`` says why); a crash leaves no folder under ``key``."""

@@ -63,8 +63,11 @@ def _reserve(path: Path) -> None:
 def _check_space(folder: Path, needed: int) -> None:
     free = shutil.disk_usage(folder).free
     if free < needed + SPACE_MARGIN:
-        raise OSError(errno.ENOSPC, f"not enough free space (it needs {(needed + SPACE_MARGIN) / 2**20:,.1f} MiB "
-                      f"with a margin of {SPACE_MARGIN >> 20} MiB, {free / 2**20:,.1f} MiB are free)")  # fmt: skip
+        raise OSError(
+            errno.ENOSPC,
+            f"not enough free space (it needs {(needed + SPACE_MARGIN) / 2**20:,.1f} MiB "
+            f"with a margin of {SPACE_MARGIN >> 20} MiB, {free / 2**20:,.1f} MiB are free)",
+        )
 
 
 def _install(tmp: Path, dest: Path, replace: bool) -> None:
@@ -99,6 +102,8 @@ def _verify(path: Path, meta: dict[str, Any], names: list[str], fix: str) -> Non
         if seen in _VERIFIED:
             continue
         if sha256_file(file) != sums.get(name):
-            raise TeacherCacheError(f"teacher cache {path}: {name}.npy does not match its checksum (corrupted on "
-                                    f"disk or changed by hand); {fix}")  # fmt: skip
+            raise TeacherCacheError(
+                f"teacher cache {path}: {name}.npy does not match its checksum (corrupted on "
+                f"disk or changed by hand); {fix}"
+            )
         _VERIFIED.add(seen)

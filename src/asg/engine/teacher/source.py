@@ -27,23 +27,33 @@ class TeacherSource:
     """``outputs(x, idx)``: the teacher's [B, 1000] logits (or [B, D] features) of training images ``idx``."""
 
     def __init__(
-        self, cfg: Config, teacher: Teacher, method: Method, data: DataBundle, dist: Dist, device: torch.device,
+        self,
+        cfg: Config,
+        teacher: Teacher,
+        method: Method,
+        data: DataBundle,
+        dist: Dist,
+        device: torch.device,
         quiet: bool = False,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.cfg, self.teacher, self.method, self.data = cfg, teacher, method, data
         self.dist, self.device, self.quiet = dist, device, quiet
         m = cfg.teacher
         self.use_cache = m.cache and method.needs_teacher and not data.has_augmentation
         if m.cache and method.needs_teacher and data.has_augmentation:
-            self._say("asg: note: teacher.cache is off for this run: the training transform is random, so "
-                      "the teacher must see each augmented image")  # fmt: skip
+            self._say(
+                "asg: note: teacher.cache is off for this run: the training transform is random, so "
+                "the teacher must see each augmented image"
+            )
         self.memory: torch.Tensor | None = None  # [N, K] outputs of the training set, filled as batches come
         self.cached: torch.Tensor | None = None  # [N] bool: which rows of ``memory`` are filled
         self.disk_cache: TeacherLogitCache | None = None
         storage = m.cache_storage
         if self.use_cache and teacher.output != "logits" and storage not in ("memory", "fp32"):
-            raise ConfigError(f"teacher.cache_storage={storage} stores and measures ImageNet logits, but the teacher "
-                              f"gives {teacher.output} to method {cfg.method.name}: use memory or fp32")  # fmt: skip
+            raise ConfigError(
+                f"teacher.cache_storage={storage} stores and measures ImageNet logits, but the teacher "
+                f"gives {teacher.output} to method {cfg.method.name}: use memory or fp32"
+            )
         if self.use_cache and storage != "memory":  # rank 0 builds it, then the others open it
             first = dist.together(self._open_disk_cache if dist.is_main else None)
             self.disk_cache = first if dist.is_main else self._open_disk_cache()
@@ -85,8 +95,12 @@ class TeacherSource:
         if self.disk_cache is not None:
             meta = self.disk_cache.meta
             key = resolve_key_mode(self.data.train, self.cfg.teacher.cache_key)
-            return {"storage": meta["storage"], "path": str(self.disk_cache.path), "error": meta.get("storage_error"),
-                    "key": key}  # fmt: skip
+            return {
+                "storage": meta["storage"],
+                "path": str(self.disk_cache.path),
+                "error": meta.get("storage_error"),
+                "key": key,
+            }
         return {"storage": "memory" if self.use_cache else "live"}
 
     def _say(self, text: str) -> None:
@@ -103,17 +117,22 @@ class TeacherSource:
         if self.teacher.output != "logits":  # another cache than the logits' (their keys stay as they were)
             transform += f" teacher_output={self.teacher.output}"
         try:
-            key = cache_key(self.data.train, transform, self.teacher, m.cache_storage, m.cache_topk,
-                            m.cache_key)  # fmt: skip
+            key = cache_key(self.data.train, transform, self.teacher, m.cache_storage, m.cache_topk, m.cache_key)
         except UnfingerprintableDataset as exc:
             self._say(f"asg: note: the teacher cache stays in memory: {exc}")
             return None
         cache = TeacherLogitCache.build_or_open(
-            m.cache_dir, key, self.data.train, self.teacher, storage=m.cache_storage,
-            k=m.cache_topk, batch_size=d.eval_batch_size, device=self.device,
+            m.cache_dir,
+            key,
+            self.data.train,
+            self.teacher,
+            storage=m.cache_storage,
+            k=m.cache_topk,
+            batch_size=d.eval_batch_size,
+            device=self.device,
             description=f"{self.cfg.name}: {d.name} training set, {dataset_size(self.data.train)} images, {transform}",
             show_progress=self.cfg.train.progress and not self.quiet,
-        )  # fmt: skip
+        )
         if cache.replaced:
             self._say(f"asg: note: rebuilt the teacher cache {cache.path} ({cache.replaced})")
         return cache
