@@ -28,10 +28,10 @@ demo-quick: setup
 # runs everything in one process
 XDIST ?= -n auto --dist loadscope
 
-test: setup  # everything: about 6 minutes on 2 cores
+test: setup  # everything (CI runs it)
 	$(BIN)/python -m pytest $(XDIST)
 
-test-fast: setup  # the fast subset (under a minute on 2 cores): no end-to-end run, no process started; CI runs all
+test-fast: setup  # the tests not marked slow: no end-to-end run, no process started
 	$(BIN)/python -m pytest $(XDIST) -m "not slow"
 
 bench: setup

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import CrashAt, every_trainer_crashes_at
+from helpers import CrashAt, ImagesLabelsRaise, RedIsOne, SizedScenes
 from safetensors.torch import load_file
-from torch.utils.data import Dataset
 
 from asg.adapt import Adaptation, ConfidenceHistogram, class_thresholds, select
 from asg.adapt.pseudo import load_pseudo_labels
@@ -16,6 +15,7 @@ from asg.cli import main
 from asg.config import AdaptConfig, load_config
 from asg.data import DataBundle
 from asg.data.targets import target_dataset
+from asg.engine.callbacks import Callback
 from asg.engine.trainer import Trainer
 from asg.errors import AsgError, DataError, WeightsError
 from asg.methods import ERM, SelfTraining
@@ -113,10 +113,9 @@ def test_ema_update_of_self_training(tiny_bundle, tiny_config):
 
 
 @pytest.mark.slow
-def test_init_from_loads_every_weight_and_starts_at_step_zero(tiny_bundle, tiny_config, tmp_path):
-    Trainer(tiny_config("method.name=erm"), tmp_path / "src", data=tiny_bundle, quiet=True).fit()
-    saved = load_file(str(tmp_path / "src" / "last.safetensors"))
-    cfg = tiny_config(f"model.init_from={tmp_path / 'src'}")
+def test_init_from_loads_every_weight_and_starts_at_step_zero(tiny_bundle, tiny_config, erm_run):
+    saved = load_file(str(erm_run / "last.safetensors"))
+    cfg = tiny_config(f"model.init_from={erm_run}")
     trainer = Trainer(cfg, None, data=tiny_bundle, quiet=True)
     assert trainer.step == 0
     state = trainer.model.state_dict()
@@ -126,12 +125,12 @@ def test_init_from_loads_every_weight_and_starts_at_step_zero(tiny_bundle, tiny_
     fresh = Trainer(tiny_config(), None, data=tiny_bundle, quiet=True)  # the teacher stays the ImageNet network
     for k, v in fresh.teacher.state_dict().items():
         assert torch.equal(trainer.teacher.state_dict()[k], v), k
-    file_cfg = tiny_config(f"model.init_from={tmp_path / 'src' / 'last.safetensors'}")
+    file_cfg = tiny_config(f"model.init_from={erm_run / 'last.safetensors'}")
     assert torch.equal(
         Trainer(file_cfg, None, data=tiny_bundle, quiet=True).model.head[0].weight, state["head.0.weight"]
     )
     with pytest.raises(WeightsError, match="hidden_dim=512"):
-        Trainer(tiny_config(f"model.init_from={tmp_path / 'src'}", "model.hidden_dim=64"), None, data=tiny_bundle)
+        Trainer(tiny_config(f"model.init_from={erm_run}", "model.hidden_dim=64"), None, data=tiny_bundle)
     four = DataBundle(tiny_bundle.train, tiny_bundle.eval_sets, "source_val", ["a", "b", "c", "d"])
     with pytest.raises(WeightsError, match="3 classes"):
         Trainer(cfg, None, data=four, quiet=True)
@@ -139,30 +138,12 @@ def test_init_from_loads_every_weight_and_starts_at_step_zero(tiny_bundle, tiny_
         Trainer(tiny_config("model.init_from=/no/such/run"), None, data=tiny_bundle)
 
 
-class ImagesLabelsRaise(Dataset):
-    """Target images whose labels raise on any access: adaptation must never read them."""
-
-    def __init__(self, base):
-        self.base = base
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        return self.base.images[i]
-
-    @property
-    def labels(self):
-        raise AssertionError("a target label was read")
-
-
-def _adapt_setup(tiny_bundle, tiny_config, tmp_path):
-    Trainer(tiny_config("method.name=erm"), tmp_path / "src", data=tiny_bundle, quiet=True).fit()
+def _adapt_setup(tiny_bundle, tiny_config, erm_run):
     target = ImagesLabelsRaise(tiny_bundle.eval_sets["real"])
     bundle = DataBundle(tiny_bundle.train, tiny_bundle.eval_sets, "source_val", tiny_bundle.class_names,
                         target_sets={"real_adapt": target})  # fmt: skip
     cfg = tiny_config(
-        "method.name=erm", f"model.init_from={tmp_path / 'src'}", "adapt.target=real_adapt", "adapt.rounds=2",
+        "method.name=erm", f"model.init_from={erm_run}", "adapt.target=real_adapt", "adapt.rounds=2",
         "adapt.steps_per_round=4", "adapt.init_portion=0.5", "adapt.max_portion=0.6", "adapt.target_batch_size=4",
         "adapt.regularizer=mrkld",
     )  # fmt: skip
@@ -171,9 +152,9 @@ def _adapt_setup(tiny_bundle, tiny_config, tmp_path):
 
 @pytest.mark.slow
 def test_adaptation_never_reads_target_labels_and_resumes_mid_round_exactly(
-    tiny_bundle, tiny_config, tmp_path, monkeypatch
+    tiny_bundle, tiny_config, tmp_path, erm_run
 ):
-    cfg, bundle = _adapt_setup(tiny_bundle, tiny_config, tmp_path)
+    cfg, bundle = _adapt_setup(tiny_bundle, tiny_config, erm_run)
     whole = Adaptation(cfg, tmp_path / "a", data=bundle, quiet=True).run()
     assert [r["round"] for r in whole.rounds] == [1, 2]
     assert [r["portion"] for r in whole.rounds] == [0.5, 0.55]
@@ -182,9 +163,10 @@ def test_adaptation_never_reads_target_labels_and_resumes_mid_round_exactly(
     report = (tmp_path / "a" / "report.md").read_text()
     assert "pseudo-label precision is not available" in report  # no labelled view of this target
 
-    in_round_2 = lambda trainer: trainer.cfg.name.endswith("round 2")  # noqa: E731 (its checkpoint of step 2 is on disk)
-    with every_trainer_crashes_at(3, when=in_round_2), pytest.raises(KeyboardInterrupt):
-        Adaptation(cfg, tmp_path / "b", data=bundle, quiet=True).run()
+    # stopped in round 2 before its step 3 (the checkpoint of its step 2 is on disk)
+    in_round_2 = CrashAt(3, when=lambda trainer: trainer.cfg.name.endswith("round 2"))
+    with pytest.raises(KeyboardInterrupt):
+        Adaptation(cfg, tmp_path / "b", data=bundle, quiet=True, callbacks=[in_round_2]).run()
     with pytest.raises(AsgError, match="round 2 at step 2.*--resume"):
         Adaptation(cfg, tmp_path / "b", data=bundle, quiet=True).run()
     resumed = Adaptation(cfg, tmp_path / "b", data=bundle, quiet=True, resume=True).run()
@@ -218,14 +200,29 @@ def test_target_folder_and_list_errors(tmp_path):
     assert ds[0].shape == (3, 32, 32)
 
 
+class StepsSeen(Callback):
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def on_step_end(self, trainer, out) -> None:
+        self.seen.append(trainer.step)
+
+
 @pytest.mark.slow
 def test_cli_adapt_end_to_end_on_digit_halves(tmp_path, capsys):
     base = [
         "--set", f"data.root={tmp_path / 'cache'}", "--set", "data.num_train=120", "--set", "data.image_size=32",
         "--set", "data.real_split=halves", "--set", "train.progress=false", "--set", "eval.retention=false",
     ]  # fmt: skip
-    src = tmp_path / "src"
-    assert main(["train", "--config", "digits_erm", "--out", str(src), "--set", "train.steps=2", *base]) == 0
+    from asg import api
+
+    src, steps = tmp_path / "src", StepsSeen()
+    api.train("digits_erm", [*base[1::2], "train.steps=2"], out=src, quiet=True, callbacks=[steps])
+    assert steps.seen == [1, 2]  # api.train adds the callbacks to its run
+    stop = CrashAt(1, when=lambda trainer: trainer.cfg.name.endswith("round 1"))  # ... and api.adapt to each round's
+    adapt_over = [*base[1::2], f"model.init_from={src}", "adapt.target=uci_digits_adapt", "adapt.rounds=1"]
+    with pytest.raises(KeyboardInterrupt, match="CrashAt"):
+        api.adapt("digits_erm", adapt_over, out=tmp_path / "stopped", quiet=True, callbacks=[stop])
     out = tmp_path / "adapt"
     args = ["adapt", "--config", "digits_erm", "--from", str(src), "--target", "uci_digits_adapt", "--out", str(out)]
     assert main([*args, *base, "--set", "adapt.rounds=1", "--set", "adapt.steps_per_round=2"]) == 0
@@ -250,14 +247,12 @@ def test_cli_adapt_end_to_end_on_digit_halves(tmp_path, capsys):
 
 
 def test_segmentation_pseudo_labels_per_pixel_with_precision_from_truth(tmp_path):
-    from test_seg_engine import RedIsOne, Scenes
-
     from asg.adapt import pseudo_label
     from asg.adapt.report import pseudo_precision
     from asg.data.segmentation.pairs import PairTransform
     from asg.data.targets import ImagesOf, PseudoLabeled
 
-    class Images(Scenes):
+    class Images(SizedScenes):
         def image(self, i):  # graded colours, so that confidences differ from pixel to pixel
             img = self[i][0]
             h, w = img.shape[1:]
@@ -265,7 +260,7 @@ def test_segmentation_pseudo_labels_per_pixel_with_precision_from_truth(tmp_path
             img[0] = torch.where(img[0] > 0.5, 1 - ramp, ramp)
             return img
 
-    truth = Scenes([(6, 8), (6, 8), (4, 10)])  # mixed sizes; labels at twice the resolution
+    truth = SizedScenes([(6, 8), (6, 8), (4, 10)])  # mixed sizes; labels at twice the resolution
     target = ImagesOf(Images(truth.sizes))
     cfg = load_config(None, ["data.eval_batch_size=2", "adapt.thresholds=class_balanced"])
     pseudo = pseudo_label(RedIsOne(), target, cfg, 0.5, 2, tmp_path, torch.device("cpu"), "segmentation")

@@ -109,6 +109,7 @@ def test_choose_alpha_is_argmax_with_ties_to_the_first():
 # ----------------------------------------------------------------- LP-FT
 
 
+@pytest.mark.slow
 def test_lpft_probe_trains_only_the_head_then_everything(tiny_bundle, tiny_config, one_thread):
     cfg = tiny_config("method.name=lpft", "method.probe_steps=2", "train.steps=4", "train.eval_every=100")
     trainer = Trainer(cfg, None, data=tiny_bundle, quiet=True)
@@ -142,6 +143,7 @@ def test_lpft_probe_trains_only_the_head_then_everything(tiny_bundle, tiny_confi
         assert torch.equal(v, backbone0[f"imagenet_head.{k}"])
 
 
+@pytest.mark.slow
 def test_lpft_state_follows_the_step_not_the_history(tiny_bundle, tiny_config):
     """A resume at any step sets the frozen state from the step alone."""
     trainer = Trainer(tiny_config("method.name=lpft", "method.probe_steps=3"), None, data=tiny_bundle, quiet=True)
@@ -230,6 +232,7 @@ def test_feature_guidance_starts_at_zero_on_the_untrained_model(tiny_bundle, tin
     assert logs[0].logs["loss"] == pytest.approx(logs[0].logs["task_loss"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_feature_teacher_cache_holds_features(tiny_bundle, tiny_config, tmp_path, one_thread):
     cfg = tiny_config("method.name=feature", "teacher.cache=true", "train.steps=2", "train.eval_every=100")
     trainer = Trainer(cfg, None, data=tiny_bundle, quiet=True)
@@ -309,6 +312,7 @@ def finished_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_cli_evaluate_wise_ft_labels_and_saves_apart(finished_run, capsys, one_thread):
     out = finished_run
     capsys.readouterr()
@@ -328,6 +332,7 @@ def test_cli_evaluate_wise_ft_labels_and_saves_apart(finished_run, capsys, one_t
     assert "[0, 1]" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_api_evaluate_wise_ft_grid(finished_run, one_thread):
     plain = evaluate(finished_run, show_progress=False)
     grid = evaluate_wise_ft(finished_run, alphas=(0, 1), sets=["source_val"])
@@ -345,14 +350,13 @@ def test_gradient_all_reduce_keeps_a_frozen_parameters_grad_none(tmp_path):
     skips them) and still average the others."""
     import torch.distributed as td
 
-    from asg.engine.distributed import Dist
-    from asg.engine.gradient_sync import _reduce
+    from asg.collectives import weighted_all_reduce
 
     td.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         frozen, head = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))
         head.grad = torch.tensor([2.0, -4.0])
-        means = _reduce(Dist(0, 1, 0, "gloo"), [frozen, head], {"loss": torch.tensor(1.5)}, 8.0)
+        means = weighted_all_reduce(torch.device("cpu"), [frozen, head], {"loss": torch.tensor(1.5)}, 8.0)
     finally:
         td.destroy_process_group()
     assert frozen.grad is None

@@ -31,12 +31,14 @@ def _recipe(tmp_path):
 @pytest.mark.slow
 def test_cli_train_then_evaluate_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--config", str(_recipe(tmp_path)), "--out", str(out), "--set", "train.seed=3"]) == 0
+    # the real sets' test halves (2500 MNIST images, not 5000: evaluate's full sets cost half as much)
+    sets = ["--set", "train.seed=3", "--set", "data.real_split=halves"]
+    assert main(["train", "--config", str(_recipe(tmp_path)), "--out", str(out), *sets]) == 0
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["train"]["seed"] == 3 and saved["method"]["name"] == "asg"
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4]
-    assert set(rows[0]["metrics"]) == {"synthetic", "mnist5k", "uci_digits"}
+    assert set(rows[0]["metrics"]) == {"synthetic", "mnist5k_test", "uci_digits_test"}
     summary = json.loads((out / "summary.json").read_text())
     last = summary["selections"]["last"]
     assert set(last["metrics"]["real_photos"]) == {"top1_agreement", "kl"}
@@ -50,10 +52,10 @@ def test_cli_train_then_evaluate_end_to_end(tmp_path, capsys):
 
     assert main(["evaluate", str(out), "--checkpoint", "source-val", "--tta-flip"]) == 0
     printed = capsys.readouterr().out
-    assert "tta_flip=True" in printed and "mnist5k" in printed
+    assert "tta_flip=True" in printed and "mnist5k_test" in printed
     result = json.loads((out / "eval_source_val_tta.json").read_text())
-    assert result["sets"]["mnist5k"]["n"] == 5000  # evaluate uses the full sets
-    assert (out / "confusion_source_val_tta_mnist5k.png").exists()
+    assert result["sets"]["mnist5k_test"]["n"] == 2500  # evaluate uses the full sets (training: 40 images a set)
+    assert (out / "confusion_source_val_tta_mnist5k_test.png").exists()
 
 
 def test_cli_errors_are_one_clear_line(tmp_path, capsys):

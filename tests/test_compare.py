@@ -12,6 +12,8 @@ from PIL import Image
 from asg.cli import main
 from asg.compare import compare_runs, table
 
+pytestmark = pytest.mark.slow  # every test reads the two runs trained end to end by the `runs` fixture
+
 TINY = [
     "data.num_workers=0",
     "data.image_size=32",

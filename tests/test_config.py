@@ -40,5 +40,5 @@ def test_an_unknown_name_stops_the_command_before_its_folder_exists(tmp_path, ca
     argv = [*command, "--config", "digits_asg", "--out", str(out), "--set", "method.name=ersm"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("asg: error: method.name: 'ersm' is not one of asg, erm, feature, l2sp, lpft")
+    assert err.startswith("asg: error: method.name: 'ersm' is not one of asg, csg, erm, feature, l2sp, lpft")
     assert not out.exists()

@@ -268,6 +268,7 @@ def test_skip_drops_bad_files_before_and_at_load(bad_tree, tmp_path):
     assert collate_skip_none([None, None]) is None
 
 
+@pytest.mark.slow
 def test_skip_log_is_written_from_loader_workers(bad_tree, tmp_path):
     b = _bundle(bad_tree, "skip")
     log = tmp_path / "skipped.txt"

@@ -12,6 +12,14 @@ def demo_chosen():
 
 pytestmark = pytest.mark.slow  # end-to-end runs and spawned processes: `make test` runs them, `-m "not slow"` skips
 
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    """One cache folder for the module's demos (not the user's ~/.cache): the rendered digits (data.root) and,
+    under XDG_CACHE_HOME, the parsed real digits, made by the first demo and read by the others."""
+    return tmp_path_factory.mktemp("demo_caches")
+
+
 TINY = [
     "data.num_train=200",
     "data.image_size=32",
@@ -23,9 +31,10 @@ TINY = [
 ]
 
 
-def test_demo_report_has_runs_table_curves_and_plots(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    over = TINY + [f"data.root={tmp_path}/c"]
+def test_demo_report_has_runs_table_curves_and_plots(tmp_path, monkeypatch, caches):
+    """As `asg demo` runs: the runs in its pool of worker processes."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(caches / "xdg"))
+    over = TINY + [f"data.root={caches}/c"]
     report = run_demo(out=tmp_path, seeds=2, methods=["erm", "asg"], overrides=over, benchmarks=["digits"], adapt=False)
     saved = json.loads((tmp_path / "digits" / "report.json").read_text())
     assert [(r["method"], r["seed"]) for r in saved["runs"]] == [("erm", 0), ("asg", 0), ("erm", 1), ("asg", 1)]
@@ -54,10 +63,10 @@ def test_demo_report_has_runs_table_curves_and_plots(tmp_path, monkeypatch):
     assert len(kept) == 1 and kept[0].read_text() == md and len(list(tmp_path.glob("report.*.md"))) == 1
 
 
-def test_segmentation_demo_reports_miou_per_method(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    over = [*TINY, "data.num_train=40", "data.batch_size=8", f"data.root={tmp_path}/c"]
-    run_demo(out=tmp_path, seeds=1, methods=["erm", "asg"], overrides=over, benchmarks=["scenes"])
+def test_segmentation_demo_reports_miou_per_method(tmp_path, monkeypatch, caches):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(caches / "xdg"))
+    over = [*TINY, "data.num_train=40", "data.batch_size=8", f"data.root={caches}/c"]
+    run_demo(out=tmp_path, seeds=1, methods=["erm", "asg"], overrides=over, benchmarks=["scenes"], jobs=1)
     saved = json.loads((tmp_path / "scenes" / "report.json").read_text())
     assert [r["method"] for r in saved["runs"]] == ["erm", "asg"]
     for run in saved["runs"]:
@@ -85,7 +94,7 @@ def test_segmentation_demo_reports_miou_per_method(tmp_path, monkeypatch):
     assert (tmp_path / "scenes" / "runs" / "asg_seed0" / "predictions.png").stat().st_size > 1000
 
 
-def test_demo_tunes_every_method_with_one_study_each_on_source_val_only(tmp_path, monkeypatch):
+def test_demo_tunes_every_method_with_one_study_each_on_source_val_only(tmp_path, monkeypatch, caches):
     """One study per trained method, the same budget; the choice is the best complete trial's source-val score,
     that trial is seed 0; WiSE-FT takes ERM's choice."""
     import dataclasses
@@ -94,9 +103,17 @@ def test_demo_tunes_every_method_with_one_study_each_on_source_val_only(tmp_path
 
     small = dataclasses.replace(demo.DIGITS, tune_trials=3, wise_ft_alphas=(0.0, 0.5, 1.0))
     monkeypatch.setitem(demo.BENCHMARKS, "digits", small)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    over = [*TINY, f"data.root={tmp_path}/c", "adapt.rounds=1", "adapt.steps_per_round=2", "train.eval_every=2"]
-    run_demo(out=tmp_path, seeds=1, methods=["erm", "asg", "wise-ft"], overrides=over, benchmarks=["digits"], tune=True)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(caches / "xdg"))
+    over = [*TINY, f"data.root={caches}/c", "adapt.rounds=1", "adapt.steps_per_round=2", "train.eval_every=2"]
+    run_demo(
+        out=tmp_path,
+        seeds=1,
+        methods=["erm", "asg", "wise-ft"],
+        overrides=over,
+        benchmarks=["digits"],
+        tune=True,
+        jobs=1,
+    )
     saved = json.loads((tmp_path / "digits" / "report.json").read_text())
     trials = saved["grid"]
     assert [(r["method"], r["trial"]) for r in trials] == [
@@ -131,15 +148,15 @@ def test_demo_tunes_every_method_with_one_study_each_on_source_val_only(tmp_path
     assert "mnist5k_test before" in md and f"| wise-ft (α {wise['wise_ft_alpha']:g}) |" in md
 
 
-def test_backbone_rates_change_only_the_backbone_rate(tmp_path, monkeypatch):
+def test_backbone_rates_change_only_the_backbone_rate(tmp_path, monkeypatch, caches):
     """ERM and ASG at their chosen point, the rate's override last; a table and a figure of score and KL."""
     import yaml
 
     from asg.demo import backbone_rate
 
     monkeypatch.setattr(backbone_rate, "RATES", (0.1, 1.0))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    over = [*TINY, f"data.root={tmp_path}/c"]
+    monkeypatch.setenv("XDG_CACHE_HOME", str(caches / "xdg"))
+    over = [*TINY, f"data.root={caches}/c"]
     run_demo(
         out=tmp_path,
         seeds=1,
@@ -148,6 +165,7 @@ def test_backbone_rates_change_only_the_backbone_rate(tmp_path, monkeypatch):
         benchmarks=["digits"],
         adapt=False,
         backbone_rates=True,
+        jobs=1,
     )
     saved = json.loads((tmp_path / "digits" / "report.json").read_text())
     table = saved["backbone_rate"]["table"]

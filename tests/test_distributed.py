@@ -17,10 +17,9 @@ import pytest
 import torch
 import torch.distributed as td
 import torch.multiprocessing as mp
-from conftest import TINY_OVERRIDES, CrashAt, RandomImages
+from helpers import TINY_OVERRIDES, CrashAt, tiny_data
 
 from asg.config import load_config
-from asg.data import DataBundle
 from asg.engine.callbacks import Callback
 from asg.engine.distributed import Dist
 from asg.engine.sampler import EpochBatchSampler, ShardedBatchSampler
@@ -41,11 +40,6 @@ RTOL, ATOL = 1e-6, 1e-9
 TORCHRUN_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-def _bundle() -> DataBundle:
-    sets = {"source_val": RandomImages(12, seed=1), "real": RandomImages(12, seed=2)}
-    return DataBundle(RandomImages(48, seed=0), sets, "source_val", ["a", "b", "c"])
-
-
 def _train(out: Path, *, resume: bool = False, crash_at: int | None = None, nan_at: int | None = None) -> dict:
     """Train (or resume) the tiny run in ``out``; ``crash_at``/``nan_at``: interrupt before, or give rank 1 a
     NaN loss in, that 1-based step. Returns the per-step losses, final weights, error and evaluations."""
@@ -56,7 +50,7 @@ def _train(out: Path, *, resume: bool = False, crash_at: int | None = None, nan_
             losses.append(out.logs["loss"])
 
     callbacks = [RecordLosses(), *([CrashAt(crash_at - 1)] if crash_at is not None else [])]
-    trainer = Trainer(load_config(None, OVERRIDES), out, data=_bundle(), quiet=True, resume=resume,
+    trainer = Trainer(load_config(None, OVERRIDES), out, data=tiny_data(), quiet=True, resume=resume,
                       callbacks=callbacks)  # fmt: skip
     if nan_at is not None and trainer.dist.rank == 1:
         forward = trainer.method.forward_loss
@@ -257,7 +251,7 @@ def _dying_worker(rank: int, port: int, out: Path) -> None:
                       LOCAL_RANK=str(rank))  # fmt: skip
     torch.set_num_threads(1)
     rank_1_dies = CrashAt(2, kill=True, when=lambda trainer: trainer.dist.rank == 1)  # in step 3
-    trainer = Trainer(load_config(None, OVERRIDES), out, data=_bundle(), quiet=True, callbacks=[rank_1_dies])
+    trainer = Trainer(load_config(None, OVERRIDES), out, data=tiny_data(), quiet=True, callbacks=[rank_1_dies])
     try:
         trainer.fit()
         message = "finished"
@@ -289,7 +283,7 @@ def test_a_rank_that_dies_stops_the_others_with_a_message_and_an_intact_checkpoi
     manifest = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
     assert manifest["step"] == 2 and not (tmp_path / "run" / "done").exists()
     assert not list((tmp_path / "run").glob("*.tmp*"))
-    Trainer(load_config(None, OVERRIDES), tmp_path / "run", data=_bundle(), quiet=True, resume=True).fit()
+    Trainer(load_config(None, OVERRIDES), tmp_path / "run", data=tiny_data(), quiet=True, resume=True).fit()
     assert (tmp_path / "run" / "done").exists()
 
 

@@ -46,7 +46,7 @@ def test_mapping_override_merges_into_the_section(tmp_path):
         ("data.batch_size=0", "data.batch_size must be positive"),
         ("data.image_size=0", "data.image_size must be positive"),
         ("data.eval_batch_size=0", "data.eval_batch_size must be positive"),
-        ("model.hidden_dim=0", "model.hidden_dim must be positive"),
+        ("model.hidden_dim=-1", "model.hidden_dim must be >= 0"),
         ("data.num_train=0", "data.num_train must be positive"),
         ("data.num_workers=-1", "data.num_workers must be >= 0"),
         ("data.eval_max_per_set=0", "data.eval_max_per_set must be positive"),
@@ -207,6 +207,7 @@ def trained_run(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_evaluate_into_an_unwritable_folder_prints_the_table_then_one_line(trained_run, tmp_path, capsys):
     capsys.readouterr()
     trained_run.chmod(0o555)
@@ -234,6 +235,7 @@ def test_evaluate_into_an_unwritable_folder_prints_the_table_then_one_line(train
     assert f"wrote {evals / 'eval_last.json'}" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_evaluate_names_a_missing_run_folder_or_checkpoint(trained_run, tmp_path, capsys):
     assert main(["evaluate", str(tmp_path)]) == 2
     assert f"{tmp_path} is not a run folder" in capsys.readouterr().err

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import every_trainer_crashes_at
+from helpers import CrashAt, ImagesLabelsRaise, copy_run
 from safetensors.torch import load_file, save_file
-from test_adapt import ImagesLabelsRaise
 
 import asg
 from asg.adapt import Adaptation
@@ -29,14 +28,11 @@ def killed_training(out: Path, kill_at: int) -> None:
     script = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {TESTS_DIR!r})
-        from conftest import TINY_OVERRIDES, CrashAt, RandomImages
+        from helpers import TINY_OVERRIDES, CrashAt, tiny_data
         from asg.config import load_config
-        from asg.data import DataBundle
         from asg.engine.trainer import Trainer
-        sets = {{"source_val": RandomImages(12, seed=1), "real": RandomImages(12, seed=2)}}
-        bundle = DataBundle(RandomImages(48, seed=0), sets, "source_val", ["a", "b", "c"])
         cfg = load_config(None, TINY_OVERRIDES + ["method.name=erm", "train.steps=6"])
-        Trainer(cfg, {str(out)!r}, data=bundle, quiet=True, callbacks=[CrashAt({kill_at}, kill=True)]).fit()
+        Trainer(cfg, {str(out)!r}, data=tiny_data(), quiet=True, callbacks=[CrashAt({kill_at}, kill=True)]).fit()
     """)
     env = {**os.environ, "PYTHONPATH": SRC_DIR}
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
@@ -73,11 +69,8 @@ def test_adapt_refuses_a_killed_start_and_records_the_start_it_accepts(tiny_bund
 
 
 @pytest.mark.slow
-def test_resumed_adaptation_refuses_a_start_model_that_changed(tiny_bundle, tiny_config, tmp_path, one_thread):
-    from asg.engine.trainer import Trainer
-
-    src = tmp_path / "src"
-    Trainer(tiny_config("method.name=erm"), src, data=tiny_bundle, quiet=True).fit()
+def test_resumed_adaptation_refuses_a_start_model_that_changed(tiny_bundle, tiny_config, tmp_path, erm_run, one_thread):
+    src = copy_run(erm_run, tmp_path / "src")  # its weights are changed below
     cfg, bundle = adapt_config(tiny_bundle, tiny_config, src)
     Adaptation(cfg, tmp_path / "a", data=bundle, quiet=True).run()
     (tmp_path / "a" / "done").unlink()
@@ -91,18 +84,15 @@ def test_resumed_adaptation_refuses_a_start_model_that_changed(tiny_bundle, tiny
 
 @pytest.mark.slow
 def test_damaged_pseudo_labels_on_resume_are_computed_again(
-    tiny_bundle, tiny_config, tmp_path, monkeypatch, capsys, one_thread
+    tiny_bundle, tiny_config, tmp_path, capsys, erm_run, one_thread
 ):
     """Case 8: pseudo_labels.npz damaged while the round was stopped: the resume labels again, same result."""
     from asg.adapt.pseudo import DamagedPseudoLabels, load_pseudo_labels
-    from asg.engine.trainer import Trainer
 
-    src = tmp_path / "src"
-    Trainer(tiny_config("method.name=erm"), src, data=tiny_bundle, quiet=True).fit()
-    cfg, bundle = adapt_config(tiny_bundle, tiny_config, src, "adapt.steps_per_round=4")
+    cfg, bundle = adapt_config(tiny_bundle, tiny_config, erm_run, "adapt.steps_per_round=4")
     Adaptation(cfg, tmp_path / "a", data=bundle, quiet=True).run()
-    with every_trainer_crashes_at(3), pytest.raises(KeyboardInterrupt):
-        Adaptation(cfg, tmp_path / "b", data=bundle, quiet=True).run()
+    with pytest.raises(KeyboardInterrupt):
+        Adaptation(cfg, tmp_path / "b", data=bundle, quiet=True, callbacks=[CrashAt(3)]).run()
     npz = tmp_path / "b" / "round_01" / "pseudo_labels.npz"
     data = bytearray(npz.read_bytes())
     data[len(data) // 2] ^= 0x10

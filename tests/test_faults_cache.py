@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import ALL, CountingTeacher, N, build_cache, digits, exact_logits
 from PIL import Image
-from test_teacher_cache import ALL, CountingTeacher, N, build, digits, exact_logits
 
 import asg
 from asg.data.classification.listfile import ListFileDataset
@@ -41,12 +41,12 @@ def test_bit_flips_in_the_logits_are_refused_and_rebuilt(tmp_path):
     """Case 4: 20 random bit flips in logits.npy."""
     ds, teacher = digits(), CountingTeacher()
     ref = exact_logits(ds, teacher)
-    key, cache = build(tmp_path, ds, teacher)
+    key, cache = build_cache(tmp_path, ds, teacher)
     assert torch.equal(cache.logits(ALL), ref)  # verified once in this process
     flip_bits(tmp_path / key / "logits.npy", 20)
     with pytest.raises(TeacherCacheError, match="logits.npy does not match its checksum"):
         TeacherLogitCache.open(tmp_path, key, n=N, storage="fp32", k=0)
-    _, again = build(tmp_path, ds, teacher)
+    _, again = build_cache(tmp_path, ds, teacher)
     assert again.built and "does not match its checksum" in (again.replaced or "")
     assert torch.equal(again.logits(ALL), ref)
 
@@ -70,11 +70,11 @@ def test_cache_without_checksums_is_rebuilt(tmp_path):
     import json
 
     ds, teacher = digits(), CountingTeacher()
-    key, _ = build(tmp_path, ds, teacher)
+    key, _ = build_cache(tmp_path, ds, teacher)
     meta = json.loads((tmp_path / key / "meta.json").read_text())
     del meta["sha256"]
     (tmp_path / key / "meta.json").write_text(json.dumps(meta))
-    _, again = build(tmp_path, ds, teacher)
+    _, again = build_cache(tmp_path, ds, teacher)
     assert again.built and "no checksums" in (again.replaced or "")
 
 
@@ -128,7 +128,7 @@ def test_too_little_free_space_is_one_message_and_leaves_nothing(tmp_path, monke
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(teacher_files.shutil, "disk_usage", lambda p: usage._replace(free=1000))
     with pytest.raises(TeacherCacheError, match=r"not enough free space .*teacher.cache_dir"):
-        build(tmp_path, digits(), CountingTeacher())
+        build_cache(tmp_path, digits(), CountingTeacher())
     assert list(tmp_path.iterdir()) == []
 
 
@@ -140,21 +140,22 @@ def _can_mount_tmpfs() -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs root and unshare to mount a small tmpfs")
 def test_disk_that_fills_during_the_build_is_one_message_not_a_bus_error(tmp_path):
     """Case 6 on a real full disk: a 1 MiB tmpfs, a 4 MiB cache, the free-space check passed (another writer
     filled the disk after it): the space reservation fails with a message, no SIGBUS, no folder left."""
+    if not _can_mount_tmpfs():  # probed here, not at collection: it starts a process
+        pytest.skip("needs root and unshare to mount a small tmpfs")
     root = tmp_path / "small"
     root.mkdir()
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {TESTS_DIR!r})
-        from test_teacher_cache import CountingTeacher, digits, build
+        from helpers import CountingTeacher, build_cache, digits
         from asg.engine.teacher import build as teacher_build
         from asg.engine.teacher.storage import TeacherCacheError
         teacher_build._check_space = lambda folder, needed: None
         try:
-            build({str(root)!r}, digits(n=1000), CountingTeacher())
+            build_cache({str(root)!r}, digits(n=1000), CountingTeacher())
         except TeacherCacheError as exc:
             print(exc)
             sys.exit(3)
@@ -176,5 +177,5 @@ def test_read_only_cache_folder_names_the_setting(tmp_path, monkeypatch):
 
     monkeypatch.setattr(teacher_cache.tempfile, "mkdtemp", denied)
     with pytest.raises(TeacherCacheError, match="set teacher.cache_dir to a folder you can write") as info:
-        build(tmp_path, digits(), CountingTeacher())
+        build_cache(tmp_path, digits(), CountingTeacher())
     assert "--out" not in str(info.value) and str(tmp_path) in str(info.value)

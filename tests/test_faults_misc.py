@@ -8,24 +8,23 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import copy_run
 
 import asg
 
 SRC_DIR = str(Path(asg.__file__).resolve().parents[1])
 TESTS_DIR = str(Path(__file__).resolve().parent)
 
-# ``asg train`` (the CLI's main) on the conftest's tiny data, under a file-size limit given as argv[2]
+# ``asg train`` (the CLI's main) on the tests' tiny data (helpers.tiny_data), under a file-size limit given as argv[2]
 LIMITED_TRAIN = textwrap.dedent(f"""
     import resource, sys
     sys.path.insert(0, {TESTS_DIR!r})
     import torch
-    from conftest import TINY_OVERRIDES, RandomImages
+    from helpers import TINY_OVERRIDES, tiny_data
     from asg import cli
-    from asg.data import DataBundle
     import asg.engine.trainer
     torch.set_num_threads(1)
-    sets = {{"source_val": RandomImages(12, seed=1), "real": RandomImages(12, seed=2)}}
-    bundle = DataBundle(RandomImages(48, seed=0), sets, "source_val", ["a", "b", "c"])
+    bundle = tiny_data()
     asg.engine.trainer.build_data = lambda cfg: bundle
     limit = int(sys.argv[2])
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
@@ -86,6 +85,7 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=600)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_kill_during_a_checkpoint_write_leaves_no_temporary_file(tmp_path):
     """Case 14: SIGKILL while the weights file is being written; the next open of the folder cleans it."""
     proc = _run(
@@ -113,6 +113,7 @@ def test_kill_during_a_checkpoint_write_leaves_no_temporary_file(tmp_path):
         assert rd.load_checkpoint()[0]["step"] == 2
 
 
+@pytest.mark.slow
 def test_lock_dies_with_its_process_not_with_its_forked_workers(tmp_path):
     """Case 13: kill -9 of a process whose forked child (a data worker) lives on: the folder is free at once."""
     proc = _run(
@@ -192,19 +193,15 @@ def test_inferred_classes_warn_about_an_off_by_one_top_label(tmp_path):
 
 
 @pytest.mark.slow
-def test_evaluate_while_the_training_commits_and_deletes_the_checkpoint(
-    tiny_bundle, tiny_config, tmp_path, monkeypatch
-):
+def test_evaluate_while_the_training_commits_and_deletes_the_checkpoint(tiny_bundle, tmp_path, monkeypatch, erm_run):
     """Case 11: `asg evaluate` on a running training whose next checkpoint deletes the file it looked up."""
     import shutil
 
     import asg.data
     from asg.api import evaluate
     from asg.engine.rundir.folder import RunDir
-    from asg.engine.trainer import Trainer
 
-    run = tmp_path / "run"
-    Trainer(tiny_config("method.name=erm"), run, data=tiny_bundle, quiet=True).fit()
+    run = copy_run(erm_run, tmp_path / "run")  # its checkpoint is replaced below
     rd = RunDir(run)
     manifest = rd.read_manifest()
     looked_up = run / manifest["weights"]["file"]

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import random_ids, save_image, tree_hash, write_png16
 from PIL import Image
-from test_seg_data import random_ids, save_image, tree_hash, write_png16
 
 import asg
 from asg import cli

@@ -3,10 +3,9 @@ weight files written by the test in the original release layouts (CPU, no downlo
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
+from helpers import TINY_VIT, dinov2_files, tiny_clip
 
 from asg.config import ModelConfig
 from asg.errors import ConfigError, WeightsError
@@ -14,28 +13,11 @@ from asg.methods.base import kl_teacher_student
 from asg.models import build_model, make_teacher
 from asg.models.base import NoGuidanceHead
 
-TINY = {"depth": 4, "embed_dim": 64, "num_heads": 2}
 SIZE = 56
 
 
 def _x(n: int = 2, h: int = SIZE, w: int = SIZE) -> torch.Tensor:
     return torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(3))
-
-
-def _dinov2_files(tmp_path, grid: int = 6) -> tuple[str, str]:
-    """A tiny DINOv2 backbone file in the original layout (mask_token, pos_embed at another grid) and its linear head
-    (``weight`` [1000, 2 x 64], ``bias``)."""
-    import timm
-
-    torch.manual_seed(0)
-    net = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=14 * grid, **TINY)
-    state = net.state_dict()
-    state["mask_token"] = torch.zeros(1, 64)
-    backbone = tmp_path / "dinov2_vits14_pretrain.pth"
-    torch.save(state, backbone)
-    head = tmp_path / "dinov2_vits14_linear_head.pth"
-    torch.save({"weight": torch.randn(1000, 128) * 0.05, "bias": torch.randn(1000) * 0.1}, head)
-    return str(backbone), str(head)
 
 
 def _guidance_is_exact(model) -> None:
@@ -52,8 +34,8 @@ def _guidance_is_exact(model) -> None:
 
 
 def test_dinov2_original_layout_loads_and_interpolates_position_embeddings(tmp_path):
-    backbone_file, _ = _dinov2_files(tmp_path, grid=6)
-    cfg = ModelConfig(backbone="dinov2_vits14", weights=backbone_file, guidance_head="none", timm_kwargs=TINY,
+    backbone_file, _ = dinov2_files(tmp_path, grid=6)
+    cfg = ModelConfig(backbone="dinov2_vits14", weights=backbone_file, guidance_head="none", timm_kwargs=TINY_VIT,
                       input_size=SIZE, channels_last=False)  # fmt: skip
     model = build_model(cfg, 3).eval()
     bb = model.backbone
@@ -67,8 +49,8 @@ def test_dinov2_original_layout_loads_and_interpolates_position_embeddings(tmp_p
 
 
 def test_dinov2_linear_head_guidance(tmp_path):
-    backbone_file, head_file = _dinov2_files(tmp_path)
-    cfg = ModelConfig(backbone="dinov2_vits14", weights=backbone_file, guidance_file=head_file, timm_kwargs=TINY,
+    backbone_file, head_file = dinov2_files(tmp_path)
+    cfg = ModelConfig(backbone="dinov2_vits14", weights=backbone_file, guidance_file=head_file, timm_kwargs=TINY_VIT,
                       channels_last=False)  # fmt: skip
     model = build_model(cfg, 3)
     _guidance_is_exact(model)
@@ -80,7 +62,7 @@ def test_dinov2_linear_head_guidance(tmp_path):
     torch.save({"weight": torch.zeros(1000, 64), "bias": torch.zeros(1000)}, tmp_path / "wrong.pth")
     with pytest.raises(WeightsError, match="not a DINOv2 linear head"):
         build_model(ModelConfig(backbone="dinov2_vits14", weights=backbone_file, guidance_head="dinov2_linear",
-                                guidance_file=str(tmp_path / "wrong.pth"), timm_kwargs=TINY), 3)  # fmt: skip
+                                guidance_file=str(tmp_path / "wrong.pth"), timm_kwargs=TINY_VIT), 3)  # fmt: skip
 
 
 def test_foundation_backbone_without_file_names_it():
@@ -89,35 +71,16 @@ def test_foundation_backbone_without_file_names_it():
     assert "dl.fbaipublicfiles.com" in str(err.value) and "model.weights" in str(err.value)
     with pytest.raises(ConfigError, match="no ImageNet head"):
         build_model(
-            ModelConfig(backbone="dinov2_vits14", weights="none", guidance_head="imagenet", timm_kwargs=TINY), 3
+            ModelConfig(backbone="dinov2_vits14", weights="none", guidance_head="imagenet", timm_kwargs=TINY_VIT), 3
         )
-
-
-def _tiny_clip(tmp_path):
-    """A tiny open_clip CLIP (vision width 64, 4 layers, patch 16, 64 px; text width 32) saved as a state dict,
-    and its config as JSON."""
-    import open_clip
-
-    cfg = {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 64, "layers": 4, "width": 64, "patch_size": 16, "head_width": 32},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }
-    torch.manual_seed(0)
-    model = open_clip.model.CLIP(**cfg, quick_gelu=True).eval()
-    path = tmp_path / "open_clip_model.pth"
-    torch.save(model.state_dict(), path)
-    cfg_path = tmp_path / "tiny_clip.json"
-    cfg_path.write_text(json.dumps(cfg))
-    return model, str(path), str(cfg_path)
 
 
 @pytest.mark.slow
 def test_clip_zero_shot_head_matches_open_clip_and_is_cached(tmp_path):
-    ref, weights, clip_cfg = _tiny_clip(tmp_path)
+    ref, weights, clip_cfg = tiny_clip(tmp_path)
     cfg = ModelConfig(backbone="clip_vitb16", weights=weights, guidance_head="clip_zeroshot", clip_model=clip_cfg,
                       clip_templates="simple", clip_cache_dir=str(tmp_path / "cache"), input_size=64,
-                      timm_kwargs=TINY, channels_last=False)  # fmt: skip
+                      timm_kwargs=TINY_VIT, channels_last=False)  # fmt: skip
     model = build_model(cfg, 3)
     _guidance_is_exact(model)
     head = model.imagenet_head
@@ -133,8 +96,8 @@ def test_clip_zero_shot_head_matches_open_clip_and_is_cached(tmp_path):
 
 
 def test_feature_guidance_without_head(tmp_path):
-    backbone_file, _ = _dinov2_files(tmp_path)
-    cfg = ModelConfig(backbone="dinov2_vits14", weights=backbone_file, guidance_head="none", timm_kwargs=TINY)
+    backbone_file, _ = dinov2_files(tmp_path)
+    cfg = ModelConfig(backbone="dinov2_vits14", weights=backbone_file, guidance_head="none", timm_kwargs=TINY_VIT)
     model = build_model(cfg, 3).eval()
     assert isinstance(model.imagenet_head, NoGuidanceHead)
     teacher = make_teacher(model).with_output("features")
@@ -162,8 +125,8 @@ def test_convnext_from_timm_layout_file(tmp_path):
 
 
 def test_lora_groups_and_exact_start(tmp_path):
-    backbone_file, head_file = _dinov2_files(tmp_path)
-    cfg = ModelConfig(backbone="dinov2_vits14", weights=backbone_file, guidance_file=head_file, timm_kwargs=TINY,
+    backbone_file, head_file = dinov2_files(tmp_path)
+    cfg = ModelConfig(backbone="dinov2_vits14", weights=backbone_file, guidance_file=head_file, timm_kwargs=TINY_VIT,
                       lora_rank=4, lora_blocks=[2, 3], channels_last=False)  # fmt: skip
     model = build_model(cfg, 3)
     _guidance_is_exact(model)  # lora_B starts at 0: the adapted network is the pretrained one
@@ -185,8 +148,8 @@ def test_lora_groups_and_exact_start(tmp_path):
 
 
 def test_vit_segmenter_on_four_blocks(tmp_path):
-    backbone_file, head_file = _dinov2_files(tmp_path)
-    cfg = ModelConfig(backbone="dinov2_vits14", weights=backbone_file, guidance_file=head_file, timm_kwargs=TINY,
+    backbone_file, head_file = dinov2_files(tmp_path)
+    cfg = ModelConfig(backbone="dinov2_vits14", weights=backbone_file, guidance_file=head_file, timm_kwargs=TINY_VIT,
                       segmenter="fpn", channels_last=False)  # fmt: skip
     model = build_model(cfg, 5, task="segmentation")
     assert model.backbone.stage_blocks == (0, 1, 2, 3)
@@ -200,7 +163,7 @@ def test_vit_segmenter_on_four_blocks(tmp_path):
 
 
 def test_frozen_backbone_trains_only_the_head(tmp_path):
-    cfg = ModelConfig(backbone="dinov2_vits14", weights="none", guidance_head="none", timm_kwargs=TINY,
+    cfg = ModelConfig(backbone="dinov2_vits14", weights="none", guidance_head="none", timm_kwargs=TINY_VIT,
                       freeze_backbone=True)  # fmt: skip
     model = build_model(cfg, 3)
     assert model.pretrained_parameters() == []

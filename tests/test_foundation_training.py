@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import RandomImages
-from test_foundation import TINY, _dinov2_files, _tiny_clip
-from test_tasks import Scenes
+from helpers import TINY_VIT, CrashAt, RandomImages, Scenes, dinov2_files, tiny_clip
 
 from asg.config import ModelConfig
 from asg.data import DataBundle
@@ -43,13 +41,13 @@ def _model_config(family: str, tmp_path) -> ModelConfig:
         return ModelConfig(backbone="convnext_tiny", weights=_convnext_file(tmp_path), timm_kwargs=TINY_CONVNEXT,
                            channels_last=False)  # fmt: skip
     if family == "clip":
-        _, path, cfg_path = _tiny_clip(tmp_path)
+        _, path, cfg_path = tiny_clip(tmp_path)
         return ModelConfig(backbone="clip_vitb16", weights=path, clip_model=cfg_path, clip_templates="simple",
-                           clip_cache_dir=str(tmp_path / "zs"), input_size=64, timm_kwargs=TINY,
+                           clip_cache_dir=str(tmp_path / "zs"), input_size=64, timm_kwargs=TINY_VIT,
                            guidance_head="clip_zeroshot", channels_last=False)  # fmt: skip
-    backbone_file, head_file = _dinov2_files(tmp_path)
+    backbone_file, head_file = dinov2_files(tmp_path)
     lora = {"lora_rank": 2} if family == "dinov2+lora" else {}
-    return ModelConfig(backbone="dinov2_vits14", weights=backbone_file, guidance_file=head_file, timm_kwargs=TINY,
+    return ModelConfig(backbone="dinov2_vits14", weights=backbone_file, guidance_file=head_file, timm_kwargs=TINY_VIT,
                        channels_last=False, **lora)  # fmt: skip
 
 
@@ -83,8 +81,8 @@ def test_two_asg_steps_on_each_backbone_family(family, task, tiny_config, tmp_pa
 
 
 def test_asg_refuses_a_backbone_without_guidance_head(tiny_config, tmp_path):
-    backbone_file, _ = _dinov2_files(tmp_path)
-    mcfg = ModelConfig(backbone="dinov2_vits14", weights=backbone_file, guidance_head="none", timm_kwargs=TINY)
+    backbone_file, _ = dinov2_files(tmp_path)
+    mcfg = ModelConfig(backbone="dinov2_vits14", weights=backbone_file, guidance_head="none", timm_kwargs=TINY_VIT)
     data = DataBundle(RandomImages(8, size=56), {"synthetic": RandomImages(4, size=56, seed=1)}, "synthetic",
                       ["a", "b", "c"])  # fmt: skip
     with pytest.raises(ConfigError, match="guidance_head=none .*method.name=feature"):
@@ -96,12 +94,11 @@ def test_lora_checkpoints_hold_what_trains_and_resume_exactly(tiny_config, tmp_p
     """A LoRA run saves adapters and head only (the recipe rebuilds the rest from its files); a crash and a
     resume give the uninterrupted run's weights, and asg's evaluation loads the partial file."""
     pytest.importorskip("peft")
-    from conftest import CrashAt
     from safetensors.torch import load_file
 
     from asg.engine.rundir.weights import load_weights
 
-    backbone_file, head_file = _dinov2_files(tmp_path)
+    backbone_file, head_file = dinov2_files(tmp_path)
     model = ["model.backbone=dinov2_vits14", f"model.weights={backbone_file}", f"model.guidance_file={head_file}",
              "model.timm_kwargs={depth: 4, embed_dim: 64, num_heads: 2}", "model.lora_rank=2",
              "model.channels_last=false"]  # fmt: skip

@@ -72,6 +72,7 @@ def test_meta_train_writes_policy_history_and_learns(meta_setup, tmp_path):
         meta_train(cfg, tmp_path, data=bundle, model=model, quiet=True)
 
 
+@pytest.mark.slow
 def test_meta_train_clears_an_unfinished_start_and_marks_done_through_the_run_folder(
     meta_setup, tmp_path, monkeypatch, capsys
 ):
@@ -101,7 +102,7 @@ def test_resume_after_crash_equals_uninterrupted(meta_setup, tmp_path, monkeypat
     cfg, bundle, model = meta_setup
     meta_train(cfg, tmp_path / "a", data=bundle, model=model, quiet=True)
 
-    original = trainer_mod.Trainer.run
+    original = trainer_mod.Trainer.fit
     calls = []
 
     def crash_in_second_episode(self):
@@ -110,10 +111,10 @@ def test_resume_after_crash_equals_uninterrupted(meta_setup, tmp_path, monkeypat
             raise KeyboardInterrupt
         return original(self)
 
-    monkeypatch.setattr(trainer_mod.Trainer, "run", crash_in_second_episode)
+    monkeypatch.setattr(trainer_mod.Trainer, "fit", crash_in_second_episode)
     with pytest.raises(KeyboardInterrupt):
         meta_train(cfg, tmp_path / "b", data=bundle, model=model, quiet=True)
-    monkeypatch.setattr(trainer_mod.Trainer, "run", original)
+    monkeypatch.setattr(trainer_mod.Trainer, "fit", original)
     assert torch.load(tmp_path / "b" / "meta_state.pt", weights_only=True)["episode"] == 1
     meta_train(cfg, tmp_path / "b", resume=True, data=bundle, model=model, quiet=True)
 
@@ -142,6 +143,7 @@ def test_plots(tmp_path):
     assert plot_meta_rewards(rows, tmp_path / "r.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_heldout_reward_end_to_end(meta_setup, tmp_path):
     cfg, bundle, model = meta_setup
     cfg.l2o.reward, cfg.l2o.episodes = "neg_heldout_loss", 1
@@ -154,6 +156,7 @@ def test_heldout_reward_end_to_end(meta_setup, tmp_path):
     )  # only the synthetic split was evaluated
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["l2o", "random"])
 def test_trainer_applies_controller_scales(kind, tiny_bundle, tiny_config, tmp_path):
     from asg.engine.trainer import Trainer

@@ -4,9 +4,10 @@ import json
 
 import pytest
 import torch
-from conftest import CrashAt
+from helpers import CrashAt
 from safetensors.torch import load_file
 
+import asg.engine.step as step_module
 from asg.config import load_config
 from asg.engine.precision import MAX_OVERFLOW_STREAK
 from asg.engine.trainer import Trainer
@@ -65,13 +66,16 @@ def test_fp32_stops_at_a_non_finite_gradient(tiny_bundle, tiny_config):
 
 
 @pytest.mark.slow
-def test_fp16_stops_when_every_step_overflows(tiny_bundle, tiny_config):
-    cfg = tiny_config("train.precision=fp16", f"train.steps={MAX_OVERFLOW_STREAK + 2}", "train.eval_every=1000")
+def test_fp16_stops_when_every_step_overflows(tiny_bundle, tiny_config, monkeypatch):
+    # the rule at a streak of 3 rather than MAX_OVERFLOW_STREAK (25): 25 fp16 steps on the CPU cost 10 s
+    assert MAX_OVERFLOW_STREAK > 3
+    monkeypatch.setattr(step_module, "MAX_OVERFLOW_STREAK", 3)
+    cfg = tiny_config("train.precision=fp16", "train.steps=5", "train.eval_every=1000")
     trainer = Trainer(cfg, None, data=tiny_bundle, quiet=True)
     _overflow_at(trainer, set(range(1000)))
-    with pytest.raises(TrainingDiverged, match=f"overflowed at {MAX_OVERFLOW_STREAK} steps in a row"):
+    with pytest.raises(TrainingDiverged, match="overflowed at 3 steps in a row"):
         trainer.fit()
-    assert trainer.step == MAX_OVERFLOW_STREAK - 1
+    assert trainer.step == 3 - 1
 
 
 @pytest.mark.slow
@@ -95,6 +99,7 @@ def test_fp16_resume_restores_the_loss_scale_and_equals_the_uninterrupted_run(
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
 def test_versions_json_records_how_the_run_computed(tiny_bundle, tiny_config, tmp_path):
     Trainer(tiny_config("train.precision=fp16", "train.steps=1"), tmp_path, data=tiny_bundle, quiet=True).fit()
     v = json.loads((tmp_path / "versions.json").read_text())

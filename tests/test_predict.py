@@ -59,6 +59,7 @@ def cls_run(tmp_path_factory):
     return out, root
 
 
+@pytest.mark.slow
 def test_run_folder_records_what_predict_needs(cls_run):
     run, _ = cls_run
     info = json.loads((run / "model.json").read_text())
@@ -66,6 +67,7 @@ def test_run_folder_records_what_predict_needs(cls_run):
     assert info["mean"] == pytest.approx([127 / 255] * 3) and len(info["config_sha256"]) == 64
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tta", [False, True])
 def test_predictor_matches_the_evaluation_code(cls_run, tta):
     from asg.api import load, load_run
@@ -90,6 +92,7 @@ def test_predictor_matches_the_evaluation_code(cls_run, tta):
     assert again[0].label == preds[0].label and again[0].probability == pytest.approx(preds[0].probability, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_predict_cli_without_the_training_data(cls_run, tmp_path, capsys):
     run, root = cls_run
     images = tmp_path / "mine"
@@ -108,6 +111,7 @@ def test_predict_cli_without_the_training_data(cls_run, tmp_path, capsys):
     assert (tmp_path / "p" / "predictions.csv").read_text().startswith("path,class,probability,top1")
 
 
+@pytest.mark.slow
 def test_list_files_and_standard_input(cls_run, tmp_path, monkeypatch):
     run, root = cls_run
     lst = tmp_path / "list.txt"
@@ -119,6 +123,7 @@ def test_list_files_and_standard_input(cls_run, tmp_path, monkeypatch):
     assert "stripe/2.png" in (tmp_path / "b" / "predictions.csv").read_text()
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_one_line_and_lose_nothing(cls_run, tmp_path, capsys):
     run, root = cls_run
     folder = tmp_path / "in"
@@ -152,6 +157,7 @@ def test_bad_inputs_are_one_line_and_lose_nothing(cls_run, tmp_path, capsys):
     assert main([*argv, "--overwrite"]) == 1
 
 
+@pytest.mark.slow
 def test_unfinished_old_and_mismatched_runs(cls_run, tmp_path, capsys):
     run, root = cls_run
     img = str(root / "real" / "circle" / "0.png")
@@ -182,6 +188,7 @@ def test_unfinished_old_and_mismatched_runs(cls_run, tmp_path, capsys):
     assert "does not fit the model" in err and "head." in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_wise_ft_predicts_with_the_interpolated_model(cls_run):
     from asg.api import load
 
@@ -193,6 +200,7 @@ def test_wise_ft_predicts_with_the_interpolated_model(cls_run):
     assert not np.allclose(zero.predict(img)[0].probs, plain.predict(img)[0].probs, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_onnx_export_and_predict_of_a_run(cls_run, tmp_path, capsys):
     run, root = cls_run
     onnx_path = tmp_path / "shapes.onnx"
@@ -251,6 +259,7 @@ def test_sliding_window_covering_the_image_equals_whole_image_inference(one_thre
     assert multi.mask.shape == (37, 45) and sum(multi.fractions.values()) == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_segmentation_onnx_predict_writes_masks_overlays_and_label_ids(tmp_path, capsys, one_thread):
     from asg.data.segmentation.street_classes import CITYSCAPES_CLASSES
     from asg.predict.export import export_onnx
@@ -334,6 +343,7 @@ FAMILIES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_onnx_export_matches_pytorch_for_each_backbone_family(family, tmp_path, one_thread):
     from asg.predict.export import export_onnx
@@ -360,6 +370,7 @@ def test_onnx_export_matches_pytorch_for_each_backbone_family(family, tmp_path, 
         assert side["lora_layers_merged"] > 0
 
 
+@pytest.mark.slow
 def test_export_refuses_above_the_tolerance(tmp_path, one_thread):
     from asg.errors import AsgError
     from asg.predict.export import export_onnx

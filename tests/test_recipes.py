@@ -56,6 +56,7 @@ def test_own_data_recipes_carry_no_benchmark_leftovers(name):
         assert cfg.model.segmenter == "fpn" and cfg.data.crop_size == [512, 512] and not cfg.teacher.cache
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["seglist_erm", "seglist_asg"])
 def test_seglist_recipes_train_on_a_tiny_list(name, tmp_path):
     """Two steps of each segmentation own-data recipe on a list of four 40x48 pairs (train) and two (real)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CrashAt
+from helpers import TINY_OVERRIDES, CrashAt
 from safetensors.torch import load_file
 
 from asg.config import load_config
@@ -91,6 +91,7 @@ def test_crash_between_checkpoint_files_and_manifest_resumes_exactly(tiny_bundle
     assert leftovers == sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
 
 
+@pytest.mark.slow
 def test_mismatched_checkpoint_files_are_refused(tiny_bundle, tiny_config, tmp_path, monkeypatch):
     cfg = tiny_config("train.steps=6")
     with pytest.raises(KeyboardInterrupt):
@@ -111,15 +112,12 @@ KILL_SCRIPT = textwrap.dedent(
     import os, signal, sys
     import torch
     sys.path.insert(0, sys.argv[2])
-    from conftest import CrashAt, RandomImages
+    from helpers import CrashAt, tiny_data
     from asg.config import load_config
-    from asg.data import DataBundle
     from asg.engine.trainer import Trainer
     torch.set_num_threads(1)
-    bundle = DataBundle(RandomImages(48, seed=0), {"source_val": RandomImages(12, seed=1),
-                        "real": RandomImages(12, seed=2)}, "source_val", ["a", "b", "c"])
     cfg = load_config(None, sys.argv[3:])
-    Trainer(cfg, sys.argv[1], data=bundle, quiet=True, callbacks=[CrashAt(5, kill=True)]).fit()
+    Trainer(cfg, sys.argv[1], data=tiny_data(), quiet=True, callbacks=[CrashAt(5, kill=True)]).fit()
     """
 )
 
@@ -132,7 +130,7 @@ def test_kill_9_then_resume_writes_each_step_once(tiny_bundle, tiny_config, tmp_
 
     script = tmp_path / "die.py"
     script.write_text(KILL_SCRIPT)
-    argv = [sys.executable, str(script), str(tmp_path / "b"), str(TESTS), *_tiny_overrides(tiny_config), *overrides]
+    argv = [sys.executable, str(script), str(tmp_path / "b"), str(TESTS), *TINY_OVERRIDES, *overrides]
     proc = subprocess.run(argv, capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert _steps(tmp_path / "b") == [1, 2, 3, 4, 5]  # rows 4 and 5 are past the step-3 checkpoint
@@ -140,16 +138,6 @@ def test_kill_9_then_resume_writes_each_step_once(tiny_bundle, tiny_config, tmp_
     assert _steps(tmp_path / "b") == [1, 2, 3, 4, 5, 6, 7]
     _same_weights(tmp_path / "a" / "last.safetensors", tmp_path / "b" / "last.safetensors")
     _same_weights(tmp_path / "a" / "best_oracle.safetensors", tmp_path / "b" / "best_oracle.safetensors")
-
-
-def _tiny_overrides(tiny_config):
-    """The conftest's tiny overrides as a list (read back from a Config)."""
-    cfg = tiny_config()
-    return [
-        f"data.batch_size={cfg.data.batch_size}", f"data.image_size={cfg.data.image_size}",
-        f"train.log_every={cfg.train.log_every}", "train.progress=false", f"optim.lr={cfg.optim.lr}",
-        "optim.warmup_steps=0", "eval.retention=false", "name=tiny", "method.name=asg", "method.kl_weight=1",
-    ]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -209,6 +197,7 @@ def test_finite_loss_explosion_stops_and_keeps_the_previous_checkpoint(tiny_bund
     assert not (tmp_path / "done").exists()
 
 
+@pytest.mark.slow
 def test_exploded_weights_are_never_checkpointed(tiny_bundle, tiny_config, tmp_path, monkeypatch):
     cfg = tiny_config("train.steps=30", "train.eval_every=100", "train.checkpoint_every=5")
     trainer = Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True)
@@ -229,6 +218,7 @@ def test_exploded_weights_are_never_checkpointed(tiny_bundle, tiny_config, tmp_p
     assert max(float(v.abs().max()) for v in saved.values() if v.is_floating_point()) < 1e6
 
 
+@pytest.mark.slow
 def test_resume_applies_a_changed_learning_rate(tiny_bundle, tiny_config, tmp_path, monkeypatch):
     cfg = tiny_config("train.steps=4", "optim.schedule=constant")
     with pytest.raises(KeyboardInterrupt):

@@ -1,13 +1,11 @@
 """Segmentation datasets on tiny fixture trees in their real layouts, id tables, paired transforms, prepare, check."""
 
-import hashlib
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import H, W, random_ids, save_image, tree_hash, write_png16
 from PIL import Image
 
 from asg.config import DataConfig
@@ -25,34 +23,11 @@ from asg.data.segmentation.street_classes import (
 from asg.data.segmentation.street_scenes import build_segmentation, find_pairs
 from asg.errors import DataError
 
-H, W = 8, 12
 CS_IDS = [0, 7, 8, 11, 26, 33]  # Cityscapes labelIds used in fixtures
 CS_TRAIN = {0: 255, 7: 0, 8: 1, 11: 2, 26: 13, 33: 18}
 
 
 # --------------------------------------------------------------------------------------------------- fixtures
-def write_png16(path: Path, arr: np.ndarray) -> None:
-    """16-bit RGB PNG (the SYNTHIA GT/LABELS format), written by hand: PIL cannot write it."""
-    arr = np.asarray(arr, dtype=">u2")
-    h, w = arr.shape[:2]
-    raw = b"".join(b"\x00" + arr[y].tobytes() for y in range(h))
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
-    )
-
-
-def save_image(path: Path, seed: int, h: int = H, w: int = W) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rgb = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-    Image.fromarray(rgb).save(path)
-
-
 def save_ids(path: Path, ids: np.ndarray, palette: bool = False) -> None:
     """Class ids as a gray "L" PNG, or as a palette "P" PNG (as GTA5/Cityscapes colour-coded labels)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,10 +36,6 @@ def save_ids(path: Path, ids: np.ndarray, palette: bool = False) -> None:
         img = img.convert("P")
         img.putpalette([v for i in range(256) for v in ((i * 37) % 256, (i * 91) % 256, (i * 53) % 256)])
     img.save(path)
-
-
-def random_ids(seed: int, values: list[int], h: int = H, w: int = W) -> np.ndarray:
-    return np.random.default_rng(seed).choice(values, size=(h, w)).astype(np.int64)
 
 
 def make_gta5(root: Path, n: int = 6, split_mat: bool = True) -> dict[str, np.ndarray]:
@@ -96,15 +67,6 @@ def make_cityscapes(root: Path, split: str = "val", train_ids: bool = False) -> 
         else:
             save_ids(root / "gtFine" / split / city / f"{base}_gtFine_labelIds.png", raw)
     return expected
-
-
-def tree_hash(root: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        h.update(str(p.relative_to(root)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 def cfg(**kw) -> DataConfig:

@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import CrashAt
+from helpers import CrashAt, RedIsOne, SizedScenes
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import Dataset
@@ -90,33 +90,8 @@ def test_sliding_window_equals_whole_image_for_a_pixelwise_model(window, stride)
     assert torch.allclose(whole, slid, atol=1e-6)
 
 
-class Scenes(Dataset):
-    """Images of two colour halves; labels at twice the image resolution (as eval_resize makes them)."""
-
-    def __init__(self, sizes):
-        self.sizes = sizes
-
-    def __len__(self):
-        return len(self.sizes)
-
-    def __getitem__(self, i):
-        h, w = self.sizes[i]
-        img = torch.zeros(3, h, w)
-        img[0, :, : w // 2] = 1.0  # left half red -> class 1, right half black -> class 0
-        label = torch.zeros(2 * h, 2 * w, dtype=torch.long)
-        label[:, :w] = 1
-        label[0] = 255
-        return img, label
-
-
-class RedIsOne(nn.Module):
-    def forward(self, x):
-        logits = torch.stack([torch.zeros_like(x[:, 0]), 10 * (x[:, 0] - 0.5)], dim=1)
-        return ModelOutput(logits, torch.zeros(len(x), 1000), torch.zeros(len(x), 8))
-
-
 def test_evaluation_upsamples_to_each_label_and_ignores_255():
-    ds = Scenes([(6, 8), (6, 8), (4, 10)])  # mixed sizes in one batch
+    ds = SizedScenes([(6, 8), (6, 8), (4, 10)])  # mixed sizes in one batch
     result = evaluate(RedIsOne(), ds, 2, batch_size=3, task="segmentation", show_progress=False)
     labelled = sum((2 * h - 1) * 2 * w for h, w in ds.sizes)
     assert result.confusion.sum() == labelled  # every labelled pixel of every image counted once, 255 left out

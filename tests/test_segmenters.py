@@ -77,6 +77,7 @@ def test_vgg_stages_plain_and_fcn_padding():
         assert bb.features[0].padding == ((100, 100) if fcn else (1, 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("segmenter", "backbone"), COMBOS)
 @pytest.mark.parametrize("size", [(64, 64), (67, 45)])
 def test_output_shapes(segmenters, segmenter, backbone, size):
@@ -158,11 +159,13 @@ def test_fcn8s_fc_convs_are_the_vgg_classifier_reshaped(segmenters):
     assert head.fc6.weight.requires_grad and not classifier[0].weight.requires_grad
 
 
+@pytest.mark.slow
 def test_fcn8s_needs_fcn_padding():
     with pytest.raises(ConfigError, match="padding 100"):
         FCN8sHead(vgg16("none"), 3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("segmenter", "backbone"), COMBOS)
 def test_student_imagenet_logits_equal_teacher_at_init(segmenters, segmenter, backbone):
     """Same weights, same crop: equal logits, so the KL starts at exactly 0 (a dilated student: next test)."""

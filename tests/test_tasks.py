@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from helpers import Scenes
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -13,25 +14,6 @@ from asg.l2o.meta import meta_train
 from asg.models import build_model
 from asg.models.classifier import ModelOutput
 from asg.tasks import CLASSIFICATION, SEGMENTATION, get_task, heldout_loss, task_of, task_with_metric
-
-
-class Scenes(Dataset):
-    """Two-class scenes: the red left half is class 1. ``label_scale``: labels at that multiple of the image size
-    (2 = what ``data.eval_resize`` gives: images resized, labels kept at their native size)."""
-
-    def __init__(self, n: int, size: int = 32, label_scale: int = 1, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.images = torch.rand(n, 3, size, size, generator=g) * 0.2
-        self.images[:, 0, :, : size // 2] += 0.8
-        h = size * label_scale
-        self.label = torch.zeros(h, h, dtype=torch.long)
-        self.label[:, : h // 2] = 1
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int):
-        return self.images[i], self.label
 
 
 class PixelModel(nn.Module):

@@ -6,8 +6,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import ALL, SIZE, CountingTeacher, N, build_cache, digits, exact_logits
 from PIL import Image
-from torch import nn
 
 from asg.data.bundle import LabeledSubset
 from asg.data.classification.digits import ArrayDataset
@@ -17,63 +17,16 @@ from asg.engine.teacher.keys import UnfingerprintableDataset, cache_key
 from asg.engine.teacher.storage import TeacherCacheError, measure_storage_error
 from asg.errors import AsgError
 
-N, SIZE, BATCH = 20, 8, 8
-
-
-class CountingTeacher(nn.Module):
-    """[B, 3, 8, 8] -> [B, 1000] logits (flatten + Linear, fixed seed); counts calls, can fail on call ``fail_on``."""
-
-    def __init__(self, seed: int = 0, scale: float = 1.0) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.fc = nn.Linear(3 * SIZE * SIZE, 1000)
-        with torch.no_grad():
-            self.fc.weight.copy_(torch.randn(1000, 3 * SIZE * SIZE, generator=g) * 0.3 * scale)
-            self.fc.bias.copy_(torch.randn(1000, generator=g) * scale)
-        self.calls = 0
-        self.fail_on: int | None = None
-
-    def forward(self, x):
-        self.calls += 1
-        if self.calls == self.fail_on:
-            raise RuntimeError("teacher crashed")
-        return self.fc(x.flatten(1))
-
-
-def digits(seed: int = 0, n: int = N, size: int = SIZE) -> ArrayDataset:
-    rng = np.random.default_rng(seed)
-    return ArrayDataset(rng.integers(0, 256, (n, SIZE, SIZE), dtype=np.uint8), np.arange(n) % 10, size)
-
-
-def exact_logits(ds, teacher) -> torch.Tensor:
-    """The teacher's logits over ``ds`` in the same batches as the cache builds (bitwise-comparable)."""
-    with torch.no_grad():
-        chunks = [torch.stack([ds[i][0] for i in range(s, min(s + BATCH, len(ds)))]) for s in range(0, len(ds), BATCH)]
-        out = torch.cat([teacher(x) for x in chunks])
-    teacher.calls = 0
-    return out
-
-
-def build(root, ds, teacher, storage="fp32", k=32):
-    key = cache_key(ds, "size=8", teacher, storage, k)
-    cache = TeacherLogitCache.build_or_open(
-        root, key, ds, teacher, storage=storage, k=k, batch_size=BATCH, description="test digits"
-    )
-    return key, cache
-
 
 def kl(exact, stored):
     lp, lq = torch.log_softmax(exact.double(), 1), torch.log_softmax(stored.double(), 1)
     return (lp.exp() * (lp - lq)).sum(1)
 
 
-ALL = torch.arange(N)
-
-
 def test_fp32_is_exact_and_memory_mapped(tmp_path):
     ds, teacher = digits(), CountingTeacher()
     ref = exact_logits(ds, teacher)
-    key, cache = build(tmp_path, ds, teacher, "fp32")
+    key, cache = build_cache(tmp_path, ds, teacher, "fp32")
     assert cache.built and teacher.calls == 3  # ceil(20 / 8) batches
     assert isinstance(cache.arrays["logits"], np.memmap) and cache.arrays["logits"].mode == "r"
     got = cache.logits(torch.tensor([5, 0, 19]))
@@ -88,7 +41,7 @@ def test_fp32_is_exact_and_memory_mapped(tmp_path):
 def test_fp16_within_half_precision(tmp_path):
     ds, teacher = digits(), CountingTeacher()
     ref = exact_logits(ds, teacher)
-    _, cache = build(tmp_path, ds, teacher, "fp16")
+    _, cache = build_cache(tmp_path, ds, teacher, "fp16")
     assert cache.arrays["logits"].dtype == np.float16
     got = cache.logits(ALL)
     assert torch.equal(got, ref.half().float())
@@ -98,7 +51,7 @@ def test_fp16_within_half_precision(tmp_path):
 def test_topk_keeps_top_log_probs_and_meta_kl_is_the_real_kl(tmp_path):
     ds, teacher = digits(), CountingTeacher(scale=3.0)
     ref = exact_logits(ds, teacher)
-    key, cache = build(tmp_path, ds, teacher, "topk", k=5)
+    key, cache = build_cache(tmp_path, ds, teacher, "topk", k=5)
     got = cache.logits(ALL)
     logp = torch.log_softmax(ref.double(), 1)
     top, idx = logp.topk(5, 1)
@@ -173,9 +126,9 @@ def test_dataset_without_fingerprint_is_a_clear_error():
 
 def test_second_build_reuses_the_folder_without_the_teacher(tmp_path):
     ds, teacher = digits(), CountingTeacher()
-    key, first = build(tmp_path, ds, teacher, "topk", k=8)
+    key, first = build_cache(tmp_path, ds, teacher, "topk", k=8)
     calls = teacher.calls
-    _, again = build(tmp_path, ds, teacher, "topk", k=8)
+    _, again = build_cache(tmp_path, ds, teacher, "topk", k=8)
     assert teacher.calls == calls and not again.built and again.replaced is None
     assert torch.equal(again.logits(ALL), first.logits(ALL))
     assert sorted(p.name for p in tmp_path.iterdir()) == [key]  # no temporary folder left
@@ -217,12 +170,12 @@ def _edit_meta(**changes):
 def test_damaged_folder_is_refused_and_rebuilt(tmp_path, damage, message):
     ds, teacher = digits(), CountingTeacher()
     ref = exact_logits(ds, teacher)
-    key, _ = build(tmp_path, ds, teacher)
+    key, _ = build_cache(tmp_path, ds, teacher)
     damage(tmp_path / key)
     with pytest.raises(TeacherCacheError, match=message):
         TeacherLogitCache.open(tmp_path, key, n=N, storage="fp32", k=0)
     teacher.calls = 0
-    _, cache = build(tmp_path, ds, teacher)
+    _, cache = build_cache(tmp_path, ds, teacher)
     assert cache.built and teacher.calls == 3 and message in (cache.replaced or "")
     assert torch.equal(cache.logits(ALL), ref)
     TeacherLogitCache.open(tmp_path, key, n=N, storage="fp32", k=0)  # whole again
@@ -234,13 +187,14 @@ def test_crash_mid_build_leaves_nothing_and_the_next_build_succeeds(tmp_path):
     ref = exact_logits(ds, teacher)
     teacher.fail_on = 2
     with pytest.raises(RuntimeError, match="teacher crashed"):
-        build(tmp_path, ds, teacher)
+        build_cache(tmp_path, ds, teacher)
     assert list(tmp_path.iterdir()) == []
     teacher.fail_on, teacher.calls = None, 0
-    _, cache = build(tmp_path, ds, teacher)
+    _, cache = build_cache(tmp_path, ds, teacher)
     assert cache.built and torch.equal(cache.logits(ALL), ref)
 
 
+@pytest.mark.slow
 def test_leftover_of_a_killed_build_is_removed(tmp_path):
     ds, teacher = digits(), CountingTeacher()
     key = cache_key(ds, "size=8", teacher, "fp32", 0)
@@ -249,7 +203,7 @@ def test_leftover_of_a_killed_build_is_removed(tmp_path):
     leftover = tmp_path / f".{key}.tmp-{socket.gethostname()}-{dead.pid}-abc123"
     leftover.mkdir()
     (leftover / "logits.npy").write_bytes(b"half")
-    build(tmp_path, ds, teacher)
+    build_cache(tmp_path, ds, teacher)
     assert sorted(p.name for p in tmp_path.iterdir()) == [key]
 
 
@@ -261,10 +215,10 @@ def test_unreadable_image_and_fp16_overflow_are_clear_errors(tmp_path):
     base = digits()
     holed = WithHole(base.images, base.labels, SIZE)
     with pytest.raises(TeacherCacheError, match="training image 11 could not be read"):
-        build(tmp_path, holed, CountingTeacher())
+        build_cache(tmp_path, holed, CountingTeacher())
     huge = CountingTeacher(scale=1e5)
     with pytest.raises(TeacherCacheError, match="float16 range"):
-        build(tmp_path, base, huge, "fp16")
+        build_cache(tmp_path, base, huge, "fp16")
     assert list(tmp_path.iterdir()) == []
 
 

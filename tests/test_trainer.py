@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import CrashAt
+from helpers import CrashAt
 from safetensors.torch import load_file
 
 from asg.engine.trainer import Trainer
@@ -49,6 +49,7 @@ def test_resume_equals_uninterrupted_run(tiny_bundle, tiny_config, tmp_path, mon
     assert [r.split('"elapsed_s"')[0] for r in rows_a] == [r.split('"elapsed_s"')[0] for r in rows_b]
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_bundle, tiny_config, tmp_path, monkeypatch):
     cfg = tiny_config("train.steps=6")
     trainer = Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True)
@@ -69,6 +70,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_bundle, tiny_
     assert not (tmp_path / "done").exists()
 
 
+@pytest.mark.slow
 def test_run_folder_contents(tiny_bundle, tiny_config, tmp_path):
     result = Trainer(tiny_config(), tmp_path, data=tiny_bundle, quiet=True).fit()
     for name in (
