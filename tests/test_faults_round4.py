@@ -494,7 +494,7 @@ def _signal_a_training(folder: Path, sig: int, wait_for: str, *overrides: str) -
     while not (folder / "run" / wait_for).exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(sig)
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=300)  # a loaded machine: the signal lands, the exit may take a while
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
