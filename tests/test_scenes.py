@@ -176,3 +176,30 @@ def test_synthetic_side_never_reads_real_digits_or_photos(monkeypatch, bundle):
     b, _ = bundle
     real = {x.tobytes() for x in b.eval_sets["mnist_photos"].images}
     assert not real & {x.tobytes() for x in b.train.images}  # no real scene among the training scenes
+
+
+def test_every_evaluation_reports_the_mean_digit_iou(bundle, tmp_path):
+    """Issue 27.8: the scenes' main figure (mean IoU of the ten digit classes) is in every results.jsonl row, in
+    summary.json's selections and in the run's report.md, not only in the demo's report."""
+    import json
+
+    from asg.engine.trainer import Trainer
+    from asg.registries import load_checked_config
+
+    b, _ = bundle
+    assert b.class_groups == {"digit": tuple(range(1, 11)), "background": (0,)}
+    overrides = ["model.weights=none", "data.image_size=32", "data.batch_size=4", "train.steps=2"]
+    overrides += ["train.eval_every=2", "train.progress=false", "eval.retention=false", "optim.warmup_steps=0"]
+    cfg = load_checked_config("digit_scenes_erm", overrides)
+    Trainer(cfg, tmp_path / "run", data=b, quiet=True).fit()
+    row = json.loads((tmp_path / "run" / "results.jsonl").read_text().splitlines()[-1])
+    for metrics in row["metrics"].values():
+        iou = metrics["per_class_iou"]
+        digits = [v for v in iou[1:] if v is not None]
+        assert metrics["group_means"]["digit"] == pytest.approx(sum(digits) / len(digits))
+        assert metrics["group_means"]["background"] == pytest.approx(iou[0])
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert "digit" in summary["selections"]["last"]["metrics"]["mnist_photos"]["group_means"]
+    report = (tmp_path / "run" / "report.md").read_text()
+    header = report.split("Mean IoU (%) of each class group:\n\n")[1].splitlines()[0]
+    assert "| mnist_photos digit |" in header and "| synthetic background |" in header

@@ -187,6 +187,7 @@ def _evaluate_loaded(
         tta_flip=tta,
         show_progress=show_progress,
         task=data.task,
+        class_groups=data.class_groups,
     )
     return {
         name: {

@@ -72,7 +72,15 @@ def evaluate_zero_shot(
     model = zero_shot_model(cfg, data).to(device).eval()
     tta = cfg.eval.tta_flip if tta_flip is None else tta_flip
     results = evaluate_sets(
-        model, data.eval_sets, data.num_classes, cfg, device, tta_flip=tta, show_progress=show_progress, task=data.task
+        model,
+        data.eval_sets,
+        data.num_classes,
+        cfg,
+        device,
+        tta_flip=tta,
+        show_progress=show_progress,
+        task=data.task,
+        class_groups=data.class_groups,
     )
     sets = {
         name: {

@@ -185,6 +185,7 @@ class Adaptation:
             self.device,
             show_progress=show,
             task=self.data.task,
+            class_groups=self.data.class_groups,
         )
         metrics = {k: r.to_dict() for k, r in results.items()}
         return EvalReport.of(metrics, self.data.real_set_names, self.metric).to_dict()

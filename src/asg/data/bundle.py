@@ -43,6 +43,9 @@ class DataBundle:
     # view of the same items, read only by the adaptation report (pseudo-label precision) after adaptation
     target_sets: dict[str, Dataset] = field(default_factory=dict)
     target_truth: dict[str, Dataset] = field(default_factory=dict)
+    # named groups of class ids whose mean per-class metric every evaluation reports beside the primary metric
+    # (digit scenes: "digit" 1-10 and "background" 0, the scenes' main figure being the mean digit IoU)
+    class_groups: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:

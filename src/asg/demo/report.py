@@ -52,7 +52,8 @@ def build_report(
     for s in summaries:
         last = s["selections"]["last"]
         metrics = {
-            k: {key: val for key, val in v.items() if key != bench.per_class_key} | group_means(bench, v)
+            k: {key: val for key, val in v.items() if key not in (bench.per_class_key, "group_means")}
+            | group_means(bench, v)
             for k, v in last["metrics"].items()
         }
         runs.append(
@@ -204,9 +205,13 @@ def group_means(bench: Benchmark, metrics: dict[str, Any]) -> dict[str, float]:
     per_class = metrics.get(bench.per_class_key)
     if not bench.class_groups or per_class is None:
         return {}
+    stored = metrics.get("group_means", {})  # written by every evaluation since the data declares the groups
     out = {}
     for group, classes in bench.class_groups:
-        vals = [per_class[c] for c in classes if per_class[c] is not None]
+        if stored.get(group) is not None:
+            out[f"{group}_iou"] = float(stored[group])
+            continue
+        vals = [per_class[c] for c in classes if per_class[c] is not None]  # runs from before ``group_means``
         out[f"{group}_iou"] = float(np.mean(vals)) if vals else float("nan")
     return out
 

@@ -119,7 +119,9 @@ class TensorBoardLogger(Callback):
         if self.writer is None:
             return
         for name, r in results.items():
-            for metric, value in r.to_dict().items():
+            metrics = r.to_dict()
+            scalars = {**metrics, **{f"{g}_mean": v for g, v in metrics.get("group_means", {}).items()}}
+            for metric, value in scalars.items():
                 if isinstance(value, float):
                     self.writer.add_scalar(f"eval/{name}/{metric}", value, trainer.step)
 

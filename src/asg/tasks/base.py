@@ -41,6 +41,16 @@ class Task:
         them: ``overall``, ``primary_metric`` and ``per_class``."""
         raise NotImplementedError
 
+    def group_means(self, metrics: dict[str, Any], groups: dict[str, tuple[int, ...]]) -> dict[str, float | None]:
+        """``{group: mean of metrics[per_class] over the group's classes present}`` (None when none is), e.g. the
+        digit scenes' ``{"digit": 0.41, "background": 0.97}`` (mean IoU of the digit classes, of the background)."""
+        per_class = metrics[self.per_class]
+        out: dict[str, float | None] = {}
+        for group, classes in groups.items():
+            present = [per_class[c] for c in classes if per_class[c] is not None]
+            out[group] = float(np.mean(present)) if present else None
+        return out
+
     def eval_collate(self, batch: list) -> Any:
         """The ``collate_fn`` of an evaluation DataLoader."""
         raise NotImplementedError

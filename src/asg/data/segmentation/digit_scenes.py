@@ -388,4 +388,5 @@ def build_digit_scenes(cfg: DataConfig, num_real: int = NUM_REAL) -> DataBundle:
         has_augmentation=False,
         task="segmentation",
         palette=list(PALETTE),
+        class_groups={"digit": tuple(range(1, len(CLASSES))), "background": (0,)},
     )

@@ -50,11 +50,12 @@ def evaluate(
     window: tuple[int, int] | None = None,
     stride: tuple[int, int] | None = None,
     ignore_index: int = 255,
+    class_groups: dict[str, tuple[int, ...]] | None = None,
 ) -> EvalResult:
     """Evaluate ``model`` (returns ``ModelOutput``) on ``dataset`` of (image [3,H,W], target) of the task ``task``
     (its name), which scores each batch: classification targets are int labels, flip TTA averaging sigmoids
     (official VisDA protocol); segmentation targets are [H, W] with ``ignore_index``, predicted whole or in sliding
-    ``window``s and compared at the label's resolution.
+    ``window``s and compared at the label's resolution. ``class_groups``: see ``EvalResult``.
     """
     was_training = model.training
     model.eval()
@@ -86,7 +87,7 @@ def evaluate(
     finally:
         hook.remove()
     model.train(was_training)
-    return EvalResult(confusion, task=task)
+    return EvalResult(confusion, task=task, class_groups=dict(class_groups or {}))
 
 
 def evaluate_sets(
@@ -99,12 +100,14 @@ def evaluate_sets(
     tta_flip: bool | None = None,
     show_progress: bool = True,
     task: str = CLASSIFICATION.name,
+    class_groups: dict[str, tuple[int, ...]] | None = None,
 ) -> dict[str, EvalResult]:
     """Evaluate ``model`` on each named set with the protocol of ``cfg`` (batch size, workers, TTA, layout,
     sliding window for segmentation).
 
     The one evaluation path of the package: the trainer's curves and selections and ``asg evaluate`` both use it.
-    ``tta_flip`` overrides ``cfg.eval.tta_flip`` when given.
+    ``tta_flip`` overrides ``cfg.eval.tta_flip`` when given; ``class_groups`` (``DataBundle.class_groups``) adds
+    each group's mean per-class metric.
     """
     window, stride = sliding_options(cfg)
     if cfg.eval.fuse_bn:
@@ -124,6 +127,7 @@ def evaluate_sets(
             task=task,
             window=window,
             stride=stride,
+            class_groups=class_groups,
         )
         for name, ds in sets.items()
     }

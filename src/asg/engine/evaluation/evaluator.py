@@ -90,7 +90,14 @@ class Evaluator:
         cfg = self.cfg
         show = cfg.train.progress and not self.quiet
         return evaluate_sets(
-            self.model, sets, self.data.num_classes, cfg, self.device, show_progress=show, task=self.data.task
+            self.model,
+            sets,
+            self.data.num_classes,
+            cfg,
+            self.device,
+            show_progress=show,
+            task=self.data.task,
+            class_groups=self.data.class_groups,
         )
 
     def evaluate_sharded(self, sets: dict[str, Dataset]) -> dict[str, EvalResult]:
@@ -100,7 +107,10 @@ class Evaluator:
             return self.evaluate(sets)
         parts = self.evaluate({k: Subset(v, dist.shard(dataset_size(v))) for k, v in sets.items()})
         summed = dist.all_reduce_sum(torch.stack([torch.from_numpy(r.confusion) for r in parts.values()]))
-        return {k: EvalResult(c.numpy(), task=r.task) for (k, r), c in zip(parts.items(), summed)}
+        return {
+            k: EvalResult(c.numpy(), task=r.task, class_groups=r.class_groups)
+            for (k, r), c in zip(parts.items(), summed)
+        }
 
     def run(
         self, step: int, elapsed: float, scales: list[float], checkpointed: bool

@@ -164,6 +164,7 @@ def run_report_markdown(summary: RunSummary, history: list[dict]) -> str:
             if sel.extra.get("note"):
                 lines.append(f"- {sel.extra['note']}")
         lines.append("")
+        lines += _group_means_table(summary, sets)
     last = selections["last"].metrics if "last" in selections else {}
     per_class_key, what = get_task(task).per_class, get_task(task).per_class_label
     names = summary.class_names
@@ -187,6 +188,25 @@ def run_report_markdown(summary: RunSummary, history: list[dict]) -> str:
         lines += ["", *timing_markdown(summary.timing)]
     lines.append(f"\n{len(history)} evaluations in results.jsonl.")
     return "\n".join(lines) + "\n"
+
+
+def _group_means_table(summary: RunSummary, sets: list[str]) -> list[str]:
+    """Lines of report.md: each selection's mean per-class metric of every class group (``DataBundle.class_groups``,
+    e.g. the digit scenes' mean digit IoU) per set; none when the data declares no group."""
+    selections = summary.selections
+    groups = list(
+        dict.fromkeys(g for sel in selections.values() for m in sel.metrics.values() for g in m.get("group_means", {}))
+    )
+    if not groups:
+        return []
+    what = get_task(summary.task).per_class_label
+    columns = [(s, g) for s in sets for g in groups]
+    lines = [f"Mean {what} (%) of each class group:", ""]
+    lines += ["| checkpoint | " + " | ".join(f"{s} {g}" for s, g in columns) + " |", "|---|" + "---|" * len(columns)]
+    for rule, sel in selections.items():
+        cells = [_pct(sel.metrics.get(s, {}).get("group_means", {}).get(g)) for s, g in columns]
+        lines.append(f"| {rule} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def plot_run_curves(history: list[dict], metric: str, path: Path, title: str) -> None:
