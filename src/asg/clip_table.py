@@ -72,7 +72,9 @@ def run_clip_table(
                 "published": PUBLISHED.get(row.label),
             }
         )
-    result = {"set": REAL_SET, "metric": "mean_class_acc", "overrides": overrides, "rows": table}
+    from asg.tasks import CLASSIFICATION
+
+    result = {"set": REAL_SET, "metric": CLASSIFICATION.primary_metric, "overrides": overrides, "rows": table}
     atomic_write(out / "table.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
     markdown = table_markdown(result)
     atomic_write(out / "table.md", lambda tmp: Path(tmp).write_text(markdown))
@@ -112,6 +114,7 @@ def _run_scores(run: Path) -> dict[str, Any]:
 
 def _zero_shot(row: Row, out: Path, overrides: list[str], quiet: bool) -> dict[str, Any]:
     from asg.api import save_evaluation
+    from asg.tasks import CLASSIFICATION
     from asg.zero_shot import evaluate_zero_shot
 
     folder = out / "zero_shot"
@@ -122,7 +125,7 @@ def _zero_shot(row: Row, out: Path, overrides: list[str], quiet: bool) -> dict[s
         result = evaluate_zero_shot(row.recipe, overrides, show_progress=not quiet)
         save_evaluation(result, folder)
         atomic_write(done, lambda tmp: Path(tmp).write_text(json.dumps(result)))
-    value = _pct(result["sets"][REAL_SET]["mean_class_acc"])
+    value = _pct(result["sets"][REAL_SET][CLASSIFICATION.primary_metric])
     return {"last": value, "source_val": value, "run": str(folder)}
 
 
@@ -130,7 +133,9 @@ def _wise_ft(run: Path, out: Path, overrides: list[str], alphas: tuple[float, ..
     """WiSE-FT of the fine-tuned run's last and source-val checkpoints, alpha chosen on source-val each time."""
     from asg.api import evaluate_wise_ft
     from asg.methods.wise_ft import choose_alpha
+    from asg.tasks import CLASSIFICATION
 
+    metric = CLASSIFICATION.primary_metric
     done = out / "wise_ft.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -140,8 +145,8 @@ def _wise_ft(run: Path, out: Path, overrides: list[str], alphas: tuple[float, ..
         source = [n for n, r in next(iter(per_alpha.values())).items() if r["role"] == "source-val"]
         if not source:
             raise AsgError("WiSE-FT chooses alpha on the source-val split: set data.source_val_fraction above 0")
-        alpha = choose_alpha({a: sets[source[0]]["mean_class_acc"] for a, sets in per_alpha.items()})
-        scores[key] = _pct(per_alpha[alpha][REAL_SET]["mean_class_acc"])
+        alpha = choose_alpha({a: sets[source[0]][metric] for a, sets in per_alpha.items()})
+        scores[key] = _pct(per_alpha[alpha][REAL_SET][metric])
         scores[f"{key}_alpha"] = alpha
     atomic_write(done, lambda tmp: Path(tmp).write_text(json.dumps(scores)))
     return scores

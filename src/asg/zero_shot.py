@@ -23,6 +23,7 @@ def zero_shot_model(cfg: Any, data: Any) -> Any:
     from asg.models import build_model
     from asg.models.guidance import ClipZeroShotHead, clip_zeroshot_head
     from asg.models.vit import VITS
+    from asg.tasks import task_of
 
     spec = VITS.get(cfg.model.backbone)
     if spec is None or not spec.clip:
@@ -30,8 +31,10 @@ def zero_shot_model(cfg: Any, data: Any) -> Any:
         raise ConfigError(
             f"zero-shot evaluation needs a CLIP backbone ({clips}), not model.backbone={cfg.model.backbone}"
         )
-    if data.task != "classification":
-        raise ConfigError("zero-shot evaluation classifies images: it needs a classification benchmark")
+    if task_of(data).per_pixel:
+        raise ConfigError(
+            f"zero-shot evaluation classifies images: it needs a classification benchmark, not {data.task}"
+        )
     if not Path(cfg.model.weights).is_file():
         raise ConfigError(
             f"zero-shot evaluation reads the text tower from model.weights, an open_clip file: "

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from asg.tasks import get_task
+from asg.tasks import CLASSIFICATION, get_task
 
 
 def real_average(metrics: dict[str, dict[str, Any]], real_sets: list[str], metric: str) -> dict[str, Any] | None:
@@ -97,7 +97,7 @@ class RunSummary:
     seed: int
     steps: int
     selections: dict[str, Selection]
-    task: str = "classification"
+    task: str = CLASSIFICATION.name
     primary_metric: str = ""  # "" when read: the task's
     class_names: list[str] = field(default_factory=list)
     controller_history: list[dict[str, Any]] = field(default_factory=list)
@@ -127,7 +127,7 @@ class RunSummary:
             seed=int(d.get("seed", 0)),
             steps=int(d.get("steps", 0)),
             selections=sels,
-            task=str(d.get("task") or "classification"),
+            task=str(d.get("task") or CLASSIFICATION.name),
             primary_metric=str(d.get("primary_metric") or ""),
             class_names=list(d.get("class_names") or []),
             controller_history=list(d.get("controller_history") or []),
