@@ -140,13 +140,24 @@ def test_init_from_loads_every_weight_and_starts_at_step_zero(tiny_bundle, tiny_
 
 def _adapt_setup(tiny_bundle, tiny_config, erm_run):
     target = ImagesLabelsRaise(tiny_bundle.eval_sets["real"])
-    bundle = DataBundle(tiny_bundle.train, tiny_bundle.eval_sets, "source_val", tiny_bundle.class_names,
-                        target_sets={"real_adapt": target})  # fmt: skip
+    bundle = DataBundle(
+        tiny_bundle.train,
+        tiny_bundle.eval_sets,
+        "source_val",
+        tiny_bundle.class_names,
+        target_sets={"real_adapt": target},
+    )
     cfg = tiny_config(
-        "method.name=erm", f"model.init_from={erm_run}", "adapt.target=real_adapt", "adapt.rounds=2",
-        "adapt.steps_per_round=4", "adapt.init_portion=0.5", "adapt.max_portion=0.6", "adapt.target_batch_size=4",
+        "method.name=erm",
+        f"model.init_from={erm_run}",
+        "adapt.target=real_adapt",
+        "adapt.rounds=2",
+        "adapt.steps_per_round=4",
+        "adapt.init_portion=0.5",
+        "adapt.max_portion=0.6",
+        "adapt.target_batch_size=4",
         "adapt.regularizer=mrkld",
-    )  # fmt: skip
+    )
     return cfg, bundle
 
 
@@ -211,9 +222,19 @@ class StepsSeen(Callback):
 @pytest.mark.slow
 def test_cli_adapt_end_to_end_on_digit_halves(tmp_path, capsys):
     base = [
-        "--set", f"data.root={tmp_path / 'cache'}", "--set", "data.num_train=120", "--set", "data.image_size=32",
-        "--set", "data.real_split=halves", "--set", "train.progress=false", "--set", "eval.retention=false",
-    ]  # fmt: skip
+        "--set",
+        f"data.root={tmp_path / 'cache'}",
+        "--set",
+        "data.num_train=120",
+        "--set",
+        "data.image_size=32",
+        "--set",
+        "data.real_split=halves",
+        "--set",
+        "train.progress=false",
+        "--set",
+        "eval.retention=false",
+    ]
     from asg import api
 
     src, steps = tmp_path / "src", StepsSeen()
@@ -230,8 +251,10 @@ def test_cli_adapt_end_to_end_on_digit_halves(tmp_path, capsys):
     assert "[start]" in printed and "[round 1]" in printed and "uci_digits_test" in printed
     state = json.loads((out / "adaptation.json").read_text())
     assert state["target"] == "uci_digits_adapt" and set(state["start"]["metrics"]) == {
-        "synthetic", "mnist5k_test", "uci_digits_test"
-    }  # fmt: skip
+        "synthetic",
+        "mnist5k_test",
+        "uci_digits_test",
+    }
     source_last = json.loads((src / "summary.json").read_text())["selections"]["last"]["metrics"]
     assert (
         state["start"]["from_summary"]

@@ -50,8 +50,9 @@ def _train(out: Path, *, resume: bool = False, crash_at: int | None = None, nan_
             losses.append(out.logs["loss"])
 
     callbacks = [RecordLosses(), *([CrashAt(crash_at - 1)] if crash_at is not None else [])]
-    trainer = Trainer(load_config(None, OVERRIDES), out, data=tiny_data(), quiet=True, resume=resume,
-                      callbacks=callbacks)  # fmt: skip
+    trainer = Trainer(
+        load_config(None, OVERRIDES), out, data=tiny_data(), quiet=True, resume=resume, callbacks=callbacks
+    )
     if nan_at is not None and trainer.dist.rank == 1:
         forward = trainer.method.forward_loss
 
@@ -76,8 +77,9 @@ def _train(out: Path, *, resume: bool = False, crash_at: int | None = None, nan_
 
 
 def _worker(rank: int, port: int, jobs: list[tuple[str, dict]], root: Path) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
-                      LOCAL_RANK=str(rank))  # fmt: skip
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
     for name, options in jobs:
@@ -247,8 +249,9 @@ def test_python_m_asg_runs_the_cli():
 
 def _dying_worker(rank: int, port: int, out: Path) -> None:
     """Rank 1 exits abruptly (no Python clean-up) in step 3; rank 0 records what it raised."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
-                      LOCAL_RANK=str(rank))  # fmt: skip
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     rank_1_dies = CrashAt(2, kill=True, when=lambda trainer: trainer.dist.rank == 1)  # in step 3
     trainer = Trainer(load_config(None, OVERRIDES), out, data=tiny_data(), quiet=True, callbacks=[rank_1_dies])

@@ -40,10 +40,22 @@ def killed_training(out: Path, kill_at: int) -> None:
 
 
 def adapt_config(tiny_bundle, tiny_config, init_from: Path, *extra: str):
-    bundle = DataBundle(tiny_bundle.train, tiny_bundle.eval_sets, "source_val", tiny_bundle.class_names,
-                        target_sets={"real_adapt": ImagesLabelsRaise(tiny_bundle.eval_sets["real"])})  # fmt: skip
-    cfg = tiny_config("method.name=erm", f"model.init_from={init_from}", "adapt.target=real_adapt", "adapt.rounds=1",
-                      "adapt.steps_per_round=2", "adapt.init_portion=0.5", *extra)  # fmt: skip
+    bundle = DataBundle(
+        tiny_bundle.train,
+        tiny_bundle.eval_sets,
+        "source_val",
+        tiny_bundle.class_names,
+        target_sets={"real_adapt": ImagesLabelsRaise(tiny_bundle.eval_sets["real"])},
+    )
+    cfg = tiny_config(
+        "method.name=erm",
+        f"model.init_from={init_from}",
+        "adapt.target=real_adapt",
+        "adapt.rounds=1",
+        "adapt.steps_per_round=2",
+        "adapt.init_portion=0.5",
+        *extra,
+    )
     return cfg, bundle
 
 

@@ -81,8 +81,9 @@ def test_torch_save_write_failure_is_one_message_and_the_last_checkpoint_is_kept
 
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": SRC_DIR}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(script), *args], env=env, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script), *args], env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.mark.slow

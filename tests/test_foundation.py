@@ -35,8 +35,14 @@ def _guidance_is_exact(model) -> None:
 
 def test_dinov2_original_layout_loads_and_interpolates_position_embeddings(tmp_path):
     backbone_file, _ = dinov2_files(tmp_path, grid=6)
-    cfg = ModelConfig(backbone="dinov2_vits14", weights=backbone_file, guidance_head="none", timm_kwargs=TINY_VIT,
-                      input_size=SIZE, channels_last=False)  # fmt: skip
+    cfg = ModelConfig(
+        backbone="dinov2_vits14",
+        weights=backbone_file,
+        guidance_head="none",
+        timm_kwargs=TINY_VIT,
+        input_size=SIZE,
+        channels_last=False,
+    )
     model = build_model(cfg, 3).eval()
     bb = model.backbone
     assert bb.model.pos_embed.shape == (1, 1 + (SIZE // 14) ** 2, 64)  # 6x6 grid of the file -> 4x4
@@ -50,8 +56,13 @@ def test_dinov2_original_layout_loads_and_interpolates_position_embeddings(tmp_p
 
 def test_dinov2_linear_head_guidance(tmp_path):
     backbone_file, head_file = dinov2_files(tmp_path)
-    cfg = ModelConfig(backbone="dinov2_vits14", weights=backbone_file, guidance_file=head_file, timm_kwargs=TINY_VIT,
-                      channels_last=False)  # fmt: skip
+    cfg = ModelConfig(
+        backbone="dinov2_vits14",
+        weights=backbone_file,
+        guidance_file=head_file,
+        timm_kwargs=TINY_VIT,
+        channels_last=False,
+    )
     model = build_model(cfg, 3)
     _guidance_is_exact(model)
     bb, x = model.backbone, _x()
@@ -61,8 +72,16 @@ def test_dinov2_linear_head_guidance(tmp_path):
         torch.testing.assert_close(model(x).imagenet_logits, expected + bb.imagenet_head.bias)
     torch.save({"weight": torch.zeros(1000, 64), "bias": torch.zeros(1000)}, tmp_path / "wrong.pth")
     with pytest.raises(WeightsError, match="not a DINOv2 linear head"):
-        build_model(ModelConfig(backbone="dinov2_vits14", weights=backbone_file, guidance_head="dinov2_linear",
-                                guidance_file=str(tmp_path / "wrong.pth"), timm_kwargs=TINY_VIT), 3)  # fmt: skip
+        build_model(
+            ModelConfig(
+                backbone="dinov2_vits14",
+                weights=backbone_file,
+                guidance_head="dinov2_linear",
+                guidance_file=str(tmp_path / "wrong.pth"),
+                timm_kwargs=TINY_VIT,
+            ),
+            3,
+        )
 
 
 def test_foundation_backbone_without_file_names_it():
@@ -78,9 +97,17 @@ def test_foundation_backbone_without_file_names_it():
 @pytest.mark.slow
 def test_clip_zero_shot_head_matches_open_clip_and_is_cached(tmp_path):
     ref, weights, clip_cfg = tiny_clip(tmp_path)
-    cfg = ModelConfig(backbone="clip_vitb16", weights=weights, guidance_head="clip_zeroshot", clip_model=clip_cfg,
-                      clip_templates="simple", clip_cache_dir=str(tmp_path / "cache"), input_size=64,
-                      timm_kwargs=TINY_VIT, channels_last=False)  # fmt: skip
+    cfg = ModelConfig(
+        backbone="clip_vitb16",
+        weights=weights,
+        guidance_head="clip_zeroshot",
+        clip_model=clip_cfg,
+        clip_templates="simple",
+        clip_cache_dir=str(tmp_path / "cache"),
+        input_size=64,
+        timm_kwargs=TINY_VIT,
+        channels_last=False,
+    )
     model = build_model(cfg, 3)
     _guidance_is_exact(model)
     head = model.imagenet_head
@@ -88,8 +115,9 @@ def test_clip_zero_shot_head_matches_open_clip_and_is_cached(tmp_path):
     x = _x(2, 64, 64)
     with torch.no_grad():  # the timm image tower computes open_clip's image embedding
         emb = ref.encode_image(model.backbone.normalize(x), normalize=True)
-        torch.testing.assert_close(model.eval()(x).imagenet_logits, head.logit_scale * emb @ head.classifier,
-                                   atol=1e-4, rtol=1e-4)  # fmt: skip
+        torch.testing.assert_close(
+            model.eval()(x).imagenet_logits, head.logit_scale * emb @ head.classifier, atol=1e-4, rtol=1e-4
+        )
     assert len(list((tmp_path / "cache").iterdir())) == 1
     again = build_model(cfg, 3)  # from the cache: same head
     assert torch.equal(again.imagenet_head.classifier, head.classifier)
@@ -126,8 +154,15 @@ def test_convnext_from_timm_layout_file(tmp_path):
 
 def test_lora_groups_and_exact_start(tmp_path):
     backbone_file, head_file = dinov2_files(tmp_path)
-    cfg = ModelConfig(backbone="dinov2_vits14", weights=backbone_file, guidance_file=head_file, timm_kwargs=TINY_VIT,
-                      lora_rank=4, lora_blocks=[2, 3], channels_last=False)  # fmt: skip
+    cfg = ModelConfig(
+        backbone="dinov2_vits14",
+        weights=backbone_file,
+        guidance_file=head_file,
+        timm_kwargs=TINY_VIT,
+        lora_rank=4,
+        lora_blocks=[2, 3],
+        channels_last=False,
+    )
     model = build_model(cfg, 3)
     _guidance_is_exact(model)  # lora_B starts at 0: the adapted network is the pretrained one
     groups = dict(model.layer_groups())
@@ -149,8 +184,14 @@ def test_lora_groups_and_exact_start(tmp_path):
 
 def test_vit_segmenter_on_four_blocks(tmp_path):
     backbone_file, head_file = dinov2_files(tmp_path)
-    cfg = ModelConfig(backbone="dinov2_vits14", weights=backbone_file, guidance_file=head_file, timm_kwargs=TINY_VIT,
-                      segmenter="fpn", channels_last=False)  # fmt: skip
+    cfg = ModelConfig(
+        backbone="dinov2_vits14",
+        weights=backbone_file,
+        guidance_file=head_file,
+        timm_kwargs=TINY_VIT,
+        segmenter="fpn",
+        channels_last=False,
+    )
     model = build_model(cfg, 5, task="segmentation")
     assert model.backbone.stage_blocks == (0, 1, 2, 3)
     _guidance_is_exact(model)
@@ -163,8 +204,9 @@ def test_vit_segmenter_on_four_blocks(tmp_path):
 
 
 def test_frozen_backbone_trains_only_the_head(tmp_path):
-    cfg = ModelConfig(backbone="dinov2_vits14", weights="none", guidance_head="none", timm_kwargs=TINY_VIT,
-                      freeze_backbone=True)  # fmt: skip
+    cfg = ModelConfig(
+        backbone="dinov2_vits14", weights="none", guidance_head="none", timm_kwargs=TINY_VIT, freeze_backbone=True
+    )
     model = build_model(cfg, 3)
     assert model.pretrained_parameters() == []
     assert set(model.trainable_state_dict()) == {n for n, _ in model.head.named_parameters(prefix="head")}

@@ -38,17 +38,32 @@ def _convnext_file(tmp_path) -> str:
 
 def _model_config(family: str, tmp_path) -> ModelConfig:
     if family == "convnext":
-        return ModelConfig(backbone="convnext_tiny", weights=_convnext_file(tmp_path), timm_kwargs=TINY_CONVNEXT,
-                           channels_last=False)  # fmt: skip
+        return ModelConfig(
+            backbone="convnext_tiny", weights=_convnext_file(tmp_path), timm_kwargs=TINY_CONVNEXT, channels_last=False
+        )
     if family == "clip":
         _, path, cfg_path = tiny_clip(tmp_path)
-        return ModelConfig(backbone="clip_vitb16", weights=path, clip_model=cfg_path, clip_templates="simple",
-                           clip_cache_dir=str(tmp_path / "zs"), input_size=64, timm_kwargs=TINY_VIT,
-                           guidance_head="clip_zeroshot", channels_last=False)  # fmt: skip
+        return ModelConfig(
+            backbone="clip_vitb16",
+            weights=path,
+            clip_model=cfg_path,
+            clip_templates="simple",
+            clip_cache_dir=str(tmp_path / "zs"),
+            input_size=64,
+            timm_kwargs=TINY_VIT,
+            guidance_head="clip_zeroshot",
+            channels_last=False,
+        )
     backbone_file, head_file = dinov2_files(tmp_path)
     lora = {"lora_rank": 2} if family == "dinov2+lora" else {}
-    return ModelConfig(backbone="dinov2_vits14", weights=backbone_file, guidance_file=head_file, timm_kwargs=TINY_VIT,
-                       channels_last=False, **lora)  # fmt: skip
+    return ModelConfig(
+        backbone="dinov2_vits14",
+        weights=backbone_file,
+        guidance_file=head_file,
+        timm_kwargs=TINY_VIT,
+        channels_last=False,
+        **lora,
+    )
 
 
 @pytest.mark.slow
@@ -62,13 +77,20 @@ def test_two_asg_steps_on_each_backbone_family(family, task, tiny_config, tmp_pa
     mcfg = _model_config(family, tmp_path)
     if task == "segmentation":
         mcfg.segmenter = "fpn"
-        data = DataBundle(Scenes(8, size=56), {"synthetic": Scenes(4, size=56, seed=1)}, "synthetic", ["bg", "red"],
-                          task="segmentation")  # fmt: skip
+        data = DataBundle(
+            Scenes(8, size=56),
+            {"synthetic": Scenes(4, size=56, seed=1)},
+            "synthetic",
+            ["bg", "red"],
+            task="segmentation",
+        )
     else:
-        data = DataBundle(RandomImages(16, size=56), {"synthetic": RandomImages(6, size=56, seed=1)}, "synthetic",
-                          ["a", "b", "c"])  # fmt: skip
-    cfg = tiny_config("train.steps=2", "train.eval_every=2", "data.batch_size=4", "optim.lr=0.01",
-                      "model.channels_last=false")  # fmt: skip
+        data = DataBundle(
+            RandomImages(16, size=56), {"synthetic": RandomImages(6, size=56, seed=1)}, "synthetic", ["a", "b", "c"]
+        )
+    cfg = tiny_config(
+        "train.steps=2", "train.eval_every=2", "data.batch_size=4", "optim.lr=0.01", "model.channels_last=false"
+    )
     torch.manual_seed(0)
     model = build_model(mcfg, data.num_classes, task=task)
     head0 = [p.detach().clone() for p in model.task_parameters()]
@@ -83,8 +105,9 @@ def test_two_asg_steps_on_each_backbone_family(family, task, tiny_config, tmp_pa
 def test_asg_refuses_a_backbone_without_guidance_head(tiny_config, tmp_path):
     backbone_file, _ = dinov2_files(tmp_path)
     mcfg = ModelConfig(backbone="dinov2_vits14", weights=backbone_file, guidance_head="none", timm_kwargs=TINY_VIT)
-    data = DataBundle(RandomImages(8, size=56), {"synthetic": RandomImages(4, size=56, seed=1)}, "synthetic",
-                      ["a", "b", "c"])  # fmt: skip
+    data = DataBundle(
+        RandomImages(8, size=56), {"synthetic": RandomImages(4, size=56, seed=1)}, "synthetic", ["a", "b", "c"]
+    )
     with pytest.raises(ConfigError, match="guidance_head=none .*method.name=feature"):
         Trainer(tiny_config(), None, data=data, model=build_model(mcfg, 3), quiet=True, check_files=False)
 
@@ -99,12 +122,18 @@ def test_lora_checkpoints_hold_what_trains_and_resume_exactly(tiny_config, tmp_p
     from asg.engine.rundir.weights import load_weights
 
     backbone_file, head_file = dinov2_files(tmp_path)
-    model = ["model.backbone=dinov2_vits14", f"model.weights={backbone_file}", f"model.guidance_file={head_file}",
-             "model.timm_kwargs={depth: 4, embed_dim: 64, num_heads: 2}", "model.lora_rank=2",
-             "model.channels_last=false"]  # fmt: skip
+    model = [
+        "model.backbone=dinov2_vits14",
+        f"model.weights={backbone_file}",
+        f"model.guidance_file={head_file}",
+        "model.timm_kwargs={depth: 4, embed_dim: 64, num_heads: 2}",
+        "model.lora_rank=2",
+        "model.channels_last=false",
+    ]
     cfg = tiny_config(*model, "train.steps=4", "data.batch_size=4")
-    data = DataBundle(RandomImages(16, size=56), {"synthetic": RandomImages(6, size=56, seed=1)}, "synthetic",
-                      ["a", "b", "c"])  # fmt: skip
+    data = DataBundle(
+        RandomImages(16, size=56), {"synthetic": RandomImages(6, size=56, seed=1)}, "synthetic", ["a", "b", "c"]
+    )
     Trainer(cfg, tmp_path / "a", data=data, quiet=True, check_files=False).fit()
     saved = load_file(tmp_path / "a" / "last.safetensors")
     built = build_model(cfg.model, 3)

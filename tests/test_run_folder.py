@@ -42,10 +42,16 @@ def _steps(run):
 @pytest.mark.slow
 def test_second_process_into_a_locked_folder_is_refused_with_its_pid(tmp_path, tiny_bundle, tiny_config):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys,time; from asg.engine.rundir.folder import RunDir; r=RunDir(sys.argv[1]); "
-         "r.lock(); print('locked', flush=True); time.sleep(60)", str(tmp_path)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import sys,time; from asg.engine.rundir.folder import RunDir; r=RunDir(sys.argv[1]); "
+            "r.lock(); print('locked', flush=True); time.sleep(60)",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunFolderError, match=f"pid {holder.pid}"):
@@ -239,11 +245,15 @@ def test_resume_refuses_a_change_that_makes_another_experiment(tiny_bundle, tiny
     cfg = tiny_config("train.steps=4")
     with pytest.raises(KeyboardInterrupt):
         Trainer(cfg, tmp_path, data=tiny_bundle, quiet=True, callbacks=[CrashAt(3)]).fit()
-    for override, key in (("method.name=erm", "method.name"), ("train.seed=5", "train.seed"),
-                          ("train.steps=2", "train.steps")):  # fmt: skip
+    for override, key in (
+        ("method.name=erm", "method.name"),
+        ("train.seed=5", "train.seed"),
+        ("train.steps=2", "train.steps"),
+    ):
         with pytest.raises(ConfigError, match=key):
-            Trainer(load_config(tmp_path / "config.yaml", [override]), tmp_path, data=tiny_bundle, quiet=True,
-                    resume=True).fit()  # fmt: skip
+            Trainer(
+                load_config(tmp_path / "config.yaml", [override]), tmp_path, data=tiny_bundle, quiet=True, resume=True
+            ).fit()
 
 
 @pytest.mark.slow

@@ -48,8 +48,10 @@ def make_gta5(root: Path, n: int = 6, split_mat: bool = True) -> dict[str, np.nd
     if split_mat:
         from scipy.io import savemat
 
-        savemat(str(root / "split.mat"), {"trainIds": np.array([[1, 2, 3, 4]]), "valIds": np.array([[5]]),
-                                          "testIds": np.array([[6]])})  # fmt: skip
+        savemat(
+            str(root / "split.mat"),
+            {"trainIds": np.array([[1, 2, 3, 4]]), "valIds": np.array([[5]]), "testIds": np.array([[6]])},
+        )
     return raw
 
 
@@ -81,8 +83,27 @@ def test_cityscapes_table_maps_label_ids_png_to_train_ids(tmp_path):
     save_ids(tmp_path / "l.png", raw, palette=True)
     got = cityscapes_lut()[read_label(tmp_path / "l.png")]
     expected = np.full(36, 255)
-    for lid, tid in {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
-                     26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}.items():  # fmt: skip
+    for lid, tid in {
+        7: 0,
+        8: 1,
+        11: 2,
+        12: 3,
+        13: 4,
+        17: 5,
+        19: 6,
+        20: 7,
+        21: 8,
+        22: 9,
+        23: 10,
+        24: 11,
+        25: 12,
+        26: 13,
+        27: 14,
+        28: 15,
+        31: 16,
+        32: 17,
+        33: 18,
+    }.items():
         expected[lid] = tid
     assert got.ravel().tolist() == expected.tolist()
     assert cityscapes_lut()[34] == -1  # not a Cityscapes labelId: an error when met
@@ -103,9 +124,35 @@ def test_synthia_16_and_13_class_tables():
 
 def test_mapillary_sample_ids():
     lut = mapillary_lut()
-    sample = {13: 0, 24: 0, 41: 0, 2: 1, 15: 1, 17: 2, 6: 3, 3: 4, 45: 5, 47: 5, 48: 6, 50: 7, 30: 8, 29: 9,
-              27: 10, 19: 11, 20: 12, 22: 12, 55: 13, 61: 14, 54: 15, 58: 16, 57: 17, 52: 18, 49: 255, 65: 255,
-              0: 255}  # fmt: skip
+    sample = {
+        13: 0,
+        24: 0,
+        41: 0,
+        2: 1,
+        15: 1,
+        17: 2,
+        6: 3,
+        3: 4,
+        45: 5,
+        47: 5,
+        48: 6,
+        50: 7,
+        30: 8,
+        29: 9,
+        27: 10,
+        19: 11,
+        20: 12,
+        22: 12,
+        55: 13,
+        61: 14,
+        54: 15,
+        58: 16,
+        57: 17,
+        52: 18,
+        49: 255,
+        65: 255,
+        0: 255,
+    }
     assert {k: int(lut[k]) for k in sample} == sample
     assert lut[66] == -1
     assert mapillary_lut(16)[[29, 61, 58, 55]].tolist() == [255, 255, 255, 12]
@@ -220,8 +267,10 @@ def test_synthia_16bit_labels_16_and_13_classes(tmp_path):
     for k in range(2):
         save_image(root / "RGB" / f"{k:07d}.png", k)
         write_png16(root / "GT" / "LABELS" / f"{k:07d}.png", np.stack([ids, ids * 0 + 7, ids * 0], -1))
-    for class_set, table in ((16, {0: 255, 1: 9, 3: 0, 8: 12, 21: 3, 22: 255}),
-                             (13, {0: 255, 1: 6, 3: 0, 8: 9, 21: 255, 22: 255})):  # fmt: skip
+    for class_set, table in (
+        (16, {0: 255, 1: 9, 3: 0, 8: 12, 21: 3, 22: 255}),
+        (13, {0: 255, 1: 6, 3: 0, 8: 9, 21: 255, 22: 255}),
+    ):
         b = build_segmentation(cfg(name="synthia", root=str(root), split="all", class_set=class_set))
         assert b.class_names == class_names(class_set)
         assert b.train[1][1].numpy().tolist() == np.vectorize(table.get)(ids).tolist()
@@ -240,14 +289,22 @@ def test_cityscapes_label_ids_train_ids_and_eval_roots(tmp_path):
             base = ds.image_path(i).name.replace("_leftImg8bit.png", "")
             assert ds[i][1].numpy().tolist() == expected[base].tolist()
     make_gta5(tmp_path / "gta5")
-    b = build_segmentation(cfg(name="gta5", root=str(tmp_path / "gta5"), split="all", eval_resize=[4, 6],
-                               eval_roots={"cityscapes": str(tmp_path / "cs_ids")}))  # fmt: skip
+    b = build_segmentation(
+        cfg(
+            name="gta5",
+            root=str(tmp_path / "gta5"),
+            split="all",
+            eval_resize=[4, 6],
+            eval_roots={"cityscapes": str(tmp_path / "cs_ids")},
+        )
+    )
     image, target = b.eval_sets["cityscapes"][0]
     assert image.shape == (3, 4, 6) and target.shape == (H, W)  # label at native resolution
     assert b.real_set_names == ["cityscapes"]
     with pytest.raises(DataError, match=r"eval_roots\.bdd100k: .*nope does not exist"):
-        build_segmentation(cfg(name="gta5", root=str(tmp_path / "gta5"), split="all",
-                               eval_roots={"bdd100k": str(tmp_path / "nope")}))  # fmt: skip
+        build_segmentation(
+            cfg(name="gta5", root=str(tmp_path / "gta5"), split="all", eval_roots={"bdd100k": str(tmp_path / "nope")})
+        )
 
 
 def test_bdd100k_both_layouts_and_mapillary(tmp_path):
@@ -272,8 +329,13 @@ def test_seglist_lists_relative_to_list_folder(tmp_path):
     save_image(tmp_path / "d" / "img" / "a.png", 1)
     save_ids(tmp_path / "d" / "lab" / "a.png", ids)
     (tmp_path / "d" / "train.txt").write_text("# comment\nimg/a.png lab/a.png\n")
-    b = build_segmentation(cfg(name="seglist", train_list=str(tmp_path / "d" / "train.txt"),
-                               eval_lists={"real": str(tmp_path / "d" / "train.txt")}))  # fmt: skip
+    b = build_segmentation(
+        cfg(
+            name="seglist",
+            train_list=str(tmp_path / "d" / "train.txt"),
+            eval_lists={"real": str(tmp_path / "d" / "train.txt")},
+        )
+    )
     assert b.train[0][1].numpy().tolist() == ids.tolist() and b.train.where(0).endswith("train.txt:2")
     assert list(b.eval_sets) == ["real"] and b.class_names == list(CITYSCAPES_CLASSES)
 
@@ -333,8 +395,9 @@ def test_prepare_is_idempotent_never_touches_src_and_is_loadable(tmp_path):
     via_list = build_segmentation(cfg(name="seglist", train_list=str(dst / "train.txt")))
     via_root = build_segmentation(cfg(name="gta5", root=str(dst), split="train"))
     assert len(via_list.train) == len(via_root.train) == 4
-    assert torch.equal(via_root.train[0][1], build_segmentation(
-        cfg(name="gta5", root=str(src), split="train")).train[0][1])  # fmt: skip
+    assert torch.equal(
+        via_root.train[0][1], build_segmentation(cfg(name="gta5", root=str(src), split="train")).train[0][1]
+    )
     with pytest.raises(DataError, match="inside the source"):
         prepare("gta5", src, src / "out")
 

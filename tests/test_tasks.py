@@ -54,9 +54,15 @@ def test_heldout_loss_compares_at_the_labels_resolution_under_eval_resize(tiny_c
 def test_meta_training_a_segmenter_with_the_heldout_reward(tiny_config, tmp_path, one_thread):
     """Meta-training on a segmentation task reads the task's primary metric (it read mean_class_acc: KeyError)."""
     cfg = tiny_config(
-        "l2o.episodes=1", "l2o.episode_steps=4", "l2o.min_steps=2", "l2o.num_steps=2", "l2o.reward=neg_heldout_loss",
-        "data.image_size=32", "model.segmenter=lraspp", "method.name=erm",
-    )  # fmt: skip
+        "l2o.episodes=1",
+        "l2o.episode_steps=4",
+        "l2o.min_steps=2",
+        "l2o.num_steps=2",
+        "l2o.reward=neg_heldout_loss",
+        "data.image_size=32",
+        "model.segmenter=lraspp",
+        "method.name=erm",
+    )
     torch.manual_seed(0)
     model = build_model(ModelConfig(segmenter="lraspp"), 2, task="segmentation")
     meta_train(cfg, tmp_path, data=_bundle(Scenes(16), Scenes(4, seed=1)), model=model, quiet=True)
