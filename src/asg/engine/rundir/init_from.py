@@ -57,7 +57,7 @@ def init_record(init_from: str, checkpoint: str = "last", allow_unfinished: bool
         if holder is not None:
             raise WeightsError(
                 f"model.init_from: {top} is being written by a running asg process ({holder}); "
-                "wait until it finishes, then start the adaptation"
+                "wait until it finishes, then start this run"
             )
         manifest = rd.read_manifest()
         entry = manifest["weights"] if checkpoint == "last" else manifest.get("best", {}).get(checkpoint, {})
@@ -66,8 +66,8 @@ def init_record(init_from: str, checkpoint: str = "last", allow_unfinished: bool
         if not record["finished"] and not allow_unfinished:
             raise WeightsError(
                 f"model.init_from: {top} never finished (no 'done' file; its last checkpoint is of step "
-                f"{manifest.get('step')}): resume it to the end first, or pass --from-unfinished "
-                "(adapt.from_unfinished=true) to start from that checkpoint anyway"
+                f"{manifest.get('step')}): resume it to the end first, or start from that checkpoint anyway with "
+                "adapt.from_unfinished=true (asg adapt --from-unfinished; asg train --set adapt.from_unfinished=true)"
             )
     if not weights.is_file():
         raise WeightsError(f"model.init_from: the weights file {weights} does not exist")
