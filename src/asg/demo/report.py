@@ -201,19 +201,12 @@ def _read_history(path: Path) -> list[dict]:
 
 
 def group_means(bench: Benchmark, metrics: dict[str, Any]) -> dict[str, float]:
-    """``{"<group>_iou": mean IoU over the group's classes present in the set}`` for ``bench.class_groups``."""
-    per_class = metrics.get(bench.per_class_key)
-    if not bench.class_groups or per_class is None:
+    """``{"<group>_iou": mean IoU over the group's classes present in the set}`` for ``bench.class_groups``: the
+    evaluation's ``group_means``, or (runs from before it) the task's computation of them."""
+    if not bench.class_groups or bench.per_class_key not in metrics:
         return {}
-    stored = metrics.get("group_means", {})  # written by every evaluation since the data declares the groups
-    out = {}
-    for group, classes in bench.class_groups:
-        if stored.get(group) is not None:
-            out[f"{group}_iou"] = float(stored[group])
-            continue
-        vals = [per_class[c] for c in classes if per_class[c] is not None]  # runs from before ``group_means``
-        out[f"{group}_iou"] = float(np.mean(vals)) if vals else float("nan")
-    return out
+    means = metrics.get("group_means") or bench.task.group_means(metrics, dict(bench.class_groups))
+    return {f"{g}_iou": float("nan") if means.get(g) is None else float(means[g]) for g, _ in bench.class_groups}
 
 
 def markdown_table(bench: Benchmark, table: dict) -> str:
