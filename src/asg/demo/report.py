@@ -206,7 +206,8 @@ def group_means(bench: Benchmark, metrics: dict[str, Any]) -> dict[str, float]:
     if not bench.class_groups or bench.per_class_key not in metrics:
         return {}
     means = metrics.get("group_means") or bench.task.group_means(metrics, dict(bench.class_groups))
-    return {f"{g}_iou": float("nan") if means.get(g) is None else float(means[g]) for g, _ in bench.class_groups}
+    values = {g: means.get(g) for g, _ in bench.class_groups}
+    return {f"{g}_iou": float("nan") if v is None else float(v) for g, v in values.items()}
 
 
 def markdown_table(bench: Benchmark, table: dict) -> str:
