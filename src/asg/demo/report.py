@@ -12,6 +12,8 @@ import numpy as np
 
 from asg.demo.benchmarks import BENCHMARKS, Benchmark
 from asg.demo.tables import (
+    adaptation_markdown,
+    adaptation_table,
     backbone_rate_markdown,
     cost_markdown,
     fmt,
@@ -233,35 +235,6 @@ def markdown_table(bench: Benchmark, table: dict) -> str:
         name = f"{label} (α {', '.join(f'{a:g}' for a in alphas)})" if alphas else label  # per seed, from source-val
         cells = [name, *settings_cells(e.get("settings")), str(e["seeds"]), *(fmt(e.get(key)) for _, key in columns)]
         cells += [fmt(e.get("real_photos_top1_agreement")), fmt(e.get("real_photos_kl"), 1.0, 3)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def adaptation_table(bench: Benchmark, adaptations: list[dict]) -> dict[str, Any]:
-    """Per starting method: mean ± std over seeds of each real set before and after adaptation, and of the last
-    round's pseudo-label precision."""
-    out: dict[str, Any] = {}
-    for label in dict.fromkeys(a["method"] for a in adaptations):
-        rows = [a for a in adaptations if a["method"] == label]
-        entry: dict[str, Any] = {"seeds": len(rows)}
-        for s in bench.sets[1:]:
-            entry[f"before_{s}"] = mean_std([a["start"]["metrics"][s][bench.metric] for a in rows])
-            entry[f"after_{s}"] = mean_std([a["rounds"][-1]["metrics"][s][bench.metric] for a in rows])
-        precision = [a["rounds"][-1]["precision"]["precision"] for a in rows if a["rounds"][-1].get("precision")]
-        if precision:
-            entry["pseudo_precision"] = mean_std(precision)
-        out[label] = entry
-    return out
-
-
-def adaptation_markdown(bench: Benchmark, table: dict[str, Any]) -> str:
-    real = bench.sets[1:]
-    head = ["starting model", "seeds"] + [f"{s} {when}" for s in real for when in ("before", "after")]
-    head.append("pseudo-label precision (last round)")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label, e in table.items():
-        cells = [label, str(e["seeds"])] + [fmt(e[f"{when}_{s}"]) for s in real for when in ("before", "after")]
-        cells.append(fmt(e.get("pseudo_precision")))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

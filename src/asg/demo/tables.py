@@ -1,5 +1,5 @@
-"""The demo reports' shared tables: mean ± std cells, each row's settings, and the tuning's trials, cost and
-backbone-rate tables."""
+"""The demo reports' shared tables: mean ± std cells, each row's settings, the tuning's trials, cost and
+backbone-rate tables, and the adaptation table."""
 
 from __future__ import annotations
 
@@ -126,4 +126,33 @@ def cost_markdown(costs: dict[str, dict]) -> str:
             f"{c['study_wall_s'] / 60:.1f} min" if c.get("study_wall_s") else "–",
         ]
         lines.append("| " + " | ".join(str(x) for x in cells) + " |")
+    return "\n".join(lines)
+
+
+def adaptation_table(bench: Benchmark, adaptations: list[dict]) -> dict[str, Any]:
+    """Per starting method: mean ± std over seeds of each real set before and after adaptation, and of the last
+    round's pseudo-label precision."""
+    out: dict[str, Any] = {}
+    for label in dict.fromkeys(a["method"] for a in adaptations):
+        rows = [a for a in adaptations if a["method"] == label]
+        entry: dict[str, Any] = {"seeds": len(rows)}
+        for s in bench.sets[1:]:
+            entry[f"before_{s}"] = mean_std([a["start"]["metrics"][s][bench.metric] for a in rows])
+            entry[f"after_{s}"] = mean_std([a["rounds"][-1]["metrics"][s][bench.metric] for a in rows])
+        precision = [a["rounds"][-1]["precision"]["precision"] for a in rows if a["rounds"][-1].get("precision")]
+        if precision:
+            entry["pseudo_precision"] = mean_std(precision)
+        out[label] = entry
+    return out
+
+
+def adaptation_markdown(bench: Benchmark, table: dict[str, Any]) -> str:
+    real = bench.sets[1:]
+    head = ["starting model", "seeds"] + [f"{s} {when}" for s in real for when in ("before", "after")]
+    head.append("pseudo-label precision (last round)")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, e in table.items():
+        cells = [label, str(e["seeds"])] + [fmt(e[f"{when}_{s}"]) for s in real for when in ("before", "after")]
+        cells.append(fmt(e.get("pseudo_precision")))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
