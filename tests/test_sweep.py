@@ -136,13 +136,25 @@ def test_trial_parameters_reproduce_bit_for_bit_as_asg_train(recipe, tmp_path, o
 
 @pytest.mark.slow
 def test_tiny_study_prunes_deterministically_under_a_fixed_seed(recipe, tmp_path, one_thread):
+    """One worker, then two (ASHA in trial order): the same trials pruned at the same steps."""
     outcomes = []
-    for name in ("a", "b"):
+    for name, jobs in (("a", 1), ("b", 2)):
         result = sweep(
-            recipe, tmp_path / name, TINY, trials=5, sampler="random", seed=3, study_name="same", min_resource=2
+            recipe,
+            tmp_path / name,
+            TINY,
+            trials=5,
+            sampler="random",
+            seed=3,
+            study_name="same",
+            min_resource=2,
+            jobs=jobs,
         )
-        outcomes.append([(r["trial"], r["state"], r["steps"], r["params"], r["source_val"]) for r in result["rows"]])
-    assert outcomes[0] == outcomes[1]
+        rows = sorted(result["rows"], key=lambda r: r["trial"])
+        outcomes.append([(r["trial"], r["state"], r["steps"], r["params"], r["source_val"]) for r in rows])
+    assert [o[:4] for o in outcomes[0]] == [o[:4] for o in outcomes[1]]
+    # a worker may use more than one thread on a larger machine: scores equal up to float summation order
+    assert [o[4] for o in outcomes[0]] == pytest.approx([o[4] for o in outcomes[1]], rel=1e-4)
     states = [o[1] for o in outcomes[0]]
     assert "pruned" in states and "complete" in states
     pruned = next(r for r in result["rows"] if r["state"] == "pruned")

@@ -20,7 +20,13 @@ def add_sweep_parser(sub: argparse._SubParsersAction, add_set: Callable[[argpars
     p.add_argument("--trials", type=int, default=8, help="the study's budget over all workers (default 8)")
     p.add_argument("--sampler", default="tpe", choices=["tpe", "random", "grid"], help="default tpe (seeded)")
     p.add_argument("--seed", type=int, default=0, help="the sampler's seed")
-    p.add_argument("--pruner", default="asha", choices=["asha", "none"], help="default asha (successive halving)")
+    p.add_argument(
+        "--pruner",
+        default="asha",
+        choices=["asha", "asha-async", "none"],
+        help="asha (default): successive halving in trial order, the same decisions with any number of workers; "
+        "asha-async: Optuna's own, no waiting, decisions depend on timing",
+    )
     p.add_argument(
         "--min-resource", type=int, default=None, metavar="STEPS", help="ASHA's first rung (default train.eval_every)"
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 from asg.errors import ConfigError
 
 SAMPLERS = ("tpe", "random", "grid")
-PRUNERS = ("asha", "none")
+PRUNERS = ("asha", "asha-async", "none")  # asha: in trial order (asg.tuning.asha); asha-async: Optuna's own
 
 
 @dataclass

@@ -27,6 +27,7 @@ from optuna.trial import TrialState
 from asg.engine.distributed import Dist
 from asg.io import atomic_write_text
 from asg.registries import load_checked_config
+from asg.tuning.asha import InOrderASHA
 from asg.tuning.space import as_overrides, check_knob, grid_size, grid_space, method_knobs, suggest
 from asg.tuning.spec import SweepSpec
 from asg.tuning.storage import RetryDeadWorker, make_storage, recover_dead_workers, worker_identity
@@ -47,17 +48,21 @@ class Study:
         self.min_resource = spec.min_resource or min(every, steps)
         self.budget = min(spec.trials, grid_size(self.knobs)) if spec.sampler == "grid" else spec.trials
         rf = spec.reduction_factor
-        asha = f"ASHA: rungs every x{rf} from step {self.min_resource}, top 1/{rf} of each rung continue"
-        self.rule = asha if spec.pruner == "asha" else "no pruning"
+        asha = f"rungs every x{rf} from step {self.min_resource}, top 1/{rf} of each rung continue"
+        self.rule = {
+            "asha": f"ASHA in trial order: {asha}",
+            "asha-async": f"ASHA: {asha}",
+            "none": "no pruning",
+        }[spec.pruner]
         self.retry = RetryDeadWorker(spec.max_retries)
         self.storage: BaseStorage = make_storage(
             spec.storage, spec.out, spec.heartbeat_s, spec.grace_s, spec.max_retries
         )
-        pruner: optuna.pruners.BasePruner = (
-            optuna.pruners.SuccessiveHalvingPruner(self.min_resource, spec.reduction_factor)
-            if spec.pruner == "asha"
-            else optuna.pruners.NopPruner()
-        )
+        pruner: optuna.pruners.BasePruner = optuna.pruners.NopPruner()
+        if spec.pruner == "asha":
+            pruner = InOrderASHA(self.min_resource, rf, lambda s: recover_dead_workers(s, self.storage, self.retry))
+        elif spec.pruner == "asha-async":
+            pruner = optuna.pruners.SuccessiveHalvingPruner(self.min_resource, rf)
         self.study = optuna.create_study(
             storage=self.storage,
             study_name=spec.name,
