@@ -152,3 +152,24 @@ def test_eval_report_averages_the_real_sets_present():
     assert report.real_average["over"] == ["x", "y"] and report.to_dict()["metrics"] is metrics
     assert EvalReport.of(metrics, ["x"], "acc").to_dict() == {"metrics": metrics}
     assert RunSummary.from_dict({"selections": {}}).primary_metric == "mean_class_acc"
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_each_selection_says_whether_it_was_evaluated_on_the_capped_subsets(tiny_config, tiny_bundle, tmp_path, full):
+    """With data.eval_max_per_set, the last checkpoint is always evaluated again on the full sets, the source-val and
+    oracle ones only with eval.full_eval_selected: each selection's ``eval_max_per_set`` says which (None: full)."""
+    cfg = tiny_config("data.eval_max_per_set=2", f"eval.full_eval_selected={str(full).lower()}")
+    protocol = {**PROTOCOL, "eval_max_per_set": 2}
+    model = build_model(cfg.model, tiny_bundle.num_classes)
+    rd = RunDir(tmp_path / "run")
+    ev = Evaluator(cfg, model, tiny_bundle, task_of(tiny_bundle), CPU, Dist(), rd, protocol, quiet=True)
+    with rd:
+        ev.run(2, 1.0, [1.0, 1.0], checkpointed=False)
+        report = FinalReport(
+            rd, cfg, model, make_teacher(model), tiny_bundle, task_of(tiny_bundle), CPU, ev, PhaseTimer(), protocol
+        )
+        selections = report.write(
+            2, 0, controller_history=[], group_names=["backbone", "head"], teacher_cache={}, world_size=1
+        )
+    caps = {rule: sel["eval_max_per_set"] for rule, sel in selections.items()}
+    assert caps == {"last": None, "source-val": None if full else 2, "oracle": None if full else 2}

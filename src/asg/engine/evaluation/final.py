@@ -136,7 +136,9 @@ class FinalReport:
         model.load_state_dict(live)
         out["last"]["metrics"] = {**full.get(step, {}), **self._retention_entry(step)}
         for sel in out.values():
+            subset = sel.get("eval_max_per_set")  # set above only where the metrics are the capped subsets'
             sel.update(self.protocol)
+            sel["eval_max_per_set"] = subset  # None: evaluated on the full sets, whatever the curves used
             report = EvalReport.of(sel.get("metrics", {}), data.real_set_names, self.task.primary_metric)
             if report.real_average is not None:
                 sel["real_average"] = report.real_average
