@@ -47,6 +47,13 @@ def add_sweep_parser(sub: argparse._SubParsersAction, add_set: Callable[[argpars
         help="narrow a knob, e.g. optim.lr=0.003:0.3:0.01,0.03,0.1 (grid values for --sampler grid)",
     )
     p.add_argument("--jobs", type=int, default=1, help="worker processes on this machine (default 1)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per worker process with --jobs > 1 (default: the cores shared out); CPU scores, and so "
+        "the pruning, depend on it",
+    )
 
 
 def sweep_command(args: argparse.Namespace) -> int:
@@ -66,6 +73,7 @@ def sweep_command(args: argparse.Namespace) -> int:
         pruner=args.pruner,
         storage=args.storage,
         jobs=args.jobs,
+        threads=args.threads,
         study_name=args.study_name,
         min_resource=args.min_resource,
         reduction_factor=args.reduction_factor,

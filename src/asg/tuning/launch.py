@@ -21,8 +21,11 @@ def _worker_main(spec: SweepSpec, threads: int) -> None:
     run_worker(spec)
 
 
-def run_workers(spec: SweepSpec, jobs: int = 1) -> list[str]:
+def run_workers(spec: SweepSpec, jobs: int = 1, threads: int | None = None) -> list[str]:
     """Run ``jobs`` workers of ``spec``'s study on this machine until its budget is spent (``jobs`` 1: here).
+
+    ``threads``: torch threads per worker process (default: the CPU cores shared out). A trial's scores on the CPU
+    depend on it (the order of floating-point sums), and so may the pruner's decisions.
 
     A worker that dies (kill -9, out of memory) is one line naming it; the others go on, and the next worker to
     ask for a trial retries the dead one's trial. Returns those lines."""
@@ -31,7 +34,7 @@ def run_workers(spec: SweepSpec, jobs: int = 1) -> list[str]:
         run_worker(spec, quiet=False)
         return []
     ctx = multiprocessing.get_context("spawn")
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     procs = [ctx.Process(target=_worker_main, args=(spec, threads), name=f"worker{i}") for i in range(jobs)]
     for p in procs:
         p.start()
@@ -56,16 +59,18 @@ def sweep(
     pruner: str = "asha",
     storage: str | None = None,
     jobs: int = 1,
+    threads: int | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Tune ``recipe``'s method: ``trials`` trials of its search space (``asg.methods.space``) at the length of
     ``overrides``, chosen on the last source-val score. Returns the trials, the best one and the cost.
 
+    ``threads``: torch threads per worker process when ``jobs`` > 1 (:func:`run_workers`).
     ``options``: the other fields of :class:`SweepSpec` (study_name, ranges, min_resource, reduction_factor, ...).
     """
     spec = SweepSpec(recipe, Path(out), list(overrides), trials, sampler, seed, pruner, storage=storage, **options)
     t0 = time.time()
-    lost = run_workers(spec, jobs)
+    lost = run_workers(spec, jobs, threads)
     result = summary(Study(spec))
     result["cost"]["wall_s"] = round(time.time() - t0, 1)
     result["lost_workers"] = lost
