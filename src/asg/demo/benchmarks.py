@@ -183,14 +183,33 @@ SCENES = Benchmark(
     ),
     full=("train.steps=1200", "train.eval_every=150", "data.eval_max_per_set=200", "eval.full_eval_selected=true"),
     lr_range=(0.005, 0.2, (0.02, 0.05, 0.1)),
-    # chosen on source-val by `asg demo --benchmarks scenes --tune --seeds 1 --methods erm,asg,lp-ft,wise-ft,feature`
-    # at the default length (docs/demo/scenes_grid/report.md)
+    # chosen on source-val, backbone rate included, by one Optuna study per method at the default length, 6 trials
+    # each (random sampler, ASHA): erm and asg by `asg demo --benchmarks digits,scenes --methods erm,asg,csg --tune`
+    # (docs/demo/csg_tune), lp-ft and feature by `asg demo --benchmarks scenes --methods lp-ft,feature --tune --seeds
+    # 1` (docs/demo/scenes_tune); wise-ft takes ERM's
     chosen=(
-        ("erm", ("optim.lr=0.05",)),
-        ("asg", ("optim.lr=0.05", "method.kl_weight=0.1")),
-        ("lp-ft", ("optim.lr=0.05", "method.probe_steps=50")),
-        ("feature", ("optim.lr=0.05", "method.feature_weight=0.1")),
-        ("wise-ft", ("optim.lr=0.05",)),
+        ("erm", ("optim.lr=0.037861878865426045", "optim.backbone_lr_mult=0.3683561622766077")),
+        (
+            "asg",
+            (
+                "optim.lr=0.037861878865426045",
+                "optim.backbone_lr_mult=0.3683561622766077",
+                "method.kl_weight=0.25766385746135895",
+            ),
+        ),
+        (
+            "lp-ft",
+            ("optim.lr=0.037861878865426045", "optim.backbone_lr_mult=0.3683561622766077", "method.probe_steps=60"),
+        ),
+        (
+            "feature",
+            (
+                "optim.lr=0.037861878865426045",
+                "optim.backbone_lr_mult=0.3683561622766077",
+                "method.feature_weight=2.57663857461359",
+            ),
+        ),
+        ("wise-ft", ("optim.lr=0.037861878865426045", "optim.backbone_lr_mult=0.3683561622766077")),
     ),
     class_groups=(("digit", tuple(range(1, 11))), ("background", (0,))),
 )
