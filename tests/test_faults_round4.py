@@ -462,7 +462,10 @@ def test_data_check_of_a_missing_cityscapes_root_says_it_once(tmp_path, capsys):
 
 # ``asg train`` (the CLI's main) on the tiny data, each step slowed down so that a signal lands mid-run
 SLOW_TRAIN = textwrap.dedent(f"""
-    import sys, time
+    import signal, sys, time
+    # a background job of a shell without job control (`make test &`) starts with SIGINT ignored, and Python keeps
+    # it so: Ctrl-C as in a terminal
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.path.insert(0, {TESTS_DIR!r})
     import torch
     from helpers import TINY_OVERRIDES, tiny_data
