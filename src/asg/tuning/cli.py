@@ -24,8 +24,9 @@ def add_sweep_parser(sub: argparse._SubParsersAction, add_set: Callable[[argpars
         "--pruner",
         default="asha",
         choices=["asha", "asha-async", "none"],
-        help="asha (default): successive halving in trial order, the same decisions with any number of workers; "
-        "asha-async: Optuna's own, no waiting, decisions depend on timing",
+        help="asha (default): successive halving in trial order, a one-worker study's decisions with any number of "
+        "workers (for equal trial scores: see --threads); asha-async: Optuna's own, no waiting, decisions depend on "
+        "timing",
     )
     p.add_argument(
         "--min-resource", type=int, default=None, metavar="STEPS", help="ASHA's first rung (default train.eval_every)"
