@@ -20,7 +20,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+from asg.tuning.storage import counted_trials
 
 
 def order_of(trial: FrozenTrial) -> int:
@@ -29,11 +29,9 @@ def order_of(trial: FrozenTrial) -> int:
 
 
 def earlier_trials(trials: list[FrozenTrial], trial: FrozenTrial) -> list[FrozenTrial]:
-    """The trials a one-worker study would have run before ``trial``: lower place, neither replaced by a retry
-    nor a surplus trial (a worker's ask after the budget was spent)."""
-    replaced = {n for t in trials for n in t.user_attrs.get("retries", [])}
+    """The trials a one-worker study would have run before ``trial``: the counted ones of lower place."""
     place = order_of(trial)
-    return [t for t in trials if t.number not in replaced and not t.user_attrs.get("surplus") and order_of(t) < place]
+    return [t for t in counted_trials(trials) if order_of(t) < place]
 
 
 def _rung_key(rung: int) -> str:

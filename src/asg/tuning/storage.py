@@ -120,6 +120,13 @@ class RetryDeadWorker:
         )
 
 
+def counted_trials(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The trials that use a study's budget: all but those replaced by a retry (a chain of retries counts once)
+    and surplus ones (a worker's ask after the budget was spent)."""
+    replaced = {n for t in trials for n in t.user_attrs.get("retries", [])}
+    return [t for t in trials if t.number not in replaced and not t.user_attrs.get("surplus")]
+
+
 def recover_dead_workers(study: optuna.Study, storage: BaseStorage, retry: RetryDeadWorker) -> list[int]:
     """Fail and retry the RUNNING trials of dead processes on this host (and, on PostgreSQL, those whose heartbeat
     stopped). Returns the numbers of the trials failed here."""

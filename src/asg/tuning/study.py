@@ -30,7 +30,13 @@ from asg.registries import load_checked_config
 from asg.tuning.asha import InOrderASHA
 from asg.tuning.space import as_overrides, check_knob, grid_size, grid_space, method_knobs, suggest
 from asg.tuning.spec import SweepSpec
-from asg.tuning.storage import RetryDeadWorker, make_storage, recover_dead_workers, worker_identity
+from asg.tuning.storage import (
+    RetryDeadWorker,
+    counted_trials,
+    make_storage,
+    recover_dead_workers,
+    worker_identity,
+)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -84,9 +90,7 @@ class Study:
 
     def counted(self) -> list[optuna.trial.FrozenTrial]:
         """The trials that use the budget: all but those replaced by a retry and surplus ones."""
-        trials = self.study.get_trials(deepcopy=False)
-        replaced = {n for t in trials for n in t.user_attrs.get("retries", [])}  # a chain of retries counts once
-        return [t for t in trials if t.number not in replaced and not t.user_attrs.get("surplus")]
+        return counted_trials(self.study.get_trials(deepcopy=False))
 
     def ask(self) -> tuple[optuna.Trial, dict[str, Any], Path] | None:
         """The next trial, its parameters and run folder; None when the budget is spent."""
