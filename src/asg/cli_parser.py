@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from asg.predict.cli import add_tta_flags
+
 
 def _add_set(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
@@ -68,15 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", default=None, help="with a weight file: the recipe that builds its model and data")
     p.add_argument("--checkpoint", default="last", help="last | source-val | oracle | PATH.safetensors")
-    tta = p.add_mutually_exclusive_group()
-    tta.add_argument(
-        "--tta-flip",
-        dest="tta_flip",
-        action="store_true",
-        default=None,
-        help="horizontal-flip TTA with sigmoid averaging (official VisDA protocol)",
-    )
-    tta.add_argument("--no-tta-flip", dest="tta_flip", action="store_false")
+    add_tta_flags(p, "horizontal-flip TTA with sigmoid averaging (official VisDA protocol)")
     _add_set(p, "override the run's config, e.g. --set data.root=/new/path")
     p.add_argument("--out", type=Path, default=None, help="folder for the results (default: the run folder)")
     p.add_argument(

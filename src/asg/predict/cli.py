@@ -57,6 +57,13 @@ def _add_model_args(p: argparse.ArgumentParser, add_set: Callable[[argparse.Argu
     )
 
 
+def add_tta_flags(p: argparse.ArgumentParser, help: str) -> None:
+    """``--tta-flip`` / ``--no-tta-flip`` into ``args.tta_flip`` (None: neither given, the recipe decides)."""
+    tta = p.add_mutually_exclusive_group()
+    tta.add_argument("--tta-flip", dest="tta_flip", action="store_true", default=None, help=help)
+    tta.add_argument("--no-tta-flip", dest="tta_flip", action="store_false")
+
+
 def add_predict_parser(
     sub: argparse._SubParsersAction, add_set: Callable[[argparse.ArgumentParser, str], None]
 ) -> None:
@@ -75,15 +82,7 @@ def add_predict_parser(
     p.add_argument("--batch-size", dest="batch_size", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp16 (fp16 on a GPU only)")
-    tta = p.add_mutually_exclusive_group()
-    tta.add_argument(
-        "--tta-flip",
-        dest="tta_flip",
-        action="store_true",
-        default=None,
-        help="average with the mirrored image (default: the recipe's eval.tta_flip)",
-    )
-    tta.add_argument("--no-tta-flip", dest="tta_flip", action="store_false")
+    add_tta_flags(p, "average with the mirrored image (default: the recipe's eval.tta_flip)")
     p.add_argument(
         "--sliding-window",
         dest="sliding_window",
