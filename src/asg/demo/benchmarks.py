@@ -155,6 +155,8 @@ DIGITS = Benchmark(
     adapt_quick=("adapt.rounds=1", "adapt.steps_per_round=20", "train.eval_every=20"),
     adapt_full=("adapt.rounds=2", "adapt.steps_per_round=25", "train.eval_every=25"),
 )
+# the rates every tuned scenes study chose at the default length (lr, backbone multiplier; see SCENES.chosen)
+_SCENES_POINT = ("optim.lr=0.037861878865426045", "optim.backbone_lr_mult=0.3683561622766077")
 SCENES = Benchmark(
     name="scenes",
     title="synthetic -> real digit scenes (segmentation)",
@@ -188,28 +190,11 @@ SCENES = Benchmark(
     # (docs/demo/csg_tune), lp-ft and feature by `asg demo --benchmarks scenes --methods lp-ft,feature --tune --seeds
     # 1` (docs/demo/scenes_tune); wise-ft takes ERM's
     chosen=(
-        ("erm", ("optim.lr=0.037861878865426045", "optim.backbone_lr_mult=0.3683561622766077")),
-        (
-            "asg",
-            (
-                "optim.lr=0.037861878865426045",
-                "optim.backbone_lr_mult=0.3683561622766077",
-                "method.kl_weight=0.25766385746135895",
-            ),
-        ),
-        (
-            "lp-ft",
-            ("optim.lr=0.037861878865426045", "optim.backbone_lr_mult=0.3683561622766077", "method.probe_steps=60"),
-        ),
-        (
-            "feature",
-            (
-                "optim.lr=0.037861878865426045",
-                "optim.backbone_lr_mult=0.3683561622766077",
-                "method.feature_weight=2.57663857461359",
-            ),
-        ),
-        ("wise-ft", ("optim.lr=0.037861878865426045", "optim.backbone_lr_mult=0.3683561622766077")),
+        ("erm", _SCENES_POINT),
+        ("asg", (*_SCENES_POINT, "method.kl_weight=0.25766385746135895")),
+        ("lp-ft", (*_SCENES_POINT, "method.probe_steps=60")),
+        ("feature", (*_SCENES_POINT, "method.feature_weight=2.57663857461359")),
+        ("wise-ft", _SCENES_POINT),
     ),
     class_groups=(("digit", tuple(range(1, 11))), ("background", (0,))),
 )
